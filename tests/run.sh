@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what the tests need (idempotently) and runs lint, types and the whole suite.
+# Needs root for the system packages and the unprivileged SSH test user.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v ssh-keygen >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+command -v git >/dev/null 2>&1 || need_pkgs+=(git)
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v pkill >/dev/null 2>&1 || need_pkgs+=(procps)
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+# Debian's prometheus package starts a server; the tests start their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    systemctl stop prometheus || true
+fi
+mkdir -p /run/sshd
+
+# Test hosts log in as an unprivileged user (root's shell start-up is slow and unrealistic).
+if ! id deployd-test >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/sh deployd-test
+fi
+usermod -p '*' deployd-test  # unlock for key-only login (sshd refuses locked accounts)
+
+python3 -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e '.[test]'
+
+.venv/bin/ruff check daemon tests
+.venv/bin/mypy
+.venv/bin/pytest "$@"
