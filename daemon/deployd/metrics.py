@@ -1,0 +1,130 @@
+"""Every Prometheus metric deployd exports, defined in one place.
+
+One `Metrics` per daemon instance owns its own `CollectorRegistry`, so tests can run several
+daemons in one process and read each one's values with `registry.get_sample_value(...)`.
+Labels are bounded: app, host, check result and job state come from the config or a closed
+set; the only per-revision label is on the `release_info` info gauge, which holds one
+series per app at a time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from deployd import __version__
+
+PREFIX = "deployd"
+
+# Rollbacks and deploys take between a fraction of a second and many minutes.
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The registry and every metric of one daemon."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        self.deploys_total = Counter(
+            "deploys", "Deploys finished, by result (succeeded, failed, observed).",
+            ["app", "result"], namespace=PREFIX, registry=r,
+        )
+        self.rollbacks_total = Counter(
+            "rollbacks", "Rollbacks finished, by trigger (manual, health, failed_deploy).",
+            ["app", "trigger"], namespace=PREFIX, registry=r,
+        )
+        self.health_checks_total = Counter(
+            "health_checks", "Health probes run, by result (success, failure, no_data).",
+            ["app", "host", "result"], namespace=PREFIX, registry=r,
+        )
+        self.git_fetch_errors_total = Counter(
+            "git_fetch_errors", "Failed fetches of an app's git mirror.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.ssh_errors_total = Counter(
+            "ssh_errors", "SSH connection or command failures, by host.",
+            ["app", "host"], namespace=PREFIX, registry=r,
+        )
+        self.deploy_duration_seconds = Histogram(
+            "deploy_duration_seconds", "Wall time of a deploy, prepare to last switch.",
+            ["app"], namespace=PREFIX, registry=r, buckets=_DURATION_BUCKETS,
+        )
+        self.rollback_duration_seconds = Histogram(
+            "rollback_duration_seconds", "Wall time of a rollback on every host.",
+            ["app"], namespace=PREFIX, registry=r, buckets=_DURATION_BUCKETS,
+        )
+        self.health_check_duration_seconds = Histogram(
+            "health_check_duration_seconds", "Time one health probe took.",
+            ["app"], namespace=PREFIX, registry=r, buckets=_PROBE_BUCKETS,
+        )
+        self.git_fetch_duration_seconds = Histogram(
+            "git_fetch_duration_seconds", "Time one fetch of an app's mirror took.",
+            ["app"], namespace=PREFIX, registry=r, buckets=_PROBE_BUCKETS + (30, 60),
+        )
+        self.transplant_duration_seconds = Histogram(
+            "transplant_duration_seconds", "Time a rescue transplant took, approve to push.",
+            ["app"], namespace=PREFIX, registry=r, buckets=_DURATION_BUCKETS,
+        )
+        self.host_healthy = Gauge(
+            "host_healthy", "1 when the host passes its health checks, 0 when not.",
+            ["app", "host"], namespace=PREFIX, registry=r,
+        )
+        self.branch_pristine = Gauge(
+            "branch_pristine", "1 when the branch head is a revision deployd would deploy.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.paused = Gauge(
+            "paused", "1 when automatic deploys and rollbacks of the app are paused.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.rescue_jobs = Gauge(
+            "rescue_jobs", "Rescue jobs by state.",
+            ["app", "state"], namespace=PREFIX, registry=r,
+        )
+        self.rescue_job_oldest_pending_timestamp_seconds = Gauge(
+            "rescue_job_oldest_pending_timestamp_seconds",
+            "Creation time of the oldest pending rescue job (absent when none).",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.last_deploy_timestamp_seconds = Gauge(
+            "last_deploy_timestamp_seconds", "When the last successful deploy finished.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.last_rollback_timestamp_seconds = Gauge(
+            "last_rollback_timestamp_seconds", "When the last rollback finished.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.release_info = Gauge(
+            "release_info", "1 for the revision live on the app's hosts.",
+            ["app", "revision"], namespace=PREFIX, registry=r,
+        )
+        self.build_info = Gauge(
+            "build_info", "deployd's version.", ["version"], namespace=PREFIX, registry=r,
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self._live_revision: dict[str, str] = {}
+
+    def set_live_revision(self, app: str, revision: str) -> None:
+        """Point `release_info` at the app's live revision, dropping the previous series."""
+        previous = self._live_revision.get(app)
+        if previous == revision:
+            return
+        if previous is not None:
+            self.release_info.remove(app, previous)
+        self.release_info.labels(app=app, revision=revision).set(1)
+        self._live_revision[app] = revision
+
+    def forget_app(self, app: str) -> None:
+        """Drop an app's per-app series (after it left the config)."""
+        for metric in (self.branch_pristine, self.paused, self.last_deploy_timestamp_seconds,
+                       self.last_rollback_timestamp_seconds,
+                       self.rescue_job_oldest_pending_timestamp_seconds):
+            try:
+                metric.remove(app)
+            except KeyError:
+                pass
+        previous = self._live_revision.pop(app, None)
+        if previous is not None:
+            self.release_info.remove(app, previous)
