@@ -61,7 +61,7 @@ class Metrics:
         )
         self.git_fetch_duration_seconds = Histogram(
             "git_fetch_duration_seconds", "Time one fetch of an app's mirror took.",
-            ["app"], namespace=PREFIX, registry=r, buckets=_PROBE_BUCKETS + (30, 60),
+            ["app"], namespace=PREFIX, registry=r, buckets=(*_PROBE_BUCKETS, 30, 60),
         )
         self.transplant_duration_seconds = Histogram(
             "transplant_duration_seconds", "Time a rescue transplant took, approve to push.",

@@ -1,0 +1,708 @@
+"""The TOML config file, read into validated, immutable settings.
+
+`load(path)` returns a `Config` or raises `ConfigError` listing every problem at once, each
+with its key path (`apps.shop.hosts[1].port: expected an integer from 1 to 65535, got "x"`).
+Unknown keys are errors, durations are parsed once (`"15s"`, `"10m"`, `"1h30m"`, `"500ms"`),
+and nothing here touches the network or the hosts.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from deployd.errors import ConfigError
+
+ROLES = frozenset({"read", "deploy", "approve"})
+Mode = Literal["deploy", "observe"]
+LogFormat = Literal["text", "json"]
+T = TypeVar("T")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like "15s", "10m", "1h30m" or "250ms"; ValueError otherwise."""
+    text = text.strip()
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not text or position != len(text):
+        raise ValueError(f'expected a duration like "15s", "10m" or "1h30m", got {text!r}')
+    return total
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How many unhealthy hosts make a deploy bad: a count, or a share of the fleet."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    def reached(self, unhealthy: int, total: int) -> bool:
+        if unhealthy <= 0 or total <= 0:
+            return False
+        if self.percent is not None:
+            return unhealthy * 100 >= self.percent * total
+        return unhealthy >= (self.count or 1)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+@dataclass(frozen=True)
+class Token:
+    """An API token: only the sha256 of its secret is kept."""
+
+    name: str
+    sha256: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8765
+    log_format: LogFormat = "text"
+    metrics_auth: bool = False
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    user: str | None = None
+    key: Path | None = None
+    known_hosts: Path | None = None
+    connect_timeout: float = 10.0
+    command_timeout: float = 600.0
+    keepalive_interval: float = 15.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Shell commands run on each host; see the example config for their variables."""
+
+    build: str | None = None
+    restart: str | None = None
+    rollback: str | None = None
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    address: str
+    port: int = 22
+    deploy_to: str = ""
+    vars: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == "local"
+
+    @property
+    def name(self) -> str:
+        """The host's label in events and metrics: `address` or `address:port`."""
+        if self.is_local or self.port == 22:
+            return self.address
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    name: str
+    url: str
+    method: str = "GET"
+    expect_status: frozenset[int] = frozenset({200})
+    body_contains: str | None = None
+    body_regex: str | None = None
+    json_path: str | None = None
+    json_equals: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    timeout: float = 2.0
+    interval: float = 5.0
+    failures: int = 3
+    successes: int = 1
+    type: Literal["http"] = "http"
+
+
+@dataclass(frozen=True)
+class PrometheusCheck:
+    name: str
+    server: str
+    query: str
+    max: float | None = None
+    min: float | None = None
+    timeout: float = 5.0
+    interval: float = 30.0
+    failures: int = 1
+    successes: int = 1
+    type: Literal["prometheus"] = "prometheus"
+
+
+Check = HttpCheck | PrometheusCheck
+
+
+@dataclass(frozen=True)
+class RollbackConfig:
+    auto: bool = True
+    grace: float = 30.0
+    bake: float = 600.0
+    unhealthy_hosts: Threshold = Threshold(count=1)
+
+
+@dataclass(frozen=True)
+class RescueConfig:
+    select_kind: Literal["trailer", "message", "none"] = "trailer"
+    select_value: str = "Rescue"
+    backup_prefix: str = "deployd/backup"
+    expire: float = 86400.0
+    distinct_approver: bool = False
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str
+    repo: str
+    branch: str
+    deploy_to: str
+    hosts: tuple[HostConfig, ...]
+    repo_key: Path | None = None
+    repo_known_hosts: Path | None = None
+    mode: Mode = "deploy"
+    poll_interval: float = 15.0
+    keep_releases: int = 5
+    linked_dirs: tuple[str, ...] = ()
+    linked_files: tuple[str, ...] = ()
+    parallel: int = 50
+    lock_stale_after: float = 3600.0
+    ssh: SSHConfig = SSHConfig()
+    hooks: Hooks = Hooks()
+    hook_timeout: float = 600.0
+    checks: tuple[Check, ...] = ()
+    rollback: RollbackConfig = RollbackConfig()
+    rescue: RescueConfig = RescueConfig()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    tokens: tuple[Token, ...]
+    apps: Mapping[str, AppConfig]
+
+
+class _Reader:
+    """Walks a TOML table, collecting every problem with its key path instead of stopping."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.problems: list[str] = []
+        self.base_dir = base_dir
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def table(self, data: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            self.problem(path, f"expected a table, got {_kind(data)}")
+            return {}
+        for key in sorted(set(data) - allowed):
+            self.problem(f"{path}.{key}" if path else key, "unknown key")
+        return data
+
+    def get(self, table: dict[str, Any], path: str, key: str, check: Callable[[Any], T],
+            default: T, *, required: bool = False) -> T:
+        full = f"{path}.{key}" if path else key
+        if key not in table:
+            if required:
+                self.problem(full, "missing (required)")
+            return default
+        try:
+            return check(table[key])
+        except (TypeError, ValueError) as exc:
+            self.problem(full, str(exc))
+            return default
+
+    def path_value(self, value: Any) -> Path:
+        path = Path(_string(value)).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def _kind(value: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_kind(value)} {value!r}")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    text = _string(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_kind(value)} {value!r}")
+    return value
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {value!r}")
+        return value
+    return check
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {_kind(value)} {value!r}")
+    return float(value)
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise TypeError(f'expected a duration string like "15s", got {_kind(value)} {value!r}')
+    return parse_duration(value)
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"expected an array of strings, got {value!r}")
+    return tuple(value)
+
+
+def _relative_paths(value: Any) -> tuple[str, ...]:
+    paths = _strings(value)
+    for item in paths:
+        if not item or item.startswith("/") or ".." in item.split("/"):
+            raise ValueError(f"expected paths inside the release, got {item!r}")
+    return paths
+
+
+def _absolute_dir(value: Any) -> str:
+    text = _nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {text!r}")
+    return text.rstrip("/") or "/"
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    text = _string(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port" like "127.0.0.1:8765", got {text!r}')
+    return host.strip("[]"), int(port)
+
+
+def _threshold(value: Any) -> Threshold:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(text, str):
+        if re.fullmatch(r"\d+", text) and int(text) >= 1:
+            return Threshold(count=int(text))
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)%", text)
+        if match and 0 < float(match.group(1)) <= 100:
+            return Threshold(percent=float(match.group(1)))
+    raise ValueError(f'expected a host count like "1" or a share like "30%", got {value!r}')
+
+
+def _statuses(value: Any) -> frozenset[int]:
+    """`[200, 204]`, `"2xx"`, `"200-299"` or a list mixing them."""
+    items = value if isinstance(value, list) else [value]
+    codes: set[int] = set()
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and 100 <= item <= 599:
+            codes.add(item)
+        elif isinstance(item, str) and re.fullmatch(r"[1-5]xx", item):
+            start = int(item[0]) * 100
+            codes.update(range(start, start + 100))
+        elif isinstance(item, str) and (m := re.fullmatch(r"(\d{3})-(\d{3})", item)):
+            codes.update(range(int(m.group(1)), int(m.group(2)) + 1))
+        else:
+            raise ValueError(
+                f'expected status codes like [200], "2xx" or "200-299", got {item!r}'
+            )
+    return frozenset(codes)
+
+
+def _selector(value: Any) -> tuple[Literal["trailer", "message", "none"], str]:
+    text = _string(value)
+    if text == "none":
+        return "none", ""
+    kind, sep, rest = text.partition(":")
+    if sep and rest and kind == "trailer":
+        return "trailer", rest
+    if sep and rest and kind == "message":
+        re.compile(rest)
+        return "message", rest
+    raise ValueError(f'expected "trailer:<Name>", "message:<regex>" or "none", got {text!r}')
+
+
+def _regex(value: Any) -> str:
+    text = _string(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return text
+
+
+def _vars(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a table, got {_kind(value)}")
+    result: dict[str, str] = {}
+    for key, item in value.items():
+        if not _VAR_NAME.match(key):
+            raise ValueError(f"variable name {key!r} must be letters, digits and _")
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise TypeError(f"variable {key!r}: expected a string or number, got {_kind(item)}")
+        result[key] = str(item)
+    return result
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise TypeError("expected a table of strings")
+    return dict(value)
+
+
+def _daemon(r: _Reader, data: Any) -> DaemonConfig:
+    table = r.table(data, "daemon", {"state_dir", "listen", "log_format", "metrics_auth",
+                                      "shutdown_grace"})
+    state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
+    host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
+    log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
+    return DaemonConfig(
+        state_dir=state_dir,
+        listen_host=host,
+        listen_port=port,
+        log_format=log_format,  # type: ignore[arg-type]
+        metrics_auth=r.get(table, "daemon", "metrics_auth", _bool, False),
+        shutdown_grace=r.get(table, "daemon", "shutdown_grace", _duration, 30.0),
+    )
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(map(repr, options))}, got {value!r}")
+        return str(value)
+    return check
+
+
+def _tokens(r: _Reader, data: Any) -> tuple[Token, ...]:
+    if not isinstance(data, list):
+        r.problem("tokens", "expected an array of tables ([[tokens]])")
+        return ()
+    tokens: list[Token] = []
+    names: set[str] = set()
+    for index, item in enumerate(data):
+        path = f"tokens[{index}]"
+        table = r.table(item, path, {"name", "token_sha256", "token_file", "roles"})
+        name = r.get(table, path, "name", _nonempty, "", required=True)
+        if name in names:
+            r.problem(f"{path}.name", f"duplicate token name {name!r}")
+        names.add(name)
+        digest = _token_digest(r, table, path)
+        roles = r.get(table, path, "roles", _roles, frozenset[str](), required=True)
+        if digest:
+            tokens.append(Token(name=name, sha256=digest, roles=roles))
+    return tuple(tokens)
+
+
+def _roles(value: Any) -> frozenset[str]:
+    roles = _strings(value)
+    unknown = sorted(set(roles) - ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {unknown}; expected some of read, deploy, approve")
+    return frozenset(roles)
+
+
+def _token_digest(r: _Reader, table: dict[str, Any], path: str) -> str:
+    """The hex sha256 of the token, given directly or as a file holding it (never the secret)."""
+    has_hash, has_file = "token_sha256" in table, "token_file" in table
+    if has_hash == has_file:
+        r.problem(path, "set exactly one of token_sha256 or token_file")
+        return ""
+    if has_hash:
+        digest = r.get(table, path, "token_sha256", _string, "").strip().lower()
+        source = f"{path}.token_sha256"
+    else:
+        file = r.get(table, path, "token_file", r.path_value, Path())
+        source = f"{path}.token_file"
+        try:
+            digest = file.read_text().strip().lower()
+        except OSError as exc:
+            r.problem(source, f"cannot read {file}: {exc.strerror}")
+            return ""
+    if not _HEX64.match(digest):
+        r.problem(source, "expected the 64 hex digit sha256 of the token, not the token itself")
+        return ""
+    return digest
+
+
+def _ssh(r: _Reader, data: Any, path: str) -> SSHConfig:
+    table = r.table(data, path, {"user", "key", "known_hosts", "connect_timeout",
+                                 "command_timeout", "keepalive_interval"})
+    return SSHConfig(
+        user=r.get(table, path, "user", _nonempty, None),
+        key=r.get(table, path, "key", r.path_value, None),
+        known_hosts=r.get(table, path, "known_hosts", r.path_value, None),
+        connect_timeout=r.get(table, path, "connect_timeout", _positive_duration, 10.0),
+        command_timeout=r.get(table, path, "command_timeout", _positive_duration, 600.0),
+        keepalive_interval=r.get(table, path, "keepalive_interval", _positive_duration, 15.0),
+    )
+
+
+def _hooks(r: _Reader, data: Any, path: str) -> tuple[Hooks, float]:
+    table = r.table(data, path, {"build", "restart", "rollback", "timeout"})
+    hooks = Hooks(
+        build=r.get(table, path, "build", _nonempty, None),
+        restart=r.get(table, path, "restart", _nonempty, None),
+        rollback=r.get(table, path, "rollback", _nonempty, None),
+    )
+    return hooks, r.get(table, path, "timeout", _positive_duration, 600.0)
+
+
+def _hosts(r: _Reader, data: Any, path: str, deploy_to: str) -> tuple[HostConfig, ...]:
+    if not isinstance(data, list) or not data:
+        r.problem(path, "expected at least one [[hosts]] entry")
+        return ()
+    hosts: list[HostConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(data):
+        here = f"{path}[{index}]"
+        table = r.table(item, here, {"address", "port", "deploy_to", "vars"})
+        host = HostConfig(
+            address=r.get(table, here, "address", _nonempty, "", required=True),
+            port=r.get(table, here, "port", _int_range(1, 65535), 22),
+            deploy_to=r.get(table, here, "deploy_to", _absolute_dir, deploy_to),
+            vars=r.get(table, here, "vars", _vars, {}),
+        )
+        key = f"{host.name} {host.deploy_to}"
+        if host.address and key in seen:
+            r.problem(here, f"duplicate host {host.name} with deploy_to {host.deploy_to}")
+        seen.add(key)
+        if host.deploy_to == "":
+            r.problem(here, "no deploy_to: set it on the app or on the host")
+        hosts.append(host)
+    return tuple(hosts)
+
+
+_HTTP_KEYS = {"name", "type", "url", "method", "expect_status", "body_contains", "body_regex",
+              "json_path", "json_equals", "headers", "tls_verify", "ca_file", "timeout",
+              "interval", "failures", "successes"}
+_PROM_KEYS = {"name", "type", "server", "query", "max", "min", "timeout", "interval",
+              "failures", "successes"}
+
+
+def _checks(r: _Reader, data: Any, path: str, hosts: tuple[HostConfig, ...]) -> tuple[Check, ...]:
+    if not isinstance(data, list):
+        r.problem(path, "expected an array of tables ([[checks]])")
+        return ()
+    checks: list[Check] = []
+    names: set[str] = set()
+    for index, item in enumerate(data):
+        here = f"{path}[{index}]"
+        kind = item.get("type", "http") if isinstance(item, dict) else "http"
+        check: Check | None
+        if kind == "http":
+            check = _http_check(r, item, here, hosts)
+        elif kind == "prometheus":
+            check = _prometheus_check(r, item, here)
+        else:
+            r.problem(f"{here}.type", f'expected "http" or "prometheus", got {kind!r}')
+            check = None
+        if check is not None:
+            if check.name in names:
+                r.problem(f"{here}.name", f"duplicate check name {check.name!r}")
+            names.add(check.name)
+            checks.append(check)
+    return tuple(checks)
+
+
+def _http_check(r: _Reader, data: Any, path: str,
+                hosts: tuple[HostConfig, ...]) -> HttpCheck | None:
+    table = r.table(data, path, _HTTP_KEYS)
+    url = r.get(table, path, "url", _nonempty, "", required=True)
+    for host in hosts:
+        try:
+            render_template(url, host)
+        except KeyError as exc:
+            r.problem(f"{path}.url", f"host {host.name} has no var {exc.args[0]!r}")
+            break
+    matchers = [key for key in ("body_contains", "body_regex", "json_path") if key in table]
+    if len(matchers) > 1:
+        r.problem(path, f"set at most one of body_contains, body_regex, json_path (got {matchers})")
+    if ("json_equals" in table) != ("json_path" in table):
+        r.problem(path, "json_path and json_equals go together")
+    return HttpCheck(
+        name=r.get(table, path, "name", _nonempty, "", required=True),
+        url=url,
+        method=r.get(table, path, "method", _choice(("GET", "HEAD", "POST")), "GET"),
+        expect_status=r.get(table, path, "expect_status", _statuses, frozenset({200})),
+        body_contains=r.get(table, path, "body_contains", _string, None),
+        body_regex=r.get(table, path, "body_regex", _regex, None),
+        json_path=r.get(table, path, "json_path", _nonempty, None),
+        json_equals=table.get("json_equals"),
+        headers=r.get(table, path, "headers", _headers, {}),
+        tls_verify=r.get(table, path, "tls_verify", _bool, True),
+        ca_file=r.get(table, path, "ca_file", r.path_value, None),
+        timeout=r.get(table, path, "timeout", _positive_duration, 2.0),
+        interval=r.get(table, path, "interval", _positive_duration, 5.0),
+        failures=r.get(table, path, "failures", _int_range(1, 1000), 3),
+        successes=r.get(table, path, "successes", _int_range(1, 1000), 1),
+    )
+
+
+def _prometheus_check(r: _Reader, data: Any, path: str) -> PrometheusCheck | None:
+    table = r.table(data, path, _PROM_KEYS)
+    if "max" not in table and "min" not in table:
+        r.problem(path, "a prometheus check needs max, min or both")
+    return PrometheusCheck(
+        name=r.get(table, path, "name", _nonempty, "", required=True),
+        server=r.get(table, path, "server", _nonempty, "", required=True),
+        query=r.get(table, path, "query", _nonempty, "", required=True),
+        max=r.get(table, path, "max", _number, None),
+        min=r.get(table, path, "min", _number, None),
+        timeout=r.get(table, path, "timeout", _positive_duration, 5.0),
+        interval=r.get(table, path, "interval", _positive_duration, 30.0),
+        failures=r.get(table, path, "failures", _int_range(1, 1000), 1),
+        successes=r.get(table, path, "successes", _int_range(1, 1000), 1),
+    )
+
+
+def render_template(template: str, host: HostConfig) -> str:
+    """Fill `{address}`, `{port}`, `{name}` and the host's vars; KeyError for unknown names."""
+    values = {"address": "127.0.0.1" if host.is_local else host.address,
+              "port": str(host.port), "name": host.name, **host.vars}
+    return template.format_map(_Strict(values))
+
+
+class _Strict(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        raise KeyError(key)
+
+
+def _rollback(r: _Reader, data: Any, path: str) -> RollbackConfig:
+    table = r.table(data, path, {"auto", "grace", "bake", "unhealthy_hosts"})
+    return RollbackConfig(
+        auto=r.get(table, path, "auto", _bool, True),
+        grace=r.get(table, path, "grace", _duration, 30.0),
+        bake=r.get(table, path, "bake", _duration, 600.0),
+        unhealthy_hosts=r.get(table, path, "unhealthy_hosts", _threshold, Threshold(count=1)),
+    )
+
+
+def _rescue(r: _Reader, data: Any, path: str) -> RescueConfig:
+    table = r.table(data, path, {"select", "backup_prefix", "expire", "distinct_approver"})
+    default: tuple[Literal["trailer", "message", "none"], str] = ("trailer", "Rescue")
+    kind, value = r.get(table, path, "select", _selector, default)
+    return RescueConfig(
+        select_kind=kind,
+        select_value=value,
+        backup_prefix=r.get(table, path, "backup_prefix", _nonempty, "deployd/backup").strip("/"),
+        expire=r.get(table, path, "expire", _positive_duration, 86400.0),
+        distinct_approver=r.get(table, path, "distinct_approver", _bool, False),
+    )
+
+
+_APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_interval",
+             "deploy_to", "keep_releases", "linked_dirs", "linked_files", "parallel",
+             "lock_stale_after", "ssh", "hooks", "hosts", "checks", "rollback", "rescue"}
+
+
+def _app(r: _Reader, name: str, data: Any) -> AppConfig:
+    path = f"apps.{name}"
+    if not _APP_NAME.match(name):
+        r.problem(path, "app names are letters, digits, '.', '_' and '-' (at most 64)")
+    table = r.table(data, path, _APP_KEYS)
+    deploy_to = r.get(table, path, "deploy_to", _absolute_dir, "")
+    hosts = _hosts(r, table.get("hosts"), f"{path}.hosts", deploy_to)
+    repo = r.get(table, path, "repo", _nonempty, "", required=True)
+    hooks, hook_timeout = _hooks(r, table.get("hooks", {}), f"{path}.hooks")
+    app = AppConfig(
+        name=name,
+        repo=repo,
+        repo_key=r.get(table, path, "repo_key", r.path_value, None),
+        repo_known_hosts=r.get(table, path, "repo_known_hosts", r.path_value, None),
+        branch=r.get(table, path, "branch", _nonempty, "production"),
+        mode=r.get(table, path, "mode", _choice(("deploy", "observe")), "deploy"),  # type: ignore[arg-type]
+        poll_interval=r.get(table, path, "poll_interval", _positive_duration, 15.0),
+        deploy_to=deploy_to,
+        keep_releases=r.get(table, path, "keep_releases", _int_range(1, 1000), 5),
+        linked_dirs=r.get(table, path, "linked_dirs", _relative_paths, ()),
+        linked_files=r.get(table, path, "linked_files", _relative_paths, ()),
+        parallel=r.get(table, path, "parallel", _int_range(1, 1000), 50),
+        lock_stale_after=r.get(table, path, "lock_stale_after", _positive_duration, 3600.0),
+        ssh=_ssh(r, table.get("ssh", {}), f"{path}.ssh"),
+        hooks=hooks,
+        hook_timeout=hook_timeout,
+        hosts=hosts,
+        checks=_checks(r, table.get("checks", []), f"{path}.checks", hosts),
+        rollback=_rollback(r, table.get("rollback", {}), f"{path}.rollback"),
+        rescue=_rescue(r, table.get("rescue", {}), f"{path}.rescue"),
+    )
+    if repo.startswith("ssh://") and app.repo_known_hosts is None:
+        r.problem(f"{path}.repo_known_hosts",
+                  "required for an ssh:// repo (host keys are verified)")
+    if any(not host.is_local for host in hosts) and app.ssh.known_hosts is None:
+        r.problem(f"{path}.ssh.known_hosts", "required for SSH hosts (host keys are verified)")
+    return app
+
+
+def parse(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document; raise ConfigError with every problem."""
+    r = _Reader(path.parent.resolve())
+    top = r.table(dict(data), "", {"daemon", "tokens", "apps"})
+    daemon = _daemon(r, top.get("daemon", {}))
+    tokens = _tokens(r, top.get("tokens", []))
+    apps_table = top.get("apps", {})
+    if not isinstance(apps_table, dict):
+        r.problem("apps", "expected a table of apps ([apps.NAME])")
+        apps_table = {}
+    apps = {name: _app(r, name, body) for name, body in apps_table.items()}
+    if r.problems:
+        raise ConfigError(str(path), r.problems)
+    return Config(path=path, daemon=daemon, tokens=tokens, apps=apps)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError naming the file and every problem."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse(data, path)
