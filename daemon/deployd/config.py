@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from deployd.errors import ConfigError
+from deployd.policy import Threshold
 
 ROLES = frozenset({"read", "deploy", "approve"})
 Mode = Literal["deploy", "observe"]
@@ -41,24 +42,6 @@ def parse_duration(text: str) -> float:
     if not text or position != len(text):
         raise ValueError(f'expected a duration like "15s", "10m" or "1h30m", got {text!r}')
     return total
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """How many unhealthy hosts make a deploy bad: a count, or a share of the fleet."""
-
-    count: int | None = None
-    percent: float | None = None
-
-    def reached(self, unhealthy: int, total: int) -> bool:
-        if unhealthy <= 0 or total <= 0:
-            return False
-        if self.percent is not None:
-            return unhealthy * 100 >= self.percent * total
-        return unhealthy >= (self.count or 1)
-
-    def __str__(self) -> str:
-        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
 
 
 @dataclass(frozen=True)
@@ -160,7 +143,7 @@ class RollbackConfig:
     auto: bool = True
     grace: float = 30.0
     bake: float = 600.0
-    unhealthy_hosts: Threshold = Threshold(count=1)
+    unhealthy_hosts: Threshold = field(default_factory=lambda: Threshold(count=1))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""Pure decisions from recorded facts: no I/O, no clock of its own, no side effects.
+
+The supervisor gathers the facts (store records, health snapshot, git ancestry) and asks
+these functions what to do, so every rule can be tested without a host or a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How many unhealthy hosts make a deploy bad: a count, or a share of the fleet."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    def reached(self, unhealthy: int, total: int) -> bool:
+        if unhealthy <= 0 or total <= 0:
+            return False
+        if self.percent is not None:
+            return unhealthy * 100 >= self.percent * total
+        return unhealthy >= (self.count or 1)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+class DeployRecord(Protocol):
+    """The facts of one recorded deploy, rollback or observation that policy reads."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def release(self) -> str | None: ...
+    @property
+    def previous_release(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class DeployDecision:
+    deploy: bool
+    reason: str
+
+
+def should_deploy(head: str | None, *, paused: bool, quarantined: bool, live: str | None,
+                  attempted: str | None) -> DeployDecision:
+    """Whether a branch head should be deployed automatically, and why (not)."""
+    if head is None:
+        return DeployDecision(False, "branch not found")
+    if head == live:
+        return DeployDecision(False, "already live")
+    if head == attempted:
+        return DeployDecision(False, "already attempted; waiting for a new head")
+    if quarantined:
+        return DeployDecision(False, "head is quarantined")
+    if paused:
+        return DeployDecision(False, "app is paused")
+    return DeployDecision(True, "new head")
+
+
+Verdict = Literal["wait", "good", "bad", "no_data"]
+
+
+@dataclass(frozen=True)
+class BakeFacts:
+    """What is known about a deploy under observation at one moment."""
+
+    now: float
+    bake_started_at: float
+    grace: float
+    bake_until: float
+    unhealthy_hosts: Sequence[str]
+    total_hosts: int
+    failing_metrics: Sequence[str]
+    no_data_metrics: Sequence[str]
+    threshold: Threshold
+
+
+@dataclass(frozen=True)
+class BakeVerdict:
+    verdict: Verdict
+    reason: str
+
+
+def judge_bake(facts: BakeFacts) -> BakeVerdict:
+    """Judge a deploy in its bake window.
+
+    During grace nothing counts. After it, reaching the unhealthy-host threshold or a failing
+    metric check makes the deploy bad. At the end of the window a deploy with no failure is
+    good, unless a metric check had no data throughout: then a human must decide.
+    """
+    if facts.now < facts.bake_started_at + facts.grace:
+        return BakeVerdict("wait", "grace period")
+    unhealthy = len(facts.unhealthy_hosts)
+    if facts.threshold.reached(unhealthy, facts.total_hosts):
+        hosts = ", ".join(sorted(facts.unhealthy_hosts))
+        return BakeVerdict(
+            "bad", f"{unhealthy} of {facts.total_hosts} hosts unhealthy ({hosts}); "
+                   f"threshold {facts.threshold}")
+    if facts.failing_metrics:
+        return BakeVerdict("bad", "metric checks failing: " + ", ".join(facts.failing_metrics))
+    if facts.now < facts.bake_until:
+        return BakeVerdict("wait", "baking")
+    if facts.no_data_metrics:
+        return BakeVerdict("no_data", "no data through the bake window from: "
+                           + ", ".join(facts.no_data_metrics))
+    return BakeVerdict("good", "healthy through the bake window")
+
+
+def previous_release(history: Iterable[DeployRecord], current: str | None) -> str | None:
+    """The release that was live before `current`, by deployd's own record.
+
+    `history` is newest first. Releases that a rollback moved away from are skipped, so
+    rolling back twice never returns to a bad release.
+    """
+    records = list(history)
+    rolled_away = {d.previous_release for d in records
+                   if d.kind == "rollback" and d.state == "succeeded" and d.previous_release}
+    for record in records:
+        if record.state != "succeeded" or record.release is None:
+            continue
+        if record.release == current or record.release in rolled_away:
+            continue
+        return record.release
+    return None
+
+
+def is_pristine(head: str | None, *, head_quarantined: bool, last_good: str | None,
+                quarantined_ancestor: bool) -> bool:
+    """Whether the branch head is something deployd would deploy with a clear conscience."""
+    if head is None or head_quarantined:
+        return False
+    return head == last_good or not quarantined_ancestor

@@ -1,0 +1,462 @@
+"""The state store: one SQLite file (WAL) holding everything deployd saw and did.
+
+Every deploy, rollback, per-host result, event, quarantine and pause is written here before
+it is acted on, so a crash at any point can be resumed or failed safely on restart, and the
+REST API and metrics read the same facts. sqlite3 blocks, so all work runs on one dedicated
+thread that owns the connection; coroutines await it and the event loop never touches disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from deployd.errors import NotFound, StoreError
+
+T = TypeVar("T")
+
+DeployKind = Literal["deploy", "rollback", "observed"]
+DeployState = Literal["running", "succeeded", "failed", "interrupted"]
+BakeState = Literal["grace", "baking", "good", "bad", "skipped"]
+
+# Each entry migrates the schema from version N to N+1; never edit a shipped one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        revision TEXT,
+        message TEXT NOT NULL,
+        data TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_app ON events(app, id);
+    CREATE TABLE deploys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        revision TEXT NOT NULL,
+        release TEXT,
+        previous_release TEXT,
+        previous_revision TEXT,
+        state TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        error TEXT,
+        bake_state TEXT,
+        bake_started_at REAL,
+        bake_until REAL
+    );
+    CREATE INDEX deploys_app ON deploys(app, id);
+    CREATE TABLE host_results (
+        deploy_id INTEGER NOT NULL REFERENCES deploys(id),
+        host TEXT NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        at REAL NOT NULL,
+        PRIMARY KEY (deploy_id, host)
+    );
+    CREATE TABLE app_state (
+        app TEXT PRIMARY KEY,
+        last_good_revision TEXT,
+        last_good_release TEXT,
+        paused INTEGER NOT NULL DEFAULT 0,
+        paused_by TEXT,
+        paused_reason TEXT,
+        paused_at REAL
+    );
+    CREATE TABLE quarantine (
+        app TEXT NOT NULL,
+        revision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (app, revision)
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    app: str
+    at: float
+    kind: str
+    actor: str
+    revision: str | None
+    message: str
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "app": self.app, "at": _iso(self.at), "kind": self.kind,
+                "actor": self.actor, "revision": self.revision, "message": self.message,
+                "data": self.data}
+
+
+@dataclass(frozen=True)
+class Deploy:
+    id: int
+    app: str
+    kind: DeployKind
+    revision: str
+    release: str | None
+    previous_release: str | None
+    previous_revision: str | None
+    state: DeployState
+    trigger: str
+    actor: str
+    started_at: float
+    finished_at: float | None
+    error: str | None
+    bake_state: BakeState | None
+    bake_started_at: float | None
+    bake_until: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "revision": self.revision,
+            "release": self.release, "previous_release": self.previous_release,
+            "previous_revision": self.previous_revision, "state": self.state,
+            "trigger": self.trigger, "actor": self.actor,
+            "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at),
+            "error": self.error, "bake_state": self.bake_state,
+            "bake_until": _iso(self.bake_until),
+        }
+
+
+@dataclass(frozen=True)
+class HostResult:
+    deploy_id: int
+    host: str
+    state: str
+    error: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class AppState:
+    app: str
+    last_good_revision: str | None = None
+    last_good_release: str | None = None
+    paused: bool = False
+    paused_by: str | None = None
+    paused_reason: str | None = None
+    paused_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    app: str
+    revision: str
+    reason: str
+    actor: str
+    at: float
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
+
+
+class Store:
+    """deployd's state in one SQLite file; every method runs on the store's own thread."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deployd-store")
+        self._db: sqlite3.Connection | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or open the file, switch to WAL and bring the schema up to date."""
+        await self._run(self._open)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            self._migrate(db)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
+        self._db = db
+
+    def _close(self) -> None:
+        assert self._db is not None
+        self._db.close()
+        self._db = None
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"state store has schema version {version}, newer than this deployd "
+                f"understands ({len(MIGRATIONS)}); upgrade deployd"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            # executescript commits anything pending first, so the transaction lives inside
+            # the script: a crash mid-migration leaves the previous version intact.
+            script = (f"BEGIN IMMEDIATE;\n{MIGRATIONS[number]}\n"
+                      f"PRAGMA user_version = {number + 1};\nCOMMIT;")
+            try:
+                db.executescript(script)
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    async def schema_version(self) -> int:
+        return int(await self._run(lambda: self._conn().execute("PRAGMA user_version")
+                                   .fetchone()[0]))
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("state store is not open")
+        return self._db
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
+        """Wrap `fn` in one transaction on the store thread."""
+        def run() -> T:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        return run
+
+    # -- events --------------------------------------------------------------------------
+
+    async def add_event(self, app: str, kind: str, message: str, *, actor: str = "deployd",
+                        revision: str | None = None, data: dict[str, Any] | None = None) -> Event:
+        """Append one event to the app's timeline."""
+        at = self.clock()
+        payload = json.dumps(data or {}, sort_keys=True, default=str)
+
+        def insert(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO events (app, at, kind, actor, revision, message, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (app, at, kind, actor, revision, message, payload),
+            )
+            return int(cursor.lastrowid or 0)
+
+        event_id = await self._run(self._write(insert))
+        return Event(event_id, app, at, kind, actor, revision, message, data or {})
+
+    async def events(self, app: str, *, since_id: int = 0, since_time: float | None = None,
+                     limit: int = 500) -> list[Event]:
+        """The app's events after `since_id` (and at or after `since_time`), oldest first."""
+        def query() -> list[Event]:
+            rows = self._conn().execute(
+                "SELECT * FROM events WHERE app = ? AND id > ? AND at >= ? ORDER BY id LIMIT ?",
+                (app, since_id, since_time or 0.0, limit),
+            ).fetchall()
+            return [Event(row["id"], row["app"], row["at"], row["kind"], row["actor"],
+                          row["revision"], row["message"], json.loads(row["data"]))
+                    for row in rows]
+        return await self._run(query)
+
+    # -- deploys and rollbacks -----------------------------------------------------------
+
+    async def start_deploy(self, app: str, kind: DeployKind, revision: str, *, trigger: str,
+                           actor: str, release: str | None = None,
+                           previous_release: str | None = None,
+                           previous_revision: str | None = None,
+                           state: DeployState = "running") -> Deploy:
+        """Record a deploy or rollback about to start (or an observed one)."""
+        now = self.clock()
+
+        def insert(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO deploys (app, kind, revision, release, previous_release, "
+                "previous_revision, state, trigger, actor, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app, kind, revision, release, previous_release, previous_revision, state,
+                 trigger, actor, now),
+            )
+            return int(cursor.lastrowid or 0)
+
+        deploy_id = await self._run(self._write(insert))
+        return await self.deploy(deploy_id)
+
+    async def update_deploy(self, deploy_id: int, **fields: Any) -> Deploy:
+        """Set some columns of a deploy record (state, release, error, bake fields...)."""
+        allowed = {"release", "previous_release", "previous_revision", "state", "finished_at",
+                   "error", "bake_state", "bake_started_at", "bake_until"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown deploy fields {sorted(unknown)}")
+        if fields.get("state") in ("succeeded", "failed", "interrupted"):
+            fields.setdefault("finished_at", self.clock())
+        columns = ", ".join(f"{name} = ?" for name in fields)
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute(f"UPDATE deploys SET {columns} WHERE id = ?", (*fields.values(), deploy_id))
+
+        await self._run(self._write(update))
+        return await self.deploy(deploy_id)
+
+    async def deploy(self, deploy_id: int) -> Deploy:
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT * FROM deploys WHERE id = ?", (deploy_id,)).fetchone())
+        if row is None:
+            raise NotFound(f"no deploy {deploy_id}")
+        return _deploy(row)
+
+    async def deploys(self, app: str, *, limit: int = 50, kind: DeployKind | None = None,
+                      state: DeployState | None = None) -> list[Deploy]:
+        """The app's deploys and rollbacks, newest first."""
+        sql = "SELECT * FROM deploys WHERE app = ?"
+        args: list[Any] = [app]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        rows = await self._run(lambda: self._conn().execute(sql, args).fetchall())
+        return [_deploy(row) for row in rows]
+
+    async def last_live(self, app: str) -> Deploy | None:
+        """The newest deploy, rollback or observation that left a release live."""
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT * FROM deploys WHERE app = ? AND state = 'succeeded' "
+            "AND release IS NOT NULL ORDER BY id DESC LIMIT 1", (app,)).fetchall())
+        return _deploy(rows[0]) if rows else None
+
+    async def set_host_result(self, deploy_id: int, host: str, state: str,
+                              error: str | None = None) -> None:
+        now = self.clock()
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO host_results (deploy_id, host, state, error, at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deploy_id, host) DO UPDATE SET "
+                "state = excluded.state, error = excluded.error, at = excluded.at",
+                (deploy_id, host, state, error, now),
+            )
+
+        await self._run(self._write(upsert))
+
+    async def host_results(self, deploy_id: int) -> list[HostResult]:
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT * FROM host_results WHERE deploy_id = ? ORDER BY host",
+            (deploy_id,)).fetchall())
+        return [HostResult(r["deploy_id"], r["host"], r["state"], r["error"], r["at"])
+                for r in rows]
+
+    # -- per-app state: last good, pause -------------------------------------------------
+
+    async def app_state(self, app: str) -> AppState:
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT * FROM app_state WHERE app = ?", (app,)).fetchone())
+        if row is None:
+            return AppState(app=app)
+        return AppState(app=app, last_good_revision=row["last_good_revision"],
+                        last_good_release=row["last_good_release"], paused=bool(row["paused"]),
+                        paused_by=row["paused_by"], paused_reason=row["paused_reason"],
+                        paused_at=row["paused_at"])
+
+    async def set_last_good(self, app: str, revision: str, release: str | None) -> None:
+        await self._upsert_app(app, last_good_revision=revision, last_good_release=release)
+
+    async def set_paused(self, app: str, paused: bool, *, actor: str, reason: str) -> None:
+        if paused:
+            await self._upsert_app(app, paused=1, paused_by=actor, paused_reason=reason,
+                                   paused_at=self.clock())
+        else:
+            await self._upsert_app(app, paused=0, paused_by=None, paused_reason=None,
+                                   paused_at=None)
+
+    async def _upsert_app(self, app: str, **fields: Any) -> None:
+        columns = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO app_state (app, {columns}) VALUES (?, {marks}) "
+                f"ON CONFLICT (app) DO UPDATE SET {updates}",
+                (app, *fields.values()),
+            )
+
+        await self._run(self._write(upsert))
+
+    # -- quarantine ----------------------------------------------------------------------
+
+    async def quarantine(self, app: str, revision: str, *, reason: str, actor: str) -> bool:
+        """Quarantine a revision; False when it already was."""
+        now = self.clock()
+
+        def insert(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO quarantine (app, revision, reason, actor, at) "
+                "VALUES (?, ?, ?, ?, ?)", (app, revision, reason, actor, now))
+            return cursor.rowcount == 1
+
+        return await self._run(self._write(insert))
+
+    async def quarantined(self, app: str) -> list[Quarantined]:
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT * FROM quarantine WHERE app = ? ORDER BY at", (app,)).fetchall())
+        return [Quarantined(r["app"], r["revision"], r["reason"], r["actor"], r["at"])
+                for r in rows]
+
+    async def is_quarantined(self, app: str, revision: str) -> bool:
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT 1 FROM quarantine WHERE app = ? AND revision = ?",
+            (app, revision)).fetchone())
+        return row is not None
+
+
+def _deploy(row: sqlite3.Row) -> Deploy:
+    return Deploy(
+        id=row["id"], app=row["app"], kind=row["kind"], revision=row["revision"],
+        release=row["release"], previous_release=row["previous_release"],
+        previous_revision=row["previous_revision"], state=row["state"],
+        trigger=row["trigger"], actor=row["actor"], started_at=row["started_at"],
+        finished_at=row["finished_at"], error=row["error"], bake_state=row["bake_state"],
+        bake_started_at=row["bake_started_at"], bake_until=row["bake_until"],
+    )
