@@ -1,0 +1,327 @@
+"""The REST server: JSON in and out, bearer tokens with roles, errors as JSON.
+
+Errors always look like `{"error": {"code": "...", "message": "..."}}`: 400 for a body that
+is not JSON, 422 for JSON with missing or mistyped fields, 401 without a valid token, 403
+without the role, 404 for unknown names, 409 for a state conflict. deployd's own exceptions
+are mapped to statuses in one middleware; anything unexpected is logged and answered with a
+500 that reveals nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from deployd.config import Token
+from deployd.errors import (
+    Conflict,
+    DeploydError,
+    GitError,
+    Invalid,
+    LockHeld,
+    NotFound,
+    ReleaseError,
+)
+from deployd.metrics import Metrics
+from deployd.store import Store
+from deployd.supervisor import AppSupervisor
+
+log = logging.getLogger("deployd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ApiContext:
+    """What the REST layer reads and asks to act; filled in by the daemon."""
+
+    store: Store
+    metrics: Metrics
+    tokens: tuple[Token, ...]
+    supervisors: Mapping[str, AppSupervisor]
+    metrics_auth: bool = False
+    ready: Callable[[], dict[str, bool]] = field(default=lambda: {"started": True})
+
+
+CONTEXT = web.AppKey("context", ApiContext)
+
+
+class ApiError(Exception):
+    """An HTTP error with a JSON body."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status,
+                             headers=headers)
+
+
+_DEPLOYD_ERRORS: tuple[tuple[type[DeploydError], int, str], ...] = (
+    (NotFound, 404, "not_found"),
+    (LockHeld, 409, "lock_held"),
+    (Conflict, 409, "conflict"),
+    (Invalid, 422, "invalid"),
+    (ReleaseError, 409, "release_conflict"),
+    (GitError, 502, "git_error"),
+)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON error with the right status."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"),
+                              exc.text or exc.reason)
+    except DeploydError as exc:
+        for kind, status, code in _DEPLOYD_ERRORS:
+            if isinstance(exc, kind):
+                return error_response(status, code, str(exc))
+        return error_response(502, "failed", str(exc))
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the daemon's log")
+
+
+# -- auth ---------------------------------------------------------------------------------
+
+
+def authenticate(context: ApiContext, request: web.Request) -> Token:
+    """The token presented as `Authorization: Bearer ...`, or a 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "unauthorized", "missing bearer token",
+                       {"WWW-Authenticate": 'Bearer realm="deployd"'})
+    digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+    found: Token | None = None
+    # Compare against every token, always, so timing says nothing about which matched.
+    for token in context.tokens:
+        if hmac.compare_digest(digest, token.sha256):
+            found = token
+    if found is None:
+        raise ApiError(401, "unauthorized", "invalid token",
+                       {"WWW-Authenticate": 'Bearer realm="deployd", error="invalid_token"'})
+    return found
+
+
+def require(request: web.Request, role: str) -> Token:
+    """Authenticate and check the token has `role`; 401 or 403 otherwise."""
+    token = authenticate(request.app[CONTEXT], request)
+    if role not in token.roles:
+        raise ApiError(403, "forbidden", f"token {token.name!r} lacks the {role!r} role")
+    return token
+
+
+# -- request helpers ----------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object: empty body is {}, bad JSON 400, non-object 422."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid", "request body must be a JSON object")
+    return body
+
+
+def field_str(body: Mapping[str, Any], name: str, *, required: bool = False,
+              pattern: str | None = None) -> str | None:
+    """A string field of a JSON body, or a 422 naming the field."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(422, "invalid", f"field {name!r} is required")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(422, "invalid", f"field {name!r} must be a non-empty string")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        raise ApiError(422, "invalid", f"field {name!r} has an unexpected form: {value!r}")
+    return value
+
+
+def reject_unknown(body: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(422, "invalid", f"unknown field(s): {', '.join(unknown)}")
+
+
+def supervisor(request: web.Request) -> AppSupervisor:
+    name = request.match_info["app"]
+    found = request.app[CONTEXT].supervisors.get(name)
+    if found is None:
+        raise ApiError(404, "not_found", f"no app named {name!r}")
+    return found
+
+
+def app_links(name: str) -> dict[str, str]:
+    base = f"/api/v1/apps/{name}"
+    return {"self": base, "events": f"{base}/events", "deploy": f"{base}/deploy",
+            "rollback": f"{base}/rollback", "jobs": f"/api/v1/jobs?app={name}"}
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = request.app[CONTEXT].ready()
+    ready = all(checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    context = request.app[CONTEXT]
+    if context.metrics_auth:
+        require(request, "read")
+    return web.Response(body=generate_latest(context.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    require(request, "read")
+    apps = []
+    for name, sup in sorted(request.app[CONTEXT].supervisors.items()):
+        summary = await sup.summary()
+        summary["links"] = app_links(name)
+        apps.append(summary)
+    return web.json_response({"apps": apps})
+
+
+async def show_app(request: web.Request) -> web.Response:
+    require(request, "read")
+    sup = supervisor(request)
+    detail = await sup.detail()
+    detail["links"] = app_links(sup.name)
+    return web.json_response(detail)
+
+
+async def app_events(request: web.Request) -> web.Response:
+    require(request, "read")
+    sup = supervisor(request)
+    since_id, since_time = parse_since(request.query.get("since"))
+    limit = parse_limit(request.query.get("limit"))
+    events = await request.app[CONTEXT].store.events(sup.name, since_id=since_id,
+                                                     since_time=since_time, limit=limit)
+    body: dict[str, Any] = {"app": sup.name, "events": [e.to_json() for e in events]}
+    if events:
+        body["next"] = f"/api/v1/apps/{sup.name}/events?since={events[-1].id}"
+    return web.json_response(body)
+
+
+def parse_since(value: str | None) -> tuple[int, float | None]:
+    """`?since=` is an event id (`42`) or an ISO time (`2026-11-26T10:00:00Z`)."""
+    if value is None or value == "":
+        return 0, None
+    if value.isdigit():
+        return int(value), None
+    try:
+        moment = time.strptime(value.rstrip("Z").split(".")[0], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise ApiError(422, "invalid", "since must be an event id or an ISO time like "
+                       "2026-11-26T10:00:00Z") from None
+    import calendar
+    return 0, float(calendar.timegm(moment))
+
+
+def parse_limit(value: str | None) -> int:
+    if value is None:
+        return 500
+    if not value.isdigit() or not 1 <= int(value) <= 5000:
+        raise ApiError(422, "invalid", "limit must be a number from 1 to 5000")
+    return int(value)
+
+
+async def deploy(request: web.Request) -> web.Response:
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    body = await read_json(request)
+    reject_unknown(body, {"revision"})
+    revision = field_str(body, "revision", required=True, pattern=r"[A-Za-z0-9._/\-]{1,200}")
+    assert revision is not None
+    record = await sup.request_deploy(revision, actor=token.name)
+    return web.json_response({"deploy": record.to_json(), "links": app_links(sup.name)},
+                             status=202)
+
+
+async def rollback(request: web.Request) -> web.Response:
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    body = await read_json(request)
+    reject_unknown(body, {"release", "reason"})
+    release = field_str(body, "release", pattern=r"\d{14}")
+    reason = field_str(body, "reason") or "requested over REST"
+    record = await sup.request_rollback(release, actor=token.name, reason=reason)
+    return web.json_response({"rollback": record.to_json(), "links": app_links(sup.name)},
+                             status=202)
+
+
+async def pause(request: web.Request) -> web.Response:
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    body = await read_json(request)
+    reject_unknown(body, {"reason"})
+    reason = field_str(body, "reason") or "paused over REST"
+    await sup.pause(token.name, reason)
+    return web.json_response(await sup.summary())
+
+
+async def resume(request: web.Request) -> web.Response:
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    body = await read_json(request)
+    reject_unknown(body, {"reason"})
+    await sup.resume(token.name, field_str(body, "reason") or "")
+    return web.json_response(await sup.summary())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/apps", list_apps)
+    app.router.add_get("/api/v1/apps/{app}", show_app)
+    app.router.add_get("/api/v1/apps/{app}/events", app_events)
+    app.router.add_post("/api/v1/apps/{app}/deploy", deploy)
+    app.router.add_post("/api/v1/apps/{app}/rollback", rollback)
+    app.router.add_post("/api/v1/apps/{app}/pause", pause)
+    app.router.add_post("/api/v1/apps/{app}/resume", resume)
+
+
+def create_app(context: ApiContext) -> web.Application:
+    """The aiohttp application serving the REST API, /metrics and the probes."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 1024 * 1024)
+    app[CONTEXT] = context
+    add_routes(app)
+    return app

@@ -1,0 +1,669 @@
+"""One app's life: watch the branch, deploy new heads, bake them, roll back bad ones.
+
+    poll: fetch mirror -> branch head -> (deploy mode) deploy a new head
+                                      -> (observe mode) record releases others made
+    judge: deploy in its bake window + health snapshot -> policy.judge_bake
+           good -> last good;  bad -> quarantine + roll back to last good (once);
+           still bad after that rollback -> pause and ask a human
+
+Every step is recorded in the store before it is acted on, so `recover()` on start-up can
+finish or undo whatever a killed daemon left in flight. One operation (deploy or rollback)
+runs at a time per app; it runs in its own task so that a REST client hanging up or the
+daemon shutting down never abandons hosts half way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from deployd import policy
+from deployd.config import AppConfig
+from deployd.errors import Conflict, DeploydError, FleetError, NotFound
+from deployd.fleet import Fleet
+from deployd.git import Mirror
+from deployd.health import HealthChange, HealthMonitor
+from deployd.metrics import Metrics
+from deployd.store import Deploy, Store
+
+log = logging.getLogger("deployd.supervisor")
+
+SYSTEM_ACTOR = "deployd"
+
+
+@dataclass(frozen=True)
+class AutoRollback:
+    """What an automatic rollback left behind, for whoever opens the rescue job."""
+
+    app: str
+    bad_revision: str
+    bad_head: str | None
+    last_good_revision: str | None
+    reason: str
+
+
+class AppSupervisor:
+    """Runs one app: its poll loop, its operations and its bake judgements."""
+
+    def __init__(
+        self,
+        app: AppConfig,
+        *,
+        store: Store,
+        mirror: Mirror,
+        fleet: Fleet,
+        metrics: Metrics,
+        health: HealthMonitor | None = None,
+        on_auto_rollback: Callable[[AutoRollback], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.mirror = mirror
+        self.fleet = fleet
+        self.metrics = metrics
+        self.health = health
+        self.on_auto_rollback = on_auto_rollback
+        self.clock = clock
+        self.head: str | None = None
+        self.fetched = False
+        self.fetch_error: str | None = None
+        self._operation = asyncio.Lock()
+        self._operation_name: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._attempted: str | None = None
+        self._observe_split: frozenset[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.app.name
+
+    @property
+    def busy(self) -> str | None:
+        """What operation is running now, if any."""
+        return self._operation_name
+
+    def wake(self) -> None:
+        """Re-run the loop now (a health change, a resume, a webhook)."""
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Recover, then poll and judge until stopped."""
+        await self.recover()
+        next_fetch = 0.0
+        while not self._stopping:
+            if self.clock() >= next_fetch:
+                await self.poll()
+                next_fetch = self.clock() + self.app.poll_interval
+            await self.judge()
+            self._wake.clear()
+            timeout = max(0.0, min(next_fetch - self.clock(), await self._next_bake_check()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def stop(self, grace: float) -> None:
+        """Take no new work; let a running operation finish within `grace`, then cancel."""
+        self._stopping = True
+        self._wake.set()
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            log.info("%s: waiting up to %.0fs for %s", self.name, grace, self._operation_name)
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    async def _next_bake_check(self) -> float:
+        record = await self._baking()
+        if record is None:
+            return float("inf")
+        # Re-judge at least every second while baking: the health monitor wakes us sooner.
+        return 1.0
+
+    async def poll(self) -> None:
+        """Fetch the mirror, notice the head, and deploy or observe."""
+        if not await self._fetch():
+            return
+        head = await self.mirror.branch_head(self.app.branch)
+        if head != self.head:
+            if self.head is not None or head is not None:
+                await self.store.add_event(self.name, "branch.moved",
+                                           f"{self.app.branch} is now {_short(head)}",
+                                           revision=head, data={"previous": self.head})
+            self.head = head
+        await self._update_pristine()
+        if self.app.mode == "observe":
+            await self.observe()
+        else:
+            await self._maybe_deploy(head)
+
+    async def _fetch(self) -> bool:
+        started = time.monotonic()
+        try:
+            await self.mirror.fetch()
+        except DeploydError as exc:
+            self.metrics.git_fetch_errors_total.labels(app=self.name).inc()
+            if self.fetch_error != str(exc):
+                await self.store.add_event(self.name, "git.fetch_failed", str(exc))
+                log.warning("%s: fetch failed: %s", self.name, exc)
+            self.fetch_error = str(exc)
+            return False
+        finally:
+            self.metrics.git_fetch_duration_seconds.labels(app=self.name).observe(
+                time.monotonic() - started)
+        if self.fetch_error is not None:
+            await self.store.add_event(self.name, "git.fetch_recovered", "fetch works again")
+        self.fetch_error = None
+        self.fetched = True
+        return True
+
+    async def _maybe_deploy(self, head: str | None) -> None:
+        state = await self.store.app_state(self.name)
+        live = await self.store.last_live(self.name)
+        decision = policy.should_deploy(
+            head,
+            paused=state.paused,
+            quarantined=head is not None and await self.store.is_quarantined(self.name, head),
+            live=live.revision if live else None,
+            attempted=self._attempted,
+        )
+        if not decision.deploy or head is None or self._operation.locked():
+            return
+        await self._spawn(self._deploy(head, trigger="branch", actor=SYSTEM_ACTOR), "deploy")
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def request_deploy(self, revision: str, *, actor: str) -> Deploy:
+        """Deploy a revision now (REST); returns the record of the deploy just started."""
+        sha = await self.mirror.resolve(revision)
+        started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
+        await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started),
+                          "deploy")
+        return await started
+
+    async def request_rollback(self, release: str | None, *, actor: str,
+                               reason: str = "requested") -> Deploy:
+        """Roll back to `release` or to the previous one (REST)."""
+        live = await self.store.last_live(self.name)
+        if release is None:
+            history = await self.store.deploys(self.name, limit=200)
+            release = policy.previous_release(history, live.release if live else None)
+            if release is None:
+                raise Conflict(f"{self.name}: no previous release on record to roll back to")
+        started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
+        await self._spawn(
+            self._rollback(release, trigger="manual", actor=actor, reason=reason,
+                           started=started),
+            "rollback",
+        )
+        return await started
+
+    async def _spawn(self, operation: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run an operation in its own task, one at a time per app."""
+        if self._stopping:
+            operation.close()
+            raise Conflict(f"{self.name}: deployd is shutting down")
+        if self._operation.locked():
+            operation.close()
+            raise Conflict(f"{self.name}: a {self._operation_name} is already running")
+        await self._operation.acquire()
+        self._operation_name = name
+
+        async def run() -> None:
+            try:
+                await operation
+            except Exception:
+                log.exception("%s: %s crashed", self.name, name)
+            finally:
+                self._operation_name = None
+                self._operation.release()
+                self.wake()
+
+        task = asyncio.create_task(run(), name=f"{self.name}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deploy(self, revision: str, *, trigger: str, actor: str,
+                      started: asyncio.Future[Deploy] | None = None) -> Deploy:
+        self._attempted = revision
+        live = await self.store.last_live(self.name)
+        record = await self.store.start_deploy(
+            self.name, "deploy", revision, trigger=trigger, actor=actor,
+            previous_release=live.release if live else None,
+            previous_revision=live.revision if live else None,
+        )
+        _resolve(started, record)
+        await self.store.add_event(self.name, "deploy.started",
+                                   f"deploying {_short(revision)} ({trigger})",
+                                   actor=actor, revision=revision, data={"deploy": record.id})
+        clock_start = time.monotonic()
+        try:
+            tarball = await self.mirror.archive(revision)
+            state = await self.store.app_state(self.name)
+            protect = {state.last_good_release} if state.last_good_release else set()
+            outcome = await self.fleet.deploy(revision, tarball, branch=self.app.branch,
+                                              actor=actor, protect=protect)
+        except DeploydError as exc:
+            return await self._deploy_failed(record, exc, time.monotonic() - clock_start)
+        for host in outcome.hosts:
+            await self.store.set_host_result(record.id, host, "switched")
+        now = self.clock()
+        record = await self.store.update_deploy(
+            record.id, state="succeeded", release=outcome.release, bake_state="grace",
+            bake_started_at=now, bake_until=now + self.app.rollback.grace + self.app.rollback.bake,
+        )
+        self._after_switch(record, "succeeded", time.monotonic() - clock_start)
+        await self.store.add_event(
+            self.name, "deploy.succeeded",
+            f"{_short(revision)} live as release {outcome.release} on {len(outcome.hosts)} hosts",
+            actor=actor, revision=revision, data={"deploy": record.id,
+                                                  "release": outcome.release})
+        return record
+
+    async def _deploy_failed(self, record: Deploy, exc: DeploydError, took: float) -> Deploy:
+        failures = exc.failures if isinstance(exc, FleetError) else {}
+        for host, error in failures.items():
+            await self.store.set_host_result(record.id, host, "failed", str(error))
+        record = await self.store.update_deploy(record.id, state="failed", error=str(exc))
+        self.metrics.deploys_total.labels(app=self.name, result="failed").inc()
+        self.metrics.deploy_duration_seconds.labels(app=self.name).observe(took)
+        await self.store.add_event(self.name, "deploy.failed",
+                                   f"deploy of {_short(record.revision)} failed: {exc}",
+                                   actor=record.actor, revision=record.revision,
+                                   data={"deploy": record.id,
+                                         "hosts": {h: str(e) for h, e in failures.items()}})
+        log.error("%s: deploy of %s failed: %s", self.name, _short(record.revision), exc)
+        return record
+
+    def _after_switch(self, record: Deploy, result: str, took: float) -> None:
+        self.metrics.deploys_total.labels(app=self.name, result=result).inc()
+        self.metrics.deploy_duration_seconds.labels(app=self.name).observe(took)
+        self.metrics.last_deploy_timestamp_seconds.labels(app=self.name).set(self.clock())
+        self.metrics.set_live_revision(self.name, record.revision)
+        if self.health is not None:
+            self.health.reset()
+
+    async def _rollback(self, release: str, *, trigger: str, actor: str, reason: str,
+                        started: asyncio.Future[Deploy] | None = None) -> Deploy:
+        live = await self.store.last_live(self.name)
+        revision = await self._release_revision(release)
+        record = await self.store.start_deploy(
+            self.name, "rollback", revision or "unknown", trigger=trigger, actor=actor,
+            release=release, previous_release=live.release if live else None,
+            previous_revision=live.revision if live else None,
+        )
+        _resolve(started, record)
+        await self.store.add_event(self.name, "rollback.started",
+                                   f"rolling back to release {release}: {reason}",
+                                   actor=actor, revision=revision,
+                                   data={"deploy": record.id, "release": release})
+        return await self._run_rollback(record, reason=reason)
+
+    async def _run_rollback(self, record: Deploy, *, reason: str) -> Deploy:
+        assert record.release is not None
+        clock_start = time.monotonic()
+        try:
+            state = await self.store.app_state(self.name)
+            protect = {state.last_good_release} if state.last_good_release else set()
+            outcome = await self.fleet.rollback(record.release, reason=reason,
+                                                actor=record.actor, protect=protect)
+        except DeploydError as exc:
+            failures = exc.failures if isinstance(exc, FleetError) else {}
+            for host, error in failures.items():
+                await self.store.set_host_result(record.id, host, "failed", str(error))
+            record = await self.store.update_deploy(record.id, state="failed", error=str(exc))
+            await self.store.add_event(self.name, "rollback.failed",
+                                       f"rollback to {record.release} failed: {exc}",
+                                       actor=record.actor, revision=record.revision,
+                                       data={"deploy": record.id,
+                                             "hosts": {h: str(e) for h, e in failures.items()}})
+            log.error("%s: rollback to %s failed: %s", self.name, record.release, exc)
+            return record
+        took = time.monotonic() - clock_start
+        for host in outcome.hosts:
+            await self.store.set_host_result(record.id, host, "switched")
+        now = self.clock()
+        revision = outcome.revision or record.revision
+        record = await self.store.update_deploy(
+            record.id, state="succeeded", bake_state="grace", bake_started_at=now,
+            bake_until=now + self.app.rollback.grace + self.app.rollback.bake,
+        )
+        self.metrics.rollbacks_total.labels(app=self.name, trigger=record.trigger).inc()
+        self.metrics.rollback_duration_seconds.labels(app=self.name).observe(took)
+        self.metrics.last_rollback_timestamp_seconds.labels(app=self.name).set(self.clock())
+        self.metrics.set_live_revision(self.name, revision)
+        if self.health is not None:
+            self.health.reset()
+        await self.store.add_event(
+            self.name, "rollback.succeeded",
+            f"release {record.release} ({_short(revision)}) live again on "
+            f"{len(outcome.hosts)} hosts in {took:.2f}s",
+            actor=record.actor, revision=revision,
+            data={"deploy": record.id, "release": record.release, "seconds": round(took, 3)})
+        return record
+
+    async def _release_revision(self, release: str) -> str | None:
+        for record in await self.store.deploys(self.name, limit=500):
+            if record.release == release and record.state == "succeeded":
+                return record.revision
+        states = await self.fleet.state()
+        for state in states.values():
+            if isinstance(state, DeploydError):
+                continue
+            for item in state.releases:
+                if item.name == release:
+                    return item.revision
+        raise NotFound(f"{self.name}: no release {release} on record or on any host")
+
+    # -- observe mode --------------------------------------------------------------------
+
+    async def observe(self) -> None:
+        """Record a release that someone else made live on every host."""
+        states = await self.fleet.state()
+        currents = {name: (s.current, s.current_revision) for name, s in states.items()
+                    if not isinstance(s, DeploydError)}
+        if not currents or self._operation.locked():
+            return
+        distinct = set(currents.values())
+        if len(distinct) != 1:
+            split = frozenset(f"{h}={c[0]}" for h, c in currents.items())
+            if split != self._observe_split:
+                self._observe_split = split
+                await self.store.add_event(self.name, "observe.split",
+                                           "hosts disagree about the live release: "
+                                           + ", ".join(sorted(split)))
+            return
+        self._observe_split = None
+        release, revision = distinct.pop()
+        live = await self.store.last_live(self.name)
+        if release is None or (live is not None and live.release == release):
+            return
+        now = self.clock()
+        record = await self.store.start_deploy(
+            self.name, "observed", revision or "unknown", trigger="observed", actor="observed",
+            release=release, previous_release=live.release if live else None,
+            previous_revision=live.revision if live else None, state="succeeded")
+        record = await self.store.update_deploy(
+            record.id, state="succeeded", bake_state="grace", bake_started_at=now,
+            bake_until=now + self.app.rollback.grace + self.app.rollback.bake)
+        self._after_switch(record, "observed", 0.0)
+        await self.store.add_event(self.name, "deploy.observed",
+                                   f"release {release} ({_short(revision)}) made live by "
+                                   "another tool", revision=revision,
+                                   data={"deploy": record.id, "release": release})
+
+    # -- judging -------------------------------------------------------------------------
+
+    async def _baking(self) -> Deploy | None:
+        latest = await self.store.deploys(self.name, limit=1)
+        if latest and latest[0].bake_state in ("grace", "baking") \
+                and latest[0].state == "succeeded":
+            return latest[0]
+        return None
+
+    async def judge(self) -> None:
+        """Judge the deploy in its bake window, if any, and act on the verdict."""
+        record = await self._baking()
+        if record is None or self._operation.locked() or self.health is None \
+                and not self.app.checks:
+            if record is not None and not self._operation.locked():
+                await self._bake_good(record)
+            return
+        assert record.bake_started_at is not None and record.bake_until is not None
+        facts = policy.BakeFacts(
+            now=self.clock(), bake_started_at=record.bake_started_at,
+            grace=self.app.rollback.grace, bake_until=record.bake_until,
+            unhealthy_hosts=self.health.unhealthy_hosts() if self.health else [],
+            total_hosts=len(self.app.hosts),
+            failing_metrics=self.health.metric_failing() if self.health else [],
+            no_data_metrics=self.health.no_data_checks() if self.health else [],
+            threshold=self.app.rollback.unhealthy_hosts,
+        )
+        verdict = policy.judge_bake(facts)
+        if verdict.verdict == "wait":
+            if verdict.reason == "baking" and record.bake_state == "grace":
+                await self.store.update_deploy(record.id, bake_state="baking")
+            return
+        if verdict.verdict == "good":
+            await self._bake_good(record)
+        elif verdict.verdict == "no_data":
+            await self.store.update_deploy(record.id, bake_state="bad")
+            await self.pause(SYSTEM_ACTOR, f"cannot judge {_short(record.revision)}: "
+                             f"{verdict.reason}; a human must decide")
+        else:
+            await self._bake_bad(record, verdict.reason)
+
+    async def _bake_good(self, record: Deploy) -> None:
+        await self.store.update_deploy(record.id, bake_state="good")
+        if record.kind != "rollback":
+            await self.store.set_last_good(self.name, record.revision, record.release)
+        await self.store.add_event(self.name, "bake.healthy",
+                                   f"{_short(record.revision)} healthy through its bake window",
+                                   revision=record.revision, data={"deploy": record.id})
+        await self._update_pristine()
+
+    async def _bake_bad(self, record: Deploy, reason: str) -> None:
+        await self.store.update_deploy(record.id, bake_state="bad")
+        await self.store.add_event(self.name, "bake.failed",
+                                   f"{_short(record.revision)} is unhealthy: {reason}",
+                                   revision=record.revision,
+                                   data={"deploy": record.id, "health": self._health_detail()})
+        state = await self.store.app_state(self.name)
+        if record.kind == "rollback":
+            await self.pause(SYSTEM_ACTOR, f"still unhealthy after rolling back to "
+                             f"{record.release}; not rolling back further")
+            return
+        await self.store.quarantine(self.name, record.revision, reason=reason,
+                                    actor=SYSTEM_ACTOR)
+        await self.store.add_event(self.name, "quarantine.added",
+                                   f"{_short(record.revision)} quarantined: {reason}",
+                                   revision=record.revision)
+        if state.paused or not self.app.rollback.auto:
+            why = "paused" if state.paused else "automatic rollback is off"
+            await self.store.add_event(self.name, "rollback.skipped",
+                                       f"not rolling back by itself: {why}",
+                                       revision=record.revision)
+            return
+        target = state.last_good_release or record.previous_release
+        if target is None:
+            await self.pause(SYSTEM_ACTOR, "bad deploy and no earlier release to roll back to")
+            return
+        rollback = await self._rollback(target, trigger="health", actor=SYSTEM_ACTOR,
+                                        reason=reason)
+        if rollback.state == "succeeded" and self.on_auto_rollback is not None:
+            await self.on_auto_rollback(AutoRollback(
+                app=self.name, bad_revision=record.revision, bad_head=self.head,
+                last_good_revision=state.last_good_revision, reason=reason))
+
+    def _health_detail(self) -> dict[str, Any]:
+        if self.health is None:
+            return {}
+        snapshot = self.health.snapshot()
+        return snapshot.to_json() if hasattr(snapshot, "to_json") else {}
+
+    async def on_health_change(self, change: HealthChange) -> None:
+        """Record a host's (or metric check's) health turning, and re-judge at once."""
+        word = "healthy" if change.healthy else "unhealthy"
+        await self.store.add_event(self.name, "health.changed",
+                                   f"{change.subject} is {word}"
+                                   + (": " + "; ".join(change.reasons) if change.reasons else ""),
+                                   data={"subject": change.subject, "healthy": change.healthy})
+        self.wake()
+
+    # -- pause / resume ------------------------------------------------------------------
+
+    async def pause(self, actor: str, reason: str) -> None:
+        await self.store.set_paused(self.name, True, actor=actor, reason=reason)
+        self.metrics.paused.labels(app=self.name).set(1)
+        await self.store.add_event(self.name, "app.paused", f"paused by {actor}: {reason}",
+                                   actor=actor)
+        log.warning("%s: paused by %s: %s", self.name, actor, reason)
+
+    async def resume(self, actor: str, reason: str = "") -> None:
+        await self.store.set_paused(self.name, False, actor=actor, reason=reason)
+        self.metrics.paused.labels(app=self.name).set(0)
+        self._attempted = None
+        await self.store.add_event(self.name, "app.resumed",
+                                   f"resumed by {actor}" + (f": {reason}" if reason else ""),
+                                   actor=actor)
+        self.wake()
+
+    # -- state for REST and metrics ------------------------------------------------------
+
+    async def _update_pristine(self) -> None:
+        head = self.head
+        state = await self.store.app_state(self.name)
+        quarantined = await self.store.quarantined(self.name)
+        bad = {q.revision for q in quarantined}
+        ancestor = False
+        if head is not None:
+            for revision in bad:
+                with contextlib.suppress(DeploydError):
+                    if revision != head and await self.mirror.is_ancestor(revision, head):
+                        ancestor = True
+                        break
+        pristine = policy.is_pristine(head, head_quarantined=head in bad,
+                                      last_good=state.last_good_revision,
+                                      quarantined_ancestor=ancestor)
+        self.pristine = pristine
+        self.metrics.branch_pristine.labels(app=self.name).set(1 if pristine else 0)
+
+    pristine: bool = False
+
+    async def summary(self) -> dict[str, Any]:
+        """The app as `GET /api/v1/apps` shows it."""
+        state = await self.store.app_state(self.name)
+        live = await self.store.last_live(self.name)
+        latest = await self.store.deploys(self.name, limit=1)
+        return {
+            "name": self.name,
+            "mode": self.app.mode,
+            "branch": self.app.branch,
+            "head": self.head,
+            "deployed": {"revision": live.revision, "release": live.release} if live else None,
+            "last_good": {"revision": state.last_good_revision,
+                          "release": state.last_good_release},
+            "pristine": self.pristine,
+            "paused": {"by": state.paused_by, "reason": state.paused_reason,
+                       "at": state.paused_at} if state.paused else None,
+            "health": self._health_summary(),
+            "busy": self._operation_name,
+            "latest": latest[0].to_json() if latest else None,
+            "fetch_error": self.fetch_error,
+        }
+
+    def _health_summary(self) -> dict[str, Any]:
+        if self.health is None:
+            return {"unhealthy_hosts": []}
+        return {"unhealthy_hosts": self.health.unhealthy_hosts(),
+                "failing_metrics": self.health.metric_failing(),
+                "no_data": self.health.no_data_checks()}
+
+    async def detail(self) -> dict[str, Any]:
+        """One app with every host's live release and health."""
+        summary = await self.summary()
+        states = await self.fleet.state()
+        snapshot = self._health_detail()
+        hosts = []
+        for host in self.app.hosts:
+            state = states.get(host.name)
+            entry: dict[str, Any] = {"name": host.name, "deploy_to": host.deploy_to}
+            if isinstance(state, DeploydError) or state is None:
+                entry["error"] = str(state) if state else "unknown"
+            else:
+                entry["current"] = {"release": state.current, "revision": state.current_revision}
+                entry["releases"] = [r.name for r in state.releases]
+            entry["health"] = snapshot.get("hosts", {}).get(host.name)
+            hosts.append(entry)
+        summary["hosts"] = hosts
+        summary["quarantined"] = [{"revision": q.revision, "reason": q.reason, "at": q.at}
+                                  for q in await self.store.quarantined(self.name)]
+        return summary
+
+    # -- recovery ------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish or undo what a killed daemon left running, then resume bakes."""
+        state = await self.store.app_state(self.name)
+        self.metrics.paused.labels(app=self.name).set(1 if state.paused else 0)
+        live = await self.store.last_live(self.name)
+        if live is not None:
+            self.metrics.set_live_revision(self.name, live.revision)
+        for record in await self.store.deploys(self.name, state="running", limit=20):
+            await self._recover_operation(record)
+        latest = await self.store.deploys(self.name, limit=1)
+        if latest:
+            self._attempted = latest[0].revision if latest[0].kind == "deploy" else None
+        baking = await self._baking()
+        if baking is not None and baking.bake_until is not None:
+            # We were not watching while down: observe again before calling it good.
+            floor = self.clock() + self.app.rollback.grace + self._observation_time()
+            if baking.bake_until < floor:
+                await self.store.update_deploy(baking.id, bake_until=floor)
+            await self.store.add_event(self.name, "bake.resumed",
+                                       f"resuming the bake of {_short(baking.revision)} "
+                                       "after a restart", revision=baking.revision)
+
+    def _observation_time(self) -> float:
+        spans = [check.interval * check.failures + check.timeout for check in self.app.checks]
+        return max(spans, default=0.0)
+
+    async def _recover_operation(self, record: Deploy) -> None:
+        states = await self.fleet.state()
+        reachable = {h: s for h, s in states.items() if not isinstance(s, DeploydError)}
+        on_new = {h for h, s in reachable.items() if s.current_revision == record.revision}
+        if record.kind == "rollback":
+            if reachable and len(on_new) == len(states):
+                await self.store.update_deploy(record.id, state="succeeded",
+                                               bake_state="grace", bake_started_at=self.clock(),
+                                               bake_until=self.clock() + self.app.rollback.bake)
+                await self.store.add_event(self.name, "rollback.recovered",
+                                           "rollback found complete after a restart")
+                return
+            await self.store.add_event(self.name, "rollback.resumed",
+                                       f"finishing rollback to {record.release} after a restart")
+            await self._run_rollback(record, reason="resumed after a restart")
+            return
+        if reachable and len(on_new) == len(states):
+            release = next(iter(reachable.values())).current
+            now = self.clock()
+            await self.store.update_deploy(record.id, state="succeeded", release=release,
+                                           bake_state="grace", bake_started_at=now,
+                                           bake_until=now + self.app.rollback.grace
+                                           + self.app.rollback.bake)
+            await self.store.add_event(self.name, "deploy.recovered",
+                                       f"deploy of {_short(record.revision)} found complete "
+                                       "after a restart", revision=record.revision)
+            return
+        error = "interrupted by a daemon restart"
+        if on_new and record.previous_release:
+            await self.store.add_event(self.name, "deploy.interrupted",
+                                       f"hosts split after a restart ({', '.join(sorted(on_new))}"
+                                       f" on {_short(record.revision)}); switching them back")
+            try:
+                await self.fleet.rollback(record.previous_release, reason=error,
+                                          actor=SYSTEM_ACTOR, hosts=sorted(on_new))
+            except DeploydError as exc:
+                error += f"; switching back failed: {exc}"
+        await self.store.update_deploy(record.id, state="interrupted", error=error)
+        await self.store.add_event(self.name, "deploy.failed",
+                                   f"deploy of {_short(record.revision)}: {error}",
+                                   revision=record.revision)
+
+
+def _resolve(future: asyncio.Future[Deploy] | None, record: Deploy) -> None:
+    if future is not None and not future.done():
+        future.set_result(record)
+
+
+def _short(revision: str | None) -> str:
+    return revision[:12] if revision else "none"
