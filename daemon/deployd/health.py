@@ -1,0 +1,775 @@
+"""Health monitoring: HTTP probes per host, Prometheus metric checks, thresholds and verdicts.
+
+A `HealthMonitor` watches one app. Every HTTP check is probed on every host, and every
+Prometheus check once for the whole app, each in its own loop on its own interval, so a slow
+endpoint costs only its own timeout and never delays another probe.
+
+Verdicts
+    Each (HTTP check, host) and each metric check has a state: "unknown" until its first
+    verdict, "unhealthy" after `failures` consecutive failures, "healthy" after `successes`
+    consecutive successes (the same thresholds lead out of "unknown"). A host is healthy when
+    all its HTTP checks are healthy, unhealthy as soon as one is unhealthy, and unknown
+    otherwise. A host of an app without HTTP checks is healthy from the start.
+
+No data
+    A metric check whose query gives no usable number (no series, several series, NaN, a
+    query error, Prometheus down or too slow) records `no_data`: counted apart, never a
+    failure, and it neither extends nor breaks a run of successes or failures, so the check
+    keeps the verdict its last real measurements gave. `no_data_checks()` names the checks
+    whose latest probe had no data; deciding what a long silence means (pause the app, ask a
+    human) is the caller's job.
+
+Changes
+    `on_change` is called when a host's or a metric check's verdict differs from the one last
+    announced (the first verdict after start is announced too). Calls are delivered one at a
+    time, in order, from a separate task, so probes never wait for them.
+
+`reset()` (after a deploy or rollback) puts every check back to "unknown" with zero counts,
+keeping the last outcome and reason, and drops results of probes that were in flight; the
+`host_healthy` gauge keeps its last value until a new verdict replaces it.
+
+HTTP probes do not follow redirects (a 301 is judged against `expect_status`), read at most
+`BODY_LIMIT` bytes of a body (matchers see that much), and never put header values or the
+body itself in a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import logging
+import math
+import random
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final, Literal
+
+import aiohttp
+from prometheus_client.metrics import Counter, Gauge, Histogram
+from yarl import URL
+
+from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck, render_template
+from deployd.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+BODY_LIMIT: Final = 64 * 1024
+PROMETHEUS_BODY_LIMIT: Final = 256 * 1024
+INITIAL_JITTER: Final = 1.0
+_SHOWN: Final = 60
+_REASON_LIMIT: Final = 200
+# Timeouts are enforced around the whole probe (connect, send, read) by asyncio.timeout;
+# this keeps aiohttp from arming a second timer per request.
+_NO_CLIENT_TIMEOUT: Final = aiohttp.ClientTimeout(
+    total=None, connect=None, sock_read=None, sock_connect=None
+)
+
+State = Literal["unknown", "healthy", "unhealthy"]
+
+
+class ProbeOutcome(StrEnum):
+    """What one probe found; the values are the `result` label of `health_checks_total`."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    NO_DATA = "no_data"
+
+
+SUCCESS: Final = ProbeOutcome.SUCCESS
+FAILURE: Final = ProbeOutcome.FAILURE
+NO_DATA: Final = ProbeOutcome.NO_DATA
+
+
+@dataclass(frozen=True)
+class HealthChange:
+    """A verdict changed: `host` is set for a host, `check` for an app-wide metric check."""
+
+    host: str | None
+    check: str | None
+    healthy: bool
+    reasons: list[str]
+    at: float
+
+
+@dataclass(frozen=True)
+class CheckHealth:
+    """One HTTP check on one host."""
+
+    name: str
+    state: State
+    since: float | None
+    consecutive_successes: int
+    consecutive_failures: int
+    last_outcome: ProbeOutcome | None
+    last_reason: str
+    last_at: float | None
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    """One host: `healthy` is None while unknown; `since` is when that verdict was reached."""
+
+    name: str
+    healthy: bool | None
+    since: float | None
+    checks: Mapping[str, CheckHealth]
+
+
+@dataclass(frozen=True)
+class MetricHealth:
+    """One app-wide Prometheus check; `value` is the last number measured."""
+
+    name: str
+    state: State
+    since: float | None
+    value: float | None
+    consecutive_successes: int
+    consecutive_failures: int
+    consecutive_no_data: int
+    no_data_since: float | None
+    last_outcome: ProbeOutcome | None
+    last_reason: str
+    last_at: float | None
+
+
+@dataclass(frozen=True)
+class AppHealth:
+    """Everything the monitor knows about one app at `at`."""
+
+    app: str
+    at: float
+    hosts: Mapping[str, HostHealth]
+    metrics: Mapping[str, MetricHealth]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (outcomes as their string values)."""
+        return dataclasses.asdict(self)
+
+
+OnChange = Callable[[HealthChange], Awaitable[None]]
+
+
+def host_ids(app: AppConfig) -> list[str]:
+    """Each host's name in health results and metrics, in config order.
+
+    It is `HostConfig.name`; two hosts sharing a name (one machine, two deploy_to) are told
+    apart as `"<name> <deploy_to>"`.
+    """
+    names = [host.name for host in app.hosts]
+    return [
+        f"{host.name} {host.deploy_to}" if names.count(host.name) > 1 else host.name
+        for host in app.hosts
+    ]
+
+
+class _Streak:
+    """Consecutive outcomes of one check and the verdict they give."""
+
+    __slots__ = ("bad", "last_at", "last_outcome", "last_reason", "need_bad", "need_ok",
+                 "no_data", "no_data_since", "ok", "since", "state")
+
+    def __init__(self, successes: int, failures: int) -> None:
+        self.need_ok = successes
+        self.need_bad = failures
+        self.state: State = "unknown"
+        self.since: float | None = None
+        self.ok = self.bad = self.no_data = 0
+        self.no_data_since: float | None = None
+        self.last_outcome: ProbeOutcome | None = None
+        self.last_reason = ""
+        self.last_at: float | None = None
+
+    def record(self, outcome: ProbeOutcome, reason: str, at: float) -> bool:
+        """Count one outcome; True when the state changed."""
+        self.last_outcome, self.last_reason, self.last_at = outcome, reason, at
+        if outcome is NO_DATA:
+            if not self.no_data:
+                self.no_data_since = at
+            self.no_data += 1
+            return False
+        self.no_data, self.no_data_since = 0, None
+        if outcome is SUCCESS:
+            self.ok, self.bad = self.ok + 1, 0
+            return self.ok >= self.need_ok and self._become("healthy", at)
+        self.bad, self.ok = self.bad + 1, 0
+        return self.bad >= self.need_bad and self._become("unhealthy", at)
+
+    def _become(self, state: State, at: float) -> bool:
+        if self.state == state:
+            return False
+        self.state, self.since = state, at
+        return True
+
+    def reset(self, at: float) -> None:
+        """Forget the counts and the verdict; keep the last outcome and reason."""
+        if self.state != "unknown":
+            self.state, self.since = "unknown", at
+        self.ok = self.bad = self.no_data = 0
+        self.no_data_since = None
+
+
+class _Host:
+    __slots__ = ("announced", "app", "gauge", "healthy", "name", "probes", "since")
+
+    def __init__(self, app: str, name: str, gauge: Gauge) -> None:
+        self.app = app
+        self.name = name
+        self.gauge = gauge
+        self.probes: list[_HttpProbe] = []
+        self.healthy: bool | None = None
+        self.since: float | None = None
+        self.announced: bool | None = None
+
+    def verdict(self) -> bool | None:
+        states = [probe.streak.state for probe in self.probes]
+        if "unhealthy" in states:
+            return False
+        return True if all(state == "healthy" for state in states) else None
+
+    def publish(self, healthy: bool) -> None:
+        # The series is created only now: a host without a verdict yet exports nothing.
+        self.gauge.labels(app=self.app, host=self.name).set(1 if healthy else 0)
+
+    def reasons(self) -> list[str]:
+        return [f"{probe.check.name}: {probe.streak.last_reason}" for probe in self.probes
+                if probe.streak.state == "unhealthy"]
+
+
+BodyMatcher = Callable[[bytes], str | None]
+
+
+class _HttpProbe:
+    """Everything one (HTTP check, host) probe needs, prepared once."""
+
+    __slots__ = ("check", "counters", "expect_text", "headers", "host", "label", "matcher",
+                 "setup_error", "ssl", "streak", "timeout_reason", "url")
+
+    def __init__(self, check: HttpCheck, host: _Host, config: HostConfig,
+                 tls: bool | ssl.SSLContext | str, counters: Mapping[ProbeOutcome, Counter]
+                 ) -> None:
+        self.check = check
+        self.host = host
+        self.label = f"{check.name}@{host.name}"
+        self.headers = dict(check.headers)
+        self.expect_text = _describe_statuses(check.expect_status)
+        self.timeout_reason = f"timeout after {check.timeout:g}s"
+        self.matcher = _body_matcher(check)
+        self.streak = _Streak(check.successes, check.failures)
+        self.counters = counters
+        self.ssl: bool | ssl.SSLContext = True
+        self.url = URL()
+        self.setup_error: str | None = tls if isinstance(tls, str) else None
+        if not isinstance(tls, str):
+            self.ssl = tls
+        try:
+            self.url = _http_url(render_template(check.url, config))
+        except (KeyError, ValueError) as exc:
+            self.setup_error = f"bad url: {_url_problem(exc)}"
+
+    @property
+    def interval(self) -> float:
+        return self.check.interval
+
+
+class _MetricProbe:
+    """One Prometheus check, prepared once."""
+
+    __slots__ = ("announced", "check", "counters", "label", "streak", "timeout_reason", "url",
+                 "value")
+
+    def __init__(self, check: PrometheusCheck, counters: Mapping[ProbeOutcome, Counter]
+                 ) -> None:
+        self.check = check
+        self.label = f"{check.name} (prometheus)"
+        self.url = URL(check.server.rstrip("/") + "/api/v1/query").with_query(query=check.query)
+        self.timeout_reason = f"prometheus: timeout after {check.timeout:g}s"
+        self.streak = _Streak(check.successes, check.failures)
+        self.counters = counters
+        self.value: float | None = None
+        self.announced: bool | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.check.interval
+
+    def judge(self, value: float) -> tuple[ProbeOutcome, str]:
+        """Compare a measured number with the check's bounds."""
+        check = self.check
+        if check.max is not None and value > check.max:
+            return FAILURE, f"value {value:g} above max {check.max:g}"
+        if check.min is not None and value < check.min:
+            return FAILURE, f"value {value:g} below min {check.min:g}"
+        return SUCCESS, f"value {value:g}"
+
+
+_Probe = _HttpProbe | _MetricProbe
+
+
+class HealthMonitor:
+    """Probes one app's hosts and metric checks and keeps their verdicts (see the module doc)."""
+
+    def __init__(self, app: AppConfig, session: aiohttp.ClientSession, metrics: Metrics, *,
+                 on_change: OnChange | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self._session = session
+        self._on_change = on_change
+        self._clock = clock
+        self._duration: Histogram = metrics.health_check_duration_seconds.labels(app=app.name)
+        self._generation = 0
+        self._changes: deque[HealthChange] = deque()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._running = False
+        self._hosts = self._build_hosts(metrics)
+        self._metric_probes = {
+            check.name: _MetricProbe(check, _counters(metrics, app.name, "", with_no_data=True))
+            for check in app.checks if isinstance(check, PrometheusCheck)
+        }
+        self._probes: list[_Probe] = [
+            *(probe for host in self._hosts.values() for probe in host.probes),
+            *self._metric_probes.values(),
+        ]
+
+    def _build_hosts(self, metrics: Metrics) -> dict[str, _Host]:
+        http_checks = [check for check in self.app.checks if isinstance(check, HttpCheck)]
+        tls = {check.name: _tls_setting(check) for check in http_checks}
+        hosts: dict[str, _Host] = {}
+        for name, config in zip(host_ids(self.app), self.app.hosts, strict=True):
+            host = _Host(self.app.name, name, metrics.host_healthy)
+            counters = _counters(metrics, self.app.name, name, with_no_data=False)
+            host.probes = [_HttpProbe(check, host, config, tls[check.name], counters)
+                           for check in http_checks]
+            if not host.probes:
+                host.healthy = host.announced = True
+                host.publish(True)
+            hosts[name] = host
+        return hosts
+
+    async def run(self) -> None:
+        """Probe everything, each check on its own interval, until cancelled."""
+        if self._running:
+            raise RuntimeError(f"health monitor of {self.app.name} is already running")
+        self._running = True
+        try:
+            async with asyncio.TaskGroup() as group:
+                for probe in self._probes:
+                    group.create_task(self._loop(probe), name=f"health {self.app.name} "
+                                                              f"{probe.label}")
+                await asyncio.get_running_loop().create_future()
+        finally:
+            self._running = False
+            if self._dispatcher is not None:
+                self._dispatcher.cancel()
+
+    async def probe_now(self) -> None:
+        """Run every probe once, right now, and update the verdicts."""
+        await asyncio.gather(*(self._probe(probe) for probe in self._probes))
+
+    def reset(self) -> None:
+        """Forget counts and verdicts (e.g. after a deploy); keep the last reasons."""
+        now = self._clock()
+        self._generation += 1
+        for probe in self._probes:
+            probe.streak.reset(now)
+        for host in self._hosts.values():
+            verdict = host.verdict()
+            if verdict != host.healthy:
+                host.healthy, host.since = verdict, now
+
+    def unhealthy_hosts(self) -> list[str]:
+        """Hosts whose verdict is unhealthy, in config order."""
+        return [name for name, host in self._hosts.items() if host.healthy is False]
+
+    def metric_failing(self) -> list[str]:
+        """Metric checks whose verdict is unhealthy."""
+        return [name for name, probe in self._metric_probes.items()
+                if probe.streak.state == "unhealthy"]
+
+    def no_data_checks(self) -> list[str]:
+        """Metric checks whose latest probe gave no data."""
+        return [name for name, probe in self._metric_probes.items() if probe.streak.no_data]
+
+    def snapshot(self) -> AppHealth:
+        """A copy of every verdict, count and last outcome."""
+        return AppHealth(
+            app=self.app.name,
+            at=self._clock(),
+            hosts={name: _host_health(host) for name, host in self._hosts.items()},
+            metrics={name: _metric_health(probe) for name, probe in self._metric_probes.items()},
+        )
+
+    async def _loop(self, probe: _Probe) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(random.uniform(0, min(probe.interval, INITIAL_JITTER)))
+        due = loop.time()
+        while True:
+            await self._probe(probe)
+            due += probe.interval
+            now = loop.time()
+            if due < now:
+                # The probe overran its interval: start the next one now, don't catch up.
+                due = now
+            await asyncio.sleep(due - now)
+
+    async def _probe(self, probe: _Probe) -> None:
+        try:
+            if isinstance(probe, _HttpProbe):
+                await self._probe_http(probe)
+            else:
+                await self._probe_metric(probe)
+        except Exception:
+            log.exception("health probe %s of %s crashed", probe.label, self.app.name)
+
+    async def _probe_http(self, probe: _HttpProbe) -> None:
+        generation = self._generation
+        started = time.perf_counter()
+        outcome, reason = await _probe_http_once(self._session, probe)
+        self._duration.observe(time.perf_counter() - started)
+        probe.counters[outcome].inc()
+        if generation != self._generation:
+            return  # started before reset(): it judged what ran before
+        now = self._clock()
+        if probe.streak.record(outcome, reason, now):
+            self._update_host(probe.host, now)
+
+    async def _probe_metric(self, probe: _MetricProbe) -> None:
+        generation = self._generation
+        started = time.perf_counter()
+        outcome, value, reason = await _probe_prometheus_once(self._session, probe)
+        self._duration.observe(time.perf_counter() - started)
+        probe.counters[outcome].inc()
+        if generation != self._generation:
+            return
+        now = self._clock()
+        if value is not None:
+            probe.value = value
+        if outcome is NO_DATA:
+            log.debug("%s: no data: %s", probe.label, reason)
+        if probe.streak.record(outcome, reason, now) and probe.streak.state != "unknown":
+            healthy = probe.streak.state == "healthy"
+            if healthy != probe.announced:
+                probe.announced = healthy
+                self._announce(HealthChange(None, probe.check.name, healthy,
+                                            [] if healthy else [reason], now))
+
+    def _update_host(self, host: _Host, now: float) -> None:
+        verdict = host.verdict()
+        if verdict == host.healthy:
+            return
+        host.healthy, host.since = verdict, now
+        if verdict is None:
+            return
+        host.publish(verdict)
+        if verdict != host.announced:
+            host.announced = verdict
+            self._announce(HealthChange(host.name, None, verdict, host.reasons(), now))
+
+    def _announce(self, change: HealthChange) -> None:
+        subject = change.host if change.host is not None else change.check
+        if change.healthy:
+            log.info("%s: %s is healthy", self.app.name, subject)
+        else:
+            log.warning("%s: %s is unhealthy: %s", self.app.name, subject,
+                        "; ".join(change.reasons))
+        if self._on_change is None:
+            return
+        self._changes.append(change)
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.get_running_loop().create_task(
+                self._dispatch(self._on_change), name=f"health {self.app.name} on_change")
+
+    async def _dispatch(self, on_change: OnChange) -> None:
+        while self._changes:
+            change = self._changes.popleft()
+            try:
+                await on_change(change)
+            except Exception:
+                log.exception("%s: health change handler failed", self.app.name)
+
+
+async def _probe_http_once(session: aiohttp.ClientSession, probe: _HttpProbe
+                     ) -> tuple[ProbeOutcome, str]:
+    """Probe one HTTP check on one host once: (success or failure, short reason)."""
+    if probe.setup_error is not None:
+        return FAILURE, probe.setup_error
+    check = probe.check
+    try:
+        async with asyncio.timeout(check.timeout):
+            async with session.request(check.method, probe.url, headers=probe.headers,
+                                       ssl=probe.ssl, allow_redirects=False,
+                                       timeout=_NO_CLIENT_TIMEOUT) as response:
+                body = await _read_body(response, BODY_LIMIT)
+                status = response.status
+    except TimeoutError:
+        return FAILURE, probe.timeout_reason
+    except (aiohttp.ClientError, OSError) as exc:
+        return FAILURE, _describe_error(exc)
+    if status not in check.expect_status:
+        return FAILURE, f"status {status} (expected {probe.expect_text})"
+    if probe.matcher is not None:
+        mismatch = probe.matcher(body)
+        if mismatch is not None:
+            return FAILURE, mismatch
+    return SUCCESS, f"status {status}"
+
+
+async def _probe_prometheus_once(session: aiohttp.ClientSession, probe: _MetricProbe
+                           ) -> tuple[ProbeOutcome, float | None, str]:
+    """Run one Prometheus check once: (outcome, the number or None, short reason)."""
+    try:
+        async with asyncio.timeout(probe.check.timeout):
+            async with session.get(probe.url, allow_redirects=False,
+                                   timeout=_NO_CLIENT_TIMEOUT) as response:
+                body = await _read_body(response, PROMETHEUS_BODY_LIMIT)
+                status = response.status
+    except TimeoutError:
+        return NO_DATA, None, probe.timeout_reason
+    except (aiohttp.ClientError, OSError) as exc:
+        return NO_DATA, None, f"prometheus unreachable: {_describe_error(exc)}"
+    value, problem = _prometheus_value(status, body)
+    if value is None:
+        return NO_DATA, None, problem
+    outcome, reason = probe.judge(value)
+    return outcome, value, reason
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body; a longer body is cut (its connection is not reused)."""
+    content = response.content
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if content.is_eof():
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _prometheus_value(status: int, body: bytes) -> tuple[float | None, str]:
+    """The one number in a `/api/v1/query` answer, or None and why there is none."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None, f"prometheus answered status {status} without JSON"
+    if not isinstance(document, dict):
+        return None, f"prometheus answered status {status} with unexpected JSON"
+    if document.get("status") != "success":
+        kind = document.get("errorType") or f"status {status}"
+        return None, _clip(f"query error: {kind}: {document.get('error', '')}")
+    data = document.get("data")
+    if not isinstance(data, dict):
+        return None, "prometheus answer has no data"
+    return _sample_value(data.get("resultType"), data.get("result"))
+
+
+def _sample_value(kind: Any, result: Any) -> tuple[float | None, str]:
+    if kind == "scalar":
+        sample = result
+    elif kind == "vector" and isinstance(result, list):
+        if not result:
+            return None, "query returned no series"
+        if len(result) > 1:
+            return None, f"query returned {len(result)} series (expected one)"
+        sample = result[0].get("value") if isinstance(result[0], dict) else None
+    else:
+        return None, f"query returned a {kind} (expected one number)"
+    try:
+        value = float(sample[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None, "query returned an unreadable sample"
+    if math.isnan(value):
+        return None, "query returned NaN"
+    return value, ""
+
+
+_ERRNO_REASONS: Final = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.EPIPE: "connection reset",
+    errno.ETIMEDOUT: "connection timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+}
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A short reason for a failed request, naming neither the URL nor any header."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        error = exc.certificate_error
+        detail = getattr(error, "verify_message", None) or type(error).__name__
+        return f"TLS certificate not accepted: {detail}"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"DNS lookup failed for {exc.host}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "response body cut short"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "not a valid HTTP response"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_REASONS:
+        return _ERRNO_REASONS[exc.errno]
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"network error: {exc.strerror}"
+    return f"request failed ({type(exc).__name__})"
+
+
+def _body_matcher(check: HttpCheck) -> BodyMatcher | None:
+    if check.body_contains is not None:
+        return _contains_matcher(check.body_contains)
+    if check.body_regex is not None:
+        return _regex_matcher(check.body_regex)
+    if check.json_path is not None:
+        return _json_matcher(check.json_path, check.json_equals)
+    return None
+
+
+def _contains_matcher(text: str) -> BodyMatcher:
+    needle = text.encode()
+    reason = f"body does not contain {_clip(text, _SHOWN)!r}"
+    return lambda body: None if needle in body else reason
+
+
+def _regex_matcher(expression: str) -> BodyMatcher:
+    pattern = re.compile(expression)
+    reason = f"body does not match /{_clip(expression, _SHOWN)}/"
+    return lambda body: (None if pattern.search(body.decode("utf-8", "replace"))
+                         else reason)
+
+
+def _json_matcher(path: str, expected: Any) -> BodyMatcher:
+    parts = path.split(".")
+    shown = _json_text(expected)
+
+    def match(body: bytes) -> str | None:
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return "body is not JSON"
+        found, value = _json_lookup(document, parts)
+        if not found:
+            return f"JSON has no {path}"
+        if not _json_equal(value, expected):
+            return f"JSON {path} is {_json_text(value)} (expected {shown})"
+        return None
+
+    return match
+
+
+def _json_lookup(document: Any, parts: list[str]) -> tuple[bool, Any]:
+    value = document
+    for part in parts:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return False, None
+    return True, value
+
+
+def _json_equal(actual: Any, expected: Any) -> bool:
+    # JSON true must not equal 1 (nor false 0), which Python's == allows.
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return type(actual) is type(expected) and actual == expected
+    return bool(actual == expected)
+
+
+def _json_text(value: Any) -> str:
+    return _clip(json.dumps(value), _SHOWN)
+
+
+def _clip(text: str, limit: int = _REASON_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe_statuses(codes: frozenset[int]) -> str:
+    """`200`, `200-299` or `200, 204, 301-302`."""
+    ordered = sorted(codes)
+    if not ordered:
+        return "none"
+    runs: list[tuple[int, int]] = []
+    start = previous = ordered[0]
+    for code in ordered[1:]:
+        if code != previous + 1:
+            runs.append((start, previous))
+            start = code
+        previous = code
+    runs.append((start, previous))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _http_url(text: str) -> URL:
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http:// or https:// URL, got scheme {url.scheme!r}")
+    return url
+
+
+def _url_problem(exc: KeyError | ValueError) -> str:
+    if isinstance(exc, KeyError):
+        return f"host has no var {exc.args[0]!r}"
+    return str(exc).split("\n")[0][:_SHOWN]
+
+
+def _tls_setting(check: HttpCheck) -> bool | ssl.SSLContext | str:
+    """aiohttp's `ssl=` value for a check, or why it cannot be built."""
+    if not check.tls_verify:
+        return False
+    if check.ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(check.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot load ca_file {check.ca_file}: {getattr(exc, 'strerror', None) or exc}"
+
+
+def _counters(metrics: Metrics, app: str, host: str, *, with_no_data: bool
+              ) -> dict[ProbeOutcome, Counter]:
+    outcomes = list(ProbeOutcome) if with_no_data else [SUCCESS, FAILURE]
+    return {outcome: metrics.health_checks_total.labels(app=app, host=host, result=outcome.value)
+            for outcome in outcomes}
+
+
+def _host_health(host: _Host) -> HostHealth:
+    return HostHealth(
+        name=host.name,
+        healthy=host.healthy,
+        since=host.since,
+        checks={probe.check.name: _check_health(probe) for probe in host.probes},
+    )
+
+
+def _check_health(probe: _HttpProbe) -> CheckHealth:
+    streak = probe.streak
+    return CheckHealth(
+        name=probe.check.name, state=streak.state, since=streak.since,
+        consecutive_successes=streak.ok, consecutive_failures=streak.bad,
+        last_outcome=streak.last_outcome, last_reason=streak.last_reason,
+        last_at=streak.last_at,
+    )
+
+
+def _metric_health(probe: _MetricProbe) -> MetricHealth:
+    streak = probe.streak
+    return MetricHealth(
+        name=probe.check.name, state=streak.state, since=streak.since, value=probe.value,
+        consecutive_successes=streak.ok, consecutive_failures=streak.bad,
+        consecutive_no_data=streak.no_data, no_data_since=streak.no_data_since,
+        last_outcome=streak.last_outcome, last_reason=streak.last_reason,
+        last_at=streak.last_at,
+    )
