@@ -97,6 +97,11 @@ class HealthChange:
     reasons: list[str]
     at: float
 
+    @property
+    def subject(self) -> str:
+        """The host's or the metric check's name."""
+        return self.host if self.host is not None else self.check or ""
+
 
 @dataclass(frozen=True)
 class CheckHealth:
@@ -148,9 +153,14 @@ class AppHealth:
     hosts: Mapping[str, HostHealth]
     metrics: Mapping[str, MetricHealth]
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (outcomes as their string values)."""
-        return dataclasses.asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (outcomes as plain strings)."""
+        return dataclasses.asdict(self, dict_factory=_plain_dict)
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {key: str(value) if isinstance(value, ProbeOutcome) else value
+            for key, value in items}
 
 
 OnChange = Callable[[HealthChange], Awaitable[None]]
@@ -472,11 +482,10 @@ class HealthMonitor:
             self._announce(HealthChange(host.name, None, verdict, host.reasons(), now))
 
     def _announce(self, change: HealthChange) -> None:
-        subject = change.host if change.host is not None else change.check
         if change.healthy:
-            log.info("%s: %s is healthy", self.app.name, subject)
+            log.info("%s: %s is healthy", self.app.name, change.subject)
         else:
-            log.warning("%s: %s is unhealthy: %s", self.app.name, subject,
+            log.warning("%s: %s is unhealthy: %s", self.app.name, change.subject,
                         "; ".join(change.reasons))
         if self._on_change is None:
             return
