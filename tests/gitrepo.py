@@ -1,0 +1,111 @@
+"""Origin repositories for the tests, built with pygit2 (no `git` program).
+
+`OriginRepo` is a bare repository standing in for an app's remote: tests commit to it, move
+its branches (force pushes) and read files back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+import pygit2
+from pygit2.enums import FileMode
+
+COMMITTER = ("Otto Origin", "otto@example.com")
+
+
+class OriginRepo:
+    """A bare repository at `path` whose default branch is `branch`.
+
+    `on_change`, if given, is called with `path` after every write (e.g. to hand the files to
+    the user an SSH server serves the repository as).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        branch: str = "production",
+        on_change: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.url = str(path)
+        self.branch = branch
+        self.on_change = on_change
+        self.repo = pygit2.init_repository(str(path), bare=True)
+        self.repo.set_head(f"refs/heads/{branch}")
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.path)
+
+    def commit(
+        self,
+        files: dict[str, str | bytes | None],
+        message: str,
+        *,
+        branch: str | None = None,
+        parents: list[str] | None = None,
+        author: tuple[str, str] = ("Ann Author", "ann@example.com"),
+        executable: Collection[str] = frozenset(),
+        symlinks: dict[str, str] | None = None,
+        gitlinks: dict[str, str] | None = None,
+    ) -> str:
+        """A new commit on `branch` (forced there); its tree is the first parent's with
+        `files` applied (None deletes), plus `symlinks` (path -> target) and `gitlinks`
+        (path -> submodule commit sha). Parents default to the branch head, if any."""
+        branch = branch or self.branch
+        if parents is None:
+            parents = [self.head(branch)] if self._has(branch) else []
+        index = pygit2.Index()
+        if parents:
+            index.read_tree(self._commit(parents[0]).tree)
+        for path, content in files.items():
+            if content is None:
+                index.remove(path)
+                continue
+            mode = FileMode.BLOB_EXECUTABLE if path in executable else FileMode.BLOB
+            index.add(pygit2.IndexEntry(path, self.repo.create_blob(content), mode))
+        for path, target in (symlinks or {}).items():
+            index.add(pygit2.IndexEntry(path, self.repo.create_blob(target), FileMode.LINK))
+        for path, sha in (gitlinks or {}).items():
+            index.add(pygit2.IndexEntry(path, pygit2.Oid(hex=sha), FileMode.COMMIT))
+        tree = index.write_tree(self.repo)
+        oid = self.repo.create_commit(
+            None,
+            pygit2.Signature(*author),
+            pygit2.Signature(*COMMITTER),
+            message,
+            tree,
+            [pygit2.Oid(hex=parent) for parent in parents],
+        )
+        self.repo.references.create(f"refs/heads/{branch}", oid, force=True)
+        self._changed()
+        return str(oid)
+
+    def head(self, branch: str | None = None) -> str:
+        """The sha `branch` (default: the main branch) points at."""
+        return str(self.repo.references[f"refs/heads/{branch or self.branch}"].target)
+
+    def set_branch(self, branch: str, sha: str) -> None:
+        """Force-move (or create) `branch` to `sha`, as a force push would."""
+        self.repo.references.create(f"refs/heads/{branch}", pygit2.Oid(hex=sha), force=True)
+        self._changed()
+
+    def read_file(self, sha_or_branch: str, path: str) -> bytes:
+        """The content of `path` in a commit (a sha or a branch name)."""
+        if self._has(sha_or_branch):
+            sha_or_branch = self.head(sha_or_branch)
+        blob = self.repo[self._commit(sha_or_branch).tree[path].id]
+        assert isinstance(blob, pygit2.Blob)
+        return blob.data
+
+    def _has(self, branch: str) -> bool:
+        return f"refs/heads/{branch}" in self.repo.references
+
+    def _commit(self, sha: str) -> pygit2.Commit:
+        commit = self.repo[sha]
+        assert isinstance(commit, pygit2.Commit)
+        return commit
