@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import io
+import os
 import shutil
 import socket
 import tarfile
 import threading
 import time
+from base64 import b64encode
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -125,6 +129,18 @@ async def test_fetch_keeps_deployd_local_refs(mirror: Mirror, origin: OriginRepo
     await mirror.create_ref("refs/deployd/backup/one", origin.head())
     await mirror.fetch()
     assert await mirror.list_refs("refs/deployd/") == {"refs/deployd/backup/one": origin.head()}
+
+
+async def test_file_url_and_a_changed_url_are_followed(
+    tmp_path: Path, mirror: Mirror, origin: OriginRepo
+) -> None:
+    """A file:// remote works, and a mirror reopened with a new URL fetches from it."""
+    await mirror.fetch()
+    moved = OriginRepo(tmp_path / "moved.git")
+    sha = moved.commit({"m": "1"}, "Elsewhere")
+    again = Mirror(mirror.path, f"file://{moved.path}", name="shop")
+    await again.fetch()
+    assert await again.branch_head("production") == sha
 
 
 async def test_fetch_from_missing_remote_is_a_git_error(tmp_path: Path) -> None:
@@ -286,6 +302,28 @@ async def test_ssh_fetch_with_known_host_key(ssh_mirror: Mirror, ssh_origin: Ori
     assert await ssh_mirror.branch_head("production") == ssh_origin.head()
 
 
+async def test_ssh_hashed_known_hosts_entry_is_accepted(
+    tmp_path: Path, sshd_host: SshdHost, ssh_origin: OriginRepo, client_key: ClientKey
+) -> None:
+    """A hashed known_hosts entry (as ssh-keygen -H writes it) is honoured like a plain one."""
+    salt = os.urandom(20)
+    name = f"[{sshd_host.address}]:{sshd_host.port}".encode()
+    digest = hmac.new(salt, name, hashlib.sha1).digest()
+    hashed = f"|1|{b64encode(salt).decode()}|{b64encode(digest).decode()}"
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"{hashed} {sshd_host.host_key_line}\n")
+    mirror = Mirror(
+        tmp_path / "m.git",
+        ssh_url(sshd_host, ssh_origin),
+        name="shop",
+        home=GitHome(tmp_path / "home"),
+        key=client_key.private,
+        known_hosts=known_hosts,
+    )
+    await mirror.fetch()
+    assert await mirror.branch_head("production") == ssh_origin.head()
+
+
 async def test_ssh_unknown_host_key_is_refused(
     tmp_path: Path, sshd_host: SshdHost, ssh_origin: OriginRepo, client_key: ClientKey
 ) -> None:
@@ -337,6 +375,16 @@ async def test_ssh_without_known_hosts_is_refused(
         home=GitHome(tmp_path / "home"),
         key=client_key.private,
     )
+    with pytest.raises(errors.GitError, match="no known_hosts"):
+        await mirror.fetch()
+
+
+@pytest.mark.parametrize(
+    "url", ["git@git.example.com:acme/shop.git", "ssh://git.example.com/acme/shop.git"]
+)
+async def test_ssh_urls_without_known_hosts_are_refused(tmp_path: Path, url: str) -> None:
+    """scp-like and ssh:// URLs both count as SSH and need known_hosts."""
+    mirror = Mirror(tmp_path / "m.git", url, name="shop", key=tmp_path / "key")
     with pytest.raises(errors.GitError, match="no known_hosts"):
         await mirror.fetch()
 

@@ -906,7 +906,7 @@ class Mirror:
             self._cherry_pick,
             onto,
             list(commits),
-            pygit2.Signature(committer_name, committer_email),
+            (committer_name, committer_email),
             _check_trailers(trailers or []),
         )
 
@@ -914,10 +914,11 @@ class Mirror:
         self,
         onto: str,
         commits: list[str],
-        committer: pygit2.Signature,
+        committer_identity: tuple[str, str],
         trailer_lines: list[str],
     ) -> CherryPickResult:
         repo = self._open()
+        committer = pygit2.Signature(*committer_identity)
         state = _Picking(head=self._commit(onto))
         for revision in commits:
             pick = self._commit(revision)
