@@ -1,0 +1,395 @@
+"""Transports to hosts: run a shell script on a host and get its output and exit status.
+
+`SSHHost` speaks SSH through asyncssh (the only module that imports it): key login, host keys
+always checked against the configured known_hosts, one connection per endpoint kept open and
+reopened when it drops, a bounded number of channels on it. `LocalHost` runs the same scripts on
+this machine for one-box setups and the demo. `HostPool` hands out hosts and shares connections.
+
+Every command is a script for `sh -c`. Its time limit is enforced ON the host by wrapping it in
+`timeout`, because closing an SSH channel does not stop the command behind it. A command that ran
+and failed is never retried here: only failing to connect is.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from deployd.config import AppConfig, HostConfig, SSHConfig
+from deployd.errors import CommandError, ConnectError, DeploydError, RemoteError
+from deployd.metrics import Metrics
+from deployd.retry import DEFAULT_POLICY, RetryPolicy, retry_async
+
+log = logging.getLogger(__name__)
+
+# OpenSSH's MaxSessions defaults to 10 channels per connection; stay under it.
+MAX_CHANNELS = 8
+# OpenSSH's MaxStartups defaults to 10 unauthenticated connections; stay under it per address.
+MAX_HANDSHAKES = 10
+# After the time limit, `timeout` sends TERM, then KILL this many seconds later.
+KILL_GRACE = 5.0
+# Extra time the client waits beyond the on-host limit before giving up on the channel.
+CLIENT_MARGIN = 5.0
+# `timeout` exits with 124 after TERM worked, 137 when it had to KILL.
+_TIMEOUT_STATUSES = (124, 137)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command printed and how it exited."""
+
+    stdout: str
+    stderr: str
+    exit_status: int
+
+
+class Host(abc.ABC):
+    """One host as seen by one app: run shell scripts there."""
+
+    def __init__(self, config: HostConfig, *, app: str = "", metrics: Metrics | None = None):
+        self.config = config
+        self.app = app
+        self._metrics = metrics
+
+    @property
+    def name(self) -> str:
+        """The host's label in errors, events and metrics."""
+        return self.config.name
+
+    # The limit is enforced on the host (`timeout`), so it cannot be an asyncio.timeout.
+    async def run(self, command: str, *, input: bytes | None = None,
+                  timeout: float, check: bool = True) -> Result:  # noqa: ASYNC109
+        """Run `command` with `sh -c`, feeding `input` to its stdin.
+
+        Raises ConnectError when the host cannot be reached or the connection drops during the
+        command, CommandError with exit_status None when `timeout` seconds pass (the command is
+        stopped on the host), and CommandError on a non-zero exit when `check` is true.
+        """
+        try:
+            result = await self._execute(command, input, timeout)
+        except RemoteError:
+            self._count_error()
+            raise
+        if check and result.exit_status != 0:
+            self._count_error()
+            raise CommandError(self.name, command, result.exit_status, result.stderr)
+        return result
+
+    async def connect(self) -> None:
+        """Open the connection now rather than on first use (no-op without one)."""
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the host's connection, if any; the next command opens a new one."""
+
+    @abc.abstractmethod
+    async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+        """Run one command for at most `limit` seconds; raise ConnectError, or
+        CommandError(None) when the limit passed."""
+
+    def _count_error(self) -> None:
+        if self._metrics is not None and not self.config.is_local:
+            self._metrics.ssh_errors_total.labels(app=self.app, host=self.name).inc()
+
+
+# -- SSH ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What makes two hosts share one SSH connection."""
+
+    address: str
+    port: int
+    user: str | None
+    key: str | None
+    known_hosts: str | None
+
+    @classmethod
+    def of(cls, host: HostConfig, ssh: SSHConfig) -> Endpoint:
+        return cls(host.address, host.port, ssh.user, _str_or_none(ssh.key),
+                   _str_or_none(ssh.known_hosts))
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class SSHConnection:
+    """One SSH connection to an endpoint: opened on first use, reopened after it drops."""
+
+    def __init__(self, endpoint: Endpoint, ssh: SSHConfig, *, label: str,
+                 policy: RetryPolicy = DEFAULT_POLICY,
+                 handshakes: asyncio.Semaphore | None = None) -> None:
+        self.endpoint = endpoint
+        self.ssh = ssh
+        self.label = label
+        self.policy = policy
+        self.channels = asyncio.Semaphore(MAX_CHANNELS)
+        self.opened = 0  # connections made so far (a reconnect adds one)
+        self._handshakes = handshakes or asyncio.Semaphore(MAX_HANDSHAKES)
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def get(self) -> Any:
+        """The open connection, connecting (with retries) when there is none."""
+        if self.is_open:
+            return self._conn
+        async with self._lock:
+            if not self.is_open:
+                self._conn = await self._open()
+                self.opened += 1
+            return self._conn
+
+    def discard(self, conn: Any) -> None:
+        """Forget a connection that failed under a command, so the next use reconnects."""
+        if self._conn is conn:
+            self._conn = None
+        conn.abort()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await conn.wait_closed()
+
+    async def _open(self) -> Any:
+        options = self._options()
+
+        async def attempt() -> Any:
+            async with self._handshakes:
+                return await asyncssh.connect(self.endpoint.address, self.endpoint.port,
+                                              options=options)
+
+        try:
+            return await retry_async(attempt, should_retry=_retryable, policy=self.policy,
+                                     describe=f"connect to {self.label}")
+        except asyncssh.HostKeyNotVerifiable as exc:
+            where = self.endpoint.known_hosts or "~/.ssh/known_hosts"
+            raise ConnectError(self.label, f"host key not verifiable against {where} "
+                                           f"(unknown or changed host key): {exc}") from exc
+        except asyncssh.PermissionDenied as exc:
+            raise ConnectError(self.label, f"login as {self.endpoint.user or 'default user'} "
+                                           f"refused: {exc}") from exc
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            raise ConnectError(self.label, f"cannot connect: {_describe(exc)}") from exc
+
+    def _options(self) -> Any:
+        """Connection options; reads the key and known_hosts now so that bad files fail fast."""
+        extra: dict[str, Any] = {}
+        try:
+            if self.endpoint.key is not None:
+                extra["client_keys"] = [asyncssh.read_private_key(self.endpoint.key)]
+            if self.endpoint.known_hosts is not None:
+                extra["known_hosts"] = asyncssh.read_known_hosts(self.endpoint.known_hosts)
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise ConnectError(self.label, f"cannot read SSH key files: {exc}") from exc
+        if self.endpoint.user is not None:
+            extra["username"] = self.endpoint.user
+        return asyncssh.SSHClientConnectionOptions(
+            connect_timeout=self.ssh.connect_timeout,
+            keepalive_interval=self.ssh.keepalive_interval,
+            keepalive_count_max=3,
+            config=[],  # deployd's own settings only, not ~/.ssh/config
+            **extra,
+        )
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Connect failures worth another try: network trouble, not a refused key or login."""
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable | asyncssh.PermissionDenied):
+        return False
+    return isinstance(exc, OSError | TimeoutError | asyncssh.Error)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+
+
+class SSHHost(Host):
+    """A host reached over SSH; its connection may be shared with other apps' hosts."""
+
+    def __init__(self, config: HostConfig, ssh: SSHConfig, *, app: str = "",
+                 metrics: Metrics | None = None, connection: SSHConnection | None = None,
+                 policy: RetryPolicy = DEFAULT_POLICY) -> None:
+        super().__init__(config, app=app, metrics=metrics)
+        self.ssh = ssh
+        self.connection = connection or SSHConnection(
+            Endpoint.of(config, ssh), ssh, label=config.name, policy=policy)
+
+    async def connect(self) -> None:
+        try:
+            await self.connection.get()
+        except RemoteError:
+            self._count_error()
+            raise
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+        wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(command)}"
+        conn = await self.connection.get()
+        async with self.connection.channels:
+            started = time.monotonic()
+            try:
+                completed = await self._exchange(conn, wrapped, input, limit)
+            except (OSError, asyncssh.Error) as exc:
+                self.connection.discard(conn)
+                raise ConnectError(self.name, f"connection failed during a command: "
+                                              f"{_describe(exc)}") from exc
+            if completed is None:
+                raise CommandError(self.name, command, None,
+                                   f"no answer within {limit + KILL_GRACE:g}s")
+            stdout, stderr, status = completed
+            if status is None:
+                self.connection.discard(conn)
+                raise ConnectError(self.name, "connection lost during a command")
+            if status in _TIMEOUT_STATUSES and time.monotonic() - started >= limit:
+                raise CommandError(self.name, command, None,
+                                   stderr or f"timed out after {limit:g}s")
+            return Result(stdout, stderr, status)
+
+    @staticmethod
+    async def _exchange(conn: Any, command: str, input: bytes | None,
+                        limit: float) -> tuple[str, str, int | None] | None:
+        """Send one command and its input; None when even the on-host limit was overrun."""
+        async with conn.create_process(command, encoding=None) as process:
+            if input:
+                process.stdin.write(input)
+            process.stdin.write_eof()
+            try:
+                stdout, stderr = await asyncio.wait_for(process.communicate(),
+                                                        limit + KILL_GRACE + CLIENT_MARGIN)
+            except TimeoutError:
+                return None
+            return _text(stdout), _text(stderr), process.returncode
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode("utf-8", errors="replace")
+
+
+# -- local ----------------------------------------------------------------------------------
+
+
+class LocalHost(Host):
+    """This machine (host address `local`): the same contract with a local `sh -c`."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "sh", "-c", command,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group, so a timeout kills it all
+            )
+        except OSError as exc:
+            raise ConnectError(self.name, f"cannot start sh: {exc}") from exc
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(input or b""), limit)
+        except TimeoutError:
+            await _stop_group(process)
+            raise CommandError(self.name, command, None, f"timed out after {limit:g}s") from None
+        except BaseException:
+            await _stop_group(process)
+            raise
+        status = process.returncode
+        return Result(_text(stdout), _text(stderr), -1 if status is None else status)
+
+
+async def _stop_group(process: asyncio.subprocess.Process) -> None:
+    """TERM the command's process group, KILL it after the grace period (as `timeout -k`)."""
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+            return
+        except TimeoutError:
+            continue
+
+
+# -- pool -----------------------------------------------------------------------------------
+
+
+class HostPool:
+    """Every host of every app, created once per daemon; hosts with one endpoint share a
+    connection, and handshakes to one address are bounded (sshd's MaxStartups)."""
+
+    def __init__(self, metrics: Metrics | None = None, *,
+                 policy: RetryPolicy = DEFAULT_POLICY) -> None:
+        self.metrics = metrics
+        self.policy = policy
+        self._connections: dict[Endpoint, SSHConnection] = {}
+        self._handshakes: dict[str, asyncio.Semaphore] = {}
+        self._hosts: dict[tuple[str, str, SSHConfig], Host] = {}
+
+    def host(self, app: AppConfig, host: HostConfig) -> Host:
+        """The Host for `host` of `app`: the same object every time, and the same SSH
+        connection as every other host with the same address, port, user, key and
+        known_hosts."""
+        key = (app.name, repr(host), app.ssh)
+        existing = self._hosts.get(key)
+        if existing is not None:
+            return existing
+        made: Host
+        if host.is_local:
+            made = LocalHost(host, app=app.name, metrics=self.metrics)
+        else:
+            made = SSHHost(host, app.ssh, app=app.name, metrics=self.metrics,
+                           connection=self._connection(host, app.ssh))
+        self._hosts[key] = made
+        return made
+
+    def _connection(self, host: HostConfig, ssh: SSHConfig) -> SSHConnection:
+        endpoint = Endpoint.of(host, ssh)
+        connection = self._connections.get(endpoint)
+        if connection is None:
+            slots = self._handshakes.setdefault(host.address, asyncio.Semaphore(MAX_HANDSHAKES))
+            connection = SSHConnection(endpoint, ssh, label=host.name, policy=self.policy,
+                                       handshakes=slots)
+            self._connections[endpoint] = connection
+        return connection
+
+    async def warm(self, hosts: Iterable[Host]) -> dict[str, DeploydError]:
+        """Connect to all `hosts` at once; returns the hosts that failed, with their error."""
+        listed = list(hosts)
+        results = await asyncio.gather(*(host.connect() for host in listed),
+                                       return_exceptions=True)
+        failures: dict[str, DeploydError] = {}
+        for host, result in zip(listed, results, strict=True):
+            if isinstance(result, DeploydError):
+                failures[host.name] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return failures
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await asyncio.gather(*(c.close() for c in self._connections.values()))
+        self._connections.clear()
+        self._hosts.clear()
