@@ -540,6 +540,9 @@ def _http_check(r: _Reader, data: Any, path: str,
         except KeyError as exc:
             r.problem(f"{path}.url", f"host {host.name} has no var {exc.args[0]!r}")
             break
+        except (ValueError, IndexError, AttributeError, TypeError) as exc:
+            r.problem(f"{path}.url", f"not a valid url template: {exc}")
+            break
     matchers = [key for key in ("body_contains", "body_regex", "json_path") if key in table]
     if len(matchers) > 1:
         r.problem(path, f"set at most one of body_contains, body_regex, json_path (got {matchers})")
