@@ -342,7 +342,7 @@ def _selector(value: Any) -> tuple[Literal["trailer", "message", "none"], str]:
     if sep and rest and kind == "trailer":
         return "trailer", rest
     if sep and rest and kind == "message":
-        re.compile(rest)
+        _regex(rest)
         return "message", rest
     raise ValueError(f'expected "trailer:<Name>", "message:<regex>" or "none", got {text!r}')
 
