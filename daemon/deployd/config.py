@@ -219,7 +219,11 @@ class _Reader:
             return default
 
     def path_value(self, value: Any) -> Path:
-        path = Path(_string(value)).expanduser()
+        text = _string(value)
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:
+            raise ValueError(f"cannot expand {text!r}: no such user's home directory") from None
         return path if path.is_absolute() else self.base_dir / path
 
 
