@@ -329,12 +329,15 @@ def _statuses(value: Any) -> frozenset[int]:
         elif isinstance(item, str) and re.fullmatch(r"[1-5]xx", item):
             start = int(item[0]) * 100
             codes.update(range(start, start + 100))
-        elif isinstance(item, str) and (m := re.fullmatch(r"(\d{3})-(\d{3})", item)):
+        elif (isinstance(item, str) and (m := re.fullmatch(r"(\d{3})-(\d{3})", item))
+              and 100 <= int(m.group(1)) <= int(m.group(2)) <= 599):
             codes.update(range(int(m.group(1)), int(m.group(2)) + 1))
         else:
             raise ValueError(
                 f'expected status codes like [200], "2xx" or "200-299", got {item!r}'
             )
+    if not codes:
+        raise ValueError(f'expected status codes like [200], "2xx" or "200-299", got {value!r}')
     return frozenset(codes)
 
 
