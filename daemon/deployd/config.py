@@ -441,10 +441,15 @@ def _token_digest(r: _Reader, table: dict[str, Any], path: str) -> str:
         r.problem(path, "set exactly one of token_sha256 or token_file")
         return ""
     if has_hash:
-        digest = r.get(table, path, "token_sha256", _string, "").strip().lower()
+        given = r.get(table, path, "token_sha256", _string, None)
+        if given is None:  # already reported
+            return ""
+        digest = given.strip().lower()
         source = f"{path}.token_sha256"
     else:
-        file = r.get(table, path, "token_file", r.path_value, Path())
+        file = r.get(table, path, "token_file", r.path_value, None)
+        if file is None:  # already reported
+            return ""
         source = f"{path}.token_file"
         try:
             digest = file.read_text().strip().lower()
