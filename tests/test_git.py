@@ -161,6 +161,7 @@ async def test_password_never_appears_in_errors(tmp_path: Path) -> None:
     with pytest.raises(errors.GitError) as caught:
         await mirror.fetch()
     assert "s3cret" not in str(caught.value)
+    assert "s3cret" not in str(caught.value.__cause__)
     assert "deploy:***@" in str(caught.value)
 
 

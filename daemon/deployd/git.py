@@ -669,7 +669,9 @@ class Mirror:
             except errors.DeploydError:
                 raise
             except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
-                raise self._error(action, exc) from None
+                error = self._error(action, exc)
+                # Chain the original only when it holds no secret (tracebacks get logged).
+                raise error from (None if self._remote.redact(str(exc)) != str(exc) else exc)
 
     def _error(self, action: str, exc: BaseException) -> errors.GitError:
         detail = self._remote.redact(str(exc) or type(exc).__name__)
@@ -709,11 +711,13 @@ class Mirror:
         """The known_hosts text an SSH remote is checked against (None when not SSH)."""
         if not self._remote.ssh:
             return None
-        if self._known_hosts is None or self._home is None:
+        if self._known_hosts is None:
             raise errors.GitError(
                 f"{self.name}: SSH remote {self.url} has no known_hosts configured: "
                 "refusing to connect without checking the server's host key"
             )
+        if self._home is None:
+            raise errors.GitError(f"{self.name}: SSH remote {self.url} needs a GitHome")
         if self._key is None:
             raise errors.GitError(f"{self.name}: SSH remote {self.url} has no key configured")
         try:
