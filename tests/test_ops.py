@@ -22,8 +22,6 @@ from typing import Any
 
 import pytest
 
-from deployd.cli import build_parser
-from deployd.config import DaemonConfig
 from deployd.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -452,6 +450,8 @@ def test_unit_has_the_required_settings() -> None:
 
 def test_unit_stop_timeout_outlasts_the_shutdown_grace() -> None:
     """TimeoutStopSec leaves room after daemon.shutdown_grace for in-flight steps to end."""
+    from deployd.config import DaemonConfig
+
     grace = next(f.default for f in fields(DaemonConfig) if f.name == "shutdown_grace")
     assert isinstance(grace, float)
     stop = seconds(unit_settings()["Service"]["TimeoutStopSec"][-1])
@@ -460,6 +460,8 @@ def test_unit_stop_timeout_outlasts_the_shutdown_grace() -> None:
 
 def test_unit_exec_start_is_a_valid_deployd_command_line() -> None:
     """ExecStart runs `deployd run --config /etc/deployd/deployd.toml` as the CLI parses it."""
+    from deployd.cli import build_parser
+
     argv = unit_settings()["Service"]["ExecStart"][-1].split()
     assert Path(argv[0]).name == "deployd"
     args = build_parser().parse_args(argv[1:])
