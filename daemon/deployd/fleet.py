@@ -1,0 +1,390 @@
+"""All hosts of one app together: state, deploy and rollback with at most `parallel` hosts
+acted on at once.
+
+A deploy prepares the new release on every host before any host switches; if any host fails
+to prepare, every host drops the new release and no host switches. If a switch fails somewhere,
+the hosts already switched go back, so the fleet never stays split. A rollback first checks on
+every host that the target exists with the same revision and that nobody holds the lock, and
+switches nothing otherwise. Every phase waits for every host: one host's failure never abandons
+another host's step half way, and once switching began, cancellation waits for the phase to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from deployd.config import AppConfig
+from deployd.errors import DeploydError, FleetError, Invalid, ReleaseError, RemoteError
+from deployd.hosts import HostPool
+from deployd.metrics import Metrics
+from deployd.releases import (
+    RELEASE_FORMAT,
+    HostLockHeld,
+    HostState,
+    LockInfo,
+    Releases,
+    Step,
+    release_name,
+)
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+Timings = dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class DeployOutcome:
+    """A finished deploy: the release now live everywhere, and what each host went through."""
+
+    release: str
+    revision: str
+    previous: Mapping[str, str | None]  # host -> release live before the deploy
+    timings: Mapping[str, Mapping[str, float]]  # host -> phase -> seconds
+    pruned: Mapping[str, tuple[str, ...]]  # host -> releases removed after the switch
+    warnings: Mapping[str, str]  # host -> what went wrong after the switch (prune, unlock)
+    seconds: float
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts the release went live on."""
+        return tuple(self.previous)
+
+
+@dataclass(frozen=True)
+class RollbackOutcome:
+    """A rollback: the target now live on `hosts`, and what was live there before."""
+
+    target: str
+    revision: str | None
+    previous: Mapping[str, str | None]  # host -> release rolled away from
+    timings: Mapping[str, float]  # host -> seconds for its rollback step
+    seconds: float
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts now on the target release."""
+        return tuple(self.previous)
+
+
+class RollbackIncomplete(FleetError):
+    """Some hosts rolled back and some failed; `outcome` lists the ones that did, `failures`
+    the others (retry them with `rollback(..., hosts=[...])`)."""
+
+    def __init__(self, failures: Mapping[str, BaseException], outcome: RollbackOutcome) -> None:
+        super().__init__("rollback", failures)
+        self.outcome = outcome
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Fleet:
+    """One app's hosts, acted on together."""
+
+    def __init__(self, app: AppConfig, pool: HostPool, metrics: Metrics | None = None, *,
+                 clock: Callable[[], datetime] = _utcnow) -> None:
+        self.app = app
+        self.pool = pool
+        # SSH errors are counted by the pool's hosts; count here only if the pool does not.
+        self._metrics = metrics if pool.metrics is None else None
+        self._clock = clock
+        self._slots = asyncio.Semaphore(max(1, app.parallel))
+        self._members: dict[str, Releases] = {}
+        names = [host.name for host in app.hosts]
+        for host in app.hosts:
+            label = host.name if names.count(host.name) == 1 else f"{host.name}:{host.deploy_to}"
+            self._members[label] = Releases(pool.host(app, host), app)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every host's label, in config order."""
+        return tuple(self._members)
+
+    async def connect(self) -> dict[str, DeploydError]:
+        """Open every host's connection now; returns the hosts that could not be reached."""
+        return await self.pool.warm(member.host for member in self._members.values())
+
+    async def state(self) -> dict[str, HostState | DeploydError]:
+        """Every host's state, or the error that prevented reading it."""
+        states, failures = await self._each(self.hosts, "state", lambda m: m.state())
+        return {name: states[name] if name in states else failures[name] for name in self.hosts}
+
+    # -- deploy ----------------------------------------------------------------------------
+
+    async def deploy(self, revision: str, tarball: bytes, *, branch: str, actor: str,
+                     protect: Collection[str] = (),
+                     revision_time: float | None = None) -> DeployOutcome:
+        """Deploy `tarball` (the tree of `revision`) as a new release on every host.
+
+        Raises FleetError("prepare", ...) when any host cannot be prepared (no host switched,
+        the new release removed everywhere), FleetError("switch", ...) when a switch failed
+        (the switched hosts went back). Releases beyond keep_releases are pruned afterwards,
+        never the live one nor any in `protect`.
+        """
+        started = time.monotonic()
+        timings: Timings = {name: {} for name in self.hosts}
+        states = await self._check_before_deploy(timings)
+        release = self.next_release_name(states.values())
+        lock = LockInfo.new(actor, f"deploy {revision}")
+        log.info("%s: deploying %s as release %s on %d hosts", self.app.name, revision[:12],
+                 release, len(self.hosts))
+
+        async def prepare(name: str, member: Releases) -> Step:
+            return await member.prepare(release, revision, tarball, branch=branch, lock=lock,
+                                        revision_time=revision_time,
+                                        takeover=self._stale_token(states[name]))
+
+        try:
+            prepared, failures = await self._each_named(self.hosts, "prepare", prepare, timings)
+        except asyncio.CancelledError:
+            await _complete(self._discard(release, lock, self.hosts, timings))
+            raise
+        if failures:
+            await self._abort_prepare(release, lock, failures, timings)
+        previous = {name: step.previous for name, step in prepared.items()}
+        return await _complete(self._switch_all(
+            release, revision, branch=branch, actor=actor, lock=lock, previous=previous,
+            protect=protect, timings=timings, started=started))
+
+    def next_release_name(self, states: Iterable[HostState | DeploydError]) -> str:
+        """Now in UTC as YYYYmmddHHMMSS, moved past the newest release on any host."""
+        name = release_name(self._clock())
+        newest = max((s.newest for s in states if isinstance(s, HostState) and s.newest),
+                     default=None)
+        if newest is None or name > newest:
+            return name
+        try:
+            moment = datetime.strptime(newest, RELEASE_FORMAT).replace(tzinfo=UTC)
+        except ValueError as exc:
+            raise ReleaseError(f"{self.app.name}: cannot name a release after {newest}") from exc
+        return release_name(moment + timedelta(seconds=1))
+
+    async def _check_before_deploy(self, timings: Timings) -> dict[str, HostState]:
+        """Every host reachable and not locked by someone else, before uploading anything."""
+        states, failures = await self._each(self.hosts, "check", lambda m: m.state(), timings)
+        for name, state in states.items():
+            if state.lock is not None and self._stale_token(state) is None:
+                failures[name] = HostLockHeld(name, state.lock)
+        if failures:
+            raise FleetError("prepare", failures)
+        return states
+
+    async def _abort_prepare(self, release: str, lock: LockInfo,
+                             failures: dict[str, DeploydError], timings: Timings) -> None:
+        """Remove the new release and the lock everywhere; raise the prepare failures."""
+        cleanable = [name for name in self.hosts
+                     if not isinstance(failures.get(name), HostLockHeld)]
+        leftovers = await _complete(self._discard(release, lock, cleanable, timings))
+        for name, error in leftovers.items():
+            if name not in failures:
+                failures[name] = ReleaseError(
+                    f"{name}: prepared, but removing release {release} failed: {error}")
+        raise FleetError("prepare", failures)
+
+    async def _discard(self, release: str, lock: LockInfo, names: Iterable[str],
+                       timings: Timings) -> dict[str, DeploydError]:
+        """Remove releases/<release> and our lock on `names`; returns where that failed."""
+        _, failures = await self._each(
+            names, "discard", lambda m: m.remove_release(release, unlock=lock), timings)
+        for name, error in failures.items():
+            log.warning("%s: %s: could not remove release %s: %s", self.app.name, name,
+                        release, error)
+        return failures
+
+    async def _switch_all(self, release: str, revision: str, *, branch: str, actor: str,
+                          lock: LockInfo, previous: dict[str, str | None],
+                          protect: Collection[str], timings: Timings,
+                          started: float) -> DeployOutcome:
+        _, failures = await self._each(
+            self.hosts, "switch",
+            lambda m: m.switch(release, revision=revision, branch=branch, actor=actor,
+                               lock=lock), timings)
+        if failures:
+            await self._undo_switch(release, lock, actor, previous, failures, timings)
+        pruned, problems = await self._each(
+            self.hosts, "finish",
+            lambda m: m.prune(self.app.keep_releases, protect, unlock=lock), timings)
+        log.info("%s: release %s (%s) live on %d hosts in %.2fs", self.app.name, release,
+                 revision[:12], len(self.hosts), time.monotonic() - started)
+        return DeployOutcome(
+            release=release, revision=revision, previous=previous, timings=timings,
+            pruned={name: removed for name, removed in pruned.items() if removed},
+            warnings={name: f"after the switch: {error}" for name, error in problems.items()},
+            seconds=time.monotonic() - started)
+
+    async def _undo_switch(self, release: str, lock: LockInfo, actor: str,
+                           previous: dict[str, str | None], failures: dict[str, DeploydError],
+                           timings: Timings) -> None:
+        """Switch every host back to its previous release, drop the new one, raise."""
+        log.error("%s: switch to %s failed on %s; switching every host back", self.app.name,
+                  release, ", ".join(sorted(failures)))
+
+        async def revert(name: str, member: Releases) -> Step:
+            return await member.revert(previous[name], actor=actor, lock=lock)
+
+        _, stuck = await self._each_named(self.hosts, "revert", revert, timings)
+        reverted = [name for name in self.hosts if name not in stuck]
+        leftovers = await self._discard(release, lock, reverted, timings)
+        for name, error in {**leftovers, **stuck}.items():
+            problem = f"{name}: could not switch back to {previous[name] or 'no release'}: {error}"
+            failures[name] = ReleaseError(
+                f"{failures[name]}; {problem}" if name in failures else problem)
+        raise FleetError("switch", failures)
+
+    # -- rollback --------------------------------------------------------------------------
+
+    async def rollback(self, target: str, *, reason: str, actor: str,
+                       protect: Collection[str] = (), hosts: Iterable[str] | None = None,
+                       revision: str | None = None) -> RollbackOutcome:
+        """Point every host (or only `hosts`) back at releases/<target>.
+
+        First, in one round trip per host, checks that the target exists on every host with
+        one revision (`revision` if given) and that no live lock is held; otherwise raises
+        FleetError("rollback check", ...) naming the hosts, and switches nothing. Then rolls
+        every host back; hosts that fail are named in RollbackIncomplete while the others
+        complete. `protect` is accepted for symmetry with deploy: a rollback removes nothing.
+        """
+        del protect
+        started = time.monotonic()
+        names = self._select(hosts)
+        states = await self._check_before_rollback(target, names, revision)
+        expected = next((s.release(target) for s in states.values()), None)
+        expected_revision = expected.revision if expected else revision
+
+        async def roll(name: str, member: Releases) -> Step:
+            return await member.rollback(target, from_release=states[name].current,
+                                         reason=reason, actor=actor,
+                                         revision=expected_revision,
+                                         takeover=self._stale_token(states[name]))
+
+        timings: Timings = {name: {} for name in names}
+        steps, failures = await _complete(self._each_named(names, "rollback", roll, timings))
+        outcome = RollbackOutcome(
+            target=target, revision=expected_revision,
+            previous={name: step.previous for name, step in steps.items()},
+            timings={name: timings[name].get("rollback", 0.0) for name in steps},
+            seconds=time.monotonic() - started)
+        if failures:
+            raise RollbackIncomplete(failures, outcome)
+        log.info("%s: rolled back to %s on %d hosts in %.2fs", self.app.name, target,
+                 len(names), outcome.seconds)
+        return outcome
+
+    async def _check_before_rollback(self, target: str, names: tuple[str, ...],
+                                     revision: str | None) -> dict[str, HostState]:
+        states, failures = await self._each(names, "check", lambda m: m.state())
+        found: dict[str, str | None] = {}
+        for name, state in states.items():
+            release = state.release(target)
+            if state.lock is not None and self._stale_token(state) is None:
+                failures[name] = HostLockHeld(name, state.lock)
+            elif release is None:
+                failures[name] = ReleaseError(f"{name}: release {target} does not exist")
+            else:
+                found[name] = release.revision
+        failures.update(_disagreements(target, found, revision))
+        if failures:
+            raise FleetError("rollback check", failures)
+        return states
+
+    def _select(self, hosts: Iterable[str] | None) -> tuple[str, ...]:
+        if hosts is None:
+            return self.hosts
+        chosen = tuple(dict.fromkeys(hosts))
+        unknown = [name for name in chosen if name not in self._members]
+        if unknown:
+            raise Invalid(f"{self.app.name}: no such host(s): {', '.join(unknown)}")
+        return chosen
+
+    # -- fan-out ---------------------------------------------------------------------------
+
+    def _stale_token(self, state: HostState) -> str | None:
+        """The token of a lock on the host that may be taken over, if the lock is stale."""
+        lock = state.lock
+        if lock is not None and lock.is_stale(self.app.lock_stale_after):
+            return lock.token
+        return None
+
+    async def _each(self, names: Iterable[str], phase: str,
+                    action: Callable[[Releases], Awaitable[T]],
+                    timings: Timings | None = None,
+                    ) -> tuple[dict[str, T], dict[str, DeploydError]]:
+        return await self._each_named(names, phase, lambda _, member: action(member), timings)
+
+    async def _each_named(self, names: Iterable[str], phase: str,
+                          action: Callable[[str, Releases], Awaitable[T]],
+                          timings: Timings | None = None,
+                          ) -> tuple[dict[str, T], dict[str, DeploydError]]:
+        """Run `action` on every named host, at most `parallel` at once, until all are done;
+        returns the results and the failures by host."""
+
+        results: dict[str, T] = {}
+        failures: dict[str, DeploydError] = {}
+
+        async def one(name: str) -> None:
+            async with self._slots:
+                began = time.monotonic()
+                try:
+                    results[name] = await action(name, self._members[name])
+                except DeploydError as exc:
+                    failures[name] = exc
+                except Exception as exc:
+                    log.exception("%s: %s on %s failed unexpectedly", self.app.name, phase, name)
+                    failures[name] = RemoteError(name, f"{phase} failed: {exc!r}")
+                finally:
+                    if timings is not None:
+                        timings.setdefault(name, {})[phase] = time.monotonic() - began
+            if name in failures:
+                self._count(name, failures[name])
+
+        await asyncio.gather(*(one(name) for name in names))
+        return results, failures
+
+    def _count(self, name: str, error: DeploydError) -> None:
+        if self._metrics is not None and isinstance(error, RemoteError):
+            self._metrics.ssh_errors_total.labels(app=self.app.name, host=name).inc()
+
+
+def _disagreements(target: str, found: Mapping[str, str | None],
+                   revision: str | None) -> dict[str, DeploydError]:
+    """Hosts whose releases/<target> does not hold the expected (or a common) revision."""
+    if revision is not None:
+        return {name: ReleaseError(f"{name}: release {target} holds revision "
+                                   f"{held or 'none'}, expected {revision}")
+                for name, held in found.items() if held != revision}
+    if len(set(found.values())) <= 1:
+        return {}
+    groups: dict[str | None, list[str]] = {}
+    for name, held in sorted(found.items()):
+        groups.setdefault(held, []).append(name)
+    summary = "; ".join(f"{(held or 'none')[:12]} on {', '.join(hosts)}"
+                        for held, hosts in groups.items())
+    return {name: ReleaseError(f"{name}: hosts disagree on the revision of release {target} "
+                               f"({summary})") for name in found}
+
+
+async def _complete(awaitable: Awaitable[T]) -> T:
+    """Await to the end even if the caller is cancelled meanwhile, then pass the cancel on:
+    a switch phase must not stop half way."""
+    task = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
