@@ -490,6 +490,26 @@ async def test_push_lease_lost_when_someone_else_pushed(
     assert ssh_origin.head() == theirs
 
 
+async def test_push_lease_holds_against_a_push_racing_the_upload(
+    ssh_mirror: Mirror, ssh_origin: OriginRepo
+) -> None:
+    """A ref moved after the lease check but before the update is refused by the server."""
+    head, new = await rescue_commit(ssh_mirror, ssh_origin)
+    theirs = ssh_origin.commit({"theirs.txt": "1\n"}, "Racing push", branch="racer")
+    hook = ssh_origin.path / "hooks" / "pre-receive"
+    # Runs after the lease check, before the update: moves the branch like a concurrent push.
+    hook.write_text(
+        f"#!/bin/sh\nunset GIT_QUARANTINE_PATH\ngit update-ref refs/heads/production {theirs}\n"
+    )
+    hook.chmod(0o755)
+    chown_tree(ssh_origin.path)
+    with pytest.raises(errors.PushRejected) as caught:
+        await ssh_mirror.push([RefUpdate(new, "refs/heads/production", expected=head)])
+    assert "cannot lock ref" in caught.value.reason
+    assert caught.value.ref == "refs/heads/production"
+    assert ssh_origin.head() == theirs
+
+
 async def test_push_must_not_exist_lease(mirror: Mirror, origin: OriginRepo) -> None:
     """expected=None pushes a new ref once; a second push to that name is PushRejected."""
     await mirror.fetch()
