@@ -25,6 +25,7 @@ from deployd.git import Mirror
 from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
 from deployd.metrics import Metrics
+from deployd.notify import Notifier
 from deployd.store import Store
 from deployd.supervisor import AppSupervisor
 
@@ -130,16 +131,24 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
     return app
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None:
     """Run the daemon on `config.daemon.listen` until `stop` is set."""
     app = create_application(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    notifier.status("opening the store and starting apps")
     await runner.setup()
+    watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")
     try:
         site = web.TCPSite(runner, config.daemon.listen_host, config.daemon.listen_port)
         await site.start()
         log.info("listening on %s:%d", config.daemon.listen_host, config.daemon.listen_port)
+        notifier.ready(f"serving {len(config.apps)} app(s) on "
+                       f"{config.daemon.listen_host}:{config.daemon.listen_port}")
         await stop.wait()
         log.info("stopping")
+        notifier.stopping("finishing in-flight host steps")
     finally:
         await runner.cleanup()
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog

@@ -73,12 +73,18 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
 
 async def _run_daemon(config: Config) -> None:
     from deployd.app import serve
+    from deployd.notify import Notifier
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await serve(config, stop)
+    # Hooks on local hosts must not inherit the socket and speak for the daemon.
+    notifier = Notifier.from_env(unset_environment=True)
+    try:
+        await serve(config, stop, notifier)
+    finally:
+        notifier.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -591,8 +591,17 @@ class AppSupervisor:
 
     # -- recovery ------------------------------------------------------------------------
 
+    def _init_series(self) -> None:
+        """Create every per-app counter at 0, so `increase()` sees the first event too."""
+        for result in ("succeeded", "failed", "observed"):
+            self.metrics.deploys_total.labels(app=self.name, result=result)
+        for trigger in ("manual", "health"):
+            self.metrics.rollbacks_total.labels(app=self.name, trigger=trigger)
+        self.metrics.git_fetch_errors_total.labels(app=self.name)
+
     async def recover(self) -> None:
         """Finish or undo what a killed daemon left running, then resume bakes."""
+        self._init_series()
         state = await self.store.app_state(self.name)
         self.metrics.paused.labels(app=self.name).set(1 if state.paused else 0)
         live = await self.store.last_live(self.name)

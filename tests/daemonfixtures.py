@@ -1,0 +1,207 @@
+"""Run the real daemon (REST server, supervisors, store) against real hosts in a test.
+
+`DaemonSpec` writes a real TOML config, `start_daemon` serves it on 127.0.0.1 with the
+daemon's own aiohttp application, and `Api` talks to it over HTTP with bearer tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from deployd.app import DAEMON, Daemon, create_application
+from deployd.config import load
+from tests.sshd import SshdHost
+
+TOKENS = {
+    "reader": ("read-secret-0123456789", ["read"]),
+    "deployer": ("deploy-secret-0123456789", ["read", "deploy"]),
+    "approver": ("approve-secret-0123456789", ["read", "approve"]),
+    "admin": ("admin-secret-0123456789", ["read", "deploy", "approve"]),
+}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def table(name: str, values: dict[str, Any], *, array: bool = False) -> str:
+    header = f"[[{name}]]" if array else f"[{name}]"
+    return header + "\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
+
+
+@dataclass
+class AppSpec:
+    """One app of the test config; hosts are real sshd hosts or 'local' directories."""
+
+    name: str
+    repo: str
+    sshd_hosts: list[SshdHost] = field(default_factory=list)
+    local_dirs: list[Path] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    hooks: dict[str, str] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    rollback: dict[str, Any] = field(default_factory=dict)
+    rescue: dict[str, Any] = field(default_factory=dict)
+    host_vars: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class DaemonSpec:
+    """Everything needed to write a config file for the daemon under test."""
+
+    state_dir: Path
+    client_key: Path | None = None
+    known_hosts: Path | None = None
+    apps: list[AppSpec] = field(default_factory=list)
+
+    def render(self) -> str:
+        parts = [table("daemon", {"state_dir": str(self.state_dir),
+                                  "listen": "127.0.0.1:0", "shutdown_grace": "10s"})]
+        for name, (secret, roles) in TOKENS.items():
+            parts.append(table("tokens", {
+                "name": name, "token_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                "roles": roles}, array=True))
+        for app in self.apps:
+            parts.append(self._render_app(app))
+        return "".join(parts)
+
+    def _render_app(self, app: AppSpec) -> str:
+        values: dict[str, Any] = {"repo": app.repo, "branch": "production",
+                                  "poll_interval": "200ms", "deploy_to": "/nonexistent"}
+        values.update(app.settings)
+        out = table(f"apps.{app.name}", values)
+        if app.sshd_hosts:
+            assert self.client_key is not None and self.known_hosts is not None
+            out += table(f"apps.{app.name}.ssh", {
+                "user": app.sshd_hosts[0].user, "key": str(self.client_key),
+                "known_hosts": str(self.known_hosts), "connect_timeout": "3s"})
+        if app.hooks:
+            out += table(f"apps.{app.name}.hooks", app.hooks)
+        hosts = [{"address": h.address, "port": h.port, "deploy_to": str(h.home / "app")}
+                 for h in app.sshd_hosts]
+        hosts += [{"address": "local", "deploy_to": str(d)} for d in app.local_dirs]
+        for index, host in enumerate(hosts):
+            if index < len(app.host_vars):
+                host["vars"] = app.host_vars[index]
+            out += table(f"apps.{app.name}.hosts", host, array=True)
+        for check in app.checks:
+            out += table(f"apps.{app.name}.checks", check, array=True)
+        if app.rollback:
+            out += table(f"apps.{app.name}.rollback", app.rollback)
+        if app.rescue:
+            out += table(f"apps.{app.name}.rescue", app.rescue)
+        return out
+
+    def write(self, path: Path) -> Path:
+        path.write_text(self.render())
+        return path
+
+
+class Api:
+    """An HTTP client for the daemon under test, one bearer token at a time."""
+
+    def __init__(self, base: str, session: aiohttp.ClientSession) -> None:
+        self.base = base
+        self.session = session
+
+    async def call(self, method: str, path: str, *, token: str | None = "admin",
+                   json_body: Any = None, data: bytes | str | None = None,
+                   ) -> tuple[int, Any]:
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {TOKENS[token][0] if token in TOKENS else token}"
+        kwargs: dict[str, Any] = {"headers": headers}
+        if json_body is not None:
+            kwargs["json"] = json_body
+        if data is not None:
+            kwargs["data"] = data
+        async with self.session.request(method, self.base + path, **kwargs) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text)
+            except ValueError:
+                return response.status, text
+
+    async def get(self, path: str, **kwargs: Any) -> Any:
+        status, body = await self.call("GET", path, **kwargs)
+        assert status == 200, (status, body)
+        return body
+
+
+@dataclass
+class RunningDaemon:
+    app: web.Application
+    runner: web.AppRunner
+    base: str
+    api: Api
+    session: aiohttp.ClientSession
+
+    @property
+    def daemon(self) -> Daemon:
+        return self.app[DAEMON]
+
+    async def stop(self) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+
+    async def events(self, app: str) -> list[dict[str, Any]]:
+        body = await self.api.get(f"/api/v1/apps/{app}/events")
+        return list(body["events"])
+
+    async def wait_for_event(self, app: str, kind: str, *, timeout: float = 20.0,
+                             count: int = 1) -> dict[str, Any]:
+        """Wait until the app's timeline holds `count` events of `kind`; return the last."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matching = [e for e in await self.events(app) if e["kind"] == kind]
+            if len(matching) >= count:
+                return matching[count - 1]
+            if time.monotonic() > deadline:
+                kinds = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
+                raise AssertionError(f"no {kind!r} event after {timeout}s; timeline: {kinds}")
+            await asyncio.sleep(0.05)
+
+    async def wait_until(self, predicate: Callable[[], Awaitable[bool]], *,
+                         timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not await predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+
+async def start_daemon(config_path: Path) -> RunningDaemon:
+    """Start the daemon from a config file on a free 127.0.0.1 port."""
+    config = load(config_path)
+    app = create_application(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}"
+    session = aiohttp.ClientSession()
+    return RunningDaemon(app=app, runner=runner, base=base, api=Api(base, session),
+                         session=session)
