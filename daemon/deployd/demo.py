@@ -1,0 +1,265 @@
+"""`deployd demo`: the whole story on this machine, with nothing but the package installed.
+
+It builds a throwaway origin repository and a "local" host, starts the real daemon (REST
+server, supervisor, health monitor, SQLite store) on loopback, and plays: a first deploy, a
+second one, a manual rollback over REST, then a bad batch on `production` that fails its
+health check and is rolled back by itself and quarantined. The app is a tiny health endpoint
+that answers from whatever release `current` points at. Everything runs in one process and
+is gone when it returns (unless --keep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pygit2
+from aiohttp import web
+
+from deployd.app import create_application
+from deployd.config import load
+
+GOOD_HEALTH = "ok\n"
+BAD_HEALTH = "broken: cannot reach the database\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DemoRepo:
+    """The team's origin repository: a bare repo with `master` and `production`."""
+
+    def __init__(self, path: Path) -> None:
+        self.repo = pygit2.init_repository(str(path), bare=True)
+        self.path = path
+
+    def commit(self, branch: str, files: dict[str, str], message: str,
+               author: tuple[str, str] = ("Dana Developer", "dana@example.com")) -> str:
+        ref = f"refs/heads/{branch}"
+        parent = self.repo.references[ref].target if ref in self.repo.references else None
+        builder = (self.repo.TreeBuilder(self.repo[parent].tree) if parent is not None
+                   else self.repo.TreeBuilder())
+        for name, content in files.items():
+            builder.insert(name, self.repo.create_blob(content.encode()), pygit2.GIT_FILEMODE_BLOB)
+        signature = pygit2.Signature(*author)
+        oid = self.repo.create_commit(ref, signature, signature, message, builder.write(),
+                                      [parent] if parent is not None else [])
+        return str(oid)
+
+    def merge_into(self, target: str, source: str) -> str:
+        """Fast-forward `target` to `source` (the batch lands on production)."""
+        head = self.repo.references[f"refs/heads/{source}"].target
+        self.repo.references.create(f"refs/heads/{target}", head, force=True)
+        return str(head)
+
+
+class HealthApp:
+    """The demo app's health endpoint: answers from `current/health.txt` on the host."""
+
+    def __init__(self, deploy_to: Path) -> None:
+        self.deploy_to = deploy_to
+        self.runner: web.AppRunner | None = None
+        self.port = _free_port()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            text = (self.deploy_to / "current" / "health.txt").read_text()
+        except OSError:
+            return web.Response(status=503, text="no release live\n")
+        return web.Response(status=200 if text.startswith("ok") else 500, text=text)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _config(root: Path, repo: Path, deploy_to: Path, port: int, health_port: int,
+            token_sha: str) -> str:
+    return f"""
+[daemon]
+state_dir = "{root / 'state'}"
+listen = "127.0.0.1:{port}"
+
+[[tokens]]
+name = "demo"
+token_sha256 = "{token_sha}"
+roles = ["read", "deploy", "approve"]
+
+[apps.shop]
+repo = "{repo}"
+branch = "production"
+poll_interval = "300ms"
+deploy_to = "{deploy_to}"
+keep_releases = 5
+linked_dirs = ["log"]
+
+[apps.shop.hooks]
+build = "echo built $DEPLOYD_REVISION > BUILD"
+restart = "echo restarted $DEPLOYD_RELEASE_PATH >> $DEPLOYD_DEPLOY_TO/shared/log/restarts.log"
+
+[[apps.shop.hosts]]
+address = "local"
+vars = {{ health_port = {health_port} }}
+
+[[apps.shop.checks]]
+name = "http"
+url = "http://{{address}}:{{health_port}}/healthz"
+body_contains = "ok"
+timeout = "1s"
+interval = "200ms"
+failures = 2
+successes = 1
+
+[apps.shop.rollback]
+grace = "300ms"
+bake = "2s"
+unhealthy_hosts = "1"
+"""
+
+
+class Timeline:
+    """Prints the daemon's events as they happen."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, token: str) -> None:
+        self.session = session
+        self.base = base
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.seen = 0
+        self.started = time.monotonic()
+        self.kinds: list[str] = []
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.session.request(method, self.base + path, json=body,
+                                        headers=self.headers) as response:
+            return await response.json()
+
+    async def pump(self) -> None:
+        body = await self.call("GET", f"/api/v1/apps/shop/events?since={self.seen}")
+        for event in body["events"]:
+            self.seen = event["id"]
+            self.kinds.append(event["kind"])
+            print(f"  {time.monotonic() - self.started:6.2f}s  {event['kind']:<20} "
+                  f"{event['message']}")
+
+    async def until(self, kind: str, count: int = 1, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.kinds.count(kind) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"demo: no {kind} event within {timeout:.0f}s")
+            await self.pump()
+            await asyncio.sleep(0.1)
+        await self.pump()
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}")
+
+
+@contextlib.asynccontextmanager
+async def _daemon(config_path: Path) -> AsyncIterator[None]:
+    config = load(config_path)
+    app = create_application(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.daemon.listen_host, config.daemon.listen_port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def run_demo(*, approve: bool = False, keep: bool = False,
+                   pause: Callable[[str], Awaitable[None]] | None = None) -> int:
+    """Play the demo; 0 when every step happened as told."""
+    root = Path(tempfile.mkdtemp(prefix="deployd-demo-"))
+    try:
+        return await _play(root)
+    finally:
+        if keep:
+            print(f"\nfiles kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def _play(root: Path) -> int:
+    repo = DemoRepo(root / "origin.git")
+    deploy_to = root / "host" / "srv" / "shop"
+    health = HealthApp(deploy_to)
+    port = _free_port()
+    token = secrets.token_urlsafe(24)
+    config_path = root / "deployd.toml"
+    config_path.write_text(_config(root, repo.path, deploy_to, port, health.port,
+                                   hashlib.sha256(token.encode()).hexdigest()))
+    first = repo.commit("production", {"index.html": "<h1>shop v1</h1>\n",
+                                       "health.txt": GOOD_HEALTH}, "Shop v1")
+    print(f"deployd demo: origin {repo.path}, host 'local' at {deploy_to}")
+    await health.start()
+    try:
+        async with _daemon(config_path), aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{port}"
+            timeline = Timeline(session, base, token)
+            say(f"production is at {first[:12]}: deployd deploys it")
+            await timeline.until("bake.healthy")
+
+            second = repo.commit("production", {"index.html": "<h1>shop v2</h1>\n"},
+                                 "Shop v2: new front page")
+            say(f"a new commit lands on production ({second[:12]})")
+            await timeline.until("bake.healthy", 2)
+
+            say("an operator rolls back over REST")
+            await timeline.call("POST", "/api/v1/apps/shop/rollback",
+                                {"reason": "demo: checking rollback"})
+            await timeline.until("rollback.succeeded")
+            await timeline.until("bake.healthy", 3)
+
+            say("a bad batch is merged into production: one commit breaks the health check")
+            repo.commit("master", {"index.html": "<h1>shop v3</h1>\n"}, "Shop v3 front page")
+            repo.commit("master", {"tax.txt": "rate 0.2\n"},
+                        "Fix tax rounding\n\nRescue: yes\n")
+            repo.commit("master", {"health.txt": BAD_HEALTH}, "Switch to the new database")
+            repo.repo.references.create("refs/heads/production",
+                                        repo.repo.references["refs/heads/master"].target,
+                                        force=True)
+            await timeline.until("rollback.succeeded", 2, timeout=40)
+            await timeline.until("bake.healthy", 4, timeout=40)
+
+            summary = await timeline.call("GET", "/api/v1/apps/shop")
+            _print_summary(summary, base)
+    finally:
+        await health.stop()
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], base: str) -> None:
+    say("where things stand")
+    live = summary.get("deployed") or {}
+    print(f"  branch head   {str(summary.get('head'))[:12]}  (pristine: {summary.get('pristine')})")
+    print(f"  live          {str(live.get('revision'))[:12]} as release {live.get('release')}")
+    for item in summary.get("quarantined", []):
+        print(f"  quarantined   {item['revision'][:12]}  {item['reason']}")
+    print("\nWhile the daemon runs, these show the same facts:")
+    print(f'  curl -sS -H "Authorization: Bearer $TOKEN" {base}/api/v1/apps/shop')
+    print(f'  curl -sS -H "Authorization: Bearer $TOKEN" "{base}/api/v1/apps/shop/events?since=0"')
+    print(f"  curl -sS {base}/metrics | grep ^deployd_")
+    sys.stdout.flush()
