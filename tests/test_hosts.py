@@ -1,0 +1,218 @@
+"""Transports against real sshd hosts on loopback, and the local transport."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from deployd.config import HostConfig
+from deployd.errors import CommandError, ConnectError
+from deployd.hosts import HostPool, LocalHost, SSHHost
+from deployd.metrics import Metrics
+from deployd.retry import RetryPolicy, instant_retries
+from tests.hostfixtures import (
+    Lab,
+    lab_factory,
+    pool,
+    processes_matching,
+    vanish,
+    wait_until,
+)
+from tests.sshd import free_port
+
+__all__ = ["lab_factory", "pool"]  # fixtures used by name
+
+
+def _connections(listener_pid: int) -> int:
+    """How many client connections an sshd listener is serving (one child each)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(listener_pid)],
+                         capture_output=True, text=True, check=False)
+    return len(out.stdout.split())
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[[int], Lab]) -> Lab:
+    return lab_factory(1)
+
+
+async def test_run_returns_stdout_stderr_and_exit_status(lab: Lab, pool: HostPool) -> None:
+    """run() gives stdout, stderr and the exit status; check=False does not raise."""
+    app = lab.app()
+    host = pool.host(app, app.hosts[0])
+    result = await host.run("echo out; echo err >&2; exit 3", timeout=10, check=False)
+    assert (result.stdout, result.stderr, result.exit_status) == ("out\n", "err\n", 3)
+    ok = await host.run("printf '%s' \"$(id -un)\"", timeout=10)
+    assert ok.stdout == lab.hosts[0].user and ok.exit_status == 0
+
+
+async def test_failed_command_raises_command_error(lab: Lab, pool: HostPool) -> None:
+    """check=True turns a non-zero exit into CommandError with status and stderr."""
+    app = lab.app()
+    host = pool.host(app, app.hosts[0])
+    with pytest.raises(CommandError) as caught:
+        await host.run("echo boom >&2; exit 7", timeout=10)
+    assert caught.value.exit_status == 7
+    assert "boom" in caught.value.stderr and "boom" in str(caught.value)
+
+
+async def test_unknown_host_key_is_refused(lab: Lab, pool: HostPool) -> None:
+    """A host whose key is not in known_hosts is refused, naming the host key."""
+    empty = lab.workdir / "empty_known_hosts"
+    empty.write_text("")
+    app = lab.app()
+    host = SSHHost(app.hosts[0], replace(app.ssh, known_hosts=empty))
+    with instant_retries(), pytest.raises(ConnectError, match="host key"):
+        await host.run("true", timeout=10)
+
+
+@pytest.fixture
+def other_key(tmp_path: Path) -> tuple[str, str]:
+    """A host key type and key that no test sshd uses."""
+    path = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    kind, key = path.with_suffix(".pub").read_text().split()[:2]
+    return kind, key
+
+
+async def test_changed_host_key_is_refused(lab: Lab, pool: HostPool,
+                                           other_key: tuple[str, str]) -> None:
+    """A host presenting a key other than the one in known_hosts is refused."""
+    kind, key = other_key
+    changed = lab.workdir / "changed_known_hosts"
+    sshd = lab.hosts[0]
+    changed.write_text(f"[{sshd.address}]:{sshd.port} {kind} {key}\n")
+    app = lab.app()
+    with instant_retries(), pytest.raises(ConnectError, match="host key"):
+        await SSHHost(app.hosts[0], replace(app.ssh, known_hosts=changed)).run("true", timeout=10)
+
+
+async def test_connection_is_opened_once_and_reused(lab: Lab, pool: HostPool) -> None:
+    """Many commands, also concurrent and from two apps, use one SSH connection."""
+    shop, blog = lab.app(name="shop"), lab.app(name="blog")
+    host = pool.host(shop, shop.hosts[0])
+    assert pool.host(shop, shop.hosts[0]) is host
+    other_app_host = pool.host(blog, blog.hosts[0])
+    await asyncio.gather(*(host.run("true", timeout=10) for _ in range(20)))
+    await other_app_host.run("true", timeout=10)
+    assert isinstance(host, SSHHost) and isinstance(other_app_host, SSHHost)
+    assert host.connection is other_app_host.connection
+    assert host.connection.opened == 1
+    sshd = lab.hosts[0]
+    assert sshd.process is not None
+    assert _connections(sshd.process.pid) == 1
+
+
+async def test_refused_port_raises_connect_error_after_retries(
+        lab: Lab, pool: HostPool, caplog: pytest.LogCaptureFixture) -> None:
+    """A port nobody listens on is retried (bounded), then raises ConnectError."""
+    app = lab.app()
+    config = HostConfig(address="127.0.0.1", port=free_port(), deploy_to="/srv/x")
+    host = SSHHost(config, app.ssh, policy=RetryPolicy(attempts=3, total=10))
+    caplog.set_level(logging.INFO, logger="deployd.retry")
+    began = time.monotonic()
+    with instant_retries(), pytest.raises(ConnectError, match=r"refused|Connect call failed"):
+        await host.run("true", timeout=10)
+    assert time.monotonic() - began < 2
+    assert sum("retrying" in record.getMessage() for record in caplog.records) == 2
+
+
+async def test_timeout_stops_the_remote_command(lab: Lab, pool: HostPool) -> None:
+    """A command past its time limit raises CommandError(None) and is gone from the host."""
+    app = lab.app()
+    host = pool.host(app, app.hosts[0])
+    began = time.monotonic()
+    with pytest.raises(CommandError) as caught:
+        await host.run("sleep 987.25; echo never", timeout=1, check=False)
+    assert caught.value.exit_status is None
+    assert time.monotonic() - began < 4
+    assert wait_until(lambda: not processes_matching("sleep 987.25"), timeout=3)
+    assert (await host.run("echo still usable", timeout=10)).stdout == "still usable\n"
+
+
+async def test_reconnects_after_sshd_restart(lab: Lab, pool: HostPool) -> None:
+    """After the host's sshd is killed and restarted, the next command reconnects."""
+    app = lab.app()
+    host = pool.host(app, app.hosts[0])
+    await host.run("true", timeout=10)
+    vanish(lab.hosts[0])
+    with pytest.raises(ConnectError):
+        await host.run("true", timeout=10)
+    lab.hosts[0].start()
+    assert (await host.run("echo back", timeout=10)).stdout == "back\n"
+    assert isinstance(host, SSHHost) and host.connection.opened == 2
+
+
+async def test_connection_lost_mid_command_is_connect_error(lab: Lab, pool: HostPool) -> None:
+    """A connection dropping under a running command raises ConnectError, without retry."""
+    app = lab.app()
+    host = pool.host(app, app.hosts[0])
+    await host.run("true", timeout=10)
+    running = asyncio.create_task(host.run("sleep 30", timeout=60))
+    await asyncio.sleep(0.3)
+    vanish(lab.hosts[0])
+    with pytest.raises(ConnectError, match="during a command"):
+        await asyncio.wait_for(running, 5)
+
+
+async def test_large_input_streams_to_stdin(lab: Lab, pool: HostPool) -> None:
+    """20 MB of input reaches the remote command's stdin intact."""
+    app = lab.app()
+    host = pool.host(app, app.hosts[0])
+    data = os.urandom(1 << 20) * 20
+    result = await host.run("sha256sum", input=data, timeout=60)
+    assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+async def test_warm_connects_every_host_and_reports_failures(
+        lab_factory: Callable[[int], Lab], pool: HostPool) -> None:
+    """warm() opens every host's connection at once and returns the unreachable ones."""
+    lab = lab_factory(3)
+    dead = HostConfig(address="127.0.0.1", port=free_port(), deploy_to="/srv/x")
+    app = lab.app(hosts=[*(lab.host_config(h) for h in lab.hosts), dead])
+    hosts = [pool.host(app, config) for config in app.hosts]
+    failures = await pool.warm(hosts)
+    assert list(failures) == [dead.name]
+    assert all(isinstance(h, SSHHost) and h.connection.is_open for h in hosts[:3])
+
+
+async def test_ssh_errors_are_counted(lab: Lab) -> None:
+    """Connect failures and failed commands count in ssh_errors_total{app,host}."""
+    metrics = Metrics()
+    app = lab.app()
+    with instant_retries():
+        counted = HostPool(metrics=metrics)
+        host = counted.host(app, app.hosts[0])
+        with pytest.raises(CommandError):
+            await host.run("exit 1", timeout=10)
+        vanish(lab.hosts[0])
+        with pytest.raises(ConnectError):
+            await host.run("true", timeout=10)
+        await counted.close()
+    value = metrics.registry.get_sample_value(
+        "deployd_ssh_errors_total", {"app": "shop", "host": app.hosts[0].name})
+    assert value == 2
+
+
+async def test_local_host_same_contract(tmp_path: Path) -> None:
+    """The local transport: output, status, input, CommandError, and a timeout that kills
+    the whole process group."""
+    host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path)))
+    result = await host.run("cat; echo err >&2; exit 4", input=b"in", timeout=10, check=False)
+    assert (result.stdout, result.stderr, result.exit_status) == ("in", "err\n", 4)
+    with pytest.raises(CommandError) as failed:
+        await host.run("exit 9", timeout=10)
+    assert failed.value.exit_status == 9
+    with pytest.raises(CommandError) as timed_out:
+        await host.run("sleep 876.5 & sleep 876.5; wait", timeout=0.5)
+    assert timed_out.value.exit_status is None
+    assert wait_until(lambda: not processes_matching("sleep 876.5"), timeout=3)
+    assert host.name == "local"
