@@ -21,7 +21,7 @@ from aiohttp import web
 from deployd import api
 from deployd.config import AppConfig, Config
 from deployd.fleet import Fleet
-from deployd.git import Mirror
+from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
 from deployd.metrics import Metrics
@@ -30,9 +30,6 @@ from deployd.store import Store
 from deployd.supervisor import AppSupervisor
 
 log = logging.getLogger("deployd")
-
-DAEMON = web.AppKey("daemon", "Daemon")
-
 
 @dataclass
 class Daemon:
@@ -43,6 +40,7 @@ class Daemon:
     store: Store | None = None
     session: aiohttp.ClientSession | None = None
     pool: HostPool | None = None
+    git_home: GitHome | None = None
     supervisors: dict[str, AppSupervisor] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -54,10 +52,13 @@ class Daemon:
 
     def build_supervisor(self, app: AppConfig) -> AppSupervisor:
         assert self.store is not None and self.session is not None and self.pool is not None
+        if self.git_home is None:
+            self.git_home = GitHome(self.config.daemon.state_dir / "git-home")
         mirror = Mirror(
             self.config.daemon.state_dir / "mirrors" / f"{app.name}.git",
             app.repo,
             name=app.name,
+            home=self.git_home,
             key=app.repo_key,
             known_hosts=app.repo_known_hosts,
         )
@@ -68,6 +69,9 @@ class Daemon:
         sup = AppSupervisor(app, store=self.store, mirror=mirror, fleet=fleet,
                             metrics=self.metrics, health=health)
         return sup
+
+
+DAEMON = web.AppKey("daemon", Daemon)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import secrets
 import shutil
 import socket
@@ -203,6 +204,8 @@ async def run_demo(*, approve: bool = False, keep: bool = False,
 
 
 async def _play(root: Path) -> int:
+    # The timeline below tells the story; the daemon's own log would repeat it.
+    logging.getLogger().setLevel(logging.CRITICAL)
     repo = DemoRepo(root / "origin.git")
     deploy_to = root / "host" / "srv" / "shop"
     health = HealthApp(deploy_to)

@@ -264,7 +264,7 @@ class AppSupervisor:
         self._after_switch(record, "succeeded", time.monotonic() - clock_start)
         await self.store.add_event(
             self.name, "deploy.succeeded",
-            f"{_short(revision)} live as release {outcome.release} on {len(outcome.hosts)} hosts",
+            f"{_short(revision)} live as release {outcome.release} on {_hosts(outcome.hosts)}",
             actor=actor, revision=revision, data={"deploy": record.id,
                                                   "release": outcome.release})
         return record
@@ -346,7 +346,7 @@ class AppSupervisor:
         await self.store.add_event(
             self.name, "rollback.succeeded",
             f"release {record.release} ({_short(revision)}) live again on "
-            f"{len(outcome.hosts)} hosts in {took:.2f}s",
+            f"{_hosts(outcome.hosts)} in {took:.2f}s",
             actor=record.actor, revision=revision,
             data={"deploy": record.id, "release": record.release, "seconds": round(took, 3)})
         return record
@@ -444,8 +444,9 @@ class AppSupervisor:
 
     async def _bake_good(self, record: Deploy) -> None:
         await self.store.update_deploy(record.id, bake_state="good")
-        if record.kind != "rollback":
-            await self.store.set_last_good(self.name, record.revision, record.release)
+        # A rollback that bakes healthy makes its release the newest good one: an operator
+        # who rolled away from a release should not be sent back to it automatically.
+        await self.store.set_last_good(self.name, record.revision, record.release)
         await self.store.add_event(self.name, "bake.healthy",
                                    f"{_short(record.revision)} healthy through its bake window",
                                    revision=record.revision, data={"deploy": record.id})
@@ -672,6 +673,11 @@ class AppSupervisor:
 def _resolve(future: asyncio.Future[Deploy] | None, record: Deploy) -> None:
     if future is not None and not future.done():
         future.set_result(record)
+
+
+def _hosts(hosts: object) -> str:
+    count = len(hosts)  # type: ignore[arg-type]
+    return f"{count} host" if count == 1 else f"{count} hosts"
 
 
 def _short(revision: str | None) -> str:
