@@ -1,0 +1,585 @@
+"""store: the SQLite state file, on real files in tmp_path, including kill -9 of a writer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from deployd import store as store_module
+from deployd.errors import NotFound, StoreError
+from deployd.store import MIGRATIONS, AppState, Store
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float = 1.0) -> float:
+        self.now += seconds
+        return self.now
+
+
+def sql(path: Path, query: str) -> list[tuple[object, ...]]:
+    """Run one query on the file with a separate plain sqlite3 connection."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [tuple(row) for row in db.execute(query).fetchall()]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    opened = Store(tmp_path / "state" / "deployd.sqlite3", clock=clock)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+# -- opening, schema, reopening ---------------------------------------------------------------
+
+async def test_open_creates_a_wal_file_at_the_current_schema(tmp_path: Path) -> None:
+    """open() makes the directory and file, in WAL mode, at schema version len(MIGRATIONS)."""
+    path = tmp_path / "a" / "b" / "deployd.sqlite3"
+    store = Store(path)
+    assert not store.is_open
+    await store.open()
+    try:
+        assert store.is_open
+        assert path.is_file()
+        assert await store.schema_version() == len(MIGRATIONS)
+        assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+        assert sql(path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+        tables = {row[0] for row in sql(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"events", "deploys", "host_results", "app_state", "quarantine"} <= tables
+    finally:
+        await store.close()
+    assert not store.is_open
+
+
+async def test_reopen_keeps_everything(tmp_path: Path, clock: Clock) -> None:
+    """Events, deploys, host results, app state and quarantine survive close and reopen."""
+    path = tmp_path / "deployd.sqlite3"
+    first = Store(path, clock=clock)
+    await first.open()
+    event = await first.add_event("shop", "deploy.started", "deploying abc", actor="alice",
+                                  revision="abc", data={"hosts": 2})
+    deploy = await first.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd",
+                                      previous_release="20240101000000",
+                                      previous_revision="old")
+    await first.set_host_result(deploy.id, "web1", "switched")
+    await first.set_host_result(deploy.id, "web2", "failed", "exit 1: boom")
+    clock.tick(5)
+    deploy = await first.update_deploy(deploy.id, state="succeeded", release="20240102000000",
+                                       bake_state="good")
+    await first.set_last_good("shop", "abc", "20240102000000")
+    await first.set_paused("shop", True, actor="bob", reason="maintenance")
+    assert await first.quarantine("shop", "bad", reason="rolled back", actor="deployd")
+    await first.close()
+
+    second = Store(path, clock=clock)
+    await second.open()
+    try:
+        assert await second.schema_version() == len(MIGRATIONS)
+        assert await second.events("shop") == [event]
+        assert await second.deploys("shop") == [deploy]
+        assert await second.last_live("shop") == deploy
+        results = await second.host_results(deploy.id)
+        assert [(r.host, r.state, r.error) for r in results] == [
+            ("web1", "switched", None), ("web2", "failed", "exit 1: boom")]
+        assert await second.app_state("shop") == AppState(
+            app="shop", last_good_revision="abc", last_good_release="20240102000000",
+            paused=True, paused_by="bob", paused_reason="maintenance", paused_at=T0 + 5)
+        assert await second.is_quarantined("shop", "bad")
+        (entry,) = await second.quarantined("shop")
+        assert (entry.revision, entry.reason, entry.actor, entry.at) == (
+            "bad", "rolled back", "deployd", T0 + 5)
+        # The ids go on from where they were.
+        later = await second.add_event("shop", "note", "after restart")
+        assert later.id == event.id + 1
+    finally:
+        await second.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer deployd (higher user_version) is refused, not touched."""
+    path = tmp_path / "deployd.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store = Store(path)
+    with pytest.raises(StoreError, match="newer than this deployd understands"):
+        await store.open()
+    assert not store.is_open
+    await store.close()
+    assert sql(path, "PRAGMA user_version") == [(len(MIGRATIONS) + 1,)]
+    assert sql(path, "SELECT name FROM sqlite_master") == []
+
+
+async def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    """A file that is not SQLite is a StoreError naming it, not a sqlite3 exception."""
+    path = tmp_path / "deployd.sqlite3"
+    path.write_bytes(b"this is not a database at all, just some text " * 100)
+    store = Store(path)
+    with pytest.raises(StoreError, match=str(path)):
+        await store.open()
+    await store.close()
+
+
+async def test_calls_before_open_are_store_errors(tmp_path: Path) -> None:
+    """Using a store that is not open raises StoreError."""
+    store = Store(tmp_path / "deployd.sqlite3")
+    with pytest.raises(StoreError, match="not open"):
+        await store.events("shop")
+    with pytest.raises(StoreError, match="not open"):
+        await store.add_event("shop", "note", "hello")
+    await store.close()
+
+
+async def test_failed_migration_leaves_the_previous_version(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A migration that fails half way is rolled back whole; a good one then applies on top."""
+    path = tmp_path / "deployd.sqlite3"
+    store = Store(path)
+    await store.open()
+    await store.add_event("shop", "note", "kept")
+    await store.close()
+
+    broken = "CREATE TABLE jobs (id INTEGER PRIMARY KEY);\nCREATE TABLE events (x INTEGER);"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, broken))
+    store = Store(path)
+    with pytest.raises(StoreError, match="already exists"):
+        await store.open()
+    await store.close()
+    assert sql(path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'jobs'") == []
+
+    fixed = "CREATE TABLE jobs (id INTEGER PRIMARY KEY);"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, fixed))
+    store = Store(path)
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS) + 1
+        assert [e.message for e in await store.events("shop")] == ["kept"]
+        assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'jobs'") == [("jobs",)]
+    finally:
+        await store.close()
+
+
+# -- events -----------------------------------------------------------------------------------
+
+async def test_events_in_order_with_every_field(store: Store, clock: Clock) -> None:
+    """Events come back oldest first, per app, with actor, revision and data round-tripped."""
+    first = await store.add_event("shop", "deploy.started", "deploying", revision="abc",
+                                  data={"hosts": ["web1", "web2"], "n": 2})
+    clock.tick()
+    await store.add_event("blog", "note", "other app")
+    clock.tick()
+    second = await store.add_event("shop", "paused", "paused by bob", actor="bob")
+    events = await store.events("shop")
+    assert events == [first, second]
+    assert (first.app, first.kind, first.actor, first.revision, first.at) == (
+        "shop", "deploy.started", "deployd", "abc", T0)
+    assert events[0].data == {"hosts": ["web1", "web2"], "n": 2}
+    assert (second.actor, second.revision, second.data, second.at) == ("bob", None, {}, T0 + 2)
+    assert [e.message for e in await store.events("blog")] == ["other app"]
+    assert await store.events("nothing") == []
+
+
+async def test_event_to_json(store: Store, clock: Clock) -> None:
+    """An event's JSON form carries an ISO UTC time with milliseconds."""
+    clock.now = 1_700_000_000.25
+    event = await store.add_event("shop", "note", "hi", revision="abc", data={"a": 1})
+    assert event.to_json() == {
+        "id": event.id, "app": "shop", "at": "2023-11-14T22:13:20.250Z", "kind": "note",
+        "actor": "deployd", "revision": "abc", "message": "hi", "data": {"a": 1}}
+
+
+async def test_events_since_id_since_time_and_limit(store: Store, clock: Clock) -> None:
+    """since_id pages after an id, since_time keeps events at or after a time, limit caps."""
+    added = []
+    for n in range(25):
+        added.append(await store.add_event("shop", "tick", f"tick {n}"))
+        clock.tick(10)
+    assert await store.events("shop", since_id=added[19].id) == added[20:]
+    assert await store.events("shop", limit=3) == added[:3]
+    assert await store.events("shop", since_id=added[4].id, limit=2) == added[5:7]
+    assert await store.events("shop", since_time=T0 + 200) == added[20:]
+    assert await store.events("shop", since_time=T0 + 195) == added[20:]
+    assert await store.events("shop", since_time=T0 + 200, since_id=added[22].id) == added[23:]
+    assert await store.events("shop", since_id=added[-1].id) == []
+
+    pages: list[str] = []
+    last = 0
+    while page := await store.events("shop", since_id=last, limit=10):
+        pages.extend(e.message for e in page)
+        last = page[-1].id
+    assert pages == [f"tick {n}" for n in range(25)]
+
+
+async def test_event_data_that_is_not_json_is_stored_as_text(store: Store) -> None:
+    """Values JSON cannot hold (paths, sets) are kept as their text, not an error."""
+    event = await store.add_event("shop", "note", "x", data={"path": Path("/srv/shop")})
+    assert (await store.events("shop"))[0].data == {"path": "/srv/shop"}
+    assert event.id == 1
+
+
+# -- deploys ----------------------------------------------------------------------------------
+
+async def test_deploy_lifecycle(store: Store, clock: Clock) -> None:
+    """start_deploy records a running deploy; a terminal state sets finished_at."""
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd",
+                                      previous_release="r0", previous_revision="old")
+    assert (deploy.app, deploy.kind, deploy.revision, deploy.state) == (
+        "shop", "deploy", "abc", "running")
+    assert (deploy.trigger, deploy.actor, deploy.started_at, deploy.finished_at) == (
+        "push", "deployd", T0, None)
+    assert (deploy.release, deploy.previous_release, deploy.previous_revision) == (
+        None, "r0", "old")
+    assert (deploy.error, deploy.bake_state, deploy.bake_started_at, deploy.bake_until) == (
+        None, None, None, None)
+
+    clock.tick(3)
+    deploy = await store.update_deploy(deploy.id, release="r1")
+    assert (deploy.release, deploy.state, deploy.finished_at) == ("r1", "running", None)
+
+    clock.tick(4)
+    deploy = await store.update_deploy(deploy.id, state="succeeded", bake_state="grace",
+                                       bake_started_at=clock.now, bake_until=clock.now + 600)
+    assert (deploy.state, deploy.finished_at) == ("succeeded", T0 + 7)
+    assert (deploy.bake_state, deploy.bake_started_at, deploy.bake_until) == (
+        "grace", T0 + 7, T0 + 607)
+
+    clock.tick(600)
+    deploy = await store.update_deploy(deploy.id, bake_state="good")
+    assert (deploy.bake_state, deploy.finished_at) == ("good", T0 + 7)
+    assert await store.deploy(deploy.id) == deploy
+
+
+@pytest.mark.parametrize("state", ["succeeded", "failed", "interrupted"])
+async def test_every_terminal_state_sets_finished_at(store: Store, clock: Clock,
+                                                     state: str) -> None:
+    """succeeded, failed and interrupted all stamp finished_at; an explicit one is kept."""
+    deploy = await store.start_deploy("shop", "rollback", "abc", trigger="api", actor="alice")
+    clock.tick(2)
+    done = await store.update_deploy(deploy.id, state=state, error="why")
+    assert (done.state, done.finished_at, done.error) == (state, T0 + 2, "why")
+    other = await store.start_deploy("shop", "deploy", "def", trigger="api", actor="alice")
+    done = await store.update_deploy(other.id, state=state, finished_at=T0 - 1)
+    assert done.finished_at == T0 - 1
+
+
+async def test_update_deploy_rejects_unknown_fields(store: Store) -> None:
+    """An unknown field is a ValueError and changes nothing (no SQL built from it)."""
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd")
+    with pytest.raises(ValueError, match=r"unknown deploy fields \['app', 'revision'\]"):
+        await store.update_deploy(deploy.id, state="failed", revision="evil", app="blog")
+    assert await store.deploy(deploy.id) == deploy
+
+
+async def test_unknown_deploy_is_not_found(store: Store) -> None:
+    """Reading or updating a deploy id that does not exist is NotFound."""
+    with pytest.raises(NotFound):
+        await store.deploy(42)
+    with pytest.raises(NotFound):
+        await store.update_deploy(42, state="failed")
+
+
+async def test_deploys_newest_first_with_filters(store: Store) -> None:
+    """deploys() lists newest first and filters by kind, state and limit, per app."""
+    a = await store.start_deploy("shop", "deploy", "a", trigger="push", actor="deployd")
+    b = await store.start_deploy("shop", "rollback", "b", trigger="auto", actor="deployd")
+    c = await store.start_deploy("shop", "deploy", "c", trigger="push", actor="deployd",
+                                 state="failed")
+    await store.start_deploy("blog", "deploy", "x", trigger="push", actor="deployd")
+    assert [d.id for d in await store.deploys("shop")] == [c.id, b.id, a.id]
+    assert [d.id for d in await store.deploys("shop", kind="deploy")] == [c.id, a.id]
+    assert [d.id for d in await store.deploys("shop", state="running")] == [b.id, a.id]
+    assert [d.id for d in await store.deploys("shop", kind="deploy", state="failed")] == [c.id]
+    assert [d.id for d in await store.deploys("shop", limit=1)] == [c.id]
+
+
+async def test_deploy_to_json(store: Store, clock: Clock) -> None:
+    """A deploy's JSON form has ISO times and None where unset."""
+    deploy = await store.start_deploy("shop", "observed", "abc", trigger="observe",
+                                      actor="capistrano", release="r1", state="succeeded")
+    assert deploy.to_json() == {
+        "id": deploy.id, "kind": "observed", "revision": "abc", "release": "r1",
+        "previous_release": None, "previous_revision": None, "state": "succeeded",
+        "trigger": "observe", "actor": "capistrano", "started_at": "2023-11-14T22:13:20.000Z",
+        "finished_at": None, "error": None, "bake_state": None, "bake_until": None}
+
+
+async def test_last_live_ignores_failed_running_and_release_less(store: Store) -> None:
+    """last_live is the newest succeeded record that has a release, of that app only."""
+    assert await store.last_live("shop") is None
+    good = await store.start_deploy("shop", "deploy", "a", trigger="push", actor="deployd",
+                                    release="r1", state="succeeded")
+    await store.start_deploy("shop", "deploy", "b", trigger="push", actor="deployd",
+                             release="r2", state="failed")
+    await store.start_deploy("shop", "deploy", "c", trigger="push", actor="deployd",
+                             release="r3")
+    await store.start_deploy("shop", "deploy", "d", trigger="push", actor="deployd",
+                             state="succeeded")
+    await store.start_deploy("shop", "rollback", "e", trigger="auto", actor="deployd",
+                             release="r0", state="interrupted")
+    await store.start_deploy("blog", "deploy", "x", trigger="push", actor="deployd",
+                             release="b1", state="succeeded")
+    assert await store.last_live("shop") == good
+
+    rollback = await store.start_deploy("shop", "rollback", "z", trigger="auto",
+                                        actor="deployd", release="r0")
+    assert await store.last_live("shop") == good
+    rollback = await store.update_deploy(rollback.id, state="succeeded")
+    assert await store.last_live("shop") == rollback
+
+    observed = await store.start_deploy("shop", "observed", "y", trigger="observe",
+                                        actor="capistrano", release="r9", state="succeeded")
+    assert await store.last_live("shop") == observed
+
+
+async def test_host_results_upsert(store: Store, clock: Clock) -> None:
+    """One row per deploy and host: a later result replaces state, error and time."""
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd")
+    other = await store.start_deploy("shop", "deploy", "def", trigger="push", actor="deployd")
+    await store.set_host_result(deploy.id, "web2", "preparing")
+    await store.set_host_result(deploy.id, "web1", "failed", "connection refused")
+    await store.set_host_result(other.id, "web1", "prepared")
+    clock.tick(9)
+    await store.set_host_result(deploy.id, "web1", "switched")
+    results = await store.host_results(deploy.id)
+    assert [(r.deploy_id, r.host, r.state, r.error, r.at) for r in results] == [
+        (deploy.id, "web1", "switched", None, T0 + 9),
+        (deploy.id, "web2", "preparing", None, T0),
+    ]
+    assert [(r.host, r.state) for r in await store.host_results(other.id)] == [
+        ("web1", "prepared")]
+    assert await store.host_results(999) == []
+
+
+async def test_host_result_for_unknown_deploy_is_refused(store: Store) -> None:
+    """A host result must belong to a recorded deploy (foreign key), else StoreError."""
+    with pytest.raises(StoreError, match="FOREIGN KEY"):
+        await store.set_host_result(999, "web1", "switched")
+
+
+# -- app state and quarantine -----------------------------------------------------------------
+
+async def test_app_state_defaults_for_an_unknown_app(store: Store) -> None:
+    """An app never written has no last good and is not paused."""
+    assert await store.app_state("shop") == AppState(app="shop")
+
+
+async def test_pause_and_resume(store: Store, clock: Clock) -> None:
+    """Pausing records who, why and when; resuming clears them; last good is untouched."""
+    await store.set_last_good("shop", "abc", "r1")
+    clock.tick(30)
+    await store.set_paused("shop", True, actor="alice", reason="investigating")
+    state = await store.app_state("shop")
+    assert (state.paused, state.paused_by, state.paused_reason, state.paused_at) == (
+        True, "alice", "investigating", T0 + 30)
+    assert (state.last_good_revision, state.last_good_release) == ("abc", "r1")
+
+    await store.set_last_good("shop", "def", "r2")
+    state = await store.app_state("shop")
+    assert (state.paused, state.paused_by, state.last_good_revision) == (True, "alice", "def")
+
+    await store.set_paused("shop", False, actor="bob", reason="fixed")
+    assert await store.app_state("shop") == AppState(
+        app="shop", last_good_revision="def", last_good_release="r2")
+    assert await store.app_state("blog") == AppState(app="blog")
+
+
+async def test_pause_before_any_last_good(store: Store) -> None:
+    """An app can be paused before it ever had a good deploy."""
+    await store.set_paused("shop", True, actor="deployd", reason="still unhealthy")
+    state = await store.app_state("shop")
+    assert (state.paused, state.last_good_revision, state.last_good_release) == (True, None, None)
+
+
+async def test_quarantine_is_idempotent(store: Store, clock: Clock) -> None:
+    """Quarantining returns True once and False after; the first reason and time are kept."""
+    assert await store.quarantine("shop", "bad1", reason="rolled back", actor="deployd")
+    clock.tick(60)
+    assert not await store.quarantine("shop", "bad1", reason="again", actor="alice")
+    assert await store.quarantine("shop", "bad2", reason="by hand", actor="alice")
+    assert await store.quarantine("blog", "bad1", reason="other app", actor="deployd")
+    entries = await store.quarantined("shop")
+    assert [(q.revision, q.reason, q.actor, q.at) for q in entries] == [
+        ("bad1", "rolled back", "deployd", T0), ("bad2", "by hand", "alice", T0 + 60)]
+    assert await store.is_quarantined("shop", "bad1")
+    assert await store.is_quarantined("blog", "bad1")
+    assert not await store.is_quarantined("blog", "bad2")
+    assert not await store.is_quarantined("shop", "good")
+
+
+# -- crashes and concurrency ------------------------------------------------------------------
+
+WRITER = """
+import asyncio, sys
+from pathlib import Path
+from deployd.store import Store
+
+async def writer(store, name):
+    n = 0
+    while True:
+        n += 1
+        event = await store.add_event("shop", "tick", f"{name} {n}", data={"n": n})
+        if n % 7 == 0:
+            deploy = await store.start_deploy("shop", "deploy", f"{name}-{n}", trigger="t",
+                                              actor=name)
+            await store.set_host_result(deploy.id, "web1", "switched")
+        sys.stdout.write(f"{event.id} {name} {n}\\n")
+        sys.stdout.flush()
+
+async def main():
+    store = Store(Path(sys.argv[1]))
+    await store.open()
+    sys.stdout.write("open\\n")
+    sys.stdout.flush()
+    await asyncio.gather(*(writer(store, f"w{i}") for i in range(4)))
+
+asyncio.run(main())
+"""
+
+
+async def _write_until_killed(path: Path, lines_before_kill: int) -> dict[int, str]:
+    """Run a writer process, SIGKILL it mid-stream; the events it saw committed, by id."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(path), env=env, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    committed: dict[int, str] = {}
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"open\n"
+        while len(committed) < lines_before_kill:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, "writer died"
+            event_id, name, n = line.decode().split()
+            committed[int(event_id)] = f"{name} {n}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        rest = await proc.stdout.read()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    for line in rest.decode().splitlines(keepends=True):
+        if line.endswith("\n"):  # a line cut by the kill was not reported whole
+            event_id, name, n = line.split()
+            committed[int(event_id)] = f"{name} {n}"
+    return committed
+
+
+async def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL, twice, loses nothing it saw committed; the file is sound."""
+    path = tmp_path / "deployd.sqlite3"
+    seen: dict[int, str] = {}
+    for round_ in range(2):
+        seen.update(await _write_until_killed(path, 400 + 137 * round_))
+
+        store = Store(path)
+        await store.open()
+        try:
+            assert await store.schema_version() == len(MIGRATIONS)
+            events = await store.events("shop", limit=1_000_000)
+            stored = {e.id: e.message for e in events}
+            missing = {i: m for i, m in seen.items() if stored.get(i) != m}
+            assert missing == {}
+            # Nothing half-written: ids have no holes, each message matches its data.
+            assert [e.id for e in events] == list(range(1, len(events) + 1))
+            assert all(e.message.endswith(f" {e.data['n']}") for e in events)
+            # Each writer's newest deploy may have been cut before its host result; no other.
+            newest: set[str] = set()
+            for deploy in await store.deploys("shop", limit=1_000_000):
+                results = [r.host for r in await store.host_results(deploy.id)]
+                if deploy.actor in newest:
+                    assert results == ["web1"], deploy
+                newest.add(deploy.actor)
+        finally:
+            await store.close()
+        assert sql(path, "PRAGMA integrity_check") == [("ok",)]
+        assert sql(path, "PRAGMA foreign_key_check") == []
+    assert len(seen) >= 400 + 537
+
+
+async def test_concurrent_writers_all_land(store: Store) -> None:
+    """Many coroutines writing at once: every write lands once, each writer's in its order."""
+    writers, per_writer = 40, 50
+
+    async def write(name: str) -> list[int]:
+        ids = []
+        for n in range(per_writer):
+            event = await store.add_event("shop", "tick", f"{name} {n}")
+            ids.append(event.id)
+            if n % 10 == 0:
+                deploy = await store.start_deploy("shop", "deploy", f"{name}-{n}",
+                                                  trigger="t", actor=name)
+                await store.update_deploy(deploy.id, state="succeeded", release=f"r-{name}")
+        return ids
+
+    results = await asyncio.gather(*(write(f"w{i}") for i in range(writers)))
+    all_ids = [i for ids in results for i in ids]
+    assert len(set(all_ids)) == writers * per_writer
+    assert all(ids == sorted(ids) for ids in results)
+    events = await store.events("shop", limit=10_000)
+    assert len(events) == writers * per_writer
+    by_writer: dict[str, list[int]] = {}
+    for event in events:
+        name, n = event.message.split()
+        by_writer.setdefault(name, []).append(int(n))
+    assert by_writer == {f"w{i}": list(range(per_writer)) for i in range(writers)}
+    deploys = await store.deploys("shop", limit=10_000)
+    assert len(deploys) == writers * (per_writer // 10)
+    assert all(d.state == "succeeded" for d in deploys)
+
+
+async def test_store_calls_do_not_block_the_event_loop(store: Store) -> None:
+    """A heartbeat coroutine keeps ticking while 2,000 inserts run (1,000 one after another)."""
+    ticks: list[float] = []
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            ticks.append(time.monotonic())
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.02)
+    # One after another: if the work ran on the loop's thread, no tick could come in between.
+    started = time.monotonic()
+    for n in range(1000):
+        await store.add_event("shop", "tick", f"s{n}")
+    finished = time.monotonic()
+    # All at once: a thousand calls queued on the store's thread.
+    await asyncio.gather(*(store.add_event("shop", "tick", f"g{n}") for n in range(1000)))
+    gathered = time.monotonic()
+    stop.set()
+    await beat
+
+    assert len(await store.events("shop", limit=5000)) == 2000
+    during = [at for at in ticks if started < at < finished]
+    expected = (finished - started) / 0.005
+    assert len(during) >= max(3.0, expected / 5), (len(during), expected)
+    edges = [started, *during, finished]
+    assert max(b - a for a, b in itertools.pairwise(edges)) < 0.5
+    assert any(finished < at <= gathered + 0.01 for at in ticks)
