@@ -41,6 +41,8 @@ MAX_HANDSHAKES = 10
 KILL_GRACE = 5.0
 # Extra time the client waits beyond the on-host limit before giving up on the channel.
 CLIENT_MARGIN = 5.0
+# Input is written in pieces so that a large tarball is not buffered twice.
+STDIN_CHUNK = 1 << 20
 # `timeout` exits with 124 after TERM worked, 137 when it had to KILL.
 _TIMEOUT_STATUSES = (124, 137)
 
@@ -273,15 +275,29 @@ class SSHHost(Host):
                         limit: float) -> tuple[str, str, int | None] | None:
         """Send one command and its input; None when even the on-host limit was overrun."""
         async with conn.create_process(command, encoding=None) as process:
-            if input:
-                process.stdin.write(input)
-            process.stdin.write_eof()
+            feeder = asyncio.create_task(_feed(process.stdin, input))
             try:
                 stdout, stderr = await asyncio.wait_for(process.communicate(),
                                                         limit + KILL_GRACE + CLIENT_MARGIN)
             except TimeoutError:
                 return None
+            finally:
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
             return _text(stdout), _text(stderr), process.returncode
+
+
+async def _feed(stdin: Any, data: bytes | None) -> None:
+    """Stream `data` to a remote stdin in chunks, then EOF. A command may exit without
+    reading it all (a refused lock, say): its exit status tells, so a closed stdin is fine."""
+    view = memoryview(data or b"")
+    try:
+        for offset in range(0, len(view), STDIN_CHUNK):
+            stdin.write(bytes(view[offset:offset + STDIN_CHUNK]))
+            await stdin.drain()
+        stdin.write_eof()
+    except (OSError, asyncssh.Error):
+        pass
 
 
 def _text(data: bytes | str | None) -> str:

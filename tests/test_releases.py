@@ -1,0 +1,316 @@
+"""The Capistrano layout on one host, over real SSH (and once locally)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from deployd.config import AppConfig, Hooks, HostConfig
+from deployd.errors import CommandError, LockHeld, ReleaseError
+from deployd.hosts import Host, HostPool, LocalHost
+from deployd.releases import LockInfo, Releases
+from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha
+
+__all__ = ["lab_factory", "pool"]  # fixtures used by name
+
+R1, R2, R3 = "20240101000001", "20240101000002", "20240101000003"
+TARBALL = make_tarball({"index.html": "hello", "log/ignored.txt": "x", "bin/run": "#!/bin/sh\n"},
+                       symlinks={"link": "index.html"}, executable=("bin/run",))
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[[int], Lab]) -> Lab:
+    return lab_factory(1)
+
+
+def on_host(lab: Lab, pool: HostPool, **app_settings: object) -> tuple[Releases, Host, Path]:
+    """Releases for the lab's one host, the host, and its deploy_to as a local path."""
+    app = lab.app(**app_settings)  # type: ignore[arg-type]
+    host = pool.host(app, app.hosts[0])
+    return Releases(host, app), host, Path(app.hosts[0].deploy_to)
+
+
+async def deploy(releases: Releases, name: str, revision: str, *, actor: str = "alice",
+                 tarball: bytes = TARBALL) -> None:
+    """prepare + switch + prune/unlock, as a one-host deploy."""
+    lock = LockInfo.new(actor, f"deploy {revision}")
+    await releases.prepare(name, revision, tarball, branch="production", lock=lock)
+    await releases.switch(name, revision=revision, branch="production", actor=actor, lock=lock)
+    await releases.prune(5, unlock=lock)
+
+
+async def test_prepare_and_switch_lay_out_capistranos_layout(lab: Lab, pool: HostPool) -> None:
+    """Releases dir, absolute current, REVISION, REVISION_TIME, revisions.log wording and
+    linked dirs/files as absolute symlinks into shared."""
+    releases, host, root = on_host(lab, pool, linked_dirs=("log", "tmp/pids"),
+                                   linked_files=("config/database.yml",))
+    await host.run(f"mkdir -p {root}/shared/config && echo db > {root}/shared/config/database.yml",
+                   timeout=10)
+    lock = LockInfo.new("alice", "deploy")
+    step = await releases.prepare(R1, sha(1), TARBALL, branch="production", lock=lock,
+                                  revision_time=1700000000)
+    assert step.previous is None
+    assert not (root / "current").exists()
+    await releases.switch(R1, revision=sha(1), branch="production", actor="alice", lock=lock)
+    await releases.prune(5, unlock=lock)
+
+    release = root / "releases" / R1
+    assert os.readlink(root / "current") == str(release)
+    assert (release / "REVISION").read_text() == sha(1) + "\n"
+    assert (release / "REVISION_TIME").read_text() == "1700000000\n"
+    assert (release / "index.html").read_text() == "hello"
+    assert os.readlink(release / "link") == "index.html"
+    assert os.access(release / "bin/run", os.X_OK)
+    assert os.readlink(release / "log") == str(root / "shared/log")
+    assert (root / "shared/log").is_dir()
+    assert os.readlink(release / "tmp/pids") == str(root / "shared/tmp/pids")
+    assert os.readlink(release / "config/database.yml") == str(root / "shared/config/database.yml")
+    assert (root / "revisions.log").read_text() == (
+        f"Branch production (at {sha(1)}) deployed as release {R1} by alice\n")
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_build_hook_runs_in_the_release_with_deployd_variables(
+        lab: Lab, pool: HostPool) -> None:
+    """The build hook runs inside the new release and sees every DEPLOYD_* variable."""
+    app = lab.app(hooks=Hooks(build="pwd > cwd.txt; env | grep '^DEPLOYD_' | sort > env.txt"))
+    config = HostConfig(address=app.hosts[0].address, port=app.hosts[0].port,
+                        deploy_to=app.hosts[0].deploy_to,
+                        vars={"health_port": "8080", "role": "web 1"})
+    app = lab.app(hooks=app.hooks, hosts=[config])
+    releases = Releases(pool.host(app, config), app)
+    await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                           lock=LockInfo.new("alice", "deploy"))
+    release = Path(config.deploy_to) / "releases" / R1
+    assert (release / "cwd.txt").read_text().strip() == str(release)
+    env = dict(line.split("=", 1) for line in (release / "env.txt").read_text().splitlines())
+    assert env == {
+        "DEPLOYD_APP": "shop", "DEPLOYD_REVISION": sha(1), "DEPLOYD_RELEASE_PATH": str(release),
+        "DEPLOYD_DEPLOY_TO": config.deploy_to, "DEPLOYD_HOST": config.name,
+        "DEPLOYD_VAR_HEALTH_PORT": "8080", "DEPLOYD_VAR_ROLE": "web 1",
+    }
+
+
+async def test_missing_linked_file_is_an_error_naming_it(lab: Lab, pool: HostPool) -> None:
+    """A linked file absent from shared/ fails the prepare by name; nothing is left behind."""
+    releases, _, root = on_host(lab, pool, linked_files=("config/secrets.yml",))
+    with pytest.raises(ReleaseError, match=r"linked file .*shared/config/secrets.yml"):
+        await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+    assert list((root / "releases").iterdir()) == []
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_failing_build_hook_removes_the_release_and_the_lock(
+        lab: Lab, pool: HostPool) -> None:
+    """A build hook exiting non-zero is a CommandError; the half release and lock are gone."""
+    releases, _, root = on_host(lab, pool, hooks=Hooks(build="echo compiling; exit 3"))
+    with pytest.raises(CommandError) as caught:
+        await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+    assert caught.value.exit_status == 3 and "build hook" in str(caught.value)
+    assert "compiling" in caught.value.stderr
+    assert not (root / "releases" / R1).exists()
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_build_hook_timeout_stops_it(lab: Lab, pool: HostPool) -> None:
+    """A build hook past hook_timeout is stopped; CommandError(None), nothing left behind."""
+    releases, _, root = on_host(lab, pool, hooks=Hooks(build="sleep 30"), hook_timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(CommandError) as caught:
+        await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+    assert caught.value.exit_status is None and time.monotonic() - began < 5
+    assert not (root / "releases" / R1).exists()
+
+
+async def test_rollback_keeps_the_release_rolled_away_from_with_a_marker(
+        lab: Lab, pool: HostPool) -> None:
+    """Rollback switches current, marks (not deletes) the left release, logs Capistrano's
+    line and runs the rollback hook, then restart, in current."""
+    hooks = Hooks(rollback="echo \"rollback $DEPLOYD_REVISION $(pwd -P)\" >> ../../hooks.log",
+                  restart="echo \"restart $DEPLOYD_RELEASE_PATH\" >> ../../hooks.log")
+    releases, _, root = on_host(lab, pool, hooks=hooks)
+    await deploy(releases, R1, sha(1))
+    await deploy(releases, R2, sha(2))
+    (root / "hooks.log").unlink()
+    step = await releases.rollback(R1, reason="health checks failed", actor="bob",
+                                   revision=sha(1))
+    assert step.previous == R2
+    assert os.readlink(root / "current") == str(root / "releases" / R1)
+    assert (root / "releases" / R2 / "index.html").exists()
+    marker = dict(line.split("=", 1) for line in
+                  (root / "releases" / R2 / "ROLLED_BACK").read_text().splitlines())
+    assert marker["by"] == "bob" and marker["reason"] == "health checks failed"
+    assert marker["to_release"] == R1 and marker["to_revision"] == sha(1)
+    assert marker["rolled_back_at"].endswith("Z") and int(marker["rolled_back_epoch"]) > 0
+    assert (root / "revisions.log").read_text().splitlines()[-1] == (
+        "bob rolled back to release " + R1)
+    assert (root / "hooks.log").read_text().splitlines() == [
+        f"rollback {sha(1)} {root / 'releases' / R1}", f"restart {root / 'releases' / R1}"]
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_rollback_to_a_missing_release_changes_nothing(lab: Lab, pool: HostPool) -> None:
+    """Rolling back to a release that is not there fails before touching current."""
+    releases, _, root = on_host(lab, pool)
+    await deploy(releases, R1, sha(1))
+    with pytest.raises(ReleaseError, match=f"release {R2} does not exist"):
+        await releases.rollback(R2, reason="test", actor="bob")
+    assert os.readlink(root / "current") == str(root / "releases" / R1)
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_switch_replaces_current_without_a_gap(lab: Lab, pool: HostPool) -> None:
+    """current is renamed over, never removed then relinked: a reader always finds it."""
+    releases, _, root = on_host(lab, pool)
+    await deploy(releases, R1, sha(1))
+    await deploy(releases, R2, sha(2))
+    missing: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not os.path.lexists(root / "current"):
+                missing.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for target in (R1, R2) * 5:
+            await releases.rollback(target, reason="flip", actor="bob")
+    finally:
+        stop.set()
+        watcher.join()
+    assert missing == []
+
+
+async def test_prune_rules(lab: Lab, pool: HostPool) -> None:
+    """Prune keeps the newest keep_releases, never current, never a protected release,
+    never a name that is not 14 digits."""
+    releases, host, root = on_host(lab, pool)
+    names = [f"2024010100000{i}" for i in range(1, 8)]
+    await host.run(
+        f"mkdir -p {root} && cd {root} && mkdir -p releases/hotfix "
+        + " ".join(f"releases/{name}" for name in names)
+        + f" && ln -s {root}/releases/{names[1]} current", timeout=10)
+    removed = await releases.prune(2, protect={names[0]})
+    assert sorted(removed) == names[2:5]
+    left = sorted(p.name for p in (root / "releases").iterdir())
+    assert left == sorted([names[0], names[1], names[5], names[6], "hotfix"])
+
+
+async def test_lock_held_by_someone_else_names_the_holder(lab: Lab, pool: HostPool) -> None:
+    """A second deploy while the first holds the lock raises LockHeld naming the holder."""
+    releases, _, root = on_host(lab, pool)
+    first = LockInfo.new("alice", f"deploy {sha(1)}")
+    await releases.prepare(R1, sha(1), TARBALL, branch="production", lock=first)
+    with pytest.raises(LockHeld, match="alice") as caught:
+        await releases.prepare(R2, sha(2), TARBALL, branch="production",
+                               lock=LockInfo.new("bob", f"deploy {sha(2)}"))
+    assert f"deploy {sha(1)}" in caught.value.holder
+    with pytest.raises(LockHeld, match="alice"):
+        await releases.rollback(R1, reason="test", actor="bob")
+    state = await releases.state()
+    assert state.lock is not None and state.lock.actor == "alice"
+    assert state.lock.token == first.token
+    assert not (root / "releases" / R2).exists()
+    await releases.unlock(first)
+    assert (await releases.state()).lock is None
+
+
+async def test_stale_lock_is_taken_over(lab: Lab, pool: HostPool,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A lock older than lock_stale_after is taken over, and the takeover is reported."""
+    releases, host, root = on_host(lab, pool, lock_stale_after=60.0)
+    old = LockInfo(token="oldtoken", actor="carol", reason="deploy abc", since=time.time() - 120,
+                   machine="elsewhere", pid=1)
+    await host.run(f"mkdir -p {root} && printf '%s' '{old.content()}' > {root}/.deployd.lock",
+                   timeout=10)
+    lock = LockInfo.new("alice", "deploy")
+    step = await releases.prepare(R1, sha(1), TARBALL, branch="production", lock=lock)
+    assert step.took_over is not None and step.took_over.actor == "carol"
+    assert "carol" in caplog.text and "stale" in caplog.text
+    state = await releases.state()
+    assert state.lock is not None and state.lock.token == lock.token
+
+
+async def test_unreadable_lock_is_never_taken_over(lab: Lab, pool: HostPool) -> None:
+    """A lock file deployd cannot read (another tool's) blocks deploys until removed."""
+    releases, host, root = on_host(lab, pool, lock_stale_after=1.0)
+    await host.run(f"mkdir -p {root} && echo 'held by ops' > {root}/.deployd.lock", timeout=10)
+    with pytest.raises(LockHeld):
+        await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+
+
+async def test_state_reads_a_release_laid_out_by_capistrano(lab: Lab, pool: HostPool) -> None:
+    """A layout made the way Capistrano makes it (absolute current, 14-digit names,
+    REVISION with a newline, a release without REVISION) reads correctly."""
+    releases, host, root = on_host(lab, pool)
+    script = f"""
+        set -e
+        mkdir -p {root}/releases/20230101120000 {root}/releases/20230102120000 {root}/shared
+        echo {sha(7)} > {root}/releases/20230101120000/REVISION
+        echo {sha(8)} > {root}/releases/20230102120000/REVISION
+        mkdir -p {root}/releases/20230103120000
+        ln -s {root}/releases/20230102120000 {root}/releases/current
+        mv {root}/releases/current {root}
+        echo 'Branch main (at {sha(8)}) deployed as release 20230102120000 by deploy' \
+            >> {root}/revisions.log
+    """
+    await host.run(script, timeout=10)
+    state = await releases.state()
+    assert state.current == "20230102120000"
+    assert state.current_revision == sha(8)
+    assert [(r.name, r.revision) for r in state.releases] == [
+        ("20230101120000", sha(7)), ("20230102120000", sha(8)), ("20230103120000", None)]
+    assert state.lock is None and state.newest == "20230103120000"
+
+
+async def test_state_of_an_empty_host(lab: Lab, pool: HostPool) -> None:
+    """A host without deploy_to has no current, no releases and no lock."""
+    releases, _, _ = on_host(lab, pool)
+    state = await releases.state()
+    assert (state.current, state.current_revision, state.releases, state.lock) == (
+        None, None, (), None)
+
+
+async def test_revert_undoes_a_switch_and_remove_spares_current(
+        lab: Lab, pool: HostPool) -> None:
+    """revert() points current back at the previous release; remove_release refuses the
+    live release and removes a dropped one."""
+    releases, _, root = on_host(lab, pool)
+    await deploy(releases, R1, sha(1))
+    lock = LockInfo.new("alice", "deploy")
+    await releases.prepare(R2, sha(2), TARBALL, branch="production", lock=lock)
+    await releases.switch(R2, revision=sha(2), branch="production", actor="alice", lock=lock)
+    step = await releases.revert(R1, actor="deployd", lock=lock)
+    assert step.previous == R2
+    assert os.readlink(root / "current") == str(root / "releases" / R1)
+    with pytest.raises(ReleaseError, match="live"):
+        await releases.remove_release(R1)
+    assert await releases.remove_release(R2, unlock=lock)
+    assert sorted(p.name for p in (root / "releases").iterdir()) == [R1]
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_local_host_lays_out_the_same_release(tmp_path: Path) -> None:
+    """The local transport runs the same scripts: deploy, rollback, state."""
+    config = HostConfig(address="local", deploy_to=str(tmp_path / "app"))
+    app = AppConfig(name="shop", repo="/nonexistent", branch="main", deploy_to=config.deploy_to,
+                    hosts=(config,), linked_dirs=("log",))
+    releases = Releases(LocalHost(config), app)
+    await deploy(releases, R1, sha(1))
+    await deploy(releases, R2, sha(2))
+    await releases.rollback(R1, reason="test", actor="bob")
+    state = await releases.state()
+    assert (state.current, state.current_revision) == (R1, sha(1))
+    assert os.readlink(tmp_path / "app/current") == str(tmp_path / "app/releases" / R1)
+    assert (tmp_path / "app/releases" / R2 / "ROLLED_BACK").exists()
