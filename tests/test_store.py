@@ -165,23 +165,23 @@ async def test_failed_migration_leaves_the_previous_version(tmp_path: Path,
     await store.add_event("shop", "note", "kept")
     await store.close()
 
-    broken = "CREATE TABLE jobs (id INTEGER PRIMARY KEY);\nCREATE TABLE events (x INTEGER);"
+    broken = "CREATE TABLE widgets (id INTEGER PRIMARY KEY);\nCREATE TABLE events (x INTEGER);"
     monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, broken))
     store = Store(path)
     with pytest.raises(StoreError, match="already exists"):
         await store.open()
     await store.close()
     assert sql(path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
-    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'jobs'") == []
+    assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'widgets'") == []
 
-    fixed = "CREATE TABLE jobs (id INTEGER PRIMARY KEY);"
+    fixed = "CREATE TABLE widgets (id INTEGER PRIMARY KEY);"
     monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, fixed))
     store = Store(path)
     await store.open()
     try:
         assert await store.schema_version() == len(MIGRATIONS) + 1
         assert [e.message for e in await store.events("shop")] == ["kept"]
-        assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'jobs'") == [("jobs",)]
+        assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'widgets'") == [("widgets",)]
     finally:
         await store.close()
 

@@ -27,6 +27,8 @@ API::
                           trailers: list[tuple[str, str]] = []) -> CherryPickResult
         await diff(old: str, new: str) -> str           # unified diff (binary-safe) of two trees
         await apply_patch(base: str, patch: str | bytes) -> str   # tree sha; errors.Invalid
+        await commit_tree(tree, parent, *, like: list[str], committer_name, committer_email,
+                          trailers=None) -> str          # a resolved patch as a cherry-pick
     RefUpdate(source: str, remote_ref: str, expected: str | Lease | None = Lease.ANY)
     CommitInfo(sha, summary, author_name, author_email, time, parents, message, tree)
     CherryPickResult(head, tree, picked, skipped, conflict, conflict_paths); .clean
@@ -941,6 +943,55 @@ class Mirror:
             state.picked.append((str(pick.id), str(oid)))
             state.head = self._commit(str(oid))
         return state.result()
+
+    async def commit_tree(
+        self,
+        tree: str,
+        parent: str,
+        *,
+        like: list[str],
+        committer_name: str,
+        committer_email: str,
+        trailers: list[tuple[str, str]] | None = None,
+    ) -> str:
+        """Commit `tree` on `parent` as the cherry-pick of the commits `like` (no ref moves).
+
+        For a hand-resolved patch: the commit keeps the first original's author and message
+        and gains one `(cherry picked from commit <sha>)` line per original plus `trailers`,
+        which `git cherry-pick -x` would drop on a conflict.
+        """
+        return await self._run(
+            "commit resolved patch",
+            self._commit_tree,
+            tree,
+            parent,
+            list(like),
+            (committer_name, committer_email),
+            _check_trailers(trailers or []),
+        )
+
+    def _commit_tree(
+        self,
+        tree: str,
+        parent: str,
+        like: list[str],
+        committer_identity: tuple[str, str],
+        trailer_lines: list[str],
+    ) -> str:
+        if not like:
+            raise errors.Invalid(f"{self.name}: a resolved patch needs the commits it stands for")
+        repo = self._open()
+        originals = [self._commit(revision) for revision in like]
+        message = originals[0].message
+        for original in originals[1:]:
+            message = message.rstrip("\n") + f"\n\n{original.message}"
+        for original in originals[:-1]:
+            message = _picked_message(message, str(original.id), [])
+        message = _picked_message(message, str(originals[-1].id), trailer_lines)
+        committer = pygit2.Signature(*committer_identity)
+        oid = repo.create_commit(None, originals[0].author, committer, message,
+                                 pygit2.Oid(hex=tree), [self._commit(parent).id])
+        return str(oid)
 
     async def diff(self, old: str, new: str) -> str:
         """The unified diff (with full binary patches) turning `old`'s tree into `new`'s.

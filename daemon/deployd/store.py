@@ -85,6 +85,40 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (app, revision)
     );
     """,
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
+        state TEXT NOT NULL,
+        base TEXT NOT NULL,
+        bad_head TEXT NOT NULL,
+        candidates TEXT NOT NULL,
+        selection TEXT NOT NULL,
+        resolved_patch TEXT,
+        preview TEXT NOT NULL DEFAULT '{}',
+        plan TEXT,
+        requester TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        step TEXT,
+        new_head TEXT,
+        backup_ref TEXT,
+        deploy_id INTEGER,
+        error TEXT
+    );
+    CREATE INDEX jobs_app_state ON jobs(app, state);
+    CREATE TABLE approvals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        decision TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        plan TEXT,
+        comment TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -449,6 +483,167 @@ class Store:
             "SELECT 1 FROM quarantine WHERE app = ? AND revision = ?",
             (app, revision)).fetchone())
         return row is not None
+
+
+JobState = Literal["pending", "approved", "running", "succeeded", "failed", "rejected",
+                   "expired", "superseded"]
+JOB_STATES: tuple[JobState, ...] = ("pending", "approved", "running", "succeeded", "failed",
+                                    "rejected", "expired", "superseded")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A rescue job as stored; `candidates` and `preview` are JSON documents."""
+
+    id: int
+    app: str
+    state: JobState
+    base: str
+    bad_head: str
+    candidates: list[dict[str, Any]]
+    selection: list[str]
+    resolved_patch: str | None
+    preview: dict[str, Any]
+    plan: str | None
+    requester: str
+    reason: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    step: str | None
+    new_head: str | None
+    backup_ref: str | None
+    deploy_id: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Approval:
+    id: int
+    job_id: int
+    decision: str
+    actor: str
+    plan: str | None
+    comment: str
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decision": self.decision, "by": self.actor, "plan": self.plan,
+                "comment": self.comment, "at": _iso(self.at)}
+
+
+_JOB_FIELDS = {"state", "candidates", "selection", "resolved_patch", "preview", "plan", "step",
+               "new_head", "backup_ref", "deploy_id", "error", "expires_at"}
+
+
+class JobStore:
+    """Rescue jobs and their approvals, on the same file and thread as the `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def create(self, app: str, *, base: str, bad_head: str,
+                     candidates: list[dict[str, Any]], selection: list[str], requester: str,
+                     reason: str, expires_at: float) -> Job:
+        now = self.store.clock()
+
+        def insert(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
+                "requester, reason, created_at, updated_at, expires_at) "
+                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app, base, bad_head, json.dumps(candidates), json.dumps(selection),
+                 requester, reason, now, now, expires_at))
+            return int(cursor.lastrowid or 0)
+
+        return await self.get(await self.store._run(self.store._write(insert)))
+
+    async def get(self, job_id: int) -> Job:
+        row = await self.store._run(lambda: self.store._conn().execute(
+            "SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        if row is None:
+            raise NotFound(f"no rescue job {job_id}")
+        return _job(row)
+
+    async def find(self, *, app: str | None = None, state: str | None = None,
+                   limit: int = 200) -> list[Job]:
+        """Jobs, newest first, optionally of one app and one state."""
+        sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
+        if app is not None:
+            sql += " AND app = ?"
+            args.append(app)
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        sql += " ORDER BY id DESC LIMIT ?"
+        rows = await self.store._run(
+            lambda: self.store._conn().execute(sql, [*args, limit]).fetchall())
+        return [_job(row) for row in rows]
+
+    async def update(self, job_id: int, *, expect: tuple[str, ...] | None = None,
+                     **fields: Any) -> Job | None:
+        """Set fields; with `expect`, only if the job is in one of those states (else None).
+
+        The conditional form is what makes two racing approvals safe: exactly one of them
+        moves the job out of `pending`.
+        """
+        unknown = set(fields) - _JOB_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        values = [json.dumps(v) if k in ("candidates", "selection", "preview") else v
+                  for k, v in fields.items()]
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        sql = f"UPDATE jobs SET {columns}, updated_at = ? WHERE id = ?"
+        args: list[Any] = [*values, self.store.clock(), job_id]
+        if expect is not None:
+            sql += f" AND state IN ({', '.join('?' for _ in expect)})"
+            args.extend(expect)
+
+        def update(db: sqlite3.Connection) -> int:
+            return db.execute(sql, args).rowcount
+
+        changed = await self.store._run(self.store._write(update))
+        return await self.get(job_id) if changed else None
+
+    async def add_approval(self, job_id: int, *, decision: str, actor: str, plan: str | None,
+                           comment: str) -> None:
+        now = self.store.clock()
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO approvals (job_id, decision, actor, plan, comment, at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (job_id, decision, actor, plan, comment, now))
+
+        await self.store._run(self.store._write(insert))
+
+    async def approvals(self, job_id: int) -> list[Approval]:
+        rows = await self.store._run(lambda: self.store._conn().execute(
+            "SELECT * FROM approvals WHERE job_id = ? ORDER BY id", (job_id,)).fetchall())
+        return [Approval(r["id"], r["job_id"], r["decision"], r["actor"], r["plan"],
+                         r["comment"], r["at"]) for r in rows]
+
+    async def counts(self, app: str) -> dict[str, int]:
+        rows = await self.store._run(lambda: self.store._conn().execute(
+            "SELECT state, COUNT(*) AS n FROM jobs WHERE app = ? GROUP BY state",
+            (app,)).fetchall())
+        return {row["state"]: int(row["n"]) for row in rows}
+
+    async def oldest_pending(self, app: str) -> float | None:
+        row = await self.store._run(lambda: self.store._conn().execute(
+            "SELECT MIN(created_at) FROM jobs WHERE app = ? AND state = 'pending'",
+            (app,)).fetchone())
+        return None if row is None or row[0] is None else float(row[0])
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], app=row["app"], state=row["state"], base=row["base"],
+        bad_head=row["bad_head"], candidates=json.loads(row["candidates"]),
+        selection=json.loads(row["selection"]), resolved_patch=row["resolved_patch"],
+        preview=json.loads(row["preview"]), plan=row["plan"], requester=row["requester"],
+        reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
+        expires_at=row["expires_at"], step=row["step"], new_head=row["new_head"],
+        backup_ref=row["backup_ref"], deploy_id=row["deploy_id"], error=row["error"],
+    )
 
 
 def _deploy(row: sqlite3.Row) -> Deploy:
