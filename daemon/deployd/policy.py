@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal, Protocol
 
 
@@ -22,7 +23,8 @@ class Threshold:
         if unhealthy <= 0 or total <= 0:
             return False
         if self.percent is not None:
-            return unhealthy * 100 >= self.percent * total
+            # The share as written ("16.1"), not its binary float: 161 of 1000 is 16.1%.
+            return unhealthy * 100 >= Fraction(repr(self.percent)) * total
         return unhealthy >= (self.count or 1)
 
     def __str__(self) -> str:
