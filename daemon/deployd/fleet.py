@@ -20,7 +20,14 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from deployd.config import AppConfig
-from deployd.errors import DeploydError, FleetError, Invalid, ReleaseError, RemoteError
+from deployd.errors import (
+    ConnectError,
+    DeploydError,
+    FleetError,
+    Invalid,
+    ReleaseError,
+    RemoteError,
+)
 from deployd.hosts import HostPool
 from deployd.metrics import Metrics
 from deployd.releases import (
@@ -97,6 +104,8 @@ class Fleet:
         self._metrics = metrics if pool.metrics is None else None
         self._clock = clock
         self._slots = asyncio.Semaphore(max(1, app.parallel))
+        # Locks this fleet took but could not release (a host was unreachable): free to take.
+        self._abandoned: set[str] = set()
         self._members: dict[str, Releases] = {}
         names = [host.name for host in app.hosts]
         for host in app.hosts:
@@ -194,6 +203,8 @@ class Fleet:
         """Remove releases/<release> and our lock on `names`; returns where that failed."""
         _, failures = await self._each(
             names, "discard", lambda m: m.remove_release(release, unlock=lock), timings)
+        if failures:
+            self._abandoned.add(lock.token)
         for name, error in failures.items():
             log.warning("%s: %s: could not remove release %s: %s", self.app.name, name,
                         release, error)
@@ -212,6 +223,8 @@ class Fleet:
         pruned, problems = await self._each(
             self.hosts, "finish",
             lambda m: m.prune(self.app.keep_releases, protect, unlock=lock), timings)
+        if problems:
+            self._abandoned.add(lock.token)
         log.info("%s: release %s (%s) live on %d hosts in %.2fs", self.app.name, release,
                  revision[:12], len(self.hosts), time.monotonic() - started)
         return DeployOutcome(
@@ -246,16 +259,18 @@ class Fleet:
                        revision: str | None = None) -> RollbackOutcome:
         """Point every host (or only `hosts`) back at releases/<target>.
 
-        First, in one round trip per host, checks that the target exists on every host with
-        one revision (`revision` if given) and that no live lock is held; otherwise raises
-        FleetError("rollback check", ...) naming the hosts, and switches nothing. Then rolls
-        every host back; hosts that fail are named in RollbackIncomplete while the others
-        complete. `protect` is accepted for symmetry with deploy: a rollback removes nothing.
+        First, in one round trip per host, checks that the target exists on every reachable
+        host with one revision (`revision` if given) and that no live lock is held; otherwise
+        raises FleetError("rollback check", ...) naming the hosts, and switches nothing. Then
+        rolls every reachable host back. Hosts that could not be reached or failed are named
+        in RollbackIncomplete (its `outcome` lists the hosts that did roll back); retry them
+        with `hosts=[...]`. `protect` is accepted for symmetry with deploy: a rollback removes
+        nothing.
         """
         del protect
         started = time.monotonic()
-        names = self._select(hosts)
-        states = await self._check_before_rollback(target, names, revision)
+        states, unreachable = await self._check_before_rollback(target, self._select(hosts),
+                                                                revision)
         expected = next((s.release(target) for s in states.values()), None)
         expected_revision = expected.revision if expected else revision
 
@@ -265,35 +280,44 @@ class Fleet:
                                          revision=expected_revision,
                                          takeover=self._stale_token(states[name]))
 
-        timings: Timings = {name: {} for name in names}
-        steps, failures = await _complete(self._each_named(names, "rollback", roll, timings))
+        timings: Timings = {name: {} for name in states}
+        steps, failures = await _complete(self._each_named(states, "rollback", roll, timings))
         outcome = RollbackOutcome(
             target=target, revision=expected_revision,
             previous={name: step.previous for name, step in steps.items()},
             timings={name: timings[name].get("rollback", 0.0) for name in steps},
             seconds=time.monotonic() - started)
+        failures.update(unreachable)
         if failures:
+            log.error("%s: rollback to %s failed on %s", self.app.name, target,
+                      ", ".join(sorted(failures)))
             raise RollbackIncomplete(failures, outcome)
         log.info("%s: rolled back to %s on %d hosts in %.2fs", self.app.name, target,
-                 len(names), outcome.seconds)
+                 len(steps), outcome.seconds)
         return outcome
 
-    async def _check_before_rollback(self, target: str, names: tuple[str, ...],
-                                     revision: str | None) -> dict[str, HostState]:
+    async def _check_before_rollback(
+            self, target: str, names: tuple[str, ...], revision: str | None,
+    ) -> tuple[dict[str, HostState], dict[str, DeploydError]]:
+        """The states of the reachable hosts if the target is fit on all of them, and the
+        hosts that could not be reached; raises when a reachable host is not fit."""
         states, failures = await self._each(names, "check", lambda m: m.state())
+        unreachable: dict[str, DeploydError] = {
+            name: error for name, error in failures.items() if isinstance(error, ConnectError)}
+        problems = {name: error for name, error in failures.items() if name not in unreachable}
         found: dict[str, str | None] = {}
         for name, state in states.items():
             release = state.release(target)
             if state.lock is not None and self._stale_token(state) is None:
-                failures[name] = HostLockHeld(name, state.lock)
+                problems[name] = HostLockHeld(name, state.lock)
             elif release is None:
-                failures[name] = ReleaseError(f"{name}: release {target} does not exist")
+                problems[name] = ReleaseError(f"{name}: release {target} does not exist")
             else:
                 found[name] = release.revision
-        failures.update(_disagreements(target, found, revision))
-        if failures:
-            raise FleetError("rollback check", failures)
-        return states
+        problems.update(_disagreements(target, found, revision))
+        if problems or not states:
+            raise FleetError("rollback check", {**problems, **unreachable})
+        return states, unreachable
 
     def _select(self, hosts: Iterable[str] | None) -> tuple[str, ...]:
         if hosts is None:
@@ -309,7 +333,8 @@ class Fleet:
     def _stale_token(self, state: HostState) -> str | None:
         """The token of a lock on the host that may be taken over, if the lock is stale."""
         lock = state.lock
-        if lock is not None and lock.is_stale(self.app.lock_stale_after):
+        if lock is not None and (lock.token in self._abandoned
+                                 or lock.is_stale(self.app.lock_stale_after)):
             return lock.token
         return None
 
