@@ -333,6 +333,7 @@ def test_check_defaults(tmp_path: Path) -> None:
     app = load(write(tmp_path, BASE)).apps["shop"]
     http, errors = app.checks
     assert http == HttpCheck(name="http", url="http://{address}/healthz")
+    assert isinstance(errors, PrometheusCheck)
     assert (http.method, http.expect_status, http.timeout, http.interval) == (
         "GET", frozenset({200}), 2.0, 5.0)
     assert (http.failures, http.successes, http.tls_verify, dict(http.headers)) == (

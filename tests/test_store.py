@@ -483,9 +483,9 @@ async def _write_until_killed(path: Path, lines_before_kill: int) -> dict[int, s
         rest = await proc.stdout.read()
         await proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    for line in rest.decode().splitlines(keepends=True):
-        if line.endswith("\n"):  # a line cut by the kill was not reported whole
-            event_id, name, n = line.split()
+    for text in rest.decode().splitlines(keepends=True):
+        if text.endswith("\n"):  # a line cut by the kill was not reported whole
+            event_id, name, n = text.split()
             committed[int(event_id)] = f"{name} {n}"
     return committed
 
