@@ -1,0 +1,334 @@
+"""One app's hosts together, each a real sshd on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from deployd.config import AppConfig, Hooks
+from deployd.errors import CommandError, ConnectError, FleetError, LockHeld, ReleaseError
+from deployd.fleet import Fleet, RollbackIncomplete
+from deployd.hosts import HostPool
+from deployd.releases import HostState, LockInfo
+from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, vanish, wait_until
+
+__all__ = ["lab_factory", "pool"]  # fixtures used by name
+
+START = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A clock that advances one minute per reading (or stands still)."""
+
+    def __init__(self, step: timedelta = timedelta(minutes=1)) -> None:
+        self.now = START
+        self.step = step
+
+    def __call__(self) -> datetime:
+        self.now += self.step
+        return self.now
+
+
+def tarball(n: int) -> bytes:
+    return make_tarball({"index.html": f"version {n}", "VERSION": str(n)})
+
+
+def roots(app: AppConfig) -> list[Path]:
+    return [Path(host.deploy_to) for host in app.hosts]
+
+
+def current(root: Path) -> str | None:
+    """The release `current` points at, checking it is an absolute link into releases/."""
+    if not os.path.lexists(root / "current"):
+        return None
+    target = os.readlink(root / "current")
+    assert target.startswith(str(root / "releases") + "/")
+    return target.rsplit("/", 1)[-1]
+
+
+def releases_on(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "releases").iterdir())
+
+
+def no_locks(app: AppConfig) -> bool:
+    return not any((root / ".deployd.lock").exists() for root in roots(app))
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[[int], Lab]) -> Lab:
+    return lab_factory(3)
+
+
+async def test_deploy_of_several_commits(lab: Lab, pool: HostPool) -> None:
+    """Three deploys: every host switches to each new release, logs it, prunes the oldest,
+    and the outcome reports the previous release and per-phase timings per host."""
+    app = lab.app(keep_releases=2)
+    fleet = Fleet(app, pool, clock=Clock())
+    names = []
+    for n in (1, 2, 3):
+        outcome = await fleet.deploy(sha(n), tarball(n), branch="production", actor="alice")
+        assert set(outcome.hosts) == set(fleet.hosts)
+        assert all(prev == (names[-1] if names else None) for prev in outcome.previous.values())
+        assert all({"check", "prepare", "switch", "finish"} <= set(t)
+                   for t in outcome.timings.values())
+        names.append(outcome.release)
+    assert names == sorted(names) and len(set(names)) == 3
+    for root in roots(app):
+        assert current(root) == names[-1]
+        assert (root / "current/index.html").read_text() == "version 3"
+        assert releases_on(root) == names[1:]
+        assert (root / "revisions.log").read_text().splitlines() == [
+            f"Branch production (at {sha(n)}) deployed as release {name} by alice"
+            for n, name in zip((1, 2, 3), names, strict=True)]
+    assert no_locks(app)
+    states = await fleet.state()
+    assert all(isinstance(s, HostState) and s.current_revision == sha(3)
+               for s in states.values())
+
+
+async def test_build_failure_on_one_host_switches_no_host(lab: Lab, pool: HostPool) -> None:
+    """A build hook failing on ONE host: no host switches and no host keeps the new
+    release or a lock; the error names that host."""
+    hosts = [lab.host_config(h, fail="1" if i == 1 else "0") for i, h in enumerate(lab.hosts)]
+    build = f'[ "$DEPLOYD_VAR_FAIL$DEPLOYD_REVISION" = "1{sha(2)}" ] && exit 9; true'
+    app = lab.app(hosts=hosts, hooks=Hooks(build=build))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    with pytest.raises(FleetError) as caught:
+        await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    assert caught.value.action == "prepare"
+    assert list(caught.value.failures) == [hosts[1].name]
+    failure = caught.value.failures[hosts[1].name]
+    assert isinstance(failure, CommandError) and failure.exit_status == 9
+    for root in roots(app):
+        assert current(root) == first.release
+        assert releases_on(root) == [first.release]
+    assert no_locks(app)
+
+
+async def test_sshd_killed_mid_deploy_leaves_the_fleet_consistent(
+        lab: Lab, pool: HostPool) -> None:
+    """A host vanishing during the build: a per-host ConnectError, and every reachable host
+    stays on the previous release without the new one or a lock; the next deploy works."""
+    gate = lab.workdir / "gate"
+    build = (f'[ "$DEPLOYD_REVISION" = "{sha(2)}" ] || exit 0; touch building; '
+             f'while [ ! -e {gate} ]; do sleep 0.05; done')
+    app = lab.app(hooks=Hooks(build=build))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    deploying = asyncio.create_task(
+        fleet.deploy(sha(2), tarball(2), branch="production", actor="alice"))
+    assert await asyncio.to_thread(wait_until, lambda: all(
+        list((root / "releases").glob("*/building")) for root in roots(app)))
+    vanish(lab.hosts[1])
+    gate.touch()
+    with pytest.raises(FleetError) as caught:
+        await deploying
+    assert caught.value.action == "prepare"
+    assert list(caught.value.failures) == [app.hosts[1].name]
+    assert isinstance(caught.value.failures[app.hosts[1].name], ConnectError)
+    for index, root in enumerate(roots(app)):
+        assert current(root) == first.release
+        if index != 1:
+            assert releases_on(root) == [first.release]
+            assert not (root / ".deployd.lock").exists()
+    lab.hosts[1].start()
+    third = await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice")
+    assert all(current(root) == third.release for root in roots(app))
+    assert no_locks(app)
+
+
+async def test_switch_failure_on_one_host_reverts_the_others(lab: Lab, pool: HostPool) -> None:
+    """A restart hook failing on one host after its switch: every host goes back to the
+    previous release, the new release is dropped, and the error names that host."""
+    hosts = [lab.host_config(h, fail="1" if i == 2 else "0") for i, h in enumerate(lab.hosts)]
+    restart = f'[ "$DEPLOYD_VAR_FAIL$DEPLOYD_REVISION" = "1{sha(2)}" ] && exit 4; true'
+    app = lab.app(hosts=hosts, hooks=Hooks(restart=restart))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    with pytest.raises(FleetError) as caught:
+        await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    assert caught.value.action == "switch"
+    assert list(caught.value.failures) == [hosts[2].name]
+    for root in roots(app):
+        assert current(root) == first.release
+        assert releases_on(root) == [first.release]
+        log = (root / "revisions.log").read_text().splitlines()
+        assert log[-1] == f"alice rolled back to release {first.release}"
+    assert no_locks(app)
+
+
+async def test_deploy_refuses_a_host_locked_by_someone_else(lab: Lab, pool: HostPool) -> None:
+    """A live lock on one host stops the deploy before anything is uploaded, naming the
+    holder."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    other = LockInfo.new("carol", "maintenance")
+    host = pool.host(app, app.hosts[0])
+    await host.run(f"printf '%s' '{other.content()}' > {app.hosts[0].deploy_to}/.deployd.lock",
+                   timeout=10)
+    with pytest.raises(FleetError) as caught:
+        await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    error = caught.value.failures[app.hosts[0].name]
+    assert isinstance(error, LockHeld) and "carol" in str(error)
+    assert all(releases_on(root) == [first.release] for root in roots(app))
+
+
+async def test_rollback_to_a_target_missing_on_one_host_switches_nothing(
+        lab: Lab, pool: HostPool) -> None:
+    """The target missing on one host: an error naming it, and no host switched."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    victim = app.hosts[1]
+    await pool.host(app, victim).run(f"rm -rf {victim.deploy_to}/releases/{first.release}",
+                                     timeout=10)
+    with pytest.raises(FleetError) as caught:
+        await fleet.rollback(first.release, reason="bad deploy", actor="bob")
+    assert caught.value.action == "rollback check"
+    assert list(caught.value.failures) == [victim.name]
+    assert "does not exist" in str(caught.value)
+    assert all(current(root) == second.release for root in roots(app))
+    assert not any((root / "releases" / second.release / "ROLLED_BACK").exists()
+                   for root in roots(app))
+
+
+async def test_rollback_refuses_hosts_that_disagree(lab: Lab, pool: HostPool) -> None:
+    """The target holding another revision on one host is an explicit error naming the
+    hosts and revisions, not a guess; nothing is switched."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    odd = app.hosts[0]
+    await pool.host(app, odd).run(
+        f"echo {sha(9)} > {odd.deploy_to}/releases/{first.release}/REVISION", timeout=10)
+    with pytest.raises(FleetError, match="disagree") as caught:
+        await fleet.rollback(first.release, reason="bad deploy", actor="bob")
+    assert set(caught.value.failures) == set(fleet.hosts)
+    assert sha(9)[:12] in str(caught.value)
+    assert all(current(root) == second.release for root in roots(app))
+    with pytest.raises(FleetError) as named:
+        await fleet.rollback(first.release, reason="bad deploy", actor="bob", revision=sha(1))
+    assert list(named.value.failures) == [odd.name]
+
+
+async def test_rollback_with_one_host_down_rolls_back_the_others(
+        lab: Lab, pool: HostPool) -> None:
+    """A host down: the others roll back, the error names it, and retrying just that host
+    later completes the rollback."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    down = app.hosts[2]
+    vanish(lab.hosts[2])
+    with pytest.raises(RollbackIncomplete) as caught:
+        await fleet.rollback(first.release, reason="bad deploy", actor="bob")
+    assert list(caught.value.failures) == [down.name]
+    assert isinstance(caught.value.failures[down.name], ConnectError)
+    assert set(caught.value.outcome.hosts) == {app.hosts[0].name, app.hosts[1].name}
+    assert caught.value.outcome.revision == sha(1)
+    assert [current(root) for root in roots(app)] == [first.release, first.release,
+                                                      second.release]
+    lab.hosts[2].start()
+    outcome = await fleet.rollback(first.release, reason="bad deploy", actor="bob",
+                                   hosts=[down.name])
+    assert outcome.hosts == (down.name,) and outcome.previous[down.name] == second.release
+    assert all(current(root) == first.release for root in roots(app))
+    assert all((root / "releases" / second.release / "ROLLED_BACK").exists()
+               for root in roots(app))
+    assert no_locks(app)
+
+
+async def test_host_vanishing_mid_rollback_does_not_stop_the_others(
+        lab: Lab, pool: HostPool) -> None:
+    """A host vanishing while its rollback hook runs: the others complete and the error
+    names only that host."""
+    gate = lab.workdir / "rollback-gate"
+    hook = f"touch ../../rolling; while [ ! -e {gate} ]; do sleep 0.05; done"
+    app = lab.app(hooks=Hooks(rollback=hook))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    rolling = asyncio.create_task(fleet.rollback(first.release, reason="bad", actor="bob"))
+    assert await asyncio.to_thread(
+        wait_until, lambda: all((root / "rolling").exists() for root in roots(app)))
+    vanish(lab.hosts[0])
+    gate.touch()
+    with pytest.raises(RollbackIncomplete) as caught:
+        await rolling
+    assert list(caught.value.failures) == [app.hosts[0].name]
+    assert set(caught.value.outcome.hosts) == {app.hosts[1].name, app.hosts[2].name}
+    assert all(current(root) == first.release for root in roots(app)[1:])
+
+
+async def test_release_name_bumps_when_two_deploys_land_in_the_same_second(
+        lab: Lab, pool: HostPool) -> None:
+    """Two deploys in the same second get distinct, increasing release names."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock(step=timedelta(0)))
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    assert first.release == START.strftime("%Y%m%d%H%M%S")
+    assert second.release == (START + timedelta(seconds=1)).strftime("%Y%m%d%H%M%S")
+    assert all(current(root) == second.release for root in roots(app))
+
+
+async def test_release_name_moves_past_a_newer_release_on_any_host(
+        lab: Lab, pool: HostPool) -> None:
+    """A release newer than now on one host (another tool, clock skew) pushes the name
+    past it on every host."""
+    app = lab.app()
+    future = "20990101000000"
+    await pool.host(app, app.hosts[1]).run(
+        f"mkdir -p {app.hosts[1].deploy_to}/releases/{future}", timeout=10)
+    fleet = Fleet(app, pool, clock=Clock())
+    outcome = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    assert outcome.release == "20990101000001"
+
+
+async def test_fan_out_is_bounded_by_parallel(lab_factory: Callable[[int], Lab],
+                                              pool: HostPool) -> None:
+    """With parallel=2, at most two hosts run their build at the same time."""
+    lab = lab_factory(4)
+    trace = lab.workdir / "trace"
+    build = (f"echo start >> {trace}; sleep 0.3; echo end >> {trace}")
+    app = lab.app(parallel=2, hooks=Hooks(build=build))
+    await Fleet(app, pool, clock=Clock()).deploy(sha(1), tarball(1), branch="production",
+                                                 actor="alice")
+    running = peak = 0
+    for event in trace.read_text().split():
+        running += 1 if event == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+
+async def test_state_reports_each_hosts_error(lab: Lab, pool: HostPool) -> None:
+    """state() gives every host's state, and the error for a host that is down."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock())
+    await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    vanish(lab.hosts[0])
+    states = await fleet.state()
+    assert list(states) == list(fleet.hosts)
+    assert isinstance(states[app.hosts[0].name], ConnectError)
+    assert all(isinstance(states[h.name], HostState) for h in app.hosts[1:])
+
+
+async def test_rollback_of_unknown_target_everywhere(lab: Lab, pool: HostPool) -> None:
+    """A target that exists nowhere is refused on every host."""
+    app = lab.app()
+    fleet = Fleet(app, pool, clock=Clock())
+    await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    with pytest.raises(FleetError) as caught:
+        await fleet.rollback("20000101000000", reason="x", actor="bob")
+    assert set(caught.value.failures) == set(fleet.hosts)
+    assert all(isinstance(e, ReleaseError) for e in caught.value.failures.values())
