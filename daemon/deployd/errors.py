@@ -18,7 +18,8 @@ deployd's own types::
     ├── FleetError           an operation failed on some hosts (per-host errors attached)
     ├── NotFound             an app, job, release or revision that does not exist
     ├── Conflict             the request conflicts with the current state (REST 409)
-    └── Invalid              a request is well-formed but not acceptable (REST 422)
+    ├── Invalid              a request is well-formed but not acceptable (REST 422)
+    └── Forbidden            a rule forbids this actor the action (REST 403)
 """
 
 from __future__ import annotations
@@ -121,3 +122,7 @@ class Conflict(DeploydError):
 
 class Invalid(DeploydError):
     """Raised when a request is well-formed but its content is not acceptable."""
+
+
+class Forbidden(DeploydError):
+    """Raised when a rule forbids this actor the action (e.g. approving their own job)."""

@@ -1,0 +1,499 @@
+"""Rescue jobs: "rebuild the branch as last good + these commits", shown, approved, done.
+
+A job is opened after every automatic rollback (or by hand over REST). It lists the commits
+of the bad range as candidates, pre-selects those the app's rule marks, and keeps a preview
+of what would land: whether each selected commit applies on the base and the ones before it,
+the conflicting paths where not, and a `plan` hash binding base, bad head, selection (or the
+hand-resolved patch) and the resulting tree. An approval names the plan it approves, so
+nobody approves something other than what they read.
+
+The transplant, once approved:
+
+    fetch; branch still at the bad head?  -- no --> superseded, nothing overwritten
+    cherry-pick the selection onto the base (three-way, in memory) or commit the patch
+    tree == the approved plan's tree?     -- no --> failed
+    backup ref at the bad head, pushed to the remote  (refs/heads/<prefix>/<app>/<job id>)
+    push the new head with a lease on the bad head    -- lost --> superseded
+    hand the pushed head back: the supervisor deploys and bakes it like any head
+
+Each step is recorded before it is taken, so `resume()` can carry on after a crash: the
+remote is either untouched or fully done with its backup.
+
+    pending -> approved -> running -> succeeded | failed
+    pending -> rejected | expired | superseded
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deployd.config import AppConfig
+from deployd.errors import (
+    Conflict,
+    Forbidden,
+    GitError,
+    Invalid,
+    NotFound,
+    PushRejected,
+)
+from deployd.git import CommitInfo, Mirror, RefUpdate
+from deployd.metrics import Metrics
+from deployd.store import JOB_STATES, Job, JobStore, Store
+
+log = logging.getLogger("deployd.rescue")
+
+COMMITTER = ("deployd", "deployd@localhost")
+_TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*):\s*(.*)$")
+_FALSE = {"no", "false", "0", "off", "n"}
+
+
+def trailers(message: str) -> dict[str, str]:
+    """The trailer block of a commit message (`Key: value` lines of its last paragraph)."""
+    paragraphs = [p for p in message.strip().split("\n\n") if p.strip()]
+    if len(paragraphs) < 2:
+        return {}
+    found: dict[str, str] = {}
+    for line in paragraphs[-1].splitlines():
+        match = _TRAILER.match(line.strip())
+        if match is None:
+            return {}
+        found[match.group(1).lower()] = match.group(2).strip()
+    return found
+
+
+def preselected(app: AppConfig, commit: CommitInfo) -> bool:
+    """Whether the app's rule picks this commit for the rescue."""
+    rule = app.rescue
+    if rule.select_kind == "trailer":
+        value = trailers(commit.message).get(rule.select_value.lower())
+        return value is not None and value.lower() not in _FALSE
+    if rule.select_kind == "message":
+        return re.search(rule.select_value, commit.message) is not None
+    return False
+
+
+def _changed_lines(diff: str) -> list[str]:
+    """The lines a diff adds and removes, per file: what "the same change" means here."""
+    lines = []
+    for line in diff.splitlines():
+        if line.startswith(("+++", "---")):
+            lines.append(line)
+        elif line.startswith(("+", "-")):
+            lines.append(line)
+    return lines
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What the current selection (or resolved patch) would make of the base."""
+
+    candidates: list[dict[str, Any]]
+    tree: str | None
+    ready: bool
+    blocked_by: str | None
+    adaptation: str | None
+    plan: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"candidates": self.candidates, "tree": self.tree, "ready": self.ready,
+                "blocked_by": self.blocked_by, "adaptation": self.adaptation}
+
+
+class Rescue:
+    """The rescue jobs of one app: open, preview, select, resolve, approve, transplant."""
+
+    def __init__(self, app: AppConfig, *, store: Store, jobs: JobStore, mirror: Mirror,
+                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.store = store
+        self.jobs = jobs
+        self.mirror = mirror
+        self.metrics = metrics
+        self.clock = clock
+
+    @property
+    def name(self) -> str:
+        return self.app.name
+
+    def backup_ref(self, job: Job) -> str:
+        """The remote branch holding the old head: `refs/heads/<prefix>/<app>/<job id>`."""
+        return f"refs/heads/{self.app.rescue.backup_prefix}/{self.name}/{job.id}"
+
+    # -- opening ---------------------------------------------------------------------------
+
+    async def open(self, *, base: str, bad_head: str, requester: str, reason: str,
+                   commits: list[str] | None = None) -> Job:
+        """Open a pending job for the range base..bad_head; `commits` picks by hand."""
+        base = await self.mirror.resolve(base)
+        bad_head = await self.mirror.resolve(bad_head)
+        if base == bad_head:
+            raise Invalid(f"{self.name}: the branch head is the base; nothing to rescue")
+        infos = await self.mirror.commits_between(base, bad_head)
+        if not infos:
+            raise Invalid(f"{self.name}: no commits between {base[:12]} and {bad_head[:12]}")
+        candidates = [_candidate(info) for info in infos]
+        if commits is None:
+            selection = [info.sha for info in infos if preselected(self.app, info)]
+        else:
+            selection = await self._validate_selection(candidates, commits)
+        job = await self.jobs.create(self.name, base=base, bad_head=bad_head,
+                                     candidates=candidates, selection=selection,
+                                     requester=requester, reason=reason,
+                                     expires_at=self.clock() + self.app.rescue.expire)
+        job = await self._refresh_preview(job)
+        picked = ", ".join(s[:12] for s in selection) or "nothing yet"
+        await self.store.add_event(
+            self.name, "job.opened",
+            f"rescue job {job.id} waits for approval: {base[:12]} + {picked} "
+            f"({len(candidates)} candidate(s))", actor=requester, revision=bad_head,
+            data={"job": job.id, "plan": job.plan})
+        await self.refresh_metrics()
+        return job
+
+    async def _validate_selection(self, candidates: list[dict[str, Any]],
+                                  commits: list[str]) -> list[str]:
+        by_sha = {c["sha"]: index for index, c in enumerate(candidates)}
+        chosen: set[str] = set()
+        for given in commits:
+            try:
+                sha = await self.mirror.resolve(given)
+            except NotFound:
+                raise Invalid(f"unknown commit {given!r}") from None
+            if sha not in by_sha:
+                raise Invalid(f"commit {given!r} is not in the bad range (base..bad head, "
+                              "merges left out)")
+            chosen.add(sha)
+        return sorted(chosen, key=by_sha.__getitem__)  # always oldest first
+
+    # -- preview and plan ------------------------------------------------------------------
+
+    async def _refresh_preview(self, job: Job) -> Job:
+        preview = await self.compute_preview(job)
+        updated = await self.jobs.update(job.id, preview=preview.to_json(), plan=preview.plan)
+        assert updated is not None
+        return updated
+
+    async def compute_preview(self, job: Job) -> Preview:
+        """Try the selection commit by commit on the base, in memory; compute the plan."""
+        selected = set(job.selection)
+        head = job.base
+        statuses: dict[str, dict[str, Any]] = {}
+        original: list[str] = []
+        landing: list[str] = []
+        for sha in job.selection:
+            result = await self.mirror.cherry_pick(head, [sha], committer_name=COMMITTER[0],
+                                                   committer_email=COMMITTER[1])
+            info = await self.mirror.commit_info(sha)
+            before = info.parents[0] if info.parents else None
+            change = _changed_lines(await self.mirror.diff(before, sha)) if before else []
+            original += change
+            if not result.clean:
+                statuses[sha] = {"applies_cleanly": False,
+                                 "conflicting_paths": list(result.conflict_paths)}
+                continue
+            landed = _changed_lines(await self.mirror.diff(head, result.head))
+            landing += landed
+            statuses[sha] = {"applies_cleanly": True, "conflicting_paths": [],
+                             "already_in_base": sha in result.skipped,
+                             "adapted": landed != change and sha not in result.skipped}
+            head = result.head
+        tree: str | None
+        blocked: str | None = None
+        if job.resolved_patch is not None:
+            tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
+            landing = _changed_lines(await self.mirror.diff(job.base, tree))
+        else:
+            tree = (await self.mirror.commit_info(head)).tree
+            conflicting = [s[:12] for s, st in statuses.items() if not st["applies_cleanly"]]
+            if conflicting:
+                blocked = (f"{', '.join(conflicting)} do(es) not apply cleanly on the base: "
+                           "upload a resolved patch (PUT .../patch) or change the selection")
+        if not job.selection:
+            blocked = "nothing selected: choose commits with PUT .../selection"
+        candidates = [{**c, "selected": c["sha"] in selected, **statuses.get(c["sha"], {})}
+                      for c in job.candidates]
+        adaptation = None
+        if landing != original:
+            adaptation = "".join(difflib.unified_diff(
+                [line + "\n" for line in original], [line + "\n" for line in landing],
+                "the selected commits' own change", "what would land"))
+        plan = None if blocked else _plan(job, tree)
+        return Preview(candidates, tree, blocked is None, blocked, adaptation, plan)
+
+    async def patch(self, job: Job) -> str:
+        """The combined change that would land on the base, as a unified diff."""
+        tree = job.preview.get("tree")
+        if tree is None:
+            return ""
+        return await self.mirror.diff(job.base, str(tree))
+
+    # -- human decisions -------------------------------------------------------------------
+
+    async def set_selection(self, job_id: int, commits: list[str], *, actor: str) -> Job:
+        job = await self._pending(job_id)
+        selection = await self._validate_selection(job.candidates, commits)
+        updated = await self.jobs.update(job.id, expect=("pending",), selection=selection,
+                                         resolved_patch=None)
+        if updated is None:
+            raise Conflict(f"rescue job {job_id} is no longer pending")
+        updated = await self._refresh_preview(updated)
+        await self._job_event(updated, "job.selection",
+                              f"selection set to {', '.join(s[:12] for s in selection) or 'none'}"
+                              " (any resolved patch dropped)", actor)
+        return updated
+
+    async def set_resolved_patch(self, job_id: int, patch: str, *, actor: str) -> Job:
+        """Take a hand-resolved diff for the selection; it must apply to the base."""
+        job = await self._pending(job_id)
+        if not job.selection:
+            raise Invalid("select the commits this patch stands for first (PUT .../selection)")
+        await self.mirror.apply_patch(job.base, patch)  # Invalid when it does not apply
+        updated = await self.jobs.update(job.id, expect=("pending",), resolved_patch=patch)
+        if updated is None:
+            raise Conflict(f"rescue job {job_id} is no longer pending")
+        updated = await self._refresh_preview(updated)
+        await self._job_event(updated, "job.patch",
+                              f"resolved patch uploaded ({len(patch)} bytes)", actor)
+        return updated
+
+    async def check_approval(self, job: Job, *, plan: str, actor: str) -> None:
+        """Raise unless `actor` may approve exactly `plan` of this pending job now."""
+        if job.state != "pending":
+            raise Conflict(f"rescue job {job.id} is {job.state}, not pending")
+        if self.clock() >= job.expires_at:
+            await self._end(job, "expired", "expired before approval")
+            raise Conflict(f"rescue job {job.id} expired")
+        if not job.preview.get("ready"):
+            raise Invalid(f"rescue job {job.id} cannot be approved yet: "
+                          f"{job.preview.get('blocked_by')}")
+        if plan != job.plan:
+            raise Conflict(f"stale plan: rescue job {job.id} now has plan {job.plan}; "
+                           "read it again before approving")
+        if self.app.rescue.distinct_approver and actor == job.requester:
+            raise Forbidden(f"{actor} opened rescue job {job.id} and may not approve it")
+
+    async def approve(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
+        """Move the job from pending to approved; exactly one racing approval wins."""
+        updated = await self.jobs.update(job.id, expect=("pending",), state="approved")
+        if updated is None:
+            raise Conflict(f"rescue job {job.id} was already decided")
+        await self.jobs.add_approval(job.id, decision="approve", actor=actor, plan=plan,
+                                     comment=comment)
+        await self._job_event(updated, "job.approved",
+                              f"approved by {actor}" + (f": {comment}" if comment else ""),
+                              actor)
+        await self.refresh_metrics()
+        return updated
+
+    async def reject(self, job_id: int, *, actor: str, comment: str) -> Job:
+        job = await self._pending(job_id)
+        updated = await self.jobs.update(job.id, expect=("pending",), state="rejected")
+        if updated is None:
+            raise Conflict(f"rescue job {job_id} was already decided")
+        await self.jobs.add_approval(job.id, decision="reject", actor=actor, plan=job.plan,
+                                     comment=comment)
+        await self._job_event(updated, "job.rejected",
+                              f"rejected by {actor}" + (f": {comment}" if comment else ""), actor)
+        await self.refresh_metrics()
+        return updated
+
+    async def _pending(self, job_id: int) -> Job:
+        job = await self.jobs.get(job_id)
+        if job.state != "pending":
+            raise Conflict(f"rescue job {job_id} is {job.state}, not pending")
+        return job
+
+    # -- the transplant --------------------------------------------------------------------
+
+    async def transplant(self, job: Job, *, approver: str) -> str:
+        """Rebuild, back up and push; return the new head for the supervisor to deploy."""
+        started = time.monotonic()
+        job = await self._set(job, state="running", step="started")
+        await self.mirror.fetch()
+        head = await self.mirror.branch_head(self.app.branch)
+        if job.new_head is not None and head == job.new_head:
+            return job.new_head  # pushed before a restart; only the deploy is left
+        if head != job.bad_head:
+            await self._end(job, "superseded", f"{self.app.branch} moved to "
+                            f"{(head or 'nothing')[:12]} since the job was built; "
+                            "nothing was overwritten")
+            raise Conflict(f"rescue job {job.id} superseded: the branch moved")
+        new_head = await self._rebuild(job, approver)
+        job = await self._set(job, step="committed", new_head=new_head)
+        await self._backup(job)
+        job = await self._set(job, step="backed_up", backup_ref=self.backup_ref(job))
+        try:
+            await self.mirror.push([RefUpdate(new_head, f"refs/heads/{self.app.branch}",
+                                              expected=job.bad_head)])
+        except PushRejected as exc:
+            await self._end(job, "superseded", f"push refused, nothing overwritten: {exc}")
+            raise Conflict(f"rescue job {job.id} superseded: {exc}") from exc
+        job = await self._set(job, step="pushed")
+        self.metrics.transplant_duration_seconds.labels(app=self.name).observe(
+            time.monotonic() - started)
+        await self._job_event(job, "job.pushed",
+                              f"{self.app.branch} rebuilt as {new_head[:12]} (old head "
+                              f"{job.bad_head[:12]} kept at {self.backup_ref(job)})", approver)
+        return new_head
+
+    async def _rebuild(self, job: Job, approver: str) -> str:
+        marks = [("Rescue-Job", f"{self.name}#{job.id}"), ("Approved-by", approver)]
+        if job.resolved_patch is not None:
+            tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
+            new_head = await self.mirror.commit_tree(
+                tree, job.base, like=job.selection, committer_name=COMMITTER[0],
+                committer_email=COMMITTER[1], trailers=marks)
+        else:
+            result = await self.mirror.cherry_pick(
+                job.base, job.selection, committer_name=COMMITTER[0],
+                committer_email=COMMITTER[1], trailers=marks)
+            if not result.clean:
+                raise Invalid(f"{result.conflict} no longer applies cleanly")
+            new_head, tree = result.head, result.tree
+        if tree != job.preview.get("tree"):
+            raise Conflict(f"rescue job {job.id}: the rebuilt tree differs from the approved "
+                           "plan's; nothing pushed")
+        return new_head
+
+    async def _backup(self, job: Job) -> None:
+        """Keep the old head: a local ref fetches never prune, and the same on the remote."""
+        local = f"refs/deployd/backup/{self.name}/{job.id}"
+        await self.mirror.create_ref(local, job.bad_head)
+        await self.mirror.push([RefUpdate(job.bad_head, self.backup_ref(job), expected=None)])
+
+    async def finish(self, job: Job, *, healthy: bool, reason: str) -> None:
+        """The deploy of the rebuilt head baked: the job succeeded or failed."""
+        if healthy:
+            await self._end(job, "succeeded", f"{(job.new_head or '')[:12]} healthy through "
+                            "its bake window; the branch is pristine again")
+        else:
+            await self._end(job, "failed", reason)
+
+    async def fail(self, job: Job, reason: str) -> None:
+        await self._end(job, "failed", reason)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def housekeeping(self, head: str | None) -> None:
+        """Expire old pending jobs and supersede those whose branch moved."""
+        for job in await self.jobs.find(app=self.name, state="pending"):
+            if self.clock() >= job.expires_at:
+                await self._end(job, "expired", "nobody approved it in time")
+            elif head is not None and head != job.bad_head:
+                await self._end(job, "superseded",
+                                f"{self.app.branch} moved to {head[:12]} since the job was built")
+        await self.refresh_metrics()
+
+    async def in_flight(self) -> list[Job]:
+        """Approved or running jobs (to resume after a restart)."""
+        found = []
+        for state in ("approved", "running"):
+            found += await self.jobs.find(app=self.name, state=state)
+        return sorted(found, key=lambda j: j.id)
+
+    async def job_for_deploy(self, deploy_id: int) -> Job | None:
+        for job in await self.jobs.find(app=self.name, state="running"):
+            if job.deploy_id == deploy_id:
+                return job
+        return None
+
+    async def refresh_metrics(self) -> None:
+        counts = await self.jobs.counts(self.name)
+        for state in JOB_STATES:
+            self.metrics.rescue_jobs.labels(app=self.name, state=state).set(counts.get(state, 0))
+        oldest = await self.jobs.oldest_pending(self.name)
+        gauge = self.metrics.rescue_job_oldest_pending_timestamp_seconds
+        if oldest is None:
+            try:
+                gauge.remove(self.name)
+            except KeyError:
+                pass
+        else:
+            gauge.labels(app=self.name).set(oldest)
+
+    async def _set(self, job: Job, **fields: Any) -> Job:
+        updated = await self.jobs.update(job.id, **fields)
+        assert updated is not None
+        return updated
+
+    async def _end(self, job: Job, state: str, reason: str) -> None:
+        error = None if state == "succeeded" else reason
+        updated = await self.jobs.update(job.id, state=state, error=error)
+        if updated is not None:
+            await self._job_event(updated, f"job.{state}", reason, "deployd")
+        log.info("%s: rescue job %d %s: %s", self.name, job.id, state, reason)
+        await self.refresh_metrics()
+
+    async def _job_event(self, job: Job, kind: str, message: str, actor: str) -> None:
+        await self.store.add_event(self.name, kind, f"job {job.id}: {message}", actor=actor,
+                                   revision=job.new_head or job.bad_head,
+                                   data={"job": job.id, "state": job.state})
+
+    # -- what REST shows -------------------------------------------------------------------
+
+    async def describe(self, job: Job) -> dict[str, Any]:
+        """A job as `GET /api/v1/jobs/{id}` shows it, with the next useful calls."""
+        approvals = await self.jobs.approvals(job.id)
+        log_events = [e.to_json() for e in await self.store.events(self.name, limit=5000)
+                      if e.data.get("job") == job.id]
+        base_info = await _safe_info(self.mirror, job.base)
+        body: dict[str, Any] = {
+            "id": job.id, "app": job.app, "state": job.state,
+            "base": base_info, "bad_head": job.bad_head, "requester": job.requester,
+            "reason": job.reason, "created_at": _iso(job.created_at),
+            "expires_at": _iso(job.expires_at), "plan": job.plan,
+            "ready": bool(job.preview.get("ready")), "blocked_by": job.preview.get("blocked_by"),
+            "candidates": job.preview.get("candidates", job.candidates),
+            "resolved_patch": job.resolved_patch is not None,
+            "adaptation": job.preview.get("adaptation"),
+            "new_head": job.new_head, "backup_branch": job.backup_ref, "step": job.step,
+            "deploy": job.deploy_id, "error": job.error,
+            "approvals": [a.to_json() for a in approvals], "log": log_events,
+            "links": _links(job),
+        }
+        if job.state == "pending" and job.plan:
+            body["next"] = {"approve": {"method": "POST", "href": _links(job)["approve"],
+                                        "body": {"plan": job.plan, "comment": "..."}}}
+        return body
+
+
+def _plan(job: Job, tree: str | None) -> str:
+    patch = (hashlib.sha256(job.resolved_patch.encode()).hexdigest()
+             if job.resolved_patch is not None else None)
+    payload = json.dumps({"base": job.base, "bad_head": job.bad_head,
+                          "selection": job.selection, "patch": patch, "tree": tree},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _candidate(info: CommitInfo) -> dict[str, Any]:
+    return {"sha": info.sha, "summary": info.summary,
+            "author": f"{info.author_name} <{info.author_email}>", "time": info.time}
+
+
+def _links(job: Job) -> dict[str, str]:
+    base = f"/api/v1/jobs/{job.id}"
+    return {"self": base, "patch": f"{base}/patch", "selection": f"{base}/selection",
+            "approve": f"{base}/approve", "reject": f"{base}/reject",
+            "app": f"/api/v1/apps/{job.app}", "events": f"/api/v1/apps/{job.app}/events"}
+
+
+async def _safe_info(mirror: Mirror, sha: str) -> dict[str, Any]:
+    try:
+        info = await mirror.commit_info(sha)
+    except (GitError, NotFound):
+        return {"sha": sha}
+    return {"sha": sha, "summary": info.summary}
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
