@@ -61,8 +61,10 @@ async def retry_async(
     """Await `operation()` until it succeeds or the policy gives up; re-raise the last error."""
     wait: tenacity.wait.wait_base = (
         tenacity.wait_none() if _instant
-        else tenacity.wait_exponential_jitter(initial=policy.first_wait, max=policy.max_wait,
-                                              jitter=policy.first_wait)
+        # wait_exponential_jitter's `initial` is deprecated in tenacity 9 and its replacement
+        # `multiplier` missing from 8.2: build the same backoff from parts both versions have.
+        else tenacity.wait_exponential(multiplier=policy.first_wait, max=policy.max_wait)
+        + tenacity.wait_random(0, policy.first_wait)
     )
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
