@@ -26,6 +26,7 @@ from deployd.config import Token
 from deployd.errors import (
     Conflict,
     DeploydError,
+    Forbidden,
     GitError,
     Invalid,
     LockHeld,
@@ -33,7 +34,7 @@ from deployd.errors import (
     ReleaseError,
 )
 from deployd.metrics import Metrics
-from deployd.store import Store
+from deployd.store import Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
 
 log = logging.getLogger("deployd.api")
@@ -76,6 +77,7 @@ def error_response(status: int, code: str, message: str,
 
 _DEPLOYD_ERRORS: tuple[tuple[type[DeploydError], int, str], ...] = (
     (NotFound, 404, "not_found"),
+    (Forbidden, 403, "forbidden"),
     (LockHeld, 409, "lock_held"),
     (Conflict, 409, "conflict"),
     (Invalid, 422, "invalid"),
@@ -306,6 +308,150 @@ async def resume(request: web.Request) -> web.Response:
     return web.json_response(await sup.summary())
 
 
+# -- rescue jobs --------------------------------------------------------------------------
+
+_JOB_STATES = ("pending", "approved", "running", "succeeded", "failed", "rejected", "expired",
+               "superseded")
+
+
+def job_id(request: web.Request) -> int:
+    raw = request.match_info["job"]
+    if not raw.isdigit():
+        raise ApiError(404, "not_found", f"no rescue job {raw!r}")
+    return int(raw)
+
+
+async def load_job(request: web.Request) -> tuple[Job, AppSupervisor]:
+    """The job named in the path and the supervisor of its app (404 for either)."""
+    context = request.app[CONTEXT]
+    job = await JobStore(context.store).get(job_id(request))
+    sup = context.supervisors.get(job.app)
+    if sup is None or sup.rescue is None:
+        raise ApiError(404, "not_found", f"rescue job {job.id} belongs to app {job.app!r}, "
+                       "which is not in the current config")
+    return job, sup
+
+
+def string_list(body: Mapping[str, Any], name: str, *, required: bool) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(422, "invalid", f"field {name!r} is required")
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ApiError(422, "invalid", f"field {name!r} must be a list of commit ids")
+    return list(value)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    require(request, "read")
+    state = request.query.get("state")
+    if state is not None and state not in _JOB_STATES:
+        raise ApiError(422, "invalid", f"state must be one of {', '.join(_JOB_STATES)}")
+    app_name = request.query.get("app")
+    context = request.app[CONTEXT]
+    if app_name is not None and app_name not in context.supervisors:
+        raise ApiError(404, "not_found", f"no app named {app_name!r}")
+    jobs = await JobStore(context.store).find(app=app_name, state=state)
+    listed = []
+    for job in jobs:
+        listed.append({"id": job.id, "app": job.app, "state": job.state,
+                       "bad_head": job.bad_head, "base": job.base, "plan": job.plan,
+                       "ready": bool(job.preview.get("ready")),
+                       "selected": job.selection, "requester": job.requester,
+                       "reason": job.reason, "error": job.error,
+                       "links": {"self": f"/api/v1/jobs/{job.id}",
+                                 "patch": f"/api/v1/jobs/{job.id}/patch"}})
+    return web.json_response({"jobs": listed})
+
+
+async def open_job(request: web.Request) -> web.Response:
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    body = await read_json(request)
+    reject_unknown(body, {"commits", "base"})
+    commits = string_list(body, "commits", required=True)
+    assert commits is not None
+    if not commits:
+        raise ApiError(422, "invalid", "field 'commits' must name at least one commit")
+    base = field_str(body, "base")
+    job = await sup.open_job(commits=commits, base=base, actor=token.name)
+    assert sup.rescue is not None
+    return web.json_response(await sup.rescue.describe(job), status=201,
+                             headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
+async def show_job(request: web.Request) -> web.Response:
+    require(request, "read")
+    job, sup = await load_job(request)
+    assert sup.rescue is not None
+    return web.json_response(await sup.rescue.describe(job))
+
+
+async def job_patch(request: web.Request) -> web.Response:
+    require(request, "read")
+    job, sup = await load_job(request)
+    assert sup.rescue is not None
+    text = await sup.rescue.patch(job)
+    return web.Response(text=text, content_type="text/x-diff",
+                        headers={"X-Deployd-Plan": job.plan or ""})
+
+
+async def put_job_patch(request: web.Request) -> web.Response:
+    token = require(request, "approve")
+    job, sup = await load_job(request)
+    assert sup.rescue is not None
+    raw = await request.read()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_patch", "the patch must be UTF-8 text") from None
+    if not text.strip():
+        raise ApiError(422, "invalid", "send the resolved unified diff as the request body")
+    job = await sup.rescue.set_resolved_patch(job.id, text, actor=token.name)
+    return web.json_response(await sup.rescue.describe(job))
+
+
+async def put_job_selection(request: web.Request) -> web.Response:
+    token = require(request, "approve")
+    job, sup = await load_job(request)
+    assert sup.rescue is not None
+    body = await read_json(request)
+    reject_unknown(body, {"commits"})
+    commits = string_list(body, "commits", required=True)
+    assert commits is not None
+    job = await sup.rescue.set_selection(job.id, commits, actor=token.name)
+    return web.json_response(await sup.rescue.describe(job))
+
+
+async def approve_job(request: web.Request) -> web.Response:
+    token = require(request, "approve")
+    job, sup = await load_job(request)
+    assert sup.rescue is not None
+    body = await read_json(request)
+    reject_unknown(body, {"plan", "comment"})
+    plan = field_str(body, "plan", required=True)
+    assert plan is not None
+    comment = body.get("comment", "")
+    if not isinstance(comment, str):
+        raise ApiError(422, "invalid", "field 'comment' must be a string")
+    job = await sup.approve_job(job, plan=plan, actor=token.name, comment=comment)
+    return web.json_response(await sup.rescue.describe(job), status=202)
+
+
+async def reject_job(request: web.Request) -> web.Response:
+    token = require(request, "approve")
+    job, sup = await load_job(request)
+    assert sup.rescue is not None
+    body = await read_json(request)
+    reject_unknown(body, {"comment"})
+    comment = body.get("comment", "")
+    if not isinstance(comment, str):
+        raise ApiError(422, "invalid", "field 'comment' must be a string")
+    job = await sup.rescue.reject(job.id, actor=token.name, comment=comment)
+    return web.json_response(await sup.rescue.describe(job))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -317,6 +463,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/apps/{app}/rollback", rollback)
     app.router.add_post("/api/v1/apps/{app}/pause", pause)
     app.router.add_post("/api/v1/apps/{app}/resume", resume)
+    app.router.add_post("/api/v1/apps/{app}/jobs", open_job)
+    app.router.add_get("/api/v1/jobs", list_jobs)
+    app.router.add_get("/api/v1/jobs/{job}", show_job)
+    app.router.add_get("/api/v1/jobs/{job}/patch", job_patch)
+    app.router.add_put("/api/v1/jobs/{job}/patch", put_job_patch)
+    app.router.add_put("/api/v1/jobs/{job}/selection", put_job_selection)
+    app.router.add_post("/api/v1/jobs/{job}/approve", approve_job)
+    app.router.add_post("/api/v1/jobs/{job}/reject", reject_job)
 
 
 def create_app(context: ApiContext) -> web.Application:

@@ -26,7 +26,8 @@ from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
 from deployd.metrics import Metrics
 from deployd.notify import Notifier
-from deployd.store import Store
+from deployd.rescue import Rescue
+from deployd.store import JobStore, Store
 from deployd.supervisor import AppSupervisor
 
 log = logging.getLogger("deployd")
@@ -66,8 +67,10 @@ class Daemon:
         sup: AppSupervisor
         health = HealthMonitor(app, self.session, self.metrics,
                                on_change=lambda change: sup.on_health_change(change))
+        rescue = Rescue(app, store=self.store, jobs=JobStore(self.store), mirror=mirror,
+                        metrics=self.metrics)
         sup = AppSupervisor(app, store=self.store, mirror=mirror, fleet=fleet,
-                            metrics=self.metrics, health=health)
+                            metrics=self.metrics, health=health, rescue=rescue)
         return sup
 
 

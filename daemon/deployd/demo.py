@@ -163,11 +163,11 @@ class Timeline:
             print(f"  {time.monotonic() - self.started:6.2f}s  {event['kind']:<20} "
                   f"{event['message']}")
 
-    async def until(self, kind: str, count: int = 1, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def until(self, kind: str, count: int = 1, within: float = 30.0) -> None:
+        deadline = time.monotonic() + within
         while self.kinds.count(kind) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"demo: no {kind} event within {timeout:.0f}s")
+                raise RuntimeError(f"demo: no {kind} event within {within:.0f}s")
             await self.pump()
             await asyncio.sleep(0.1)
         await self.pump()
@@ -195,7 +195,7 @@ async def run_demo(*, approve: bool = False, keep: bool = False,
     """Play the demo; 0 when every step happened as told."""
     root = Path(tempfile.mkdtemp(prefix="deployd-demo-"))
     try:
-        return await _play(root)
+        return await _play(root, approve)
     finally:
         if keep:
             print(f"\nfiles kept in {root}")
@@ -203,7 +203,7 @@ async def run_demo(*, approve: bool = False, keep: bool = False,
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def _play(root: Path) -> int:
+async def _play(root: Path, approve: bool) -> int:
     # The timeline below tells the story; the daemon's own log would repeat it.
     logging.getLogger().setLevel(logging.CRITICAL)
     repo = DemoRepo(root / "origin.git")
@@ -244,14 +244,44 @@ async def _play(root: Path) -> int:
             repo.repo.references.create("refs/heads/production",
                                         repo.repo.references["refs/heads/master"].target,
                                         force=True)
-            await timeline.until("rollback.succeeded", 2, timeout=40)
-            await timeline.until("bake.healthy", 4, timeout=40)
+            await timeline.until("rollback.succeeded", 2, within=40)
+            await timeline.until("job.opened", within=40)
+            await _rescue(timeline, base, token, approve)
+            await timeline.until("job.succeeded", within=60)
 
             summary = await timeline.call("GET", "/api/v1/apps/shop")
             _print_summary(summary, base)
     finally:
         await health.stop()
     return 0
+
+
+async def _rescue(timeline: Timeline, base: str, token: str, approve: bool) -> None:
+    jobs = await timeline.call("GET", "/api/v1/jobs?state=pending&app=shop")
+    job = await timeline.call("GET", jobs["jobs"][0]["links"]["self"])
+    say(f"rescue job {job['id']} proposes: last good {job['base']['sha'][:12]} + the marked fix")
+    for candidate in job["candidates"]:
+        mark = "[x]" if candidate["selected"] else "[ ]"
+        print(f"  {mark} {candidate['sha'][:12]} {candidate['summary']}  ({candidate['author']})")
+    async with timeline.session.get(base + job["links"]["patch"],
+                                    headers=timeline.headers) as response:
+        patch = await response.text()
+    print("\n  the change that would land:")
+    print("".join(f"    {line}\n" for line in patch.splitlines()))
+    print("  look and approve with:")
+    print(f"    export TOKEN={token}")
+    print(f'    curl -sS -H "Authorization: Bearer $TOKEN" {base}/api/v1/jobs/{job["id"]}')
+    print(f'    curl -sS -H "Authorization: Bearer $TOKEN" {base}{job["links"]["patch"]}')
+    print(f'    curl -sS -H "Authorization: Bearer $TOKEN" -X POST '
+          f'-d \'{{"plan": "{job["plan"]}", "comment": "ship the fix"}}\' '
+          f'{base}{job["links"]["approve"]}')
+    if approve:
+        say("approving it (--approve)")
+        await timeline.call("POST", job["links"]["approve"],
+                            {"plan": job["plan"], "comment": "demo: ship the fix"})
+    else:
+        say("waiting for your approval (Ctrl-C to stop)")
+        await timeline.until("job.approved", within=3600)
 
 
 def _print_summary(summary: dict[str, Any], base: str) -> None:
@@ -261,6 +291,7 @@ def _print_summary(summary: dict[str, Any], base: str) -> None:
     print(f"  live          {str(live.get('revision'))[:12]} as release {live.get('release')}")
     for item in summary.get("quarantined", []):
         print(f"  quarantined   {item['revision'][:12]}  {item['reason']}")
+    print("  the old head is kept on the origin as deployd/backup/shop/<job id>")
     print("\nWhile the daemon runs, these show the same facts:")
     print(f'  curl -sS -H "Authorization: Bearer $TOKEN" {base}/api/v1/apps/shop')
     print(f'  curl -sS -H "Authorization: Bearer $TOKEN" "{base}/api/v1/apps/shop/events?since=0"')

@@ -19,32 +19,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from deployd import policy
 from deployd.config import AppConfig
-from deployd.errors import Conflict, DeploydError, FleetError, NotFound
+from deployd.errors import Conflict, DeploydError, FleetError, Invalid, NotFound
 from deployd.fleet import Fleet
 from deployd.git import Mirror
 from deployd.health import HealthChange, HealthMonitor
 from deployd.metrics import Metrics
-from deployd.store import Deploy, Store
+from deployd.rescue import Rescue
+from deployd.store import Deploy, Job, Store
 
 log = logging.getLogger("deployd.supervisor")
 
 SYSTEM_ACTOR = "deployd"
-
-
-@dataclass(frozen=True)
-class AutoRollback:
-    """What an automatic rollback left behind, for whoever opens the rescue job."""
-
-    app: str
-    bad_revision: str
-    bad_head: str | None
-    last_good_revision: str | None
-    reason: str
 
 
 class AppSupervisor:
@@ -59,7 +48,7 @@ class AppSupervisor:
         fleet: Fleet,
         metrics: Metrics,
         health: HealthMonitor | None = None,
-        on_auto_rollback: Callable[[AutoRollback], Awaitable[None]] | None = None,
+        rescue: Rescue | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
@@ -68,7 +57,7 @@ class AppSupervisor:
         self.fleet = fleet
         self.metrics = metrics
         self.health = health
-        self.on_auto_rollback = on_auto_rollback
+        self.rescue = rescue
         self.clock = clock
         self.head: str | None = None
         self.fetched = False
@@ -141,6 +130,8 @@ class AppSupervisor:
                                            revision=head, data={"previous": self.head})
             self.head = head
         await self._update_pristine()
+        if self.rescue is not None:
+            await self.rescue.housekeeping(head)
         if self.app.mode == "observe":
             await self.observe()
         else:
@@ -233,7 +224,8 @@ class AppSupervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def _deploy(self, revision: str, *, trigger: str, actor: str,
-                      started: asyncio.Future[Deploy] | None = None) -> Deploy:
+                      started: asyncio.Future[Deploy] | None = None,
+                      on_start: Callable[[Deploy], Awaitable[object]] | None = None) -> Deploy:
         self._attempted = revision
         live = await self.store.last_live(self.name)
         record = await self.store.start_deploy(
@@ -242,6 +234,8 @@ class AppSupervisor:
             previous_revision=live.revision if live else None,
         )
         _resolve(started, record)
+        if on_start is not None:
+            await on_start(record)
         await self.store.add_event(self.name, "deploy.started",
                                    f"deploying {_short(revision)} ({trigger})",
                                    actor=actor, revision=revision, data={"deploy": record.id})
@@ -364,6 +358,80 @@ class AppSupervisor:
                     return item.revision
         raise NotFound(f"{self.name}: no release {release} on record or on any host")
 
+    # -- rescue jobs ---------------------------------------------------------------------
+
+    def _rescue(self) -> Rescue:
+        if self.rescue is None:
+            raise Conflict(f"{self.name}: rescue jobs are not available for this app")
+        return self.rescue
+
+    async def open_job(self, *, commits: list[str], base: str | None, actor: str) -> Job:
+        """Open a rescue job by hand: base (default last good) + the named commits."""
+        rescue = self._rescue()
+        if not await self._fetch():
+            raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
+        head = await self.mirror.branch_head(self.app.branch)
+        if head is None:
+            raise Conflict(f"{self.name}: branch {self.app.branch} does not exist")
+        if base is None:
+            state = await self.store.app_state(self.name)
+            base = state.last_good_revision
+            if base is None:
+                raise Invalid(f"{self.name}: no last good revision on record; name a base")
+        return await rescue.open(base=base, bad_head=head, requester=actor,
+                                 reason=f"opened by {actor}", commits=commits)
+
+    async def approve_job(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
+        """Approve exactly `plan` and start the transplant; 409 if anything moved."""
+        rescue = self._rescue()
+        await rescue.check_approval(job, plan=plan, actor=actor)
+        if self._operation.locked():
+            raise Conflict(f"{self.name}: a {self._operation_name} is running; approve after it")
+        if await self._fetch():
+            head = await self.mirror.branch_head(self.app.branch)
+            if head != job.bad_head:
+                await rescue.housekeeping(head)
+                raise Conflict(f"rescue job {job.id} superseded: {self.app.branch} moved to "
+                               f"{_short(head)} since the job was built")
+        approved = await rescue.approve(job, plan=plan, actor=actor, comment=comment)
+        await self._spawn(self._transplant_and_deploy(approved, actor), "transplant")
+        return approved
+
+    async def _transplant_and_deploy(self, job: Job, approver: str) -> None:
+        rescue = self._rescue()
+        try:
+            new_head = await rescue.transplant(job, approver=approver)
+        except Conflict:
+            return  # superseded: recorded by rescue, nothing overwritten
+        except DeploydError as exc:
+            await rescue.fail(job, f"transplant failed: {exc}")
+            return
+        self.head = new_head
+        record = await self._deploy(new_head, trigger="rescue", actor=approver,
+                                    on_start=lambda r: rescue.jobs.update(job.id, deploy_id=r.id))
+        if record.state != "succeeded":
+            await rescue.fail(job, f"deploy of {_short(new_head)} failed: {record.error}")
+
+    async def _resume_jobs(self) -> None:
+        """Carry on with transplants a killed daemon left approved or running."""
+        if self.rescue is None:
+            return
+        for job in await self.rescue.in_flight():
+            if job.deploy_id is not None:
+                record = await self.store.deploy(job.deploy_id)
+                if record.state in ("failed", "interrupted"):
+                    await self.rescue.fail(job, f"deploy of {_short(record.revision)} "
+                                           f"{record.state}: {record.error}")
+                continue  # its bake carries on like any other
+            approvals = [a for a in await self.rescue.jobs.approvals(job.id)
+                         if a.decision == "approve"]
+            approver = approvals[-1].actor if approvals else SYSTEM_ACTOR
+            await self.store.add_event(self.name, "job.resumed",
+                                       f"job {job.id}: resuming the transplant after a restart",
+                                       data={"job": job.id})
+            await self._spawn(self._transplant_and_deploy(job, approver), "transplant")
+            return  # one operation at a time; the next poll picks up any other
+
     # -- observe mode --------------------------------------------------------------------
 
     async def observe(self) -> None:
@@ -413,10 +481,7 @@ class AppSupervisor:
     async def judge(self) -> None:
         """Judge the deploy in its bake window, if any, and act on the verdict."""
         record = await self._baking()
-        if record is None or self._operation.locked() or self.health is None \
-                and not self.app.checks:
-            if record is not None and not self._operation.locked():
-                await self._bake_good(record)
+        if record is None or self._operation.locked():
             return
         assert record.bake_started_at is not None and record.bake_until is not None
         facts = policy.BakeFacts(
@@ -450,6 +515,9 @@ class AppSupervisor:
         await self.store.add_event(self.name, "bake.healthy",
                                    f"{_short(record.revision)} healthy through its bake window",
                                    revision=record.revision, data={"deploy": record.id})
+        job = await self._job_for(record)
+        if job is not None and self.rescue is not None:
+            await self.rescue.finish(job, healthy=True, reason="")
         await self._update_pristine()
 
     async def _bake_bad(self, record: Deploy, reason: str) -> None:
@@ -480,10 +548,28 @@ class AppSupervisor:
             return
         rollback = await self._rollback(target, trigger="health", actor=SYSTEM_ACTOR,
                                         reason=reason)
-        if rollback.state == "succeeded" and self.on_auto_rollback is not None:
-            await self.on_auto_rollback(AutoRollback(
-                app=self.name, bad_revision=record.revision, bad_head=self.head,
-                last_good_revision=state.last_good_revision, reason=reason))
+        job = await self._job_for(record)
+        if job is not None and self.rescue is not None:
+            await self.rescue.finish(job, healthy=False,
+                                     reason=f"the rebuilt head was unhealthy: {reason}")
+        elif rollback.state == "succeeded":
+            await self._open_job_after_rollback(rollback, reason)
+
+    async def _job_for(self, record: Deploy) -> Job | None:
+        if self.rescue is None or record.trigger != "rescue":
+            return None
+        return await self.rescue.job_for_deploy(record.id)
+
+    async def _open_job_after_rollback(self, rollback: Deploy, reason: str) -> None:
+        """Queue the rescue proposal: the live (good) revision + the marked commits."""
+        if self.rescue is None or self.head is None or rollback.revision == "unknown":
+            return
+        try:
+            await self.rescue.open(base=rollback.revision, bad_head=self.head,
+                                   requester=SYSTEM_ACTOR, reason=reason)
+        except DeploydError as exc:
+            await self.store.add_event(self.name, "job.not_opened",
+                                       f"no rescue job opened: {exc}", revision=self.head)
 
     def _health_detail(self) -> dict[str, Any]:
         if self.health is None:
@@ -622,6 +708,7 @@ class AppSupervisor:
             await self.store.add_event(self.name, "bake.resumed",
                                        f"resuming the bake of {_short(baking.revision)} "
                                        "after a restart", revision=baking.revision)
+        await self._resume_jobs()
 
     def _observation_time(self) -> float:
         spans = [check.interval * check.failures + check.timeout for check in self.app.checks]
