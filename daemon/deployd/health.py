@@ -25,7 +25,8 @@ Changes
     time, in order, from a separate task, so probes never wait for them.
 
 Probes start, and time out, on a shared 10 ms tick rather than each on its own timer: at a
-thousand probes a second that halves the monitor's CPU, and a timeout fires at most one tick late.
+thousand probes a second that cuts the monitor's CPU by a third, and a timeout fires at most one
+tick late.
 
 `reset()` (after a deploy or rollback) puts every check back to "unknown" with zero counts,
 keeping the last outcome and reason, and drops results of probes that were in flight; the

@@ -81,10 +81,10 @@ class _Latencies:
         self._observe = child.observe
         child.observe = self.observe  # type: ignore[method-assign]
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         if self.recording:
-            self.values.append(seconds)
-        self._observe(seconds)
+            self.values.append(amount)
+        self._observe(amount, exemplar)
 
     def percentile(self, share: float) -> float:
         ordered = sorted(self.values)
