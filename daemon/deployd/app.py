@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from deployd import api
-from deployd.config import AppConfig, Config
+from deployd.config import AppConfig, Config, load
+from deployd.errors import ConfigError
 from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
@@ -43,7 +44,8 @@ class Daemon:
     pool: HostPool | None = None
     git_home: GitHome | None = None
     supervisors: dict[str, AppSupervisor] = field(default_factory=dict)
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    tasks: dict[str, list[asyncio.Task[Any]]] = field(default_factory=dict)
+    context: api.ApiContext | None = None
 
     def readiness(self) -> dict[str, bool]:
         checks = {"config": True, "store": self.store is not None and self.store.is_open}
@@ -72,6 +74,55 @@ class Daemon:
         sup = AppSupervisor(app, store=self.store, mirror=mirror, fleet=fleet,
                             metrics=self.metrics, health=health, rescue=rescue)
         return sup
+
+    def start_app(self, app: AppConfig) -> None:
+        """Build an app's supervisor and run it (and its health monitor)."""
+        sup = self.build_supervisor(app)
+        self.supervisors[app.name] = sup
+        tasks = [asyncio.create_task(sup.run(), name=f"supervisor-{app.name}")]
+        if sup.health is not None:
+            tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{app.name}"))
+        self.tasks[app.name] = tasks
+
+    async def stop_app(self, name: str, *, forget: bool = False) -> None:
+        """Stop one app: its running operation finishes within the grace period."""
+        sup = self.supervisors.pop(name)
+        await sup.stop(self.config.daemon.shutdown_grace)
+        tasks = self.tasks.pop(name, [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if forget:
+            self.metrics.forget_app(name)
+
+    async def reload(self, config: Config) -> list[str]:
+        """Apply a new, already validated config; return what changed, one line each.
+
+        Apps added start, removed ones stop, changed ones restart with the new settings;
+        their jobs, quarantine and history stay in the store. Tokens change at once. The
+        daemon section (state_dir, listen) needs a restart and is left as it was.
+        """
+        changes: list[str] = []
+        if config.daemon != self.config.daemon:
+            changes.append("daemon settings changed: restart deployd to apply them")
+            config = replace(config, daemon=self.config.daemon)
+        for name in sorted(set(self.config.apps) - set(config.apps)):
+            await self.stop_app(name, forget=True)
+            changes.append(f"app {name} removed")
+        for name, app in sorted(config.apps.items()):
+            old = self.config.apps.get(name)
+            if old == app:
+                continue
+            if old is not None:
+                await self.stop_app(name)
+            self.config = replace(self.config, apps={**self.config.apps, name: app})
+            self.start_app(app)
+            changes.append(f"app {name} {'changed' if old is not None else 'added'}")
+        if self.context is not None and self.context.tokens != config.tokens:
+            self.context.tokens = config.tokens
+            changes.append("tokens changed")
+        self.config = config
+        return changes
 
 
 DAEMON = web.AppKey("daemon", Daemon)
@@ -103,22 +154,11 @@ async def _hosts_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _apps_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
-    for name, app_config in daemon.config.apps.items():
-        sup = daemon.build_supervisor(app_config)
-        daemon.supervisors[name] = sup
-        daemon.tasks.append(asyncio.create_task(sup.run(), name=f"supervisor-{name}"))
-        if sup.health is not None:
-            daemon.tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{name}"))
+    for app_config in daemon.config.apps.values():
+        daemon.start_app(app_config)
     log.info("deployd started with %d app(s)", len(daemon.supervisors))
     yield
-    grace = daemon.config.daemon.shutdown_grace
-    await asyncio.gather(*(sup.stop(grace) for sup in daemon.supervisors.values()))
-    for task in daemon.tasks:
-        task.cancel()
-    for task in daemon.tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    daemon.tasks.clear()
+    await asyncio.gather(*(daemon.stop_app(name) for name in list(daemon.supervisors)))
 
 
 def create_application(config: Config, *, metrics: Metrics | None = None) -> web.Application:
@@ -132,14 +172,20 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         metrics_auth=config.daemon.metrics_auth,
         ready=daemon.readiness,
     )
+    daemon.context = context
     app = api.create_app(context)
     app[DAEMON] = daemon
     app.cleanup_ctx.extend([_store_ctx, _session_ctx, _hosts_ctx, _apps_ctx])
     return app
 
 
-async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None:
-    """Run the daemon on `config.daemon.listen` until `stop` is set."""
+async def serve(config: Config, stop: asyncio.Event, notifier: Notifier,
+                reload: asyncio.Event | None = None) -> None:
+    """Run the daemon on `config.daemon.listen` until `stop` is set.
+
+    Setting `reload` re-reads the config file: a valid one is applied, one with errors is
+    refused (logged, one line per problem) and the running config stays.
+    """
     app = create_application(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     notifier.status("opening the store and starting apps")
@@ -151,7 +197,7 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None
         log.info("listening on %s:%d", config.daemon.listen_host, config.daemon.listen_port)
         notifier.ready(f"serving {len(config.apps)} app(s) on "
                        f"{config.daemon.listen_host}:{config.daemon.listen_port}")
-        await stop.wait()
+        await _wait_and_reload(app[DAEMON], stop, reload or asyncio.Event(), notifier)
         log.info("stopping")
         notifier.stopping("finishing in-flight host steps")
     finally:
@@ -159,3 +205,32 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
+
+
+async def _wait_and_reload(daemon: Daemon, stop: asyncio.Event, reload: asyncio.Event,
+                           notifier: Notifier) -> None:
+    while not stop.is_set():
+        stopped = asyncio.create_task(stop.wait())
+        reloaded = asyncio.create_task(reload.wait())
+        await asyncio.wait({stopped, reloaded}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        reloaded.cancel()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            notifier.reloading()
+            await reload_config(daemon)
+            notifier.ready(f"serving {len(daemon.supervisors)} app(s)")
+
+
+async def reload_config(daemon: Daemon) -> bool:
+    """Re-read the daemon's config file and apply it; False (old config kept) on errors."""
+    path = daemon.config.path
+    try:
+        config = await asyncio.to_thread(load, path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, keeping the running config: %s: %s", path, problem)
+        return False
+    changes = await daemon.reload(config)
+    log.info("config reloaded from %s: %s", path, "; ".join(changes) or "no changes")
+    return True

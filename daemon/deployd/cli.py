@@ -75,14 +75,15 @@ async def _run_daemon(config: Config) -> None:
     from deployd.app import serve
     from deployd.notify import Notifier
 
-    stop = asyncio.Event()
+    stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     # Hooks on local hosts must not inherit the socket and speak for the daemon.
     notifier = Notifier.from_env(unset_environment=True)
     try:
-        await serve(config, stop, notifier)
+        await serve(config, stop, notifier, reload)
     finally:
         notifier.close()
 
