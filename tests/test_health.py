@@ -190,6 +190,21 @@ async def test_dns_failure(session: aiohttp.ClientSession, metrics: Metrics) -> 
     assert status.last_reason == "DNS lookup failed for deployd-test.invalid"
 
 
+async def test_unusable_url_fails_every_probe(session: aiohttp.ClientSession,
+                                             metrics: Metrics) -> None:
+    """A URL that is not http(s), or names a var the host lacks, fails with why."""
+    host = HostConfig(address="127.0.0.1", port=2222, deploy_to="/srv/shop")
+    app = make_app([], http_check(name="ftp", url="ftp://{address}/healthz"),
+                   http_check(name="novar", url="http://{address}:{nope}/"), hosts=(host,))
+    monitor = HealthMonitor(app, session, metrics)
+    await monitor.probe_now()
+    checks = monitor.snapshot().hosts["127.0.0.1:2222"].checks
+    assert checks["ftp"].last_reason == (
+        "bad url: expected an http:// or https:// URL, got scheme 'ftp'")
+    assert checks["novar"].last_reason == "bad url: host has no var 'nope'"
+    assert monitor.unhealthy_hosts() == ["127.0.0.1:2222"]
+
+
 async def test_body_substring(health_servers: StartServers,
                               session: aiohttp.ClientSession, metrics: Metrics) -> None:
     """body_contains fails when the text is missing, quoting the text looked for."""

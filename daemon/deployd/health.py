@@ -279,11 +279,9 @@ class _HttpProbe:
         self.matcher = _body_matcher(check)
         self.streak = _Streak(check.successes, check.failures)
         self.counters = counters
-        self.ssl: bool | ssl.SSLContext = True
-        self.url = URL()
+        self.ssl: bool | ssl.SSLContext = True if isinstance(tls, str) else tls
         self.setup_error: str | None = tls if isinstance(tls, str) else None
-        if not isinstance(tls, str):
-            self.ssl = tls
+        self.url = URL()
         try:
             self.url = _http_url(render_template(check.url, config))
         except (KeyError, ValueError) as exc:
@@ -297,14 +295,20 @@ class _HttpProbe:
 class _MetricProbe:
     """One Prometheus check, prepared once."""
 
-    __slots__ = ("announced", "check", "counters", "label", "streak", "timeout_reason", "url",
-                 "value")
+    __slots__ = ("announced", "check", "counters", "label", "setup_error", "streak",
+                 "timeout_reason", "url", "value")
 
     def __init__(self, check: PrometheusCheck, counters: Mapping[ProbeOutcome, Counter]
                  ) -> None:
         self.check = check
         self.label = f"{check.name} (prometheus)"
-        self.url = URL(check.server.rstrip("/") + "/api/v1/query").with_query(query=check.query)
+        self.setup_error: str | None = None
+        self.url = URL()
+        try:
+            base = _http_url(check.server.rstrip("/") + "/api/v1/query")
+            self.url = base.with_query(query=check.query)
+        except ValueError as exc:
+            self.setup_error = f"bad prometheus server: {_url_problem(exc)}"
         self.timeout_reason = f"prometheus: timeout after {check.timeout:g}s"
         self.streak = _Streak(check.successes, check.failures)
         self.counters = counters
@@ -326,7 +330,7 @@ class _MetricProbe:
 
 
 _Probe = _HttpProbe | _MetricProbe
-P = TypeVar("P", _HttpProbe, _MetricProbe)
+_P = TypeVar("_P", _HttpProbe, _MetricProbe)
 
 
 class _Slot:
@@ -513,7 +517,7 @@ class HealthMonitor:
             metrics={name: _metric_health(probe) for name, probe in self._metric_probes.items()},
         )
 
-    async def _loop(self, probe: P, run: Callable[[P], Awaitable[None]]) -> None:
+    async def _loop(self, probe: _P, run: Callable[[_P], Awaitable[None]]) -> None:
         loop = asyncio.get_running_loop()
         interval = probe.interval
         due = loop.time() + random.uniform(0, min(interval, INITIAL_JITTER))
@@ -526,7 +530,7 @@ class HealthMonitor:
                 # The probe overran its interval: start the next one now, don't catch up.
                 due = now
 
-    async def _guarded(self, run: Callable[[P], Awaitable[None]], probe: P) -> None:
+    async def _guarded(self, run: Callable[[_P], Awaitable[None]], probe: _P) -> None:
         try:
             await run(probe)
         except Exception:
@@ -627,6 +631,8 @@ async def _probe_http_once(session: aiohttp.ClientSession, ticks: _Ticks, probe:
 async def _probe_prometheus_once(session: aiohttp.ClientSession, ticks: _Ticks,
                                  probe: _MetricProbe) -> tuple[ProbeOutcome, float | None, str]:
     """Run one Prometheus check once: (outcome, the number or None, short reason)."""
+    if probe.setup_error is not None:
+        return NO_DATA, None, probe.setup_error
     try:
         async with ticks.timeout(probe.check.timeout):
             async with session.get(probe.url, allow_redirects=False,
