@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from deployd import openapi
 from deployd.config import Token
 from deployd.errors import (
     Conflict,
@@ -209,6 +210,10 @@ async def metrics(request: web.Request) -> web.Response:
         require(request, "read")
     return web.Response(body=generate_latest(context.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
 
 
 async def list_apps(request: web.Request) -> web.Response:
@@ -456,6 +461,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/openapi.json", openapi_document)
     app.router.add_get("/api/v1/apps", list_apps)
     app.router.add_get("/api/v1/apps/{app}", show_app)
     app.router.add_get("/api/v1/apps/{app}/events", app_events)

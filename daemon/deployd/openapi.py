@@ -1,0 +1,188 @@
+"""The OpenAPI 3 description of deployd's REST API, served at `/api/v1/openapi.json`.
+
+A test checks that every route the server registers is described here and nothing else, so
+the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployd import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    meaning = {400: "body is not valid JSON", 401: "no or bad bearer token",
+               403: "the token lacks the role, or a rule forbids this actor",
+               404: "unknown app or job", 409: "state conflict (busy, stale plan, not pending)",
+               422: "missing or mistyped fields", 503: "not ready"}
+    return {str(code): {"description": meaning[code], **_json(_ref("Error"))} for code in codes}
+
+
+def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
+        *errors: int, body: dict[str, Any] | None = None,
+        parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {str(ok): {"description": "OK", **(_json(schema) if schema else {})},
+                      **_errors(*errors)},
+    }
+    if role is None:
+        operation["security"] = []
+    else:
+        operation["x-deployd-role"] = role
+        operation["description"] = f"Needs a token with the `{role}` role."
+    if body is not None:
+        operation["requestBody"] = body
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+_APP = {"name": "app", "in": "path", "required": True, "schema": {"type": "string"}}
+_JOB = {"name": "job", "in": "path", "required": True, "schema": {"type": "integer"}}
+_OBJECT = {"type": "object", "additionalProperties": True}
+
+
+def _json_body(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties,
+                              "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return {"required": bool(required), **_json(schema)}
+
+
+def _paths() -> dict[str, Any]:
+    string = {"type": "string"}
+    commits = {"type": "array", "items": string}
+    return {
+        "/healthz": {"get": _op("Liveness", None, 200, _OBJECT)},
+        "/readyz": {"get": _op("Readiness: config, store, mirrors fetched", None, 200,
+                               _OBJECT, 503)},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
+                             "responses": {"200": {"description": "OK", "content": {
+                                 "text/plain": {"schema": string}}}}}},
+        "/api/v1/openapi.json": {"get": _op("This document", None, 200, _OBJECT)},
+        "/api/v1/apps": {"get": _op("Every app: head, live, last good, pristine, health, "
+                                    "paused", "read", 200,
+                                    {"type": "object", "properties": {
+                                        "apps": {"type": "array", "items": _ref("App")}}},
+                                    401, 403)},
+        "/api/v1/apps/{app}": {"get": _op("One app with each host's release and health",
+                                          "read", 200, _ref("App"), 401, 403, 404,
+                                          parameters=[_APP])},
+        "/api/v1/apps/{app}/events": {"get": _op(
+            "The app's timeline", "read", 200,
+            {"type": "object", "properties": {
+                "events": {"type": "array", "items": _ref("Event")}, "next": string}},
+            401, 403, 404, 422, parameters=[
+                _APP,
+                {"name": "since", "in": "query", "schema": string,
+                 "description": "an event id, or an ISO time like 2026-11-26T10:00:00Z"},
+                {"name": "limit", "in": "query", "schema": {"type": "integer"}}])},
+        "/api/v1/apps/{app}/deploy": {"post": _op(
+            "Deploy a revision now", "deploy", 202, _OBJECT, 400, 401, 403, 404, 409, 422,
+            body=_json_body({"revision": string}, ["revision"]), parameters=[_APP])},
+        "/api/v1/apps/{app}/rollback": {"post": _op(
+            "Roll back to the previous (or a named) release", "deploy", 202, _OBJECT,
+            400, 401, 403, 404, 409, 422,
+            body=_json_body({"release": {"type": "string", "pattern": "^[0-9]{14}$"},
+                             "reason": string}), parameters=[_APP])},
+        "/api/v1/apps/{app}/pause": {"post": _op(
+            "Stop automatic deploys and rollbacks", "deploy", 200, _ref("App"),
+            400, 401, 403, 404, 422, body=_json_body({"reason": string}), parameters=[_APP])},
+        "/api/v1/apps/{app}/resume": {"post": _op(
+            "Restart automatic deploys and rollbacks", "deploy", 200, _ref("App"),
+            400, 401, 403, 404, 422, body=_json_body({"reason": string}), parameters=[_APP])},
+        "/api/v1/apps/{app}/jobs": {"post": _op(
+            "Open a rescue job by hand", "deploy", 201, _ref("Job"), 400, 401, 403, 404, 409,
+            422, body=_json_body({"commits": commits, "base": string}, ["commits"]),
+            parameters=[_APP])},
+        "/api/v1/jobs": {"get": _op(
+            "Rescue jobs", "read", 200,
+            {"type": "object", "properties": {"jobs": {"type": "array", "items": _OBJECT}}},
+            401, 403, 404, 422, parameters=[
+                {"name": "state", "in": "query", "schema": _ref("JobState")},
+                {"name": "app", "in": "query", "schema": string}])},
+        "/api/v1/jobs/{job}": {"get": _op("One rescue job", "read", 200, _ref("Job"),
+                                          401, 403, 404, parameters=[_JOB])},
+        "/api/v1/jobs/{job}/patch": {
+            "get": {"summary": "The combined change that would land, as a unified diff",
+                    "x-deployd-role": "read", "parameters": [_JOB],
+                    "responses": {"200": {"description": "OK", "content": {
+                        "text/x-diff": {"schema": string}}}, **_errors(401, 403, 404)}},
+            "put": _op("Upload a hand-resolved unified diff (curl --data-binary @fix.patch)",
+                       "approve", 200, _ref("Job"), 400, 401, 403, 404, 409, 422,
+                       body={"required": True, "content": {"text/x-diff": {"schema": string}}},
+                       parameters=[_JOB]),
+        },
+        "/api/v1/jobs/{job}/selection": {"put": _op(
+            "Choose which candidates to transplant", "approve", 200, _ref("Job"),
+            400, 401, 403, 404, 409, 422, body=_json_body({"commits": commits}, ["commits"]),
+            parameters=[_JOB])},
+        "/api/v1/jobs/{job}/approve": {"post": _op(
+            "Start the transplant of exactly this plan", "approve", 202, _ref("Job"),
+            400, 401, 403, 404, 409, 422,
+            body=_json_body({"plan": string, "comment": string}, ["plan"]),
+            parameters=[_JOB])},
+        "/api/v1/jobs/{job}/reject": {"post": _op(
+            "End the job without transplanting", "approve", 200, _ref("Job"),
+            400, 401, 403, 404, 409, 422, body=_json_body({"comment": string}),
+            parameters=[_JOB])},
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    string, nullable = {"type": "string"}, {"type": "string", "nullable": True}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": string, "message": string}}}},
+        "App": {"type": "object", "additionalProperties": True, "properties": {
+            "name": string, "mode": {"type": "string", "enum": ["deploy", "observe"]},
+            "branch": string, "head": nullable, "pristine": {"type": "boolean"},
+            "deployed": {"type": "object", "nullable": True},
+            "last_good": {"type": "object"}, "paused": {"type": "object", "nullable": True},
+            "health": {"type": "object"}, "links": {"type": "object"}}},
+        "Event": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "at": string, "kind": string, "actor": string,
+            "revision": nullable, "message": string, "data": {"type": "object"}}},
+        "JobState": {"type": "string", "enum": [
+            "pending", "approved", "running", "succeeded", "failed", "rejected", "expired",
+            "superseded"]},
+        "Job": {"type": "object", "additionalProperties": True, "properties": {
+            "id": {"type": "integer"}, "app": string, "state": _ref("JobState"),
+            "base": {"type": "object"}, "bad_head": string, "plan": nullable,
+            "ready": {"type": "boolean"}, "blocked_by": nullable,
+            "candidates": {"type": "array", "items": {"type": "object", "properties": {
+                "sha": string, "summary": string, "author": string,
+                "selected": {"type": "boolean"}, "applies_cleanly": {"type": "boolean"},
+                "conflicting_paths": {"type": "array", "items": string}}}},
+            "requester": string, "approvals": {"type": "array", "items": {"type": "object"}},
+            "log": {"type": "array", "items": _ref("Event")}, "links": {"type": "object"}}},
+    }
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.0 document."""
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "deployd", "version": __version__,
+                 "description": "Deploys, rollbacks and approved rescue jobs. JSON in and out; "
+                                "errors are {\"error\": {\"code\", \"message\"}}."},
+        "servers": [{"url": "http://127.0.0.1:8765"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _schemas(),
+        },
+    }
