@@ -150,6 +150,8 @@ async def test_rollback_keeps_the_release_rolled_away_from_with_a_marker(
     assert marker["by"] == "bob" and marker["reason"] == "health checks failed"
     assert marker["to_release"] == R1 and marker["to_revision"] == sha(1)
     assert marker["rolled_back_at"].endswith("Z") and int(marker["rolled_back_epoch"]) > 0
+    left = root / "releases" / R2
+    assert left.stat().st_mtime == (left / "REVISION").stat().st_mtime  # Capistrano's ls -xt
     assert (root / "revisions.log").read_text().splitlines()[-1] == (
         "bob rolled back to release " + R1)
     assert (root / "hooks.log").read_text().splitlines() == [

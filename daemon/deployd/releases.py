@@ -412,6 +412,9 @@ if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]
     printf '%s' "$marker" > "$dt/releases/$_from/ROLLED_BACK" \
         && printf 'to_revision=%s\n' "$_r" >> "$dt/releases/$_from/ROLLED_BACK" \
         && printf 'marked=%s\n' "$_from"
+    # Capistrano picks releases by mtime (ls -xt): the marker must not make this one newest.
+    [ -e "$dt/releases/$_from/REVISION" ] \
+        && touch -r "$dt/releases/$_from/REVISION" "$dt/releases/$_from"
 fi
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release" DEPLOYD_REVISION="$_r"
