@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from deployd.config import AppConfig
 from deployd.errors import (
@@ -187,7 +187,7 @@ class Fleet:
         return states
 
     async def _abort_prepare(self, release: str, lock: LockInfo,
-                             failures: dict[str, DeploydError], timings: Timings) -> None:
+                             failures: dict[str, DeploydError], timings: Timings) -> NoReturn:
         """Remove the new release and the lock everywhere; raise the prepare failures."""
         cleanable = [name for name in self.hosts
                      if not isinstance(failures.get(name), HostLockHeld)]
@@ -235,7 +235,7 @@ class Fleet:
 
     async def _undo_switch(self, release: str, lock: LockInfo, actor: str,
                            previous: dict[str, str | None], failures: dict[str, DeploydError],
-                           timings: Timings) -> None:
+                           timings: Timings) -> NoReturn:
         """Switch every host back to its previous release, drop the new one, raise."""
         log.error("%s: switch to %s failed on %s; switching every host back", self.app.name,
                   release, ", ".join(sorted(failures)))
@@ -244,6 +244,8 @@ class Fleet:
             return await member.revert(previous[name], actor=actor, lock=lock)
 
         _, stuck = await self._each_named(self.hosts, "revert", revert, timings)
+        if stuck:
+            self._abandoned.add(lock.token)
         reverted = [name for name in self.hosts if name not in stuck]
         leftovers = await self._discard(release, lock, reverted, timings)
         for name, error in {**leftovers, **stuck}.items():
