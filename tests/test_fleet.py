@@ -69,7 +69,7 @@ async def test_deploy_of_several_commits(lab: Lab, pool: HostPool) -> None:
     and the outcome reports the previous release and per-phase timings per host."""
     app = lab.app(keep_releases=2)
     fleet = Fleet(app, pool, clock=Clock())
-    names = []
+    names: list[str] = []
     for n in (1, 2, 3):
         outcome = await fleet.deploy(sha(n), tarball(n), branch="production", actor="alice")
         assert set(outcome.hosts) == set(fleet.hosts)
@@ -332,3 +332,24 @@ async def test_rollback_of_unknown_target_everywhere(lab: Lab, pool: HostPool) -
         await fleet.rollback("20000101000000", reason="x", actor="bob")
     assert set(caught.value.failures) == set(fleet.hosts)
     assert all(isinstance(e, ReleaseError) for e in caught.value.failures.values())
+
+
+async def test_cancelling_a_deploy_during_the_switch_finishes_the_switch(
+        lab: Lab, pool: HostPool) -> None:
+    """Cancelled while switching, a deploy still switches every host (never a split fleet)
+    and releases its locks before passing the cancellation on."""
+    restart = (f'[ "$DEPLOYD_REVISION" = "{sha(2)}" ] || exit 0; touch ../../restarting; '
+               "sleep 0.5")
+    app = lab.app(hooks=Hooks(restart=restart))
+    fleet = Fleet(app, pool, clock=Clock())
+    await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    deploying = asyncio.create_task(
+        fleet.deploy(sha(2), tarball(2), branch="production", actor="alice"))
+    assert await asyncio.to_thread(
+        wait_until, lambda: any((root / "restarting").exists() for root in roots(app)))
+    deploying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deploying
+    revisions = {(root / "current/REVISION").read_text().strip() for root in roots(app)}
+    assert revisions == {sha(2)}
+    assert no_locks(app)
