@@ -528,8 +528,8 @@ async def test_slow_host_does_not_delay_fast_host(health_servers: StartServers,
         await running
     times = [request.at for request in fast.requests]
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-    assert len(times) >= 9
-    assert max(gaps) < 0.35, gaps
+    assert len(times) >= 8
+    assert max(gaps) < 0.5, gaps
     assert len(slow.requests) <= 2
     assert monitor.snapshot().hosts[name_of(fast)].healthy is True
 
