@@ -226,7 +226,10 @@ class AppSupervisor:
     async def _deploy(self, revision: str, *, trigger: str, actor: str,
                       started: asyncio.Future[Deploy] | None = None,
                       on_start: Callable[[Deploy], Awaitable[object]] | None = None) -> Deploy:
-        self._attempted = revision
+        if trigger != "manual":
+            # A manual deploy is not an attempt at the branch head: remembering it would make
+            # the next poll deploy the head again over what the operator chose.
+            self._attempted = revision
         live = await self.store.last_live(self.name)
         record = await self.store.start_deploy(
             self.name, "deploy", revision, trigger=trigger, actor=actor,
@@ -536,6 +539,7 @@ class AppSupervisor:
         await self.store.add_event(self.name, "quarantine.added",
                                    f"{_short(record.revision)} quarantined: {reason}",
                                    revision=record.revision)
+        await self._update_pristine()  # not only at the next poll: it may be minutes away
         if state.paused or not self.app.rollback.auto:
             why = "paused" if state.paused else "automatic rollback is off"
             await self.store.add_event(self.name, "rollback.skipped",
@@ -696,9 +700,10 @@ class AppSupervisor:
             self.metrics.set_live_revision(self.name, live.revision)
         for record in await self.store.deploys(self.name, state="running", limit=20):
             await self._recover_operation(record)
-        latest = await self.store.deploys(self.name, limit=1)
-        if latest:
-            self._attempted = latest[0].revision if latest[0].kind == "deploy" else None
+        # The last head deployd tried by itself: a later manual deploy or rollback must not
+        # make a restart deploy that head again over what the operator chose.
+        self._attempted = next((record.revision for record in await self.store.deploys(
+            self.name, kind="deploy", limit=200) if record.trigger != "manual"), None)
         baking = await self._baking()
         if baking is not None and baking.bake_until is not None:
             # We were not watching while down: observe again before calling it good.
