@@ -1,0 +1,409 @@
+"""The daemon end to end: real sshd hosts, a real origin repo, the real REST server.
+
+Each test starts the daemon on a config written to disk, moves the origin's branch or calls
+REST, and checks what landed on the hosts (the Capistrano layout, read from disk) and what the
+daemon says about it (events, GET /apps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.daemonfixtures import RunningDaemon
+from tests.daemonlab import (
+    APP,
+    RELEASE,
+    World,
+    WorldFactory,
+    app_dir,
+    current_link,
+    current_release,
+    daemon_lab,  # noqa: F401 - fixture
+    host_label,
+    lay_out_capistrano_release,
+    releases,
+    revision_of,
+    revisions_log,
+)
+from tests.hostfixtures import vanish
+from tests.sshd import chown_tree
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def kinds(events: list[dict]) -> list[str]:
+    return [e["kind"] for e in events]
+
+
+async def count(daemon: RunningDaemon, kind: str) -> int:
+    return kinds(await daemon.events(APP)).count(kind)
+
+
+async def deployed(daemon: RunningDaemon, n: int) -> dict:
+    """Wait for the n-th deploy.succeeded and return it."""
+    return await daemon.wait_for_event(APP, "deploy.succeeded", count=n)
+
+
+async def wait_for_revision(daemon: RunningDaemon, kind: str, revision: str) -> None:
+    async def seen() -> bool:
+        return any(e["kind"] == kind and e["revision"] == revision
+                   for e in await daemon.events(APP))
+    await daemon.wait_until(seen, what=f"{kind} of {revision[:12]}")
+
+
+def assert_live(world: World, release: str, revision: str) -> None:
+    for host in world.hosts:
+        assert current_release(host) == release, host_label(host)
+        assert revision_of(host, release) == revision
+
+
+async def test_deploys_branch_head_on_start_then_each_new_commit(
+        daemon_lab: WorldFactory) -> None:
+    """Head on start, then each pushed commit: absolute current -> releases/<14 digits> with
+    the commit's files and REVISION on every host, Capistrano's revisions.log, and GET /apps."""
+    world = daemon_lab(hosts=3)
+    first = world.origin.commit({"index.html": "v1\n", "bin/run": "#!/bin/sh\n"},
+                                "first", executable={"bin/run"})
+    daemon = await world.start()
+    event = await deployed(daemon, 1)
+    release1 = event["data"]["release"]
+    assert RELEASE.match(release1)
+    for host in world.hosts:
+        root = app_dir(host)
+        assert current_link(host) == str(root / "releases" / release1)  # absolute
+        assert (root / "current" / "index.html").read_text() == "v1\n"
+        assert os.access(root / "current" / "bin" / "run", os.X_OK)
+        assert revision_of(host, release1) == first
+    second = world.origin.commit({"index.html": "v2\n"}, "second")
+    event = await deployed(daemon, 2)
+    release2 = event["data"]["release"]
+    assert release2 > release1
+    assert_live(world, release2, second)
+    for host in world.hosts:
+        assert (app_dir(host) / "current" / "index.html").read_text() == "v2\n"
+        assert revisions_log(host) == [
+            f"Branch production (at {first}) deployed as release {release1} by deployd",
+            f"Branch production (at {second}) deployed as release {release2} by deployd",
+        ]
+
+    apps = (await daemon.api.get("/api/v1/apps", token="reader"))["apps"]
+    assert [a["name"] for a in apps] == [APP]
+    assert apps[0]["head"] == second
+    assert apps[0]["deployed"] == {"revision": second, "release": release2}
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}", token="reader")
+    assert detail["head"] == second
+    assert {h["name"]: h["current"] for h in detail["hosts"]} == {
+        host_label(h): {"release": release2, "revision": second} for h in world.hosts}
+    assert kinds(await daemon.events(APP)).count("deploy.started") == 2
+
+
+def make_shared_file(world: World, host_index: int, path: str, content: str) -> None:
+    host = world.hosts[host_index]
+    target = app_dir(host) / "shared" / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(content)
+    chown_tree(app_dir(host))
+
+
+async def test_linked_dirs_and_files_are_symlinks_into_shared(daemon_lab: WorldFactory) -> None:
+    """A missing linked file fails the deploy naming it with no host switched; once present,
+    linked dirs and files are symlinks into deploy_to/shared."""
+    world = daemon_lab(hosts=2, settings={"linked_dirs": ["log", "tmp/cache"],
+                                          "linked_files": ["config/database.yml"]})
+    make_shared_file(world, 0, "config/database.yml", "db: one\n")
+    world.origin.commit({"index.html": "v1\n", "config/app.yml": "app\n",
+                         "log/.keep": ""}, "first")
+    daemon = await world.start()
+    failed = await daemon.wait_for_event(APP, "deploy.failed")
+    missing = world.hosts[1]
+    assert "shared/config/database.yml" in failed["message"]
+    assert list(failed["data"]["hosts"]) == [host_label(missing)]
+    assert "config/database.yml" in failed["data"]["hosts"][host_label(missing)]
+    for host in world.hosts:
+        assert current_link(host) is None
+        assert releases(host) == []
+
+    make_shared_file(world, 1, "config/database.yml", "db: two\n")
+    world.origin.commit({"index.html": "v2\n"}, "second")
+    release = (await deployed(daemon, 1))["data"]["release"]
+    for index, host in enumerate(world.hosts):
+        root = app_dir(host)
+        rel = root / "releases" / release
+        for linked in ("log", "tmp/cache", "config/database.yml"):
+            assert (rel / linked).is_symlink(), linked
+            assert os.readlink(rel / linked) == str(root / "shared" / linked)
+        assert (root / "shared" / "log").is_dir()
+        assert (root / "shared" / "tmp" / "cache").is_dir()
+        expected = "db: one\n" if index == 0 else "db: two\n"
+        assert (root / "current" / "config" / "database.yml").read_text() == expected
+        assert (root / "current" / "config" / "app.yml").read_text() == "app\n"
+
+
+async def test_build_hook_failing_on_one_host_switches_no_host(daemon_lab: WorldFactory) -> None:
+    """A build hook failing on one host: no host switches, deploy.failed names that host and
+    its hook error, the new release is gone everywhere, and the head is not retried."""
+    world = daemon_lab(hosts=3)
+    bad = world.hosts[1]
+    world.app.hooks["build"] = (f'test ! -f FAIL || test "$DEPLOYD_HOST" != "{host_label(bad)}" '
+                                '|| { echo "build broke on $DEPLOYD_HOST" >&2; exit 7; }')
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    release1 = (await deployed(daemon, 1))["data"]["release"]
+
+    second = world.origin.commit({"index.html": "v2\n", "FAIL": ""}, "second")
+    failed = await daemon.wait_for_event(APP, "deploy.failed")
+    assert failed["revision"] == second
+    assert list(failed["data"]["hosts"]) == [host_label(bad)]
+    error = failed["data"]["hosts"][host_label(bad)]
+    assert "build hook" in error and "exit 7" in error
+    assert_live(world, release1, first)
+    for host in world.hosts:
+        assert releases(host) == [release1]
+        assert not (app_dir(host) / ".deployd.lock").exists()
+        assert len(revisions_log(host)) == 1
+
+    await asyncio.sleep(1.2)  # six polls of the same head
+    events = await daemon.events(APP)
+    assert [e["revision"] for e in events if e["kind"] == "deploy.started"] == [first, second]
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["latest"]["state"] == "failed" and detail["latest"]["revision"] == second
+    assert detail["deployed"] == {"revision": first, "release": release1}
+
+    third = world.origin.commit({"FAIL": None, "index.html": "v3\n"}, "third")
+    release3 = (await deployed(daemon, 2))["data"]["release"]
+    assert_live(world, release3, third)
+
+
+async def test_sshd_killed_mid_deploy_leaves_fleet_on_previous_release(
+        daemon_lab: WorldFactory) -> None:
+    """An sshd vanishing during the build hook: deploy.failed and GET name that host with a
+    connection error; the other hosts stay on the previous release, none switched."""
+    world = daemon_lab(hosts=3, hooks={"build": "if [ -f SLOW ]; then sleep 2; fi"})
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    release1 = (await deployed(daemon, 1))["data"]["release"]
+
+    world.origin.commit({"index.html": "v2\n", "SLOW": ""}, "second")
+    victim = world.hosts[2]
+    deadline = time.monotonic() + 10
+    while len(releases(victim)) < 2:  # the new release is being prepared there
+        assert time.monotonic() < deadline, "the deploy never reached the host"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    vanish(victim)
+
+    failed = await daemon.wait_for_event(APP, "deploy.failed")
+    assert list(failed["data"]["hosts"]) == [host_label(victim)]
+    assert "connection" in failed["data"]["hosts"][host_label(victim)]
+    for host in world.hosts:
+        assert current_release(host) == release1
+        assert revision_of(host, release1) == first
+    for host in world.hosts[:2]:
+        assert releases(host) == [release1]
+        assert not (app_dir(host) / ".deployd.lock").exists()
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    hosts = {h["name"]: h for h in detail["hosts"]}
+    assert "error" in hosts[host_label(victim)]
+    assert host_label(victim) in hosts[host_label(victim)]["error"]
+    for host in world.hosts[:2]:
+        assert hosts[host_label(host)]["current"]["release"] == release1
+    assert detail["deployed"]["release"] == release1
+
+    victim.start()  # the host comes back on the same port
+    third = world.origin.commit({"index.html": "v3\n", "SLOW": None}, "third")
+    release3 = (await deployed(daemon, 2))["data"]["release"]
+    assert_live(world, release3, third)
+
+
+async def test_force_pushed_branch_head_is_deployed(daemon_lab: WorldFactory) -> None:
+    """A non-fast-forward head (history rewritten, force-pushed) is noticed on the next poll
+    and deployed like any new head."""
+    world = daemon_lab(hosts=2)
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    await deployed(daemon, 1)
+    world.origin.commit({"index.html": "v2\n"}, "second")
+    await deployed(daemon, 2)
+
+    rewritten = world.origin.commit({"index.html": "v2 rewritten\n"}, "second, rewritten",
+                                    parents=[first])
+    release = (await deployed(daemon, 3))["data"]["release"]
+    assert_live(world, release, rewritten)
+    moved = [e for e in await daemon.events(APP) if e["kind"] == "branch.moved"]
+    assert moved[-1]["revision"] == rewritten
+    assert (app_dir(world.hosts[0]) / "current" / "index.html").read_text() == "v2 rewritten\n"
+
+
+async def test_keep_releases_prunes_old_ones_but_never_live_or_last_good(
+        daemon_lab: WorldFactory) -> None:
+    """More deploys than keep_releases: the oldest releases go, the newest keep_releases stay,
+    and so does the last good one even when it is older than those."""
+    world = daemon_lab(hosts=2, settings={"keep_releases": 2})
+    world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    good = (await deployed(daemon, 1))["data"]["release"]
+    await daemon.wait_for_event(APP, "bake.healthy")
+    # From now on deploys stay in their bake window: the first release remains the last good.
+    world.app.rollback["bake"] = "1h"
+    daemon = await world.restart(daemon)
+    made = [good]
+    for n in range(2, 6):
+        world.origin.commit({"index.html": f"v{n}\n"}, f"commit {n}")
+        made.append((await deployed(daemon, n))["data"]["release"])
+    assert len(set(made)) == 5
+    summary = (await daemon.api.get("/api/v1/apps"))["apps"][0]
+    assert summary["last_good"]["release"] == good
+    for host in world.hosts:
+        assert releases(host) == [good, made[3], made[4]]
+        assert current_release(host) == made[4]
+
+
+async def test_post_deploy_revision_then_rollbacks_by_record(daemon_lab: WorldFactory) -> None:
+    """POST /deploy with a short sha deploys it (202, then deploy.succeeded) and the head is not
+    redeployed over it; POST /rollback {} returns to the previous release by deployd's record
+    even when file times say otherwise, {"release": ...} to a named one; the release rolled
+    away from is kept with its marker."""
+    world = daemon_lab(hosts=2)
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    r1 = (await deployed(daemon, 1))["data"]["release"]
+    second = world.origin.commit({"index.html": "v2\n"}, "second")
+    r2 = (await deployed(daemon, 2))["data"]["release"]
+
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/deploy",
+                                         token="deployer", json_body={"revision": first[:8]})
+    assert status == 202, body
+    assert body["deploy"]["revision"] == first
+    assert body["deploy"]["actor"] == "deployer"
+    r3 = (await deployed(daemon, 3))["data"]["release"]
+    assert_live(world, r3, first)
+    await asyncio.sleep(1.0)  # five polls: the branch head must not be redeployed over it
+    assert await count(daemon, "deploy.started") == 3
+    assert_live(world, r3, first)
+
+    # Capistrano would pick the second newest by mtime: make that the oldest release.
+    for host in world.hosts:
+        rel = app_dir(host) / "releases"
+        os.utime(rel / r1, (time.time() + 100, time.time() + 100))
+        os.utime(rel / r2, (time.time() - 1000, time.time() - 1000))
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback", json_body={})
+    assert status == 202, body
+    assert body["rollback"]["release"] == r2
+    await daemon.wait_for_event(APP, "rollback.succeeded")
+    assert_live(world, r2, second)
+    for host in world.hosts:
+        assert releases(host) == [r1, r2, r3]  # rolled-away release kept
+        marker = (app_dir(host) / "releases" / r3 / "ROLLED_BACK").read_text()
+        assert "by=admin" in marker and f"to_release={r2}" in marker
+        assert "reason=requested over REST" in marker
+        assert revisions_log(host)[-1] == f"admin rolled back to release {r2}"
+
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback",
+                                         json_body={"release": r1, "reason": "back to one"})
+    assert status == 202, body
+    await daemon.wait_for_event(APP, "rollback.succeeded", count=2)
+    assert_live(world, r1, first)
+    marker = (app_dir(world.hosts[0]) / "releases" / r2 / "ROLLED_BACK").read_text()
+    assert "reason=back to one" in marker
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["deployed"] == {"revision": first, "release": r1}
+    assert await count(daemon, "deploy.started") == 3
+
+
+async def test_rollback_target_missing_on_one_host_switches_nothing(
+        daemon_lab: WorldFactory) -> None:
+    """A named rollback target missing on one host: rollback.failed naming that host, and
+    every host stays on the live release."""
+    world = daemon_lab(hosts=3)
+    world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    r1 = (await deployed(daemon, 1))["data"]["release"]
+    second = world.origin.commit({"index.html": "v2\n"}, "second")
+    r2 = (await deployed(daemon, 2))["data"]["release"]
+    broken = world.hosts[1]
+    subprocess.run(["rm", "-rf", str(app_dir(broken) / "releases" / r1)], check=True)
+
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback",
+                                         json_body={"release": r1})
+    assert status == 202, body
+    failed = await daemon.wait_for_event(APP, "rollback.failed")
+    assert list(failed["data"]["hosts"]) == [host_label(broken)]
+    assert f"release {r1} does not exist" in failed["data"]["hosts"][host_label(broken)]
+    assert_live(world, r2, second)
+    for host in world.hosts:
+        assert len(revisions_log(host)) == 2
+        assert not (app_dir(host) / "releases" / r2 / "ROLLED_BACK").exists()
+        assert not (app_dir(host) / ".deployd.lock").exists()
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["deployed"] == {"revision": second, "release": r2}
+
+
+async def test_deploy_or_rollback_while_one_runs_is_409(daemon_lab: WorldFactory) -> None:
+    """While a deploy runs (slow build hook), POST deploy and POST rollback answer 409."""
+    world = daemon_lab(hosts=2, hooks={"build": "if [ -f SLOW ]; then sleep 1.5; fi"})
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    r1 = (await deployed(daemon, 1))["data"]["release"]
+    world.origin.commit({"index.html": "v2\n"}, "second")
+    await deployed(daemon, 2)
+    third = world.origin.commit({"index.html": "v3\n", "SLOW": ""}, "third")
+    await daemon.wait_for_event(APP, "deploy.started", count=3)
+    for path, body in (("deploy", {"revision": first}), ("rollback", {}),
+                       ("rollback", {"release": r1})):
+        status, answer = await daemon.api.call("POST", f"/api/v1/apps/{APP}/{path}",
+                                               json_body=body)
+        assert status == 409, (path, answer)
+        assert answer["error"]["code"] == "conflict"
+        assert "already running" in answer["error"]["message"]
+    r3 = (await deployed(daemon, 3))["data"]["release"]
+    assert_live(world, r3, third)
+    assert await count(daemon, "rollback.started") == 0
+    assert await count(daemon, "deploy.started") == 3
+
+
+async def test_restart_keeps_history_and_does_not_redeploy(daemon_lab: WorldFactory) -> None:
+    """Stopping and starting the daemon on the same state_dir keeps events and deploys and
+    deploys nothing that is already live; a manual rollback is not undone by the restart."""
+    world = daemon_lab(hosts=2)
+    world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    r1 = (await deployed(daemon, 1))["data"]["release"]
+    second = world.origin.commit({"index.html": "v2\n"}, "second")
+    r2 = (await deployed(daemon, 2))["data"]["release"]
+    await wait_for_revision(daemon, "bake.healthy", second)
+    before = await daemon.events(APP)
+
+    daemon = await world.restart(daemon)
+    await daemon.wait_until(lambda: _ready(daemon), what="first fetch after restart")
+    await asyncio.sleep(0.8)
+    after = await daemon.events(APP)
+    assert after[:len(before)] == before
+    assert "deploy.started" not in kinds(after[len(before):])
+    assert_live(world, r2, second)
+    for host in world.hosts:
+        assert releases(host) == [r1, r2]
+    summary = (await daemon.api.get("/api/v1/apps"))["apps"][0]
+    assert summary["deployed"] == {"revision": second, "release": r2}
+    assert summary["last_good"]["release"] == r2
+
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback", json_body={})
+    assert status == 202, body
+    await daemon.wait_for_event(APP, "rollback.succeeded")
+    daemon = await world.restart(daemon)
+    await daemon.wait_until(lambda: _ready(daemon), what="first fetch after restart")
+    await asyncio.sleep(0.8)
+    assert await count(daemon, "deploy.started") == 2
+    for host in world.hosts:
+        assert current_release(host) == r1
+
+
+async def _ready(daemon: RunningDaemon) -> bool:
+    status, _ = await daemon.api.call("GET", "/readyz", token=None)
+    return status == 200
