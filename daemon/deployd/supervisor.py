@@ -540,7 +540,6 @@ class AppSupervisor:
                                    f"{_short(record.revision)} quarantined: {reason}",
                                    revision=record.revision)
         await self._update_pristine()  # not only at the next poll: it may be minutes away
-        await self._update_pristine()  # not only at the next poll: it may be minutes away
         if state.paused or not self.app.rollback.auto:
             why = "paused" if state.paused else "automatic rollback is off"
             await self.store.add_event(self.name, "rollback.skipped",
