@@ -1,0 +1,406 @@
+"""A world for rescue-job tests: an origin served over SSH, sshd hosts, health that follows
+the live release, the real daemon (in-process or as a killable subprocess).
+
+`RescueLab` holds an origin repository in a directory the sshd test user owns, served by its
+own sshd as `ssh://deployd-test@127.0.0.1:<port>/...` (a lease only means something against a
+remote served over SSH), N sshd hosts, and one `FileHealth` server per host answering from
+`<deploy_to>/current/health.txt` on that host: a commit that writes `ok` there is healthy, any
+other text is a 500. Tests therefore break or heal an app only by what they commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pygit2
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import write_known_hosts
+from tests.daemonfixtures import Api, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.gitrepo import OriginRepo
+from tests.sshd import ClientKey, SshdHost, chown_tree, free_port, shared_dir
+
+APP = "shop"
+GOOD = "ok\n"
+BAD = "broken: cannot reach the database\n"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIX_AUTHOR = ("Pat Fixer", "pat@example.com")
+
+
+class FileHealth:
+    """A health endpoint answering as `<deploy_to>/current/health.txt` says (ok -> 200)."""
+
+    def __init__(self, deploy_to: Path) -> None:
+        self.deploy_to = deploy_to
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        try:
+            text = (self.deploy_to / "current" / "health.txt").read_text()
+        except OSError:
+            return web.Response(status=503, text="no release live\n")
+        return web.Response(status=200 if text.startswith("ok") else 500, text=text)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def http_check() -> dict[str, Any]:
+    return {"name": "http", "url": "http://127.0.0.1:{health_port}/healthz",
+            "expect_status": [200], "timeout": "500ms", "interval": "100ms",
+            "failures": 2, "successes": 1}
+
+
+# -- a daemon as a subprocess ------------------------------------------------------------------
+
+
+class DaemonProcess:
+    """`python3 -m deployd.cli run --config FILE` as a real process, killable with -9."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.port = free_port()
+        text = config.read_text().replace('listen = "127.0.0.1:0"',
+                                          f'listen = "127.0.0.1:{self.port}"')
+        config.write_text(text)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.api: Api = Api(self.base, None)  # type: ignore[arg-type]
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start the daemon and wait until /readyz answers 200."""
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")}
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "deployd.cli", "run", "--config", str(self.config)],
+                stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+            self.api = Api(self.base, self.session)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
+            try:
+                status, _ = await self.api.call("GET", "/readyz", token=None)
+                if status == 200:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"deployd not ready: {self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    async def close(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                await asyncio.to_thread(self.process.wait, 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def events(self, app: str) -> list[dict[str, Any]]:
+        body = await self.api.get(f"/api/v1/apps/{app}/events")
+        return list(body["events"])
+
+
+Daemonish = RunningDaemon | DaemonProcess
+
+
+async def events(daemon: Daemonish, kind: str | None = None,
+                 revision: str | None = None) -> list[dict[str, Any]]:
+    """The app's timeline, optionally only `kind` (about `revision`)."""
+    found = await daemon.events(APP)
+    return [e for e in found if (kind is None or e["kind"] == kind)
+            and (revision is None or e["revision"] == revision)]
+
+
+async def wait_event(daemon: Daemonish, kind: str, revision: str | None = None, *,
+                     count: int = 1, timeout: float = 30.0) -> dict[str, Any]:
+    """The `count`-th event of `kind` (about `revision`), waiting for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await events(daemon, kind, revision)
+        if len(found) >= count:
+            return found[count - 1]
+        if time.monotonic() > deadline:
+            timeline = [f"{e['kind']}: {e['message']}" for e in await events(daemon)]
+            raise AssertionError(f"no {kind} ({revision}) after {timeout}s: {timeline}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_job(daemon: Daemonish, job_id: int, *states: str,
+                   timeout: float = 30.0) -> dict[str, Any]:
+    """GET the job until its state is one of `states`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await daemon.api.get(f"/api/v1/jobs/{job_id}")
+        if job["state"] in states:
+            return dict(job)
+        if time.monotonic() > deadline:
+            timeline = [f"{e['kind']}: {e['message']}" for e in await events(daemon)]
+            raise AssertionError(f"job {job_id} is {job['state']}, not {states}: {timeline}")
+        await asyncio.sleep(0.05)
+
+
+def in_order(timeline: list[dict[str, Any]], expected: list[tuple[str, str | None]]) -> None:
+    """Assert `expected` (kind, revision or None) is a subsequence of the timeline."""
+    position = 0
+    for kind, revision in expected:
+        while position < len(timeline):
+            event = timeline[position]
+            position += 1
+            if event["kind"] == kind and (revision is None or event["revision"] == revision):
+                break
+        else:
+            story = [f"{e['kind']} {str(e['revision'])[:8]}" for e in timeline]
+            raise AssertionError(f"{kind} ({revision}) missing or out of order in {story}")
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(daemon: Daemonish) -> Samples:
+    """GET /metrics, parsed: (sample name, labels) -> value."""
+    status, text = await daemon.api.call("GET", "/metrics", token=None)
+    assert status == 200, (status, text)
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+# -- the world ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """The bad batch: A (harmless), P (the fix to rescue), B (breaks health)."""
+
+    a: str
+    p: str
+    b: str
+
+
+@dataclass
+class RescueLab:
+    """Origin over SSH, sshd hosts with health servers, and the daemon config for one app."""
+
+    root: Path
+    origin: OriginRepo
+    git_host: SshdHost
+    hosts: list[SshdHost]
+    servers: list[FileHealth]
+    known_hosts: Path
+    client_key: ClientKey
+    spec: DaemonSpec
+    app: AppSpec
+    config: Path
+    daemons: list[RunningDaemon] = field(default_factory=list)
+    processes: list[DaemonProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"ssh://{self.git_host.user}@127.0.0.1:{self.git_host.port}{self.origin.path}"
+
+    @property
+    def deploy_dirs(self) -> list[Path]:
+        return [host.home / "app" for host in self.hosts]
+
+    def write_config(self) -> Path:
+        return self.spec.write(self.config)
+
+    async def start(self) -> RunningDaemon:
+        """The real daemon in this process, serving REST on 127.0.0.1."""
+        self.write_config()
+        daemon = await start_daemon(self.config)
+        self.daemons.append(daemon)
+        return daemon
+
+    async def start_process(self) -> DaemonProcess:
+        """The real daemon as a subprocess (`deployd run`)."""
+        self.write_config()
+        process = DaemonProcess(self.config, self.root / "deployd.log")
+        self.processes.append(process)
+        await process.start()
+        return process
+
+    # the repository ---------------------------------------------------------------------------
+
+    def commit_good(self, message: str = "Shop v1", **files: str) -> str:
+        return self.origin.commit({"health.txt": GOOD, **files}, message)
+
+    def land_batch(self, commits: Iterable[tuple[dict[str, str | bytes | None], str,
+                                                 tuple[str, str]]]) -> list[str]:
+        """Commit on a side branch, then move production to its tip at once (one merge)."""
+        made: list[str] = []
+        parent = self.origin.head()
+        for files, message, author in commits:
+            parent = self.origin.commit(files, message, branch="master", parents=[parent],
+                                        author=author)
+            made.append(parent)
+        self.origin.set_branch("production", made[-1])
+        return made
+
+    def land_bad_batch(self, *, p_files: dict[str, str | bytes | None] | None = None,
+                       a_files: dict[str, str | bytes | None] | None = None,
+                       b_files: dict[str, str | bytes | None] | None = None) -> Batch:
+        a, p, b = self.land_batch([
+            (a_files or {"index.html": "<h1>shop v2</h1>\n"}, "Front page v2",
+             ("Ann Author", "ann@example.com")),
+            (p_files or {"tax.txt": "rate 0.2\n"},
+             "Fix tax rounding\n\nThe rate was rounded twice.\n\nRescue: yes\n", FIX_AUTHOR),
+            (b_files or {"health.txt": BAD}, "Switch to the new database",
+             ("Bo Breaker", "bo@example.com")),
+        ])
+        return Batch(a, p, b)
+
+    def remote_head(self, branch: str = "production") -> str | None:
+        ref = self.origin.repo.references.get(f"refs/heads/{branch}")
+        return None if ref is None else str(ref.resolve().target)
+
+    def remote_commit(self, sha: str) -> pygit2.Commit:
+        commit = self.origin.repo[sha]
+        assert isinstance(commit, pygit2.Commit)
+        return commit
+
+    def install_hook(self, name: str, script: str) -> Path:
+        hook = self.origin.path / "hooks" / name
+        hook.parent.mkdir(exist_ok=True)
+        hook.write_text(script)
+        hook.chmod(0o755)
+        chown_tree(self.origin.path)
+        return hook
+
+    async def push_as_someone_else(self, files: dict[str, str], message: str) -> str:
+        """A real `git push` over SSH to production from another clone; the new sha."""
+        work = self.root / f"clone-{time.monotonic_ns()}"
+        ssh = (f"ssh -i {self.client_key.private} -o IdentitiesOnly=yes -o BatchMode=yes "
+               f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes")
+        env = {**os.environ, "GIT_SSH_COMMAND": ssh}
+        await _run(["git", "clone", "-q", "--branch", "production", self.url, str(work)], env)
+        for name, content in files.items():
+            (work / name).write_text(content)
+        ident = ["-c", "user.name=Sam Someone", "-c", "user.email=sam@example.com"]
+        await _run(["git", "-C", str(work), "add", "-A"], env)
+        await _run(["git", *ident, "-C", str(work), "commit", "-q", "-m", message], env)
+        await _run(["git", "-C", str(work), "push", "-q", "origin", "HEAD:production"], env)
+        return (await _run(["git", "-C", str(work), "rev-parse", "HEAD"], env)).strip()
+
+    # the hosts --------------------------------------------------------------------------------
+
+    def live_revisions(self) -> list[str | None]:
+        found: list[str | None] = []
+        for deploy_to in self.deploy_dirs:
+            try:
+                found.append((deploy_to / "current" / "REVISION").read_text().strip())
+            except OSError:
+                found.append(None)
+        return found
+
+    async def cleanup(self) -> None:
+        for daemon in self.daemons:
+            await daemon.stop()
+        for process in self.processes:
+            await process.close()
+        for server in self.servers:
+            await server.stop()
+
+
+async def _run(argv: list[str], env: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode == 0, (argv, out.decode(), err.decode())
+    return out.decode()
+
+
+MakeLab = Callable[..., Any]
+
+
+@pytest.fixture
+async def rescue_lab(tmp_path: Path, client_key: ClientKey,
+                     sshd_factory: Callable[[], SshdHost]) -> AsyncIterator[MakeLab]:
+    """make(hosts=2, rescue={...}, rollback={...}) -> RescueLab with production at nothing."""
+    labs: list[RescueLab] = []
+    shared: list[Path] = []
+
+    async def make(hosts: int = 2, *, rescue: dict[str, Any] | None = None,
+                   rollback: dict[str, Any] | None = None,
+                   settings: dict[str, Any] | None = None) -> RescueLab:
+        root = tmp_path / f"lab{len(labs)}"
+        root.mkdir()
+        directory = shared_dir("deployd-rescue-")
+        shared.append(directory)
+        origin = OriginRepo(directory / "origin.git", on_change=chown_tree)
+        git_host = sshd_factory()
+        sshd_hosts = [sshd_factory() for _ in range(hosts)]
+        known = write_known_hosts(root / "known_hosts", [git_host, *sshd_hosts])
+        servers = [FileHealth(host.home / "app") for host in sshd_hosts]
+        for server in servers:
+            await server.start()
+        app = AppSpec(
+            name=APP, repo="", sshd_hosts=sshd_hosts,
+            settings={"repo_key": str(client_key.private), "repo_known_hosts": str(known),
+                      **(settings or {})},
+            checks=[http_check()],
+            rollback={"grace": "300ms", "bake": "1500ms", "unhealthy_hosts": "1",
+                      **(rollback or {})},
+            rescue=dict(rescue or {}),
+            host_vars=[{"health_port": server.port} for server in servers],
+        )
+        spec = DaemonSpec(state_dir=root / "state", client_key=client_key.private,
+                          known_hosts=known, apps=[app])
+        lab = RescueLab(root=root, origin=origin, git_host=git_host, hosts=sshd_hosts,
+                        servers=servers, known_hosts=known, client_key=client_key, spec=spec,
+                        app=app, config=root / "deployd.toml")
+        app.repo = lab.url
+        labs.append(lab)
+        return lab
+
+    yield make
+    for lab in labs:
+        await lab.cleanup()
+    for directory in shared:
+        subprocess.run(["rm", "-rf", str(directory)], check=False)

@@ -1,0 +1,183 @@
+"""Rescue jobs end to end: the real daemon, real sshd hosts, an origin served over SSH.
+
+Every scenario starts like a night on call: production runs a good commit G; a batch lands
+with A (harmless), P (the fix production needs, `Rescue: yes`) and B (breaks the health
+check); deployd deploys it, rolls it back, quarantines it and opens a rescue job. The tests
+then drive the job over REST and check the remote, the hosts, the job, events and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pygit2
+
+from tests.rescuelab import (  # noqa: F401 - rescue_lab is a fixture
+    APP,
+    BAD,
+    FIX_AUTHOR,
+    GOOD,
+    Batch,
+    Daemonish,
+    MakeLab,
+    RescueLab,
+    events,
+    in_order,
+    rescue_lab,
+    sample,
+    scrape,
+    wait_event,
+    wait_job,
+)
+
+CONFIG = "setting = 1\n"
+
+
+async def night_on_call(lab: RescueLab, daemon: Daemonish, **batch: Any) -> tuple[str, Batch, int]:
+    """G deployed and baked; the bad batch lands, is rolled back; the job's id."""
+    good = lab.origin.head()
+    await wait_event(daemon, "bake.healthy", good)
+    landed = lab.land_bad_batch(**batch)
+    await wait_event(daemon, "rollback.succeeded", good)
+    opened = await wait_event(daemon, "job.opened")
+    return good, landed, int(opened["data"]["job"])
+
+
+def changes(repo: pygit2.Repository, old: pygit2.Commit, new: pygit2.Commit
+            ) -> set[tuple[str, str, str]]:
+    """What a commit pair changes: (status, path, new blob id) per file."""
+    diff = repo.diff(old.tree, new.tree)
+    return {(delta.status_char(), delta.new_file.path, str(delta.new_file.id))
+            for delta in diff.deltas}
+
+
+def message_lines(commit: pygit2.Commit) -> list[str]:
+    return commit.message.splitlines()
+
+
+# -- the full story ----------------------------------------------------------------------------
+
+
+async def test_full_rescue_story_over_ssh(rescue_lab: MakeLab) -> None:
+    """Bad batch rolled back, job with P selected, approved over HTTP: G + P' live and pristine."""
+    lab: RescueLab = await rescue_lab(2)
+    good = lab.commit_good(**{"config.txt": CONFIG})
+    daemon = await lab.start()
+    good, batch, job_id = await night_on_call(lab, daemon)
+
+    # Quarantined and rolled back; a pending job waits.
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert [q["revision"] for q in detail["quarantined"]] == [batch.b]
+    assert lab.live_revisions() == [good, good]
+    assert detail["pristine"] is False
+    listed = (await daemon.api.get("/api/v1/jobs?state=pending"))["jobs"]
+    assert [j["id"] for j in listed] == [job_id]
+    assert listed[0]["selected"] == [batch.p] and listed[0]["bad_head"] == batch.b
+    assert (await daemon.api.get(f"/api/v1/jobs?state=pending&app={APP}"))["jobs"] == listed
+    assert (await daemon.api.get("/api/v1/jobs?state=succeeded"))["jobs"] == []
+    samples = await scrape(daemon)
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="pending") == 1
+    assert sample(samples, "deployd_rescue_job_oldest_pending_timestamp_seconds", app=APP)
+
+    job = await daemon.api.get(f"/api/v1/jobs/{job_id}", token="reader")
+    assert job["state"] == "pending" and job["ready"] is True and job["blocked_by"] is None
+    assert job["base"]["sha"] == good and job["bad_head"] == batch.b
+    assert job["requester"] == "deployd"
+    by_sha = {c["sha"]: c for c in job["candidates"]}
+    assert [c["sha"] for c in job["candidates"]] == [batch.a, batch.p, batch.b]
+    assert by_sha[batch.p]["summary"] == "Fix tax rounding"
+    assert by_sha[batch.p]["author"] == "Pat Fixer <pat@example.com>"
+    assert by_sha[batch.a]["author"] == "Ann Author <ann@example.com>"
+    assert [c["selected"] for c in job["candidates"]] == [False, True, False]
+    assert by_sha[batch.p]["applies_cleanly"] is True
+    assert by_sha[batch.p]["conflicting_paths"] == []
+    assert job["adaptation"] is None
+    plan = job["plan"]
+    assert isinstance(plan, str) and len(plan) >= 16
+    assert job["next"]["approve"]["body"]["plan"] == plan
+
+    status, patch = await daemon.api.call("GET", f"/api/v1/jobs/{job_id}/patch", token="reader")
+    assert status == 200 and isinstance(patch, str)
+    assert patch.startswith("diff --git a/tax.txt b/tax.txt")
+    assert "+++ b/tax.txt" in patch and "+rate 0.2" in patch
+    assert "index.html" not in patch and "health.txt" not in patch
+
+    status, body = await daemon.api.call("POST", f"/api/v1/jobs/{job_id}/approve",
+                                         token="approver",
+                                         json_body={"plan": plan, "comment": "ship the fix"})
+    assert status == 202, body
+    assert body["state"] in ("approved", "running")
+    done = await wait_job(daemon, job_id, "succeeded", "failed", "superseded")
+    assert done["state"] == "succeeded", done
+
+    # The remote branch is G + P', P' made by deployd with P's author and the trailers.
+    new_head = lab.remote_head()
+    assert new_head is not None and new_head == done["new_head"]
+    rebuilt = lab.remote_commit(new_head)
+    original = lab.remote_commit(batch.p)
+    assert [str(p) for p in rebuilt.parent_ids] == [good]
+    assert (rebuilt.author.name, rebuilt.author.email) == FIX_AUTHOR
+    assert rebuilt.author.time == original.author.time
+    assert rebuilt.committer.name == "deployd"
+    lines = message_lines(rebuilt)
+    assert lines[0] == "Fix tax rounding"
+    assert f"(cherry picked from commit {batch.p})" in lines
+    assert f"Rescue-Job: {APP}#{job_id}" in lines
+    assert "Approved-by: approver" in lines
+    assert "Rescue: yes" in lines
+    repo = lab.origin.repo
+    assert changes(repo, lab.remote_commit(good), rebuilt) == changes(
+        repo, original.parents[0], original)
+    assert rebuilt.tree["tax.txt"].id == original.tree["tax.txt"].id
+    assert rebuilt.tree["health.txt"].id == lab.remote_commit(good).tree["health.txt"].id
+    assert "index.html" not in rebuilt.tree
+
+    # The old head is kept on the remote under the backup branch.
+    backup = f"deployd/backup/{APP}/{job_id}"
+    assert lab.remote_head(backup) == batch.b
+    assert done["backup_branch"] == f"refs/heads/{backup}"
+
+    # The hosts run the new release, healthy; the branch is pristine again.
+    assert lab.live_revisions() == [new_head, new_head]
+    for deploy_to in lab.deploy_dirs:
+        assert (deploy_to / "current" / "tax.txt").read_text() == "rate 0.2\n"
+        assert (deploy_to / "current" / "health.txt").read_text() == GOOD
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["head"] == new_head
+    assert detail["deployed"]["revision"] == new_head
+    assert detail["last_good"]["revision"] == new_head
+    assert detail["pristine"] is True
+
+    # The job tells who approved what, and its log.
+    assert done["error"] is None and done["step"] == "pushed"
+    (approval,) = done["approvals"]
+    assert approval["decision"] == "approve" and approval["by"] == "approver"
+    assert approval["plan"] == plan and approval["comment"] == "ship the fix"
+    assert [e["kind"] for e in done["log"]] == [
+        "job.opened", "job.approved", "job.pushed", "job.succeeded"]
+    assert "next" not in done
+
+    # Metrics.
+    samples = await scrape(daemon)
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="succeeded") == 1
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="pending") == 0
+    assert sample(samples, "deployd_transplant_duration_seconds_count", app=APP) == 1
+    assert (sample(samples, "deployd_transplant_duration_seconds_sum", app=APP) or 0) > 0
+    assert not [key for key in samples
+                if key[0] == "deployd_rescue_job_oldest_pending_timestamp_seconds"]
+    assert sample(samples, "deployd_branch_pristine", app=APP) == 1
+
+    # The events tell the story, in order.
+    timeline = await events(daemon)
+    in_order(timeline, [
+        ("deploy.succeeded", good), ("bake.healthy", good),
+        ("branch.moved", batch.b), ("deploy.started", batch.b), ("deploy.succeeded", batch.b),
+        ("bake.failed", batch.b), ("quarantine.added", batch.b), ("rollback.started", None),
+        ("rollback.succeeded", good), ("job.opened", batch.b), ("job.approved", None),
+        ("job.pushed", new_head), ("deploy.started", new_head),
+        ("deploy.succeeded", new_head), ("bake.healthy", new_head), ("job.succeeded", None),
+    ])
+    rescue_deploy = (await events(daemon, "deploy.started", new_head))[0]
+    assert "(rescue)" in rescue_deploy["message"] and rescue_deploy["actor"] == "approver"
+    assert len(await events(daemon, "job.opened")) == 1
