@@ -1067,7 +1067,12 @@ def _failing_files(scratch: pygit2.Repository, diff: pygit2.Diff) -> list[str]:
     for patch in diff:
         if patch is None:
             continue
-        single = pygit2.Diff.parse_diff(patch.data)
+        try:
+            # libgit2 re-serialises a file's patch without the `index` line it lacked, and
+            # cannot always parse that back: then this file cannot be named.
+            single = pygit2.Diff.parse_diff(patch.data)
+        except pygit2.GitError:
+            continue
         if not scratch.applies(single, ApplyLocation.INDEX):
             delta = patch.delta
             failing.append(delta.new_file.path or delta.old_file.path)
