@@ -8,10 +8,11 @@ daemon says about it (events, GET /apps).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.daemonlab import (
     app_dir,
     current_link,
     current_release,
-    daemon_lab,  # noqa: F401 - fixture
+    daemon_lab,
     host_label,
     lay_out_capistrano_release,
     releases,
@@ -34,6 +35,8 @@ from tests.daemonlab import (
 )
 from tests.hostfixtures import vanish
 from tests.sshd import chown_tree
+
+__all__ = ["daemon_lab"]  # fixture used by name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -328,7 +331,7 @@ async def test_rollback_target_missing_on_one_host_switches_nothing(
     second = world.origin.commit({"index.html": "v2\n"}, "second")
     r2 = (await deployed(daemon, 2))["data"]["release"]
     broken = world.hosts[1]
-    subprocess.run(["rm", "-rf", str(app_dir(broken) / "releases" / r1)], check=True)
+    shutil.rmtree(app_dir(broken) / "releases" / r1)
 
     status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback",
                                          json_body={"release": r1})
@@ -407,3 +410,91 @@ async def test_restart_keeps_history_and_does_not_redeploy(daemon_lab: WorldFact
 async def _ready(daemon: RunningDaemon) -> bool:
     status, _ = await daemon.api.call("GET", "/readyz", token=None)
     return status == 200
+
+
+async def test_observe_mode_records_capistrano_releases_and_rolls_back(
+        daemon_lab: WorldFactory) -> None:
+    """observe mode: a release laid out the Capistrano way is recorded (deploy.observed, GET);
+    the daemon never deploys even when the branch moves; POST /rollback works on that layout."""
+    world = daemon_lab(hosts=2, settings={"mode": "observe"})
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    r1 = "20240101120000"
+    for host in world.hosts:
+        lay_out_capistrano_release(host, r1, first, {"index.html": "v1\n"})
+    daemon = await world.start()
+    observed = await daemon.wait_for_event(APP, "deploy.observed")
+    assert observed["revision"] == first and observed["data"]["release"] == r1
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["mode"] == "observe"
+    assert detail["deployed"] == {"revision": first, "release": r1}
+    assert {h["current"]["release"] for h in detail["hosts"]} == {r1}
+
+    second = world.origin.commit({"index.html": "v2\n"}, "second")
+    await wait_for_revision(daemon, "branch.moved", second)
+    await asyncio.sleep(1.0)  # five polls
+    assert await count(daemon, "deploy.started") == 0
+    for host in world.hosts:
+        assert releases(host) == [r1] and current_release(host) == r1
+
+    r2 = "20240102120000"
+    for host in world.hosts:  # Capistrano deploys the new head
+        lay_out_capistrano_release(host, r2, second, {"index.html": "v2\n"})
+    observed = await daemon.wait_for_event(APP, "deploy.observed", count=2)
+    assert observed["revision"] == second and observed["data"]["release"] == r2
+
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback", json_body={})
+    assert status == 202, body
+    assert body["rollback"]["release"] == r1
+    await daemon.wait_for_event(APP, "rollback.succeeded")
+    for host in world.hosts:
+        root = app_dir(host)
+        assert current_link(host) == str(root / "releases" / r1)
+        assert releases(host) == [r1, r2]
+        assert "by=admin" in (root / "releases" / r2 / "ROLLED_BACK").read_text()
+        assert revisions_log(host)[-1] == f"admin rolled back to release {r1}"
+    await asyncio.sleep(0.6)
+    assert await count(daemon, "deploy.observed") == 2
+    assert await count(daemon, "deploy.started") == 0
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["deployed"] == {"revision": first, "release": r1}
+
+
+async def test_sigterm_mid_deploy_finishes_the_deploy_and_exits_0(
+        daemon_lab: WorldFactory) -> None:
+    """`deployd run` as a process: SIGTERM during the build hook lets the deploy finish on every
+    host (none half switched, no lock left), then the process exits 0 without a traceback."""
+    world = daemon_lab(hosts=2, hooks={"build": "sleep 1"})
+    first = world.origin.commit({"index.html": "v1\n"}, "first")
+    config = world.write()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")}
+    env.pop("NOTIFY_SOCKET", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deployd.cli", "run", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(releases(host) for host in world.hosts):  # build hooks running
+            assert process.returncode is None, await process.communicate()
+            assert time.monotonic() < deadline, "the deploy never reached the hosts"
+            await asyncio.sleep(0.02)
+        assert all(current_link(host) is None for host in world.hosts)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert time.monotonic() - signalled > 0.3  # it waited for the hook
+    assert b"Traceback" not in stderr
+    release = releases(world.hosts[0])[0]
+    for host in world.hosts:
+        assert releases(host) == [release]
+        assert current_link(host) == str(app_dir(host) / "releases" / release)
+        assert revision_of(host, release) == first
+        assert not (app_dir(host) / ".deployd.lock").exists()
+        assert len(revisions_log(host)) == 1
+    with contextlib.closing(sqlite3.connect(world.spec.state_dir / "deployd.sqlite3")) as db:
+        rows = db.execute("SELECT kind, state, revision, release FROM deploys").fetchall()
+    assert rows == [("deploy", "succeeded", first, release)]
