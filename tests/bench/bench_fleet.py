@@ -6,7 +6,10 @@ Each host is its own OpenSSH sshd on loopback (tests/sshd.py; run as root, loggi
 unprivileged test user), with its own deploy directory. Connections are opened first (a daemon
 keeps them open), then each repetition times one `Fleet.deploy` of a small app (a tar of
 `--files` files, restart hook `touch tmp/restart.txt`) and one `Fleet.rollback` to the release
-before it. Prints the median, min and max of each, and the 50-host/1-host rollback ratio.
+before it. Prints the median, min and max of each, the CPU time this process (the daemon
+side) spent per rollback, and the 50-host/1-host rollback ratio. All hosts share this machine's
+cores, so the host side of N hosts' work (sshd, sh, ln, mv, hooks) adds up here, where on real
+machines it runs in parallel.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def _tarball(files: int, revision: int) -> bytes:
     return make_tarball({**content, "VERSION": str(revision)})
 
 
-async def _measure(app: AppConfig, repeat: int, files: int) -> tuple[list[float], list[float]]:
+async def _measure(app: AppConfig, repeat: int,
+                   files: int) -> tuple[list[float], list[float], list[float]]:
     pool = HostPool()
     fleet = Fleet(app, pool)
     try:
@@ -61,17 +65,18 @@ async def _measure(app: AppConfig, repeat: int, files: int) -> tuple[list[float]
             raise SystemExit(f"could not connect: {failures}")
         previous = (await fleet.deploy(sha(1), _tarball(files, 1), branch="production",
                                        actor="bench")).release
-        deploys, rollbacks = [], []
+        deploys, rollbacks, rollback_cpu = [], [], []
         for n in range(2, repeat + 2):
             began = time.perf_counter()
             await fleet.deploy(sha(n), _tarball(files, n), branch="production", actor="bench")
             deploys.append(time.perf_counter() - began)
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             await fleet.rollback(previous, reason="bench", actor="bench")
             rollbacks.append(time.perf_counter() - began)
+            rollback_cpu.append(time.process_time() - cpu)
             previous = (await fleet.deploy(sha(n), _tarball(files, n), branch="production",
                                            actor="bench")).release
-        return deploys, rollbacks
+        return deploys, rollbacks, rollback_cpu
     finally:
         await pool.close()
 
@@ -117,14 +122,15 @@ def main() -> None:
             known_hosts = shared_dir("deployd-bench-kh-") / "known_hosts"
             known_hosts.write_text("".join(h.known_hosts_line() + "\n" for h in hosts))
             app = _app(hosts, known_hosts, key, hook=not args.no_hook)
-            deploys, rollbacks = asyncio.run(_measure(app, args.repeat, args.files))
+            deploys, rollbacks, cpu = asyncio.run(_measure(app, args.repeat, args.files))
             shutil.rmtree(known_hosts.parent, ignore_errors=True)
         finally:
             _stop_hosts(hosts)
         medians[count] = (statistics.median(deploys), statistics.median(rollbacks))
         print(f"{count:>3} host(s)")
         print("    " + _line("deploy", deploys))
-        print("    " + _line("rollback", rollbacks))
+        print("    " + _line("rollback", rollbacks)
+              + f"   (deployd's own CPU: median {statistics.median(cpu):.3f}s)")
     if 1 in medians and len(medians) > 1:
         most = max(medians)
         ratio = medians[most][1] / medians[1][1]
