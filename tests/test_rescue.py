@@ -181,3 +181,187 @@ async def test_full_rescue_story_over_ssh(rescue_lab: MakeLab) -> None:
     rescue_deploy = (await events(daemon, "deploy.started", new_head))[0]
     assert "(rescue)" in rescue_deploy["message"] and rescue_deploy["actor"] == "approver"
     assert len(await events(daemon, "job.opened")) == 1
+
+
+# -- conflicts, resolved patches and selection ------------------------------------------------
+
+CONFLICT_CONFIG = "# shop\nsetting = 1\ncurrency = EUR\n"
+RESOLVED = """\
+diff --git a/config.txt b/config.txt
+--- a/config.txt
++++ b/config.txt
+@@ -1,3 +1,3 @@
+ # shop
+-setting = 1
++setting = 3
+ currency = EUR
+diff --git a/tax.txt b/tax.txt
+new file mode 100644
+--- /dev/null
++++ b/tax.txt
+@@ -0,0 +1 @@
++rate 0.2
+"""
+
+
+async def approve(daemon: Daemonish, job_id: int, plan: Any, token: str = "approver",
+                  comment: str | None = None) -> tuple[int, Any]:
+    body: dict[str, Any] = {"plan": plan}
+    if comment is not None:
+        body["comment"] = comment
+    return await daemon.api.call("POST", f"/api/v1/jobs/{job_id}/approve", token=token,
+                                 json_body=body)
+
+
+async def test_conflicting_fix_needs_a_resolved_patch(rescue_lab: MakeLab) -> None:
+    """P conflicts with the base: 422 until a resolved diff is uploaded; old plans are stale."""
+    lab: RescueLab = await rescue_lab(2)
+    lab.commit_good(**{"config.txt": CONFLICT_CONFIG})
+    daemon = await lab.start()
+    good, batch, job_id = await night_on_call(
+        lab, daemon,
+        a_files={"config.txt": "# shop\nsetting = 2\ncurrency = EUR\n"},
+        p_files={"config.txt": "# shop\nsetting = 3\ncurrency = EUR\n", "tax.txt": "rate 0.2\n"})
+    path = f"/api/v1/jobs/{job_id}"
+
+    job = await daemon.api.get(path)
+    p = next(c for c in job["candidates"] if c["sha"] == batch.p)
+    assert p["selected"] is True and p["applies_cleanly"] is False
+    assert p["conflicting_paths"] == ["config.txt"]
+    assert job["ready"] is False and job["plan"] is None
+    assert batch.p[:12] in job["blocked_by"] and "PUT .../patch" in job["blocked_by"]
+    assert "next" not in job
+    status, body = await approve(daemon, job_id, "0" * 32)
+    assert status == 422 and body["error"]["code"] == "invalid", body
+    assert "cannot be approved yet" in body["error"]["message"]
+
+    # A and P together apply cleanly: that is a plan an approver could read...
+    status, job = await daemon.api.call("PUT", f"{path}/selection", token="approver",
+                                        json_body={"commits": [batch.a, batch.p]})
+    assert status == 200 and job["ready"] is True, job
+    old_plan = job["plan"]
+    # ...but back to P alone, and a hand-resolved patch for it.
+    status, job = await daemon.api.call("PUT", f"{path}/selection", token="approver",
+                                        json_body={"commits": [batch.p]})
+    assert status == 200 and job["ready"] is False and job["plan"] is None
+
+    status, body = await daemon.api.call("PUT", f"{path}/patch", token="reader", data=RESOLVED)
+    assert status == 403, body
+    # Made against the wrong base: as `git diff` writes it (the file is named), and by hand.
+    before, after = "# shop\nsetting = 2\ncurrency = EUR\n", "# shop\nsetting = 3\ncurrency = EUR\n"
+    index = f"index {str(pygit2.hash(before))[:7]}..{str(pygit2.hash(after))[:7]} 100644\n"
+    wrong = RESOLVED.replace("-setting = 1", "-setting = 2")
+    tax = str(pygit2.hash("rate 0.2\n"))[:7]
+    git_style = wrong.replace("--- a/config.txt", index + "--- a/config.txt", 1).replace(
+        "new file mode 100644\n", f"new file mode 100644\nindex 0000000..{tax}\n", 1)
+    status, body = await daemon.api.call("PUT", f"{path}/patch", token="approver",
+                                         data=git_style)
+    assert status == 422 and "does not apply" in body["error"]["message"], body
+    assert "(in config.txt)" in body["error"]["message"]
+    status, body = await daemon.api.call("PUT", f"{path}/patch", token="approver", data=wrong)
+    assert status == 422 and "does not apply" in body["error"]["message"], body
+    status, body = await daemon.api.call("PUT", f"{path}/patch", token="approver",
+                                         data="this is not a diff\n")
+    assert status == 422, body
+    status, body = await daemon.api.call("PUT", f"{path}/patch", token="approver", data="")
+    assert status == 422, body
+
+    status, job = await daemon.api.call("PUT", f"{path}/patch", token="approver", data=RESOLVED)
+    assert status == 200, job
+    assert job["ready"] is True and job["resolved_patch"] is True and job["blocked_by"] is None
+    new_plan = job["plan"]
+    assert new_plan and new_plan != old_plan
+    adaptation = job["adaptation"]
+    assert adaptation is not None
+    assert "setting = 1" in adaptation and "setting = 2" in adaptation
+    status, patch = await daemon.api.call("GET", f"{path}/patch", token="reader")
+    assert status == 200 and "+setting = 3" in patch and "-setting = 1" in patch
+    assert "+rate 0.2" in patch
+
+    status, body = await approve(daemon, job_id, old_plan)
+    assert status == 409 and "stale plan" in body["error"]["message"], body
+    assert (await daemon.api.get(path))["state"] == "pending"
+    status, body = await approve(daemon, job_id, new_plan, comment="resolved by hand")
+    assert status == 202, body
+    done = await wait_job(daemon, job_id, "succeeded", "failed", "superseded")
+    assert done["state"] == "succeeded", done
+
+    head = lab.remote_head()
+    assert head is not None and head == done["new_head"]
+    rebuilt = lab.remote_commit(head)
+    assert [str(p) for p in rebuilt.parent_ids] == [good]
+    assert (rebuilt.author.name, rebuilt.author.email) == FIX_AUTHOR
+    assert rebuilt.committer.name == "deployd"
+    lines = message_lines(rebuilt)
+    assert lines[0] == "Fix tax rounding"
+    assert f"(cherry picked from commit {batch.p})" in lines
+    assert f"Rescue-Job: {APP}#{job_id}" in lines and "Approved-by: approver" in lines
+    blob = lab.origin.repo[rebuilt.tree["config.txt"].id]
+    assert isinstance(blob, pygit2.Blob)
+    assert blob.data == b"# shop\nsetting = 3\ncurrency = EUR\n"
+    assert lab.remote_head(f"deployd/backup/{APP}/{job_id}") == batch.b
+    assert lab.live_revisions() == [head, head]
+    assert done["adaptation"] == adaptation
+    kinds = [e["kind"] for e in done["log"]]
+    assert kinds == ["job.opened", "job.selection", "job.selection", "job.patch",
+                     "job.approved", "job.pushed", "job.succeeded"]
+
+
+async def test_selection_changes_the_plan(rescue_lab: MakeLab) -> None:
+    """PUT /selection picks other candidates and recomputes the plan; outside the range: 422."""
+    lab: RescueLab = await rescue_lab(1)
+    lab.commit_good(**{"config.txt": CONFIG})
+    daemon = await lab.start()
+    good, batch, job_id = await night_on_call(lab, daemon)
+    path = f"/api/v1/jobs/{job_id}"
+    first = await daemon.api.get(path)
+
+    async def select(commits: Any, token: str = "approver") -> tuple[int, Any]:
+        return await daemon.api.call("PUT", f"{path}/selection", token=token,
+                                     json_body={"commits": commits})
+
+    status, job = await select([batch.a])
+    assert status == 200, job
+    assert [c["selected"] for c in job["candidates"]] == [True, False, False]
+    assert job["ready"] is True and job["plan"] not in (None, first["plan"])
+    status, patch = await daemon.api.call("GET", f"{path}/patch")
+    assert "index.html" in patch and "tax.txt" not in patch
+
+    # Given newest first and by short sha: stored oldest first, the patch holds both.
+    status, job = await select([batch.p[:10], batch.a])
+    assert status == 200, job
+    assert [c["selected"] for c in job["candidates"]] == [True, True, False]
+    both = job["plan"]
+    listed = (await daemon.api.get("/api/v1/jobs?state=pending"))["jobs"]
+    assert listed[0]["selected"] == [batch.a, batch.p] and listed[0]["plan"] == both
+    status, patch = await daemon.api.call("GET", f"{path}/patch")
+    assert "index.html" in patch and "tax.txt" in patch
+
+    # Outside the range: the base itself, a commit on another branch, unknown, malformed.
+    side = lab.origin.commit({"side.txt": "x\n"}, "Elsewhere", branch="side", parents=[good])
+    await asyncio.sleep(0.5)  # the daemon fetches every ref on its next poll
+    for commits in ([good], [side], ["f" * 40], [batch.p, "nope"]):
+        status, body = await select(commits)
+        assert status == 422, (commits, body)
+    for commits in ("x", [1], None):
+        status, body = await select(commits)
+        assert status == 422, (commits, body)
+    status, body = await select([batch.p], token="deployer")
+    assert status == 403, body
+    assert (await daemon.api.get(path))["plan"] == both
+
+    # Nothing selected: still pending, not approvable.
+    status, job = await select([])
+    assert status == 200 and job["ready"] is False and job["plan"] is None
+    assert "nothing selected" in job["blocked_by"]
+    status, body = await approve(daemon, job_id, both)
+    assert status == 422, body
+
+    # Back to P alone: the very plan the job was opened with (nothing else moved).
+    status, job = await select([batch.p])
+    assert status == 200 and job["plan"] == first["plan"]
+    status, body = await approve(daemon, job_id, first["plan"])
+    assert status == 202, body
+    assert (await wait_job(daemon, job_id, "succeeded", "failed"))["state"] == "succeeded"
+    status, body = await select([batch.a])
+    assert status == 409, body
