@@ -550,14 +550,25 @@ class AppSupervisor:
         if target is None:
             await self.pause(SYSTEM_ACTOR, "bad deploy and no earlier release to roll back to")
             return
-        rollback = await self._rollback(target, trigger="health", actor=SYSTEM_ACTOR,
-                                        reason=reason)
-        job = await self._job_for(record)
-        if job is not None and self.rescue is not None:
-            await self.rescue.finish(job, healthy=False,
-                                     reason=f"the rebuilt head was unhealthy: {reason}")
-        elif rollback.state == "succeeded":
-            await self._open_job_after_rollback(rollback, reason)
+
+        async def roll_back() -> None:
+            rollback = await self._rollback(target, trigger="health", actor=SYSTEM_ACTOR,
+                                            reason=reason)
+            job = await self._job_for(record)
+            if job is not None and self.rescue is not None:
+                await self.rescue.finish(job, healthy=False,
+                                         reason=f"the rebuilt head was unhealthy: {reason}")
+            elif rollback.state == "succeeded":
+                await self._open_job_after_rollback(rollback, reason)
+
+        # An operation like any other: it holds the app's operation lock (no REST deploy
+        # interleaves) and a shutdown lets it finish instead of cancelling it half way.
+        try:
+            await self._spawn(roll_back(), "rollback")
+        except Conflict as exc:
+            await self.store.add_event(self.name, "rollback.skipped",
+                                       f"not rolling back by itself: {exc}",
+                                       revision=record.revision)
 
     async def _job_for(self, record: Deploy) -> Job | None:
         if self.rescue is None or record.trigger != "rescue":
