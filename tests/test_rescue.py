@@ -13,7 +13,7 @@ from typing import Any
 
 import pygit2
 
-from tests.rescuelab import (  # noqa: F401 - rescue_lab is a fixture
+from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
     APP,
     BAD,
     FIX_AUTHOR,
@@ -24,7 +24,7 @@ from tests.rescuelab import (  # noqa: F401 - rescue_lab is a fixture
     RescueLab,
     events,
     in_order,
-    rescue_lab,
+    rescue_lab_fixture,
     sample,
     scrape,
     wait_event,
@@ -365,3 +365,137 @@ async def test_selection_changes_the_plan(rescue_lab: MakeLab) -> None:
     assert (await wait_job(daemon, job_id, "succeeded", "failed"))["state"] == "succeeded"
     status, body = await select([batch.a])
     assert status == 409, body
+
+
+# -- the branch moves --------------------------------------------------------------------------
+
+
+async def test_push_while_pending_supersedes_the_job(rescue_lab: MakeLab) -> None:
+    """Someone pushes while the job waits: approve is 409, job superseded, their push stays."""
+    lab: RescueLab = await rescue_lab(1)
+    lab.commit_good()
+    daemon = await lab.start()
+    _, _, job_id = await night_on_call(lab, daemon)
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+
+    theirs = await lab.push_as_someone_else({"health.txt": GOOD}, "Fix the database by hand")
+    assert lab.remote_head() == theirs
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 409 and body["error"]["code"] == "conflict", body
+    job = await wait_job(daemon, job_id, "superseded")
+    assert "moved" in job["error"] and theirs[:12] in job["error"]
+    assert job["approvals"] == [] and job["new_head"] is None
+
+    # Nothing was overwritten or backed up; their push is deployed like any new head.
+    assert lab.remote_head() == theirs
+    assert lab.remote_head(f"deployd/backup/{APP}/{job_id}") is None
+    assert not await events(daemon, "job.approved")
+    await wait_event(daemon, "bake.healthy", theirs)
+    assert lab.live_revisions() == [theirs]
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 409, body
+    samples = await scrape(daemon)
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="superseded") == 1
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="pending") == 0
+    assert not sample(samples, "deployd_transplant_duration_seconds_count", app=APP)
+
+
+async def test_push_racing_the_transplant_is_not_overwritten(rescue_lab: MakeLab) -> None:
+    """A push landing between approve's check and the transplant's push: job superseded."""
+    lab: RescueLab = await rescue_lab(1)
+    lab.commit_good()
+    daemon = await lab.start()
+    _, batch, job_id = await night_on_call(lab, daemon)
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+
+    # The remote's pre-receive hook moves production the moment deployd pushes to it: after
+    # every check deployd made and after its lease was negotiated, before the update.
+    theirs = lab.origin.commit({"health.txt": GOOD}, "Racing hotfix", branch="racer",
+                               parents=[batch.b])
+    lab.install_hook("pre-receive", f"""#!/bin/sh
+unset GIT_QUARANTINE_PATH
+while read old new ref; do
+  if [ "$ref" = refs/heads/production ]; then
+    git update-ref refs/heads/production {theirs}
+  fi
+done
+""")
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 202, body
+    job = await wait_job(daemon, job_id, "superseded", "failed", "succeeded")
+    assert job["state"] == "superseded", job
+    assert "push refused, nothing overwritten" in job["error"]
+    assert lab.remote_head() == theirs
+    # The backup went first, so the old head is kept whatever happens to the branch.
+    assert lab.remote_head(f"deployd/backup/{APP}/{job_id}") == batch.b
+    assert not await events(daemon, "job.pushed")
+    assert not [e for e in await events(daemon, "deploy.started")
+                if "(rescue)" in e["message"]]
+    await wait_event(daemon, "bake.healthy", theirs)
+    assert lab.live_revisions() == [theirs]
+
+
+# -- the rebuilt head is bad too ---------------------------------------------------------------
+
+
+async def test_transplanted_head_that_fails_health_is_rolled_back(rescue_lab: MakeLab) -> None:
+    """P' unhealthy in its bake: rolled back, quarantined, job failed; no second job."""
+    lab: RescueLab = await rescue_lab(2)
+    lab.commit_good()
+    daemon = await lab.start()
+    # The fix is itself what breaks the app; B is harmless this time.
+    good, batch, job_id = await night_on_call(
+        lab, daemon, p_files={"tax.txt": "rate 0.2\n", "health.txt": BAD},
+        b_files={"index.html": "<h1>v3</h1>\n"})
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 202, body
+    job = await wait_job(daemon, job_id, "failed", "succeeded")
+    assert job["state"] == "failed", job
+    assert "the rebuilt head was unhealthy" in job["error"]
+    new_head = job["new_head"]
+    assert new_head and lab.remote_head() == new_head
+
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert {q["revision"] for q in detail["quarantined"]} == {batch.b, new_head}
+    await wait_event(daemon, "rollback.succeeded", good, count=2)
+    assert lab.live_revisions() == [good, good]
+    assert detail["pristine"] is False
+    timeline = await events(daemon)
+    in_order(timeline, [("job.pushed", new_head), ("deploy.started", new_head),
+                        ("bake.failed", new_head), ("quarantine.added", new_head),
+                        ("rollback.started", None), ("job.failed", None)])
+    await asyncio.sleep(1.0)  # a few polls: the quarantined head is neither deployed nor rescued
+    assert len(await events(daemon, "job.opened")) == 1
+    assert [j["id"] for j in (await daemon.api.get("/api/v1/jobs"))["jobs"]] == [job_id]
+    assert len(await events(daemon, "deploy.started", new_head)) == 1
+    samples = await scrape(daemon)
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="failed") == 1
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="succeeded") == 0
+
+
+# -- approvals racing --------------------------------------------------------------------------
+
+
+async def test_two_racing_approvals_one_wins(rescue_lab: MakeLab) -> None:
+    """Two concurrent approvals of the right plan: one 202, one 409, one transplant."""
+    lab: RescueLab = await rescue_lab(1)
+    lab.commit_good()
+    daemon = await lab.start()
+    good, _, job_id = await night_on_call(lab, daemon)
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+    results = await asyncio.gather(approve(daemon, job_id, plan, token="approver"),
+                                   approve(daemon, job_id, plan, token="admin"))
+    assert sorted(status for status, _ in results) == [202, 409], results
+    winner = next(body for status, body in results if status == 202)
+    job = await wait_job(daemon, job_id, "succeeded", "failed")
+    assert job["state"] == "succeeded", job
+    assert len(job["approvals"]) == 1
+    assert job["approvals"][0]["by"] == winner["approvals"][0]["by"]
+    assert len(await events(daemon, "job.approved")) == 1
+    assert len(await events(daemon, "job.pushed")) == 1
+    assert len([e for e in await events(daemon, "deploy.started")
+                if "(rescue)" in e["message"]]) == 1
+    head = lab.remote_head()
+    assert head == job["new_head"]
+    assert [str(p) for p in lab.remote_commit(head).parent_ids] == [good]
