@@ -499,3 +499,190 @@ async def test_two_racing_approvals_one_wins(rescue_lab: MakeLab) -> None:
     head = lab.remote_head()
     assert head == job["new_head"]
     assert [str(p) for p in lab.remote_commit(head).parent_ids] == [good]
+
+
+# -- REST: auth, bad requests, decisions -------------------------------------------------------
+
+
+async def paused_with_bad_batch(lab: RescueLab, daemon: Daemonish) -> tuple[str, Batch]:
+    """G live and good; the app paused; the bad batch on production, not deployed."""
+    good = lab.origin.head()
+    await wait_event(daemon, "bake.healthy", good)
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/pause", token="deployer",
+                                         json_body={"reason": "we rescue by hand tonight"})
+    assert status == 200, body
+    batch = lab.land_bad_batch()
+    await wait_event(daemon, "branch.moved", batch.b)
+    return good, batch
+
+
+async def open_by_hand(daemon: Daemonish, commits: list[str], token: str = "admin") -> int:
+    status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/jobs", token=token,
+                                         json_body={"commits": commits})
+    assert status == 201, body
+    assert body["state"] == "pending" and body["requester"] == token
+    return int(body["id"])
+
+
+async def test_job_calls_check_auth_input_and_state(rescue_lab: MakeLab) -> None:
+    """401, 403, 404, 400, 422 and 409 on the job calls; reject records its comment."""
+    lab: RescueLab = await rescue_lab(1)
+    lab.commit_good()
+    daemon = await lab.start()
+    good, batch = await paused_with_bad_batch(lab, daemon)
+    call = daemon.api.call
+
+    # Opening by hand needs the deploy role and commits of the range.
+    jobs = f"/api/v1/apps/{APP}/jobs"
+    for token in ("reader", "approver"):
+        status, body = await call("POST", jobs, token=token, json_body={"commits": [batch.p]})
+        assert status == 403, (token, body)
+    for body_json in ({}, {"commits": []}, {"commits": ["no-such-commit"]},
+                      {"commits": [good]}, {"commits": batch.p}, {"commits": [batch.p], "x": 1}):
+        status, body = await call("POST", jobs, token="deployer", json_body=body_json)
+        assert status == 422, (body_json, body)
+    status, body = await call("POST", "/api/v1/apps/nope/jobs", token="deployer",
+                              json_body={"commits": [batch.p]})
+    assert status == 404, body
+    job_id = await open_by_hand(daemon, [batch.p], token="deployer")
+    job = await daemon.api.get(f"/api/v1/jobs/{job_id}")
+    assert job["base"]["sha"] == good and job["bad_head"] == batch.b
+    assert [c["selected"] for c in job["candidates"]] == [False, True, False]
+    plan = job["plan"]
+    path = f"/api/v1/jobs/{job_id}"
+
+    # 401: no token, a wrong one, a malformed header.
+    for token in (None, "not-a-token"):
+        for method, url in (("GET", "/api/v1/jobs"), ("GET", path), ("GET", f"{path}/patch"),
+                            ("POST", f"{path}/approve"), ("POST", f"{path}/reject"),
+                            ("PUT", f"{path}/selection")):
+            status, body = await call(method, url, token=token, json_body={"plan": plan})
+            assert status == 401, (token, method, url, body)
+            assert body["error"]["code"] == "unauthorized"
+    # 403: reading is not approving.
+    for token in ("reader", "deployer"):
+        status, body = await approve(daemon, job_id, plan, token=token)
+        assert status == 403 and body["error"]["code"] == "forbidden", (token, body)
+        status, body = await call("POST", f"{path}/reject", token=token, json_body={})
+        assert status == 403, (token, body)
+    # 404: unknown ids, numeric or not.
+    for url in ("/api/v1/jobs/9999", "/api/v1/jobs/abc", "/api/v1/jobs/9999/patch",
+                "/api/v1/jobs/-1", "/api/v1/jobs/1.5"):
+        status, body = await call("GET", url, token="reader")
+        assert status == 404 and body["error"]["code"] == "not_found", (url, body)
+    for url in ("/api/v1/jobs/9999/approve", "/api/v1/jobs/abc/approve",
+                "/api/v1/jobs/9999/reject"):
+        status, body = await call("POST", url, token="approver", json_body={"plan": plan})
+        assert status == 404, (url, body)
+    # 400: not JSON. 422: JSON, but not the fields approve needs.
+    for raw in (b"{not json", b'{"plan": ', b"\xff\xfe"):
+        status, body = await call("POST", f"{path}/approve", token="approver", data=raw)
+        assert status == 400 and body["error"]["code"] == "bad_json", (raw, body)
+    for bad in ({}, {"plan": None}, {"plan": 42}, {"plan": ""}, {"plan": plan, "x": 1},
+                {"plan": plan, "comment": 7}, [plan], "plan"):
+        status, body = await call("POST", f"{path}/approve", token="approver", json_body=bad)
+        assert status == 422 and body["error"]["code"] == "invalid", (bad, body)
+    status, body = await call("GET", "/api/v1/jobs?state=bogus", token="reader")
+    assert status == 422, body
+    status, body = await call("GET", "/api/v1/jobs?app=nope", token="reader")
+    assert status == 404, body
+    status, body = await approve(daemon, job_id, "f" * 32)
+    assert status == 409 and "stale plan" in body["error"]["message"], body
+    assert (await daemon.api.get(path))["state"] == "pending"
+    assert not await events(daemon, "job.approved")
+
+    # Reject records the comment; the job is then neither approvable nor rejectable.
+    status, body = await call("POST", f"{path}/reject", token="approver",
+                              json_body={"comment": "B's author will fix forward"})
+    assert status == 200 and body["state"] == "rejected", body
+    (decision,) = body["approvals"]
+    assert decision["decision"] == "reject" and decision["by"] == "approver"
+    assert decision["comment"] == "B's author will fix forward" and decision["plan"] == plan
+    rejected = await wait_event(daemon, "job.rejected")
+    assert "B's author will fix forward" in rejected["message"]
+    assert rejected["actor"] == "approver"
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 409 and "rejected" in body["error"]["message"], body
+    status, body = await call("POST", f"{path}/reject", token="approver", json_body={})
+    assert status == 409, body
+    status, body = await call("PUT", f"{path}/selection", token="approver",
+                              json_body={"commits": [batch.a]})
+    assert status == 409, body
+    assert lab.remote_head() == batch.b
+
+    # A second job, approved: approving it again is a 409, while it runs and after.
+    second = await open_by_hand(daemon, [batch.p])
+    plan = (await daemon.api.get(f"/api/v1/jobs/{second}"))["plan"]
+    status, body = await approve(daemon, second, plan, comment="go")
+    assert status == 202, body
+    status, body = await approve(daemon, second, plan)
+    assert status == 409, body
+    done = await wait_job(daemon, second, "succeeded", "failed")
+    assert done["state"] == "succeeded", done
+    status, body = await approve(daemon, second, plan)
+    assert status == 409 and "succeeded" in body["error"]["message"], body
+    status, body = await call("POST", f"/api/v1/jobs/{second}/reject", token="approver",
+                              json_body={"comment": "too late"})
+    assert status == 409, body
+    assert [a["decision"] for a in done["approvals"]] == ["approve"]
+    samples = await scrape(daemon)
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="rejected") == 1
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="succeeded") == 1
+
+
+async def test_distinct_approver_refuses_who_opened_the_job(rescue_lab: MakeLab) -> None:
+    """distinct_approver = true: the token that opened a job by hand may not approve it."""
+    lab: RescueLab = await rescue_lab(1, rescue={"distinct_approver": True})
+    lab.commit_good()
+    daemon = await lab.start()
+    _, batch = await paused_with_bad_batch(lab, daemon)
+    job_id = await open_by_hand(daemon, [batch.p], token="admin")
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+    status, body = await approve(daemon, job_id, plan, token="admin")
+    assert status == 403 and "may not approve" in body["error"]["message"], body
+    assert (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["state"] == "pending"
+    status, body = await approve(daemon, job_id, plan, token="approver")
+    assert status == 202, body
+    done = await wait_job(daemon, job_id, "succeeded", "failed")
+    assert done["state"] == "succeeded", done
+    assert done["requester"] == "admin" and done["approvals"][0]["by"] == "approver"
+
+
+async def test_pending_job_expires(rescue_lab: MakeLab) -> None:
+    """rescue.expire = "1s": the job becomes expired and approving it is a 409."""
+    lab: RescueLab = await rescue_lab(1, rescue={"expire": "1s"})
+    lab.commit_good()
+    daemon = await lab.start()
+    _, _, job_id = await night_on_call(lab, daemon)
+    job = await daemon.api.get(f"/api/v1/jobs/{job_id}")
+    plan = job["plan"]
+    assert plan
+    job = await wait_job(daemon, job_id, "expired", within=10)
+    assert job["error"] == "nobody approved it in time"
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 409 and "expired" in body["error"]["message"], body
+    assert (await wait_event(daemon, "job.expired"))["data"]["job"] == job_id
+    samples = await scrape(daemon)
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="expired") == 1
+    assert sample(samples, "deployd_rescue_jobs", app=APP, state="pending") == 0
+    assert not [key for key in samples
+                if key[0] == "deployd_rescue_job_oldest_pending_timestamp_seconds"]
+    assert lab.remote_head(f"deployd/backup/{APP}/{job_id}") is None
+
+
+async def test_expiry_is_checked_on_approve_too(rescue_lab: MakeLab) -> None:
+    """A job past its expiry is a 409 on approve even before any poll expired it."""
+    lab: RescueLab = await rescue_lab(1, rescue={"expire": "1s"},
+                                      settings={"poll_interval": "1h"})
+    good = lab.commit_good()
+    daemon = await lab.start()
+    await wait_event(daemon, "bake.healthy", good)
+    batch = lab.land_bad_batch()
+    job_id = await open_by_hand(daemon, [batch.p])  # fetches the branch itself
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+    assert (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["state"] == "pending"
+    await asyncio.sleep(1.2)
+    status, body = await approve(daemon, job_id, plan)
+    assert status == 409 and "expired" in body["error"]["message"], body
+    assert (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["state"] == "expired"
+    assert lab.remote_head() == batch.b
