@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +20,27 @@ from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TEST_USER = os.environ.get("DEPLOYD_TEST_USER", "deployd-test")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def free_port() -> int:
@@ -162,12 +184,14 @@ class SshdHost:
         """Kill sshd and every session it spawned (a host vanishing)."""
         if self.process is None:
             return
-        # Per-connection sshd children outlive the listener; kill them too so open
-        # connections drop, as when a machine disappears.
-        subprocess.run(["pkill", "-KILL", "-P", str(self.process.pid)], check=False)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        # Per-login sshd processes and their commands outlive the listener; kill the whole
+        # tree so open connections drop, as when a machine disappears.
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
         self.process = None
 
     def stop(self) -> None:
