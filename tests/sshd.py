@@ -160,7 +160,7 @@ class SshdHost:
     def start(self) -> None:
         """Start (or restart) sshd and wait until it accepts TCP connections."""
         self.setup()
-        log = open(self.workdir / "sshd.log", "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.workdir / "sshd.log", "ab")
         self.process = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(self.workdir / "sshd_config")],
             stdout=log,
