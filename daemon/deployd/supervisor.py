@@ -178,7 +178,7 @@ class AppSupervisor:
         sha = await self.mirror.resolve(revision)
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
         await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started),
-                          "deploy")
+                          "deploy", started)
         return await started
 
     async def request_rollback(self, release: str | None, *, actor: str,
@@ -190,16 +190,22 @@ class AppSupervisor:
             release = policy.previous_release(history, live.release if live else None)
             if release is None:
                 raise Conflict(f"{self.name}: no previous release on record to roll back to")
+        await self._release_revision(release)  # NotFound before anything starts
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
         await self._spawn(
             self._rollback(release, trigger="manual", actor=actor, reason=reason,
                            started=started),
-            "rollback",
+            "rollback", started,
         )
         return await started
 
-    async def _spawn(self, operation: Coroutine[Any, Any, Any], name: str) -> None:
-        """Run an operation in its own task, one at a time per app."""
+    async def _spawn(self, operation: Coroutine[Any, Any, Any], name: str,
+                     started: asyncio.Future[Deploy] | None = None) -> None:
+        """Run an operation in its own task, one at a time per app.
+
+        `started` is the future a REST caller waits on for the operation's record; if the
+        operation fails before recording anything, the caller gets that error instead.
+        """
         if self._stopping:
             operation.close()
             raise Conflict(f"{self.name}: deployd is shutting down")
@@ -212,9 +218,13 @@ class AppSupervisor:
         async def run() -> None:
             try:
                 await operation
-            except Exception:
+            except Exception as exc:
                 log.exception("%s: %s crashed", self.name, name)
+                if started is not None and not started.done():
+                    started.set_exception(exc)
             finally:
+                if started is not None and not started.done():
+                    started.set_exception(Conflict(f"{self.name}: the {name} was cancelled"))
                 self._operation_name = None
                 self._operation.release()
                 self.wake()
