@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemonfixtures import AppSpec, DaemonSpec, start_daemon
 from tests.gitrepo import OriginRepo
-from tests.test_ops import ALERTS, _SUFFIXES, dashboard, dashboard_queries, metric_names_in
+from tests.test_ops import _SUFFIXES, ALERTS, dashboard, dashboard_queries, metric_names_in
 
 
 async def test_rules_and_dashboard_match_the_live_metrics(tmp_path: Path) -> None:
