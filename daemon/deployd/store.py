@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from deployd.errors import NotFound, StoreError
 
 T = TypeVar("T")
+events_log = logging.getLogger("deployd.events")
 
 DeployKind = Literal["deploy", "rollback", "observed"]
 DeployState = Literal["running", "succeeded", "failed", "interrupted"]
@@ -315,6 +317,10 @@ class Store:
             return int(cursor.lastrowid or 0)
 
         event_id = await self._run(self._write(insert))
+        # One log line per event, after it is stored: the log never says more than the store.
+        events_log.info("%s %s: %s", app, kind, message,
+                        extra={"app": app, "kind": kind, "actor": actor, "revision": revision,
+                               "event_id": event_id})
         return Event(event_id, app, at, kind, actor, revision, message, data or {})
 
     async def events(self, app: str, *, since_id: int = 0, since_time: float | None = None,

@@ -1,0 +1,79 @@
+"""The daemon's log: one line per event, text or JSON, and never a secret."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec
+from tests.gitrepo import OriginRepo
+from tests.sshd import free_port
+from tests.test_reload import wait_http
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_daemon(tmp_path: Path, log_format: str) -> str:
+    """Run `deployd run` until its first deploy baked, poke it with tokens, return stderr."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "v1")
+    spec = DaemonSpec(state_dir=tmp_path / "state", apps=[AppSpec(
+        name="shop", repo=origin.url, local_dirs=[tmp_path / "host"],
+        rollback={"grace": "0s", "bake": "100ms"})])
+    port = free_port()
+    text = spec.render().replace("127.0.0.1:0", f"127.0.0.1:{port}")
+    text = text.replace("[daemon]\n", f'[daemon]\nlog_format = "{log_format}"\n', 1)
+    config = tmp_path / "deployd.toml"
+    config.write_text(text)
+    process = subprocess.Popen([sys.executable, "-m", "deployd.cli", "run", "-c", str(config)],
+                               env={**os.environ, "PYTHONPATH": "daemon"}, cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/healthz")
+        for secret in ("wrong-secret-value-42", TOKENS["admin"][0]):
+            request = urllib.request.Request(base + "/api/v1/apps",
+                                             headers={"Authorization": f"Bearer {secret}"})
+            try:
+                urllib.request.urlopen(request, timeout=5).close()
+            except urllib.error.HTTPError:
+                pass
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "host" / "current").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    return stderr
+
+
+def test_json_log_has_one_object_per_line_with_the_events(tmp_path: Path) -> None:
+    """With log_format = "json" every line is a JSON object; events carry app and kind."""
+    stderr = run_daemon(tmp_path, "json")
+    entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    kinds = [e.get("kind") for e in entries if e.get("logger") == "deployd.events"]
+    assert "deploy.started" in kinds and "deploy.succeeded" in kinds
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+    assert all(e["app"] == "shop" for e in entries if e.get("logger") == "deployd.events")
+
+
+def test_text_log_names_events_and_holds_no_secret(tmp_path: Path) -> None:
+    """The plain log says what happened, one event a line, and no token appears in it."""
+    stderr = run_daemon(tmp_path, "text")
+    assert "deployd.events: shop deploy.succeeded" in stderr
+    for secret, _ in TOKENS.values():
+        assert secret not in stderr
+    assert "wrong-secret-value-42" not in stderr
