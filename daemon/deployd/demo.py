@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 
 class DemoRepo:
-    """The team's origin repository: a bare repo with `master` and `production`."""
+    """The team's origin repository: `master` -> `staging` -> `production`, fast-forwards."""
 
     def __init__(self, path: Path) -> None:
         self.repo = pygit2.init_repository(str(path), bare=True)
@@ -62,7 +62,7 @@ class DemoRepo:
         return str(oid)
 
     def merge_into(self, target: str, source: str) -> str:
-        """Fast-forward `target` to `source` (the batch lands on production)."""
+        """Move `target` to `source`'s head (a batch promoted to the next branch)."""
         head = self.repo.references[f"refs/heads/{source}"].target
         self.repo.references.create(f"refs/heads/{target}", head, force=True)
         return str(head)
@@ -214,8 +214,10 @@ async def _play(root: Path, approve: bool) -> int:
     config_path = root / "deployd.toml"
     config_path.write_text(_config(root, repo.path, deploy_to, port, health.port,
                                    hashlib.sha256(token.encode()).hexdigest()))
-    first = repo.commit("production", {"index.html": "<h1>shop v1</h1>\n",
-                                       "health.txt": GOOD_HEALTH}, "Shop v1")
+    repo.commit("master", {"index.html": "<h1>shop v1</h1>\n", "health.txt": GOOD_HEALTH},
+                "Shop v1")
+    repo.merge_into("staging", "master")
+    first = repo.merge_into("production", "staging")
     print(f"deployd demo: origin {repo.path}, host 'local' at {deploy_to}")
     await health.start()
     try:
@@ -225,8 +227,10 @@ async def _play(root: Path, approve: bool) -> int:
             say(f"production is at {first[:12]}: deployd deploys it")
             await timeline.until("bake.healthy")
 
-            second = repo.commit("production", {"index.html": "<h1>shop v2</h1>\n"},
-                                 "Shop v2: new front page")
+            repo.commit("master", {"index.html": "<h1>shop v2</h1>\n"},
+                        "Shop v2: new front page")
+            repo.merge_into("staging", "master")
+            second = repo.merge_into("production", "staging")
             say(f"a new commit lands on production ({second[:12]})")
             await timeline.until("bake.healthy", 2)
 
@@ -241,9 +245,8 @@ async def _play(root: Path, approve: bool) -> int:
             repo.commit("master", {"tax.txt": "rate 0.2\n"},
                         "Fix tax rounding\n\nRescue: yes\n")
             repo.commit("master", {"health.txt": BAD_HEALTH}, "Switch to the new database")
-            repo.repo.references.create("refs/heads/production",
-                                        repo.repo.references["refs/heads/master"].target,
-                                        force=True)
+            repo.merge_into("staging", "master")
+            repo.merge_into("production", "staging")
             await timeline.until("rollback.succeeded", 2, within=40)
             await timeline.until("job.opened", within=40)
             await _rescue(timeline, base, token, approve)
