@@ -247,12 +247,24 @@ async def app_events(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def decimal(value: str) -> int | None:
+    """A non-negative number in ASCII digits that SQLite can hold, else None (str.isdigit
+    also accepts '²' or '٣', which int() refuses or reads, and huge ids overflow SQLite)."""
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
+
+
 def parse_since(value: str | None) -> tuple[int, float | None]:
     """`?since=` is an event id (`42`) or an ISO time (`2026-11-26T10:00:00Z`)."""
     if value is None or value == "":
         return 0, None
     if value.isdigit():
-        return int(value), None
+        number = decimal(value)
+        if number is None:
+            raise ApiError(422, "invalid", "since must be an event id or an ISO time like "
+                           "2026-11-26T10:00:00Z")
+        return number, None
     try:
         moment = time.strptime(value.rstrip("Z").split(".")[0], "%Y-%m-%dT%H:%M:%S")
     except ValueError:
@@ -265,9 +277,10 @@ def parse_since(value: str | None) -> tuple[int, float | None]:
 def parse_limit(value: str | None) -> int:
     if value is None:
         return 500
-    if not value.isdigit() or not 1 <= int(value) <= 5000:
+    number = decimal(value)
+    if number is None or not 1 <= number <= 5000:
         raise ApiError(422, "invalid", "limit must be a number from 1 to 5000")
-    return int(value)
+    return number
 
 
 async def deploy(request: web.Request) -> web.Response:
@@ -321,9 +334,10 @@ _JOB_STATES = ("pending", "approved", "running", "succeeded", "failed", "rejecte
 
 def job_id(request: web.Request) -> int:
     raw = request.match_info["job"]
-    if not raw.isdigit():
+    number = decimal(raw)
+    if number is None:
         raise ApiError(404, "not_found", f"no rescue job {raw!r}")
-    return int(raw)
+    return number
 
 
 async def load_job(request: web.Request) -> tuple[Job, AppSupervisor]:
