@@ -315,14 +315,16 @@ class AppSupervisor:
                                    data={"deploy": record.id, "release": release})
         return await self._run_rollback(record, reason=reason)
 
-    async def _run_rollback(self, record: Deploy, *, reason: str) -> Deploy:
+    async def _run_rollback(self, record: Deploy, *, reason: str,
+                            hosts: list[str] | None = None) -> Deploy:
         assert record.release is not None
         clock_start = time.monotonic()
         try:
             state = await self.store.app_state(self.name)
             protect = {state.last_good_release} if state.last_good_release else set()
             outcome = await self.fleet.rollback(record.release, reason=reason,
-                                                actor=record.actor, protect=protect)
+                                                actor=record.actor, protect=protect,
+                                                hosts=hosts)
         except DeploydError as exc:
             failures = exc.failures if isinstance(exc, FleetError) else {}
             for host, error in failures.items():
@@ -755,9 +757,12 @@ class AppSupervisor:
                 await self.store.add_event(self.name, "rollback.recovered",
                                            "rollback found complete after a restart")
                 return
+            # Hosts already rolled back ran their hooks and logged it: do only the others.
+            rest = [h for h in states if h not in on_new]
             await self.store.add_event(self.name, "rollback.resumed",
-                                       f"finishing rollback to {record.release} after a restart")
-            await self._run_rollback(record, reason="resumed after a restart")
+                                       f"finishing rollback to {record.release} after a restart"
+                                       f" on {', '.join(rest)}")
+            await self._run_rollback(record, reason="resumed after a restart", hosts=rest)
             return
         if reachable and len(on_new) == len(states):
             release = next(iter(reachable.values())).current
