@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from deployd import policy
 from deployd.config import AppConfig
@@ -32,6 +32,7 @@ from deployd.rescue import Rescue
 from deployd.store import Deploy, Job, Store
 
 log = logging.getLogger("deployd.supervisor")
+T = TypeVar("T")
 
 SYSTEM_ACTOR = "deployd"
 
@@ -86,18 +87,38 @@ class AppSupervisor:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Recover, then poll and judge until stopped."""
-        await self.recover()
+        """Recover, then poll and judge until stopped.
+
+        A failure in one round (the store, a bug) is logged and the round retried after a
+        pause: an app's supervision must never end while the daemon runs.
+        """
+        while not self._stopping:
+            try:
+                await self.recover()
+                break
+            except Exception:
+                # Acting before recovery could redo what a killed daemon left half done.
+                log.exception("%s: recovery failed; retrying in 5 seconds", self.name)
+                await asyncio.sleep(5.0)
         next_fetch = 0.0
         while not self._stopping:
             if self.clock() >= next_fetch:
-                await self.poll()
+                await self._guarded("poll", self.poll)
                 next_fetch = self.clock() + self.app.poll_interval
-            await self.judge()
+            await self._guarded("judging", self.judge)
             self._wake.clear()
-            timeout = max(0.0, min(next_fetch - self.clock(), await self._next_bake_check()))
+            timeout = await self._guarded("bake timer", self._next_bake_check) or 1.0
+            timeout = max(0.0, min(next_fetch - self.clock(), timeout))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _guarded(self, what: str, step: Callable[[], Awaitable[T]]) -> T | None:
+        try:
+            return await step()
+        except Exception:
+            log.exception("%s: %s failed; retrying in a second", self.name, what)
+            await asyncio.sleep(1.0)
+            return None
 
     async def stop(self, grace: float) -> None:
         """Take no new work; let a running operation finish within `grace`, then cancel."""
