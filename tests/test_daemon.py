@@ -188,7 +188,7 @@ async def test_sshd_killed_mid_deploy_leaves_fleet_on_previous_release(
         daemon_lab: WorldFactory) -> None:
     """An sshd vanishing during the build hook: deploy.failed and GET name that host with a
     connection error; the other hosts stay on the previous release, none switched."""
-    world = daemon_lab(hosts=3, hooks={"build": "if [ -f SLOW ]; then sleep 2; fi"})
+    world = daemon_lab(hosts=3, hooks={"build": "if [ -f SLOW ]; then sleep 1; fi"})
     first = world.origin.commit({"index.html": "v1\n"}, "first")
     daemon = await world.start()
     release1 = (await deployed(daemon, 1))["data"]["release"]
@@ -349,8 +349,10 @@ async def test_rollback_target_missing_on_one_host_switches_nothing(
 
 
 async def test_deploy_or_rollback_while_one_runs_is_409(daemon_lab: WorldFactory) -> None:
-    """While a deploy runs (slow build hook), POST deploy and POST rollback answer 409."""
-    world = daemon_lab(hosts=2, hooks={"build": "if [ -f SLOW ]; then sleep 1.5; fi"})
+    """While a deploy (slow build hook) or a rollback (slow rollback hook) runs, POST
+    deploy and POST rollback answer 409 and start nothing."""
+    world = daemon_lab(hosts=2, hooks={"build": "if [ -f SLOW ]; then sleep 1.5; fi",
+                                       "rollback": "sleep 1"})
     first = world.origin.commit({"index.html": "v1\n"}, "first")
     daemon = await world.start()
     r1 = (await deployed(daemon, 1))["data"]["release"]
@@ -369,6 +371,18 @@ async def test_deploy_or_rollback_while_one_runs_is_409(daemon_lab: WorldFactory
     assert_live(world, r3, third)
     assert await count(daemon, "rollback.started") == 0
     assert await count(daemon, "deploy.started") == 3
+
+    status, answer = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback",
+                                           json_body={})
+    assert status == 202, answer
+    for path, body in (("deploy", {"revision": first}), ("rollback", {"release": r1})):
+        status, answer = await daemon.api.call("POST", f"/api/v1/apps/{APP}/{path}",
+                                               json_body=body)
+        assert status == 409, (path, answer)
+        assert "a rollback is already running" in answer["error"]["message"]
+    await daemon.wait_for_event(APP, "rollback.succeeded")
+    assert await count(daemon, "deploy.started") == 3
+    assert await count(daemon, "rollback.started") == 1
 
 
 async def test_restart_keeps_history_and_does_not_redeploy(daemon_lab: WorldFactory) -> None:
