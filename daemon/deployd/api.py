@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -242,8 +243,12 @@ async def app_events(request: web.Request) -> web.Response:
     events = await request.app[CONTEXT].store.events(sup.name, since_id=since_id,
                                                      since_time=since_time, limit=limit)
     body: dict[str, Any] = {"app": sup.name, "events": [e.to_json() for e in events]}
-    if events:
-        body["next"] = f"/api/v1/apps/{sup.name}/events?since={events[-1].id}"
+    # Always a next link, keeping the page size: a client polling by following it must not
+    # lose its place when nothing new happened, nor get 500 events after asking for 10.
+    query = {"since": str(events[-1].id) if events else request.query.get("since") or "0"}
+    if "limit" in request.query:
+        query["limit"] = str(limit)
+    body["next"] = f"/api/v1/apps/{sup.name}/events?{urlencode(query)}"
     return web.json_response(body)
 
 
