@@ -224,15 +224,25 @@ async def test_events_since_returns_only_newer_events_with_a_next_link(
 
     page = await daemon.api.get(f"{path}?since={middle}&limit=2", token="reader")
     assert [e["id"] for e in page["events"]] == ids[3:5]
+    assert page["next"] == f"{path}?since={ids[4]}&limit=2"  # keeps the page size
     following = await daemon.api.get(page["next"], token="reader")
     assert [e["id"] for e in following["events"]] == ids[5:7]
 
     latest = await daemon.api.get(everything["next"], token="reader")
     assert latest["events"] == []
+    assert latest["next"] == everything["next"]  # nothing new: the same place, not lost
+    origin.commit({"index.html": "v3\n"}, "third")
+    await daemon.wait_for_event(APP, "deploy.succeeded", count=3)
+    resumed = await daemon.api.get(latest["next"], token="reader")
+    assert resumed["events"] and resumed["events"][0]["id"] == ids[-1] + 1
+    assert [e["kind"] for e in resumed["events"]][:2] == ["branch.moved", "deploy.started"]
+
     by_time = await daemon.api.get(f"{path}?since=2000-01-01T00:00:00Z", token="reader")
-    assert [e["id"] for e in by_time["events"]] == ids
+    assert [e["id"] for e in by_time["events"]][:len(ids)] == ids
     future = await daemon.api.get(f"{path}?since=2999-01-01T00:00:00Z", token="reader")
     assert future["events"] == []
+    again = await daemon.api.get(future["next"], token="reader")
+    assert again["events"] == []
 
     for bad in ("yesterday", "-1", "1.5", "2026-13-45T99:00:00Z", "%00", "\u00b2",
                 "9" * 40):
