@@ -1,0 +1,296 @@
+"""Helpers for the judging tests: apps whose health follows the live release, and readers.
+
+`ReleaseHealthServer` is a `HealthServer` that, in "follow" mode, answers like the app that
+`<deploy_to>/current` points at: the release's `health.txt` says `ok` (200), `fail-after N`
+(200 for N seconds after that release went live on this host, then 500), `fail-for N` (500
+for N seconds, then 200: an app warming up) or anything else (500). Tests then only commit
+good or bad releases and let deployd find out by itself; the server's other modes
+(`.fail(500)`, `.ok()`, `await .refuse()`) still override it until `.resume_following()`.
+
+`DaemonProcess` runs `deployd run` as a real subprocess, for `kill -9`.
+
+`Lab` builds an origin repository, N hosts (local directories or real sshd hosts), one health
+server per host and a daemon config whose check URL uses the per-host `health_port` var.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.daemonfixtures import Api, AppSpec, DaemonSpec, RunningDaemon
+from tests.gitrepo import OriginRepo
+from tests.healthservers import HealthServer, free_port
+
+GOOD = "ok\n"
+BAD = "broken: cannot reach the database\n"
+
+# Hooks append to a file in shared/ on each host, so tests can count what ran where.
+HOOKS = {
+    "restart": 'echo "restart $DEPLOYD_REVISION" >> "$DEPLOYD_DEPLOY_TO/shared/hooks.log"',
+    "rollback": 'echo "rollback $DEPLOYD_REVISION" >> "$DEPLOYD_DEPLOY_TO/shared/hooks.log"',
+}
+
+
+def fail_after(seconds: float) -> str:
+    """health.txt content for an app that goes bad `seconds` after it went live."""
+    return f"fail-after {seconds:g}\n"
+
+
+def fail_for(seconds: float) -> str:
+    """health.txt content for an app that fails for `seconds` after it went live, then is ok."""
+    return f"fail-for {seconds:g}\n"
+
+
+class ReleaseHealthServer(HealthServer):
+    """A health endpoint that, in follow mode, answers as the live release says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deploy_to: Path | None = None
+        self._live: tuple[str, float] | None = None
+
+    def follow(self, deploy_to: Path) -> None:
+        """Answer from `<deploy_to>/current/health.txt` from now on."""
+        self.deploy_to = deploy_to
+        self.mode = "follow"
+
+    def resume_following(self) -> None:
+        """Go back to answering as the live release says."""
+        assert self.deploy_to is not None
+        self.mode = "follow"
+
+    async def restore(self) -> None:
+        """Listen again on the same port; keep following if we were."""
+        following = self.mode == "follow"
+        await super().restore()
+        if following:
+            self.mode = "follow"
+
+    def _verdict(self) -> tuple[int, str]:
+        assert self.deploy_to is not None
+        current = self.deploy_to / "current"
+        try:
+            release = os.readlink(current)
+            text = (current / "health.txt").read_text()
+        except OSError:
+            return 503, "no release live"
+        now = time.monotonic()
+        if self._live is None or self._live[0] != release:
+            self._live = (release, now)
+        if text.startswith("ok"):
+            return 200, "ok"
+        if text.startswith(("fail-after ", "fail-for ")):
+            word, seconds = text.split()[:2]
+            early = now - self._live[1] < float(seconds)
+            if early == (word == "fail-after"):
+                return 200, "ok"
+        return 500, text.strip()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.mode != "follow":
+            return await super()._handle(request)
+        status, body = self._verdict()
+        return web.Response(status=status, text=body)
+
+
+async def start_servers(count: int) -> list[ReleaseHealthServer]:
+    servers = [ReleaseHealthServer() for _ in range(count)]
+    for server in servers:
+        await server.start()
+    return servers
+
+
+def http_check(**overrides: Any) -> dict[str, Any]:
+    """A fast HTTP check on each host's health server (`health_port` var)."""
+    check: dict[str, Any] = {"name": "http", "url": "http://127.0.0.1:{health_port}/healthz",
+                             "expect_status": [200], "timeout": "500ms",
+                             "interval": "100ms", "failures": 2, "successes": 1}
+    check.update(overrides)
+    return check
+
+
+@dataclass
+class Lab:
+    """An origin, hosts, health servers and the spec of a daemon config for one app."""
+
+    root: Path
+    origin: OriginRepo
+    deploy_dirs: list[Path]
+    servers: list[ReleaseHealthServer]
+    spec: DaemonSpec
+    app: AppSpec
+    config: Path = field(default_factory=Path)
+
+    @property
+    def name(self) -> str:
+        return self.app.name
+
+    def commit(self, health: str, message: str, **files: str) -> str:
+        """A commit on production whose health.txt is `health`."""
+        return self.origin.commit({"health.txt": health, **files}, message)
+
+    def write_config(self) -> Path:
+        self.config = self.spec.write(self.root / "deployd.toml")
+        return self.config
+
+    def follow(self) -> None:
+        for server, deploy_to in zip(self.servers, self.deploy_dirs, strict=True):
+            server.follow(deploy_to)
+
+    async def stop_servers(self) -> None:
+        for server in self.servers:
+            await server.stop()
+
+
+def current_revision(deploy_to: Path) -> str | None:
+    try:
+        return (deploy_to / "current" / "REVISION").read_text().strip()
+    except OSError:
+        return None
+
+
+def current_release(deploy_to: Path) -> str | None:
+    try:
+        return os.readlink(deploy_to / "current").rstrip("/").rsplit("/", 1)[-1]
+    except OSError:
+        return None
+
+
+def revisions_log(deploy_to: Path) -> list[str]:
+    try:
+        return (deploy_to / "revisions.log").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def hooks_log(deploy_to: Path) -> list[str]:
+    try:
+        return (deploy_to / "shared" / "hooks.log").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def kinds(events: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [event for event in events if event["kind"] == kind]
+
+
+async def scrape(daemon: RunningDaemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics parsed with prometheus_client: (sample name, labels) -> value."""
+    status, text = await daemon.api.call("GET", "/metrics", token=None)
+    assert status == 200, (status, text)
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every series of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return {key[1]: value for key, value in samples.items()
+            if key[0] == name and want <= set(key[1])}
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DaemonProcess:
+    """`python3 -m deployd.cli run --config FILE` as a real subprocess, killable with -9."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.port = free_port()
+        text = config.read_text().replace('listen = "127.0.0.1:0"',
+                                          f'listen = "127.0.0.1:{self.port}"')
+        config.write_text(text)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.api = Api(self.base, None)  # type: ignore[arg-type]
+
+    def spawn(self) -> None:
+        """Start `deployd run` (without waiting for it)."""
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")}
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "deployd.cli", "run", "--config", str(self.config)],
+                stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+    async def start(self, wait: float = 30.0) -> None:
+        """Start the daemon and wait until /readyz says ready."""
+        self.spawn()
+        assert self.process is not None
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+            self.api = Api(self.base, self.session)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
+            try:
+                status, _ = await self.api.call("GET", "/readyz", token=None)
+                if status == 200:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"deployd not ready after {wait}s: {self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon, as a crash would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    async def close(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                await asyncio.to_thread(self.process.wait, 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def events(self, app: str) -> list[dict[str, Any]]:
+        body = await self.api.get(f"/api/v1/apps/{app}/events")
+        return list(body["events"])
+
+    async def wait_for_event(self, app: str, kind: str, *, within: float = 20.0,
+                             count: int = 1, revision: str | None = None) -> dict[str, Any]:
+        """Wait for the `count`-th event of `kind` (about `revision`, if given)."""
+        deadline = time.monotonic() + within
+        while True:
+            matching = [e for e in await self.events(app) if e["kind"] == kind
+                        and (revision is None or e["revision"] == revision)]
+            if len(matching) >= count:
+                return matching[count - 1]
+            if time.monotonic() > deadline:
+                timeline = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
+                raise AssertionError(f"no {kind!r} event after {within}s; timeline: {timeline}")
+            await asyncio.sleep(0.02)
