@@ -316,17 +316,23 @@ class Rescue:
     async def transplant(self, job: Job, *, approver: str) -> str:
         """Rebuild, back up and push; return the new head for the supervisor to deploy."""
         started = time.monotonic()
+        was_pushed = job.step == "pushed"
         job = await self._set(job, state="running", step="started")
         await self.mirror.fetch()
         head = await self.mirror.branch_head(self.app.branch)
         if job.new_head is not None and head == job.new_head:
-            return job.new_head  # pushed before a restart; only the deploy is left
+            # Pushed before a restart (maybe by a push whose answer never came); only the
+            # deploy is left.
+            return await self._pushed(job, job.new_head, approver, started,
+                                      record=not was_pushed)
         if head != job.bad_head:
             await self._end(job, "superseded", f"{self.app.branch} moved to "
                             f"{(head or 'nothing')[:12]} since the job was built; "
                             "nothing was overwritten")
             raise Conflict(f"rescue job {job.id} superseded: the branch moved")
-        new_head = await self._rebuild(job, approver)
+        # After a restart, push the very commit made before it: a push of it still in flight
+        # then lands the same head, and is recognised below.
+        new_head = await self._made_before(job) or await self._rebuild(job, approver)
         job = await self._set(job, step="committed", new_head=new_head)
         await self._backup(job)
         job = await self._set(job, step="backed_up", backup_ref=self.backup_ref(job))
@@ -334,14 +340,32 @@ class Rescue:
             await self.mirror.push([RefUpdate(new_head, f"refs/heads/{self.app.branch}",
                                               expected=job.bad_head)])
         except PushRejected as exc:
-            await self._end(job, "superseded", f"push refused, nothing overwritten: {exc}")
-            raise Conflict(f"rescue job {job.id} superseded: {exc}") from exc
+            await self.mirror.fetch()
+            if await self.mirror.branch_head(self.app.branch) != new_head:
+                await self._end(job, "superseded", f"push refused, nothing overwritten: {exc}")
+                raise Conflict(f"rescue job {job.id} superseded: {exc}") from exc
+            # Refused because our own push from before a restart landed meanwhile.
+        return await self._pushed(job, new_head, approver, started, record=True)
+
+    async def _made_before(self, job: Job) -> str | None:
+        """The commit an interrupted run of this job made, if the mirror still has it."""
+        if job.new_head is None:
+            return None
+        try:
+            return await self.mirror.resolve(job.new_head)
+        except (NotFound, GitError):
+            return None
+
+    async def _pushed(self, job: Job, new_head: str, approver: str, started: float, *,
+                      record: bool) -> str:
         job = await self._set(job, step="pushed")
-        self.metrics.transplant_duration_seconds.labels(app=self.name).observe(
-            time.monotonic() - started)
-        await self._job_event(job, "job.pushed",
-                              f"{self.app.branch} rebuilt as {new_head[:12]} (old head "
-                              f"{job.bad_head[:12]} kept at {self.backup_ref(job)})", approver)
+        if record:
+            self.metrics.transplant_duration_seconds.labels(app=self.name).observe(
+                time.monotonic() - started)
+            await self._job_event(job, "job.pushed",
+                                  f"{self.app.branch} rebuilt as {new_head[:12]} (old head "
+                                  f"{job.bad_head[:12]} kept at {self.backup_ref(job)})",
+                                  approver)
         return new_head
 
     async def _rebuild(self, job: Job, approver: str) -> str:
