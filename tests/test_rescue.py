@@ -9,9 +9,13 @@ then drive the job over REST and check the remote, the hosts, the job, events an
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 import pygit2
+import pytest
 
 from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
     APP,
@@ -30,6 +34,7 @@ from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture 
     wait_event,
     wait_job,
 )
+from tests.sshd import chown_tree, shared_dir
 
 CONFIG = "setting = 1\n"
 
@@ -686,3 +691,138 @@ async def test_expiry_is_checked_on_approve_too(rescue_lab: MakeLab) -> None:
     assert status == 409 and "expired" in body["error"]["message"], body
     assert (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["state"] == "expired"
     assert lab.remote_head() == batch.b
+
+
+# -- kill -9 during a transplant ---------------------------------------------------------------
+
+# Holds each push to production in the remote's pre-receive hook until the test writes its
+# verdict: `held<n>` names the commit the n-th push brings, `verdict<n>` says `lands` or not.
+HOLDING_HOOK = """#!/bin/sh
+unset GIT_QUARANTINE_PATH
+D={ctl}
+while read old new ref; do
+  [ "$ref" = refs/heads/production ] || continue
+  n=$(ls "$D" | grep -c '^held')
+  n=$((n + 1))
+  echo "$new" > "$D/held$n.tmp" && mv "$D/held$n.tmp" "$D/held$n"
+  while [ ! -e "$D/verdict$n" ]; do sleep 0.05; done
+  verdict=$(cat "$D/verdict$n")
+  touch "$D/done$n"
+  [ "$verdict" = lands ] || {{ echo "push $n refused: $verdict" >&2; exit 1; }}
+done
+exit 0
+"""
+
+
+async def wait_file(path: Path, within: float = 30.0) -> str:
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(path.exists):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.05)
+    return (await asyncio.to_thread(path.read_text)).strip()
+
+
+async def wait_remote(lab: RescueLab, sha: str, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while lab.remote_head() != sha:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def assert_remote_consistent(lab: RescueLab, good: str, batch: Batch, job_id: int) -> str:
+    """Untouched, or fully done with its backup: never half of it. Returns which."""
+    head = lab.remote_head()
+    backup = lab.remote_head(f"deployd/backup/{APP}/{job_id}")
+    if head == batch.b:
+        assert backup in (None, batch.b)
+        return "untouched"
+    assert head is not None
+    assert [str(p) for p in lab.remote_commit(head).parent_ids] == [good], head
+    assert backup == batch.b
+    return "done"
+
+
+def assert_nothing_lost(lab: RescueLab, batch: Batch, job_id: int) -> None:
+    repo = lab.origin.repo
+    backup = lab.remote_head(f"deployd/backup/{APP}/{job_id}")
+    assert backup == batch.b
+    for sha in (batch.a, batch.p):
+        assert repo.descendant_of(backup, sha)
+
+
+@pytest.mark.parametrize("moment", ["approved", "push-refused", "push-lands", "pushed",
+                                    "push-lands-late"])
+async def test_kill9_during_transplant_resumes(rescue_lab: MakeLab, moment: str) -> None:
+    """kill -9 of a real `deployd run` mid-transplant: the remote is untouched or fully done
+    with its backup, and after a restart the job carries on; no commit is lost."""
+    lab: RescueLab = await rescue_lab(2)
+    lab.commit_good()
+    daemon = await lab.start_process()
+    good, batch, job_id = await night_on_call(lab, daemon)
+    plan = (await daemon.api.get(f"/api/v1/jobs/{job_id}"))["plan"]
+    ctl = shared_dir("deployd-hook-")
+    try:
+        if moment.startswith("push-"):
+            lab.install_hook("pre-receive", HOLDING_HOOK.format(ctl=ctl))
+            # receive-pack sends keep-alives while a hook runs (every 5s by default); to a
+            # client that is gone, that kills the orphaned push. Without them, whether it
+            # lands is up to the hook alone, however long it holds.
+            lab.origin.repo.config["receive.keepAlive"] = 0
+            chown_tree(lab.origin.path)
+        status, body = await approve(daemon, job_id, plan)
+        assert status == 202, body
+
+        if moment == "approved":
+            daemon.kill9()
+        elif moment == "pushed":
+            await wait_event(daemon, "job.pushed")
+            daemon.kill9()
+        else:
+            held = await wait_file(ctl / "held1")
+            daemon.kill9()
+            if moment == "push-refused":
+                (ctl / "verdict1").write_text("deployd went away\n")
+                await wait_file(ctl / "done1")
+            elif moment == "push-lands":
+                (ctl / "verdict1").write_text("lands\n")
+                await wait_file(ctl / "done1")
+                await wait_remote(lab, held)  # the orphaned push may still complete
+            if moment != "push-lands-late":
+                (ctl / "verdict2").write_text("lands\n")
+
+        if moment != "push-lands-late":
+            state = assert_remote_consistent(lab, good, batch, job_id)
+            if moment == "push-refused":
+                assert state == "untouched"
+        await daemon.start()
+        if moment == "push-lands-late":
+            # The resumed transplant pushes while the first push is still held; then the
+            # first one lands before the second is let through.
+            await wait_file(ctl / "held2")
+            (ctl / "verdict1").write_text("lands\n")
+            await wait_file(ctl / "done1")
+            landed = await wait_remote(lab, held)
+            (ctl / "verdict2").write_text("lands\n")
+            assert landed
+
+        job = await wait_job(daemon, job_id, "succeeded", "failed", "superseded", within=60)
+        log = (lab.root / "deployd.log").read_text()[-4000:]
+        if moment == "pushed" and job["state"] == "failed":
+            assert "restart" in job["error"], (job, log)
+        else:
+            assert job["state"] == "succeeded", (job, log)
+        assert assert_remote_consistent(lab, good, batch, job_id) == "done"
+        assert_nothing_lost(lab, batch, job_id)
+        head = lab.remote_head()
+        assert head == job["new_head"]
+        rebuilt = lab.remote_commit(head)
+        assert f"(cherry picked from commit {batch.p})" in rebuilt.message
+        assert f"Rescue-Job: {APP}#{job_id}" in rebuilt.message
+        if job["state"] == "succeeded":
+            assert lab.live_revisions() == [head, head]
+            await wait_event(daemon, "job.pushed")
+        assert [j["id"] for j in (await daemon.api.get("/api/v1/jobs"))["jobs"]] == [job_id]
+    finally:
+        shutil.rmtree(ctl, ignore_errors=True)
