@@ -52,6 +52,7 @@ log = logging.getLogger("deployd.rescue")
 
 COMMITTER = ("deployd", "deployd@localhost")
 _TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*):\s*(.*)$")
+_CHERRY_PICKED = re.compile(r"^\(cherry picked from commit [0-9a-f]+\)$")
 _FALSE = {"no", "false", "0", "off", "n"}
 
 
@@ -62,6 +63,8 @@ def trailers(message: str) -> dict[str, str]:
         return {}
     found: dict[str, str] = {}
     for line in paragraphs[-1].splitlines():
+        if _CHERRY_PICKED.match(line.strip()):
+            continue  # `git cherry-pick -x` (and a transplant) writes it into the block
         match = _TRAILER.match(line.strip())
         if match is None:
             return {}
