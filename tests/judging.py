@@ -16,12 +16,13 @@ server per host and a daemon config whose check URL uses the per-host `health_po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemonfixtures import Api, AppSpec, DaemonSpec, RunningDaemon
+from tests.daemonfixtures import Api, AppSpec, DaemonSpec, RunningDaemon, start_daemon
 from tests.gitrepo import OriginRepo
 from tests.healthservers import HealthServer, free_port
 
@@ -294,3 +295,122 @@ class DaemonProcess:
                 timeline = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
                 raise AssertionError(f"no {kind!r} event after {within}s; timeline: {timeline}")
             await asyncio.sleep(0.02)
+
+
+# -- fixtures and waiting ----------------------------------------------------------------------
+
+APP = "shop"
+MakeLab = Callable[..., Awaitable[Lab]]
+Daemons = Callable[[Path], Awaitable[RunningDaemon]]
+Waiter = RunningDaemon | DaemonProcess
+
+
+def lab_from(root: Path, origin: OriginRepo, dirs: list[Path],
+             servers: list[ReleaseHealthServer], app: AppSpec, spec: DaemonSpec) -> Lab:
+    """A Lab of these parts, its config written and its servers following the releases."""
+    lab = Lab(root=root, origin=origin, deploy_dirs=dirs, servers=servers, spec=spec, app=app)
+    lab.write_config()
+    lab.follow()
+    return lab
+
+
+@contextlib.asynccontextmanager
+async def lab_maker(tmp_path: Path) -> AsyncIterator[MakeLab]:
+    """Build Labs: one app on N local hosts, each its own directory and health server."""
+    labs: list[Lab] = []
+
+    async def make(hosts: int = 1, *, rollback: dict[str, Any] | None = None,
+                   checks: list[dict[str, Any]] | None = None,
+                   hooks: dict[str, str] | None = None,
+                   settings: dict[str, Any] | None = None) -> Lab:
+        root = tmp_path / f"lab{len(labs)}"
+        root.mkdir()
+        origin = OriginRepo(root / "origin.git")
+        dirs = [root / f"host{i}" for i in range(hosts)]
+        servers = await start_servers(hosts)
+        app = AppSpec(
+            name=APP, repo=origin.url, local_dirs=dirs,
+            hooks=dict(HOOKS if hooks is None else hooks),
+            checks=checks if checks is not None else [http_check()],
+            rollback={"grace": "400ms", "bake": "1500ms", "unhealthy_hosts": "1",
+                      **(rollback or {})},
+            host_vars=[{"health_port": server.port} for server in servers],
+            settings=dict(settings or {}),
+        )
+        lab = lab_from(root, origin, dirs, servers, app,
+                       DaemonSpec(state_dir=root / "state", apps=[app]))
+        labs.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            await lab.stop_servers()
+
+
+@contextlib.asynccontextmanager
+async def daemon_starter() -> AsyncIterator[Daemons]:
+    """Start in-process daemons from config files; all stop at the end."""
+    running: list[RunningDaemon] = []
+
+    async def start(config: Path) -> RunningDaemon:
+        daemon = await start_daemon(config)
+        running.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in running:
+            await daemon.stop()
+
+
+@contextlib.asynccontextmanager
+async def process_starter() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
+    """Real `deployd run` subprocesses for Labs; each is stopped at the end."""
+    made: list[DaemonProcess] = []
+
+    def make(lab: Lab) -> DaemonProcess:
+        process = DaemonProcess(lab.config, lab.root / "deployd.log")
+        made.append(process)
+        return process
+
+    try:
+        yield make
+    finally:
+        for process in made:
+            await process.close()
+
+
+async def events_of(daemon: Waiter, kind: str, revision: str | None = None
+                    ) -> list[dict[str, Any]]:
+    """The app's events of `kind` (about `revision`, if given)."""
+    found = kinds(await daemon.events(APP), kind)
+    return [e for e in found if revision is None or e["revision"] == revision]
+
+
+async def wait_event(daemon: Waiter, kind: str, revision: str | None = None, *,
+                     count: int = 1, within: float = 20.0) -> dict[str, Any]:
+    """Wait for the `count`-th event of `kind` about `revision` (any when None)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = await events_of(daemon, kind, revision)
+        if len(found) >= count:
+            return found[count - 1]
+        if time.monotonic() > deadline:
+            timeline = [f"{e['kind']}: {e['message']}" for e in await daemon.events(APP)]
+            raise AssertionError(f"no {kind} ({revision}) after {within}s: {timeline}")
+        await asyncio.sleep(0.03)
+
+
+async def app_summary(daemon: Waiter) -> dict[str, Any]:
+    body = await daemon.api.get("/api/v1/apps")
+    (found,) = [app for app in body["apps"] if app["name"] == APP]
+    return dict(found)
+
+
+async def deployed_and_baked(daemon: Waiter, revision: str) -> None:
+    """Wait until `revision` was deployed and baked healthy."""
+    await wait_event(daemon, "deploy.succeeded", revision)
+    await wait_event(daemon, "bake.healthy", revision)

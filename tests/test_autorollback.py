@@ -10,145 +10,65 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import write_known_hosts
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon
 from tests.gitrepo import OriginRepo
 from tests.healthservers import PrometheusServer, prometheus  # noqa: F401 - a fixture
 from tests.judging import (
+    APP,
     BAD,
     GOOD,
     HOOKS,
     DaemonProcess,
+    Daemons,
     Lab,
+    MakeLab,
+    app_summary,
     current_release,
     current_revision,
+    daemon_starter,
+    deployed_and_baked,
+    events_of,
     fail_after,
     fail_for,
     hooks_log,
     http_check,
-    kinds,
+    lab_from,
+    lab_maker,
+    process_starter,
     revisions_log,
     sample,
     scrape,
     start_servers,
+    wait_event,
 )
 from tests.sshd import ClientKey, SshdHost
-
-APP = "shop"
-MakeLab = Callable[..., Awaitable[Lab]]
-Daemons = Callable[[Path], Awaitable[RunningDaemon]]
-Waiter = RunningDaemon | DaemonProcess
-
-
-def _lab(root: Path, origin: OriginRepo, dirs: list[Path], servers: list[Any],
-         app: AppSpec, spec: DaemonSpec) -> Lab:
-    lab = Lab(root=root, origin=origin, deploy_dirs=dirs, servers=servers, spec=spec, app=app)
-    lab.write_config()
-    lab.follow()
-    return lab
 
 
 @pytest.fixture
 async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
-    """Build a Lab: one app on N local hosts, each its own directory and health server."""
-    labs: list[Lab] = []
-
-    async def make(hosts: int = 1, *, rollback: dict[str, Any] | None = None,
-                   checks: list[dict[str, Any]] | None = None,
-                   hooks: dict[str, str] | None = None,
-                   settings: dict[str, Any] | None = None) -> Lab:
-        root = tmp_path / f"lab{len(labs)}"
-        root.mkdir()
-        origin = OriginRepo(root / "origin.git")
-        dirs = [root / f"host{i}" for i in range(hosts)]
-        servers = await start_servers(hosts)
-        app = AppSpec(
-            name=APP, repo=origin.url, local_dirs=dirs,
-            hooks=dict(HOOKS if hooks is None else hooks),
-            checks=checks if checks is not None else [http_check()],
-            rollback={"grace": "400ms", "bake": "1500ms", "unhealthy_hosts": "1",
-                      **(rollback or {})},
-            host_vars=[{"health_port": server.port} for server in servers],
-            settings=dict(settings or {}),
-        )
-        lab = _lab(root, origin, dirs, servers, app,
-                   DaemonSpec(state_dir=root / "state", apps=[app]))
-        labs.append(lab)
-        return lab
-
-    yield make
-    for lab in labs:
-        await lab.stop_servers()
+    """Labs of N local hosts, each with its own health server."""
+    async with lab_maker(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
 async def daemons() -> AsyncIterator[Daemons]:
-    """Start in-process daemons from config files; all stop after the test."""
-    running: list[RunningDaemon] = []
-
-    async def start(config: Path) -> RunningDaemon:
-        daemon = await start_daemon(config)
-        running.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in running:
-        await daemon.stop()
+    """In-process daemons, stopped after the test."""
+    async with daemon_starter() as start:
+        yield start
 
 
 @pytest.fixture
 async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
-    """Real `deployd run` subprocesses; each is stopped after the test."""
-    made: list[DaemonProcess] = []
-
-    def make(lab: Lab) -> DaemonProcess:
-        process = DaemonProcess(lab.config, lab.root / "deployd.log")
-        made.append(process)
-        return process
-
-    yield make
-    for process in made:
-        await process.close()
-
-
-async def events_of(daemon: Waiter, kind: str, revision: str | None = None
-                    ) -> list[dict[str, Any]]:
-    """The app's events of `kind` (about `revision`, if given)."""
-    found = kinds(await daemon.events(APP), kind)
-    return [e for e in found if revision is None or e["revision"] == revision]
-
-
-async def wait_event(daemon: Waiter, kind: str, revision: str | None = None, *,
-                     count: int = 1, within: float = 20.0) -> dict[str, Any]:
-    """Wait for the `count`-th event of `kind` about `revision` (any when None)."""
-    deadline = time.monotonic() + within
-    while True:
-        found = await events_of(daemon, kind, revision)
-        if len(found) >= count:
-            return found[count - 1]
-        if time.monotonic() > deadline:
-            timeline = [f"{e['kind']}: {e['message']}" for e in await daemon.events(APP)]
-            raise AssertionError(f"no {kind} ({revision}) after {within}s: {timeline}")
-        await asyncio.sleep(0.03)
-
-
-async def app_summary(daemon: Waiter) -> dict[str, Any]:
-    body = await daemon.api.get("/api/v1/apps")
-    (found,) = [app for app in body["apps"] if app["name"] == APP]
-    return dict(found)
-
-
-async def deployed_and_baked(daemon: Waiter, revision: str) -> None:
-    """Wait until `revision` was deployed and baked healthy."""
-    await wait_event(daemon, "deploy.succeeded", revision)
-    await wait_event(daemon, "bake.healthy", revision)
-
+    """`deployd run` subprocesses, stopped after the test."""
+    async with process_starter() as make:
+        yield make
 
 # -- bad deploys ----------------------------------------------------------------------------
 
@@ -225,7 +145,7 @@ async def test_bad_deploy_on_real_sshd_hosts_is_rolled_back_on_each(
         spec = DaemonSpec(state_dir=tmp_path / "state", client_key=client_key.private,
                           known_hosts=write_known_hosts(tmp_path / "known_hosts", hosts),
                           apps=[app])
-        lab = _lab(tmp_path, origin, [h.home / "app" for h in hosts], servers, app, spec)
+        lab = lab_from(tmp_path, origin, [h.home / "app" for h in hosts], servers, app, spec)
         good = lab.commit(GOOD, "good")
         daemon = await daemons(lab.config)
         await deployed_and_baked(daemon, good)
