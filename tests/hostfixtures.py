@@ -18,44 +18,12 @@ from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig
 from deployd.hosts import HostPool
 from deployd.retry import instant_retries
 from tests.conftest import write_known_hosts
-from tests.sshd import ClientKey, SshdHost, shared_dir
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, grandchildren...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+from tests.sshd import ClientKey, SshdHost, descendants, shared_dir
 
 
 def vanish(host: SshdHost) -> None:
-    """Kill an sshd with every session and command under it, as when a machine disappears.
-
-    (SshdHost.kill leaves the per-login sshd process alive, so the connection stays up.)
-    """
-    if host.process is None:
-        return
-    for pid in [host.process.pid, *descendants(host.process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    host.process.wait()
-    host.process = None
+    """Kill an sshd with every session and command under it, as when a machine disappears."""
+    host.kill()
 
 
 def processes_matching(text: str) -> list[str]:
