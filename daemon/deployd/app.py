@@ -20,7 +20,7 @@ from aiohttp import web
 
 from deployd import api
 from deployd.config import AppConfig, Config, load
-from deployd.errors import ConfigError
+from deployd.errors import ConfigError, DeploydError
 from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
@@ -193,7 +193,11 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier,
     watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")
     try:
         site = web.TCPSite(runner, config.daemon.listen_host, config.daemon.listen_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # port taken, address not local: one line, not a traceback
+            raise DeploydError(f"cannot listen on {config.daemon.listen_host}:"
+                               f"{config.daemon.listen_port}: {exc.strerror or exc}") from exc
         log.info("listening on %s:%d", config.daemon.listen_host, config.daemon.listen_port)
         notifier.ready(f"serving {len(config.apps)} app(s) on "
                        f"{config.daemon.listen_host}:{config.daemon.listen_port}")
