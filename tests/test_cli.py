@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,18 @@ def test_usage_errors_exit_2() -> None:
     assert deployd("frobnicate").returncode == 2
     assert deployd("run").returncode == 2
     assert deployd("--version").stdout.startswith("deployd ")
+
+
+def test_run_on_a_taken_port_exits_1_with_one_clear_message(tmp_path: Path) -> None:
+    """`deployd run` when its listen address is taken: exit 1 and a message naming the
+    address, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "deployd.toml"
+        path.write_text(good_config(tmp_path).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+        result = deployd("run", "--config", str(path), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert f"deployd: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
