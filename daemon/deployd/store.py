@@ -241,7 +241,7 @@ class Store:
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
             self._migrate(db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: state_dir cannot be made
             raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
         self._db = db
 
