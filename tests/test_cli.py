@@ -148,3 +148,18 @@ def test_run_on_a_taken_port_exits_1_with_one_clear_message(tmp_path: Path) -> N
     assert result.returncode == 1, result.stderr
     assert f"deployd: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_an_unusable_state_dir_exits_1_with_one_clear_message(tmp_path: Path) -> None:
+    """`deployd run` whose state_dir cannot be made (a file is in the way): exit 1 and one
+    line naming the state store, not a traceback."""
+    (tmp_path / "file").write_text("in the way\n")
+    path = tmp_path / "deployd.toml"
+    text = good_config(tmp_path)
+    state = str(tmp_path / "state")
+    assert state in text
+    path.write_text(text.replace(state, str(tmp_path / "file" / "state")))
+    result = deployd("run", "--config", str(path), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("deployd: cannot open state store ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
