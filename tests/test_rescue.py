@@ -755,8 +755,7 @@ def assert_nothing_lost(lab: RescueLab, batch: Batch, job_id: int) -> None:
 @pytest.mark.parametrize("moment", ["approved", "push-refused", "push-lands", "pushed",
                                     "push-lands-late"])
 async def test_kill9_during_transplant_resumes(rescue_lab: MakeLab, moment: str) -> None:
-    """kill -9 of a real `deployd run` mid-transplant: the remote is untouched or fully done
-    with its backup, and after a restart the job carries on; no commit is lost."""
+    """kill -9 mid-transplant: remote untouched or fully done, job carries on, nothing lost."""
     lab: RescueLab = await rescue_lab(2)
     lab.commit_good()
     daemon = await lab.start_process()
