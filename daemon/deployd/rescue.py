@@ -452,12 +452,25 @@ class Rescue:
         return updated
 
     async def _end(self, job: Job, state: str, reason: str) -> None:
+        """End a job, only from the states that can lead there (a racing approval wins)."""
+        origins = ("pending",) if state in ("expired", "superseded", "rejected") \
+            else ("approved", "running")
+        if state == "superseded" and job.state in ("approved", "running"):
+            origins = ("approved", "running")  # the transplant found the branch moved
         error = None if state == "succeeded" else reason
-        updated = await self.jobs.update(job.id, state=state, error=error)
-        if updated is not None:
-            await self._job_event(updated, f"job.{state}", reason, "deployd")
+        updated = await self.jobs.update(job.id, expect=origins, state=state, error=error)
+        if updated is None:
+            return
+        await self._job_event(updated, f"job.{state}", reason, "deployd")
         log.info("%s: rescue job %d %s: %s", self.name, job.id, state, reason)
         await self.refresh_metrics()
+
+    async def unapprove(self, job: Job, reason: str) -> None:
+        """Put an approved job that could not start back to pending."""
+        updated = await self.jobs.update(job.id, expect=("approved",), state="pending")
+        if updated is not None:
+            await self._job_event(updated, "job.pending", f"back to pending: {reason}",
+                                  "deployd")
 
     async def _job_event(self, job: Job, kind: str, message: str, actor: str) -> None:
         await self.store.add_event(self.name, kind, f"job {job.id}: {message}", actor=actor,

@@ -423,14 +423,20 @@ class AppSupervisor:
         await rescue.check_approval(job, plan=plan, actor=actor)
         if self._operation.locked():
             raise Conflict(f"{self.name}: a {self._operation_name} is running; approve after it")
-        if await self._fetch():
-            head = await self.mirror.branch_head(self.app.branch)
-            if head != job.bad_head:
-                await rescue.housekeeping(head)
-                raise Conflict(f"rescue job {job.id} superseded: {self.app.branch} moved to "
-                               f"{_short(head)} since the job was built")
+        if not await self._fetch():
+            raise Conflict(f"{self.name}: cannot reach the remote to check the branch "
+                           f"({self.fetch_error}); nothing approved, try again")
+        head = await self.mirror.branch_head(self.app.branch)
+        if head != job.bad_head:
+            await rescue.housekeeping(head)
+            raise Conflict(f"rescue job {job.id} superseded: {self.app.branch} moved to "
+                           f"{_short(head)} since the job was built")
         approved = await rescue.approve(job, plan=plan, actor=actor, comment=comment)
-        await self._spawn(self._transplant_and_deploy(approved, actor), "transplant")
+        try:
+            await self._spawn(self._transplant_and_deploy(approved, actor), "transplant")
+        except Conflict as exc:
+            await rescue.unapprove(approved, str(exc))
+            raise
         return approved
 
     async def _transplant_and_deploy(self, job: Job, approver: str) -> None:
