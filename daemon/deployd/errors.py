@@ -85,8 +85,18 @@ class CommandError(RemoteError):
         self.exit_status = exit_status
         self.stderr = stderr
         status = "timed out" if exit_status is None else f"exit {exit_status}"
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-        super().__init__(host, f"{command.split(chr(10))[0][:80]!r} failed ({status}): {detail}")
+        super().__init__(host, f"{command.split(chr(10))[0][:80]!r} failed ({status}): "
+                               f"{_tail(stderr)}")
+
+
+def _tail(stderr: str, lines: int = 4, limit: int = 600) -> str:
+    """The last few lines of a command's stderr on one line: deployd's own message comes last,
+    the hook's own output that explains it just before."""
+    kept = [line.strip() for line in stderr.strip().splitlines() if line.strip()][-lines:]
+    if not kept:
+        return "no output"
+    text = " | ".join(reversed(kept))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ReleaseError(DeploydError):

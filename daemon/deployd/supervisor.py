@@ -196,6 +196,9 @@ class AppSupervisor:
 
     async def request_deploy(self, revision: str, *, actor: str) -> Deploy:
         """Deploy a revision now (REST); returns the record of the deploy just started."""
+        if self.app.mode == "observe":
+            raise Conflict(f"{self.name} is in observe mode: another tool deploys it "
+                           "(rollbacks still work)")
         sha = await self.mirror.resolve(revision)
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
         await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started),
@@ -334,6 +337,9 @@ class AppSupervisor:
                                    f"rolling back to release {release}: {reason}",
                                    actor=actor, revision=revision,
                                    data={"deploy": record.id, "release": release})
+        if trigger == "manual" and live is not None and live.revision != revision:
+            # A revision a human rolled back is not deployed again by deployd itself.
+            await self._quarantine(live.revision, f"rolled back by {actor}: {reason}", actor)
         return await self._run_rollback(record, reason=reason)
 
     async def _run_rollback(self, record: Deploy, *, reason: str,
@@ -573,12 +579,7 @@ class AppSupervisor:
             await self.pause(SYSTEM_ACTOR, f"still unhealthy after rolling back to "
                              f"{record.release}; not rolling back further")
             return
-        await self.store.quarantine(self.name, record.revision, reason=reason,
-                                    actor=SYSTEM_ACTOR)
-        await self.store.add_event(self.name, "quarantine.added",
-                                   f"{_short(record.revision)} quarantined: {reason}",
-                                   revision=record.revision)
-        await self._update_pristine()  # not only at the next poll: it may be minutes away
+        await self._quarantine(record.revision, reason, SYSTEM_ACTOR)
         if state.paused or not self.app.rollback.auto:
             why = "paused" if state.paused else "automatic rollback is off"
             await self.store.add_event(self.name, "rollback.skipped",
@@ -624,6 +625,13 @@ class AppSupervisor:
         except DeploydError as exc:
             await self.store.add_event(self.name, "job.not_opened",
                                        f"no rescue job opened: {exc}", revision=self.head)
+
+    async def _quarantine(self, revision: str, reason: str, actor: str) -> None:
+        if await self.store.quarantine(self.name, revision, reason=reason, actor=actor):
+            await self.store.add_event(self.name, "quarantine.added",
+                                       f"{_short(revision)} quarantined: {reason}",
+                                       actor=actor, revision=revision)
+        await self._update_pristine()  # not only at the next poll: it may be minutes away
 
     def _health_detail(self) -> dict[str, Any]:
         if self.health is None:
