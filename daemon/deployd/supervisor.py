@@ -102,11 +102,13 @@ class AppSupervisor:
                 await asyncio.sleep(5.0)
         next_fetch = 0.0
         while not self._stopping:
+            # Cleared before this round, not after: a health change announced while the round
+            # awaits must wake the next one at once, not wait for the timer.
+            self._wake.clear()
             if self.clock() >= next_fetch:
                 await self._guarded("poll", self.poll)
                 next_fetch = self.clock() + self.app.poll_interval
             await self._guarded("judging", self.judge)
-            self._wake.clear()
             timeout = await self._guarded("bake timer", self._next_bake_check) or 1.0
             timeout = max(0.0, min(next_fetch - self.clock(), timeout))
             with contextlib.suppress(TimeoutError):
