@@ -138,6 +138,10 @@ class AppSupervisor:
         record = await self._baking()
         if record is None:
             return float("inf")
+        if record.bake_state == "grace" and record.bake_started_at is not None:
+            # Start the bake when grace ends, not up to a second later.
+            left = record.bake_started_at + self.app.rollback.grace - self.clock()
+            return max(0.0, min(left, 1.0))
         # Re-judge at least every second while baking: the health monitor wakes us sooner.
         return 1.0
 
@@ -534,6 +538,14 @@ class AppSupervisor:
         if record is None or self._operation.locked():
             return
         assert record.bake_started_at is not None and record.bake_until is not None
+        if record.bake_state == "grace" \
+                and self.clock() >= record.bake_started_at + self.app.rollback.grace:
+            # Failures during grace do not count: a host made unhealthy by them alone (an app
+            # still starting) must fail `failures` times again in the bake to count.
+            if self.health is not None:
+                self.health.reset()
+            await self.store.update_deploy(record.id, bake_state="baking")
+            return
         facts = policy.BakeFacts(
             now=self.clock(), bake_started_at=record.bake_started_at,
             grace=self.app.rollback.grace, bake_until=record.bake_until,
