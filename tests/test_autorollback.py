@@ -233,6 +233,25 @@ async def test_failures_during_grace_do_not_count(make_lab: MakeLab, daemons: Da
     assert (await daemon.api.get(f"/api/v1/apps/{APP}"))["last_good"]["revision"] == warming
 
 
+async def test_failures_counted_during_grace_do_not_carry_into_bake(
+        make_lab: MakeLab, daemons: Daemons) -> None:
+    """Unhealthy from grace failures, recovering before `failures` more after it: no rollback."""
+    lab = await make_lab(1, checks=[http_check(failures=5)],
+                         rollback={"grace": "1s", "bake": "1500ms"})
+    first = lab.commit(GOOD, "first")
+    daemon = await daemons(lab.config)
+    await deployed_and_baked(daemon, first)
+    # Fails all through grace and 0.3 s into bake: at most 4 failures (of 5) after grace.
+    slow = lab.commit(fail_for(1.3), "slower to start than the grace period", extra="s")
+    started = await wait_event(daemon, "deploy.started", slow)
+    await wait_event(daemon, "bake.healthy", slow)
+    down = [e for e in await events_of(daemon, "health.changed")
+            if not e["data"]["healthy"] and e["id"] > started["id"]]
+    assert down, "the host was never seen unhealthy: the test proves nothing"
+    assert not await events_of(daemon, "bake.failed")
+    assert not await events_of(daemon, "rollback.started")
+
+
 async def test_failure_outside_bake_is_reported_not_rolled_back(
         make_lab: MakeLab, daemons: Daemons) -> None:
     """Unhealthy after the bake window: a health.changed event and host_healthy 0, no rollback."""
