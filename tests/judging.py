@@ -332,7 +332,7 @@ async def lab_maker(tmp_path: Path) -> AsyncIterator[MakeLab]:
             name=APP, repo=origin.url, local_dirs=dirs,
             hooks=dict(HOOKS if hooks is None else hooks),
             checks=checks if checks is not None else [http_check()],
-            rollback={"grace": "400ms", "bake": "1500ms", "unhealthy_hosts": "1",
+            rollback={"grace": "300ms", "bake": "1200ms", "unhealthy_hosts": "1",
                       **(rollback or {})},
             host_vars=[{"health_port": server.port} for server in servers],
             settings=dict(settings or {}),
