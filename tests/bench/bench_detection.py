@@ -246,7 +246,7 @@ async def bench(count: int, runs: int, threshold: str, profile: Path | None) -> 
                 out = profile / f"daemon-{count}-run{index + 1}.folded" if profile else None
                 run = await setup.run_once(out)
                 results.append(run)
-                steps = ", ".join(f"{k} +{v * 1000:.0f}ms" for k, v in run.steps.items())
+                steps = ", ".join(f"{k} {round(v * 1000):+d} ms" for k, v in run.steps.items())
                 print(f"  run {index + 1}: detection->rollback {run.detection * 1000:.0f} ms, "
                       f"end to end {run.end_to_end * 1000:.0f} ms  ({steps})")
             return results
