@@ -406,19 +406,24 @@ class Store:
             "AND release IS NOT NULL ORDER BY id DESC LIMIT 1", (app,)).fetchall())
         return _deploy(rows[0]) if rows else None
 
-    async def set_host_result(self, deploy_id: int, host: str, state: str,
-                              error: str | None = None) -> None:
+    async def set_host_results(self, deploy_id: int, results: dict[str, tuple[str, str | None]]
+                               ) -> None:
+        """Record many hosts' results (host -> (state, error)) in one transaction."""
         now = self.clock()
+        rows = [(deploy_id, host, state, error, now) for host, (state, error) in results.items()]
 
         def upsert(db: sqlite3.Connection) -> None:
-            db.execute(
+            db.executemany(
                 "INSERT INTO host_results (deploy_id, host, state, error, at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deploy_id, host) DO UPDATE SET "
-                "state = excluded.state, error = excluded.error, at = excluded.at",
-                (deploy_id, host, state, error, now),
-            )
+                "state = excluded.state, error = excluded.error, at = excluded.at", rows)
 
-        await self._run(self._write(upsert))
+        if rows:
+            await self._run(self._write(upsert))
+
+    async def set_host_result(self, deploy_id: int, host: str, state: str,
+                              error: str | None = None) -> None:
+        await self.set_host_results(deploy_id, {host: (state, error)})
 
     async def host_results(self, deploy_id: int) -> list[HostResult]:
         rows = await self._run(lambda: self._conn().execute(

@@ -291,8 +291,8 @@ class AppSupervisor:
                                               actor=actor, protect=protect)
         except DeploydError as exc:
             return await self._deploy_failed(record, exc, time.monotonic() - clock_start)
-        for host in outcome.hosts:
-            await self.store.set_host_result(record.id, host, "switched")
+        await self.store.set_host_results(record.id, {h: ("switched", None)
+                                                      for h in outcome.hosts})
         now = self.clock()
         record = await self.store.update_deploy(
             record.id, state="succeeded", release=outcome.release, bake_state="grace",
@@ -308,8 +308,8 @@ class AppSupervisor:
 
     async def _deploy_failed(self, record: Deploy, exc: DeploydError, took: float) -> Deploy:
         failures = exc.failures if isinstance(exc, FleetError) else {}
-        for host, error in failures.items():
-            await self.store.set_host_result(record.id, host, "failed", str(error))
+        await self.store.set_host_results(record.id, {h: ("failed", str(e))
+                                                      for h, e in failures.items()})
         record = await self.store.update_deploy(record.id, state="failed", error=str(exc))
         self.metrics.deploys_total.labels(app=self.name, result="failed").inc()
         self.metrics.deploy_duration_seconds.labels(app=self.name).observe(took)
@@ -360,8 +360,8 @@ class AppSupervisor:
                                                 hosts=hosts)
         except DeploydError as exc:
             failures = exc.failures if isinstance(exc, FleetError) else {}
-            for host, error in failures.items():
-                await self.store.set_host_result(record.id, host, "failed", str(error))
+            await self.store.set_host_results(record.id, {h: ("failed", str(e))
+                                                          for h, e in failures.items()})
             record = await self.store.update_deploy(record.id, state="failed", error=str(exc))
             await self.store.add_event(self.name, "rollback.failed",
                                        f"rollback to {record.release} failed: {exc}",
@@ -371,8 +371,8 @@ class AppSupervisor:
             log.error("%s: rollback to %s failed: %s", self.name, record.release, exc)
             return record
         took = time.monotonic() - clock_start
-        for host in outcome.hosts:
-            await self.store.set_host_result(record.id, host, "switched")
+        await self.store.set_host_results(record.id, {h: ("switched", None)
+                                                      for h in outcome.hosts})
         now = self.clock()
         revision = outcome.revision or record.revision
         record = await self.store.update_deploy(
@@ -585,7 +585,8 @@ class AppSupervisor:
     async def _bake_bad(self, record: Deploy, reason: str) -> None:
         await self.store.update_deploy(record.id, bake_state="bad")
         await self.store.add_event(self.name, "bake.failed",
-                                   f"{_short(record.revision)} is unhealthy: {reason}",
+                                   f"{_short(record.revision)} is unhealthy: {reason}"
+                                   + self._failing_checks(),
                                    revision=record.revision,
                                    data={"deploy": record.id, "health": self._health_detail()})
         state = await self.store.app_state(self.name)
@@ -646,6 +647,15 @@ class AppSupervisor:
                                        f"{_short(revision)} quarantined: {reason}",
                                        actor=actor, revision=revision)
         await self._update_pristine()  # not only at the next poll: it may be minutes away
+
+    def _failing_checks(self) -> str:
+        """`; failing: web1 http (status 500 ...)` for the event a human reads first."""
+        if self.health is None:
+            return ""
+        failing = [f"{host.name} {check.name} ({check.last_reason})"
+                   for host in self.health.snapshot().hosts.values() if host.healthy is False
+                   for check in host.checks.values() if check.state == "unhealthy"]
+        return "; failing: " + ", ".join(failing) if failing else ""
 
     def _health_detail(self) -> dict[str, Any]:
         if self.health is None:
