@@ -191,6 +191,8 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier,
     notifier.status("opening the store and starting apps")
     await runner.setup()
     watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")
+    status = StatusHandler(notifier)
+    logging.getLogger("deployd.events").addHandler(status)
     try:
         site = web.TCPSite(runner, config.daemon.listen_host, config.daemon.listen_port)
         try:
@@ -206,9 +208,21 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier,
         notifier.stopping("finishing in-flight host steps")
     finally:
         await runner.cleanup()
+        logging.getLogger("deployd.events").removeHandler(status)
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
+
+
+class StatusHandler(logging.Handler):
+    """Shows the latest event as the unit's status line (`systemctl status deployd`)."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        super().__init__(logging.INFO)
+        self.notifier = notifier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notifier.status(record.getMessage()[:200])
 
 
 async def _wait_and_reload(daemon: Daemon, stop: asyncio.Event, reload: asyncio.Event,
