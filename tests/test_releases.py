@@ -106,6 +106,103 @@ async def test_missing_linked_file_is_an_error_naming_it(lab: Lab, pool: HostPoo
     assert not (root / ".deployd.lock").exists()
 
 
+def listing(top: Path) -> dict[str, str]:
+    """Every entry under `top` (not following symlinks): file content, "dir" or "-> target"."""
+    found: dict[str, str] = {}
+    for path in sorted(top.rglob("*")):
+        name = str(path.relative_to(top))
+        if path.is_symlink():
+            found[name] = "-> " + os.readlink(path)
+        elif path.is_dir():
+            found[name] = "dir"
+        else:
+            found[name] = path.read_text()
+    return found
+
+
+@pytest.mark.parametrize(("linked", "path"), [
+    ({"linked_dirs": ("public/uploads",)}, "public/uploads"),
+    ({"linked_files": ("public/config/database.yml",)}, "public/config/database.yml"),
+    ({"linked_dirs": ("public/a/b",)}, "public/a/b"),
+], ids=["dir", "file", "deeper-dir"])
+async def test_symlink_in_the_release_along_a_linked_path_is_refused(
+        lab: Lab, pool: HostPool, linked: dict[str, tuple[str, ...]], path: str) -> None:
+    """A commit holding `public -> /elsewhere` cannot make the prepare delete, replace or
+    create anything there: the prepare fails naming the path; nothing outside is touched."""
+    releases, host, root = on_host(lab, pool, **linked)
+    outside = root.parent / "outside"
+    await host.run(
+        f"mkdir -p {root}/shared/public/config {outside}/uploads {outside}/config"
+        f" && echo keep > {outside}/uploads/keep.txt && echo prod > {outside}/config/database.yml"
+        f" && echo db > {root}/shared/public/config/database.yml", timeout=10)
+    before = listing(outside)
+    tarball = make_tarball({"index.html": "hello"}, symlinks={"public": str(outside)})
+    with pytest.raises(ReleaseError, match=rf"linked path {path}: .*public .*symlink"):
+        await releases.prepare(R1, sha(1), tarball, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+    assert listing(outside) == before
+    assert list((root / "releases").iterdir()) == []
+    assert not (root / ".deployd.lock").exists()
+
+
+async def test_symlink_into_the_release_along_a_linked_path_is_refused_too(
+        lab: Lab, pool: HostPool) -> None:
+    """Any symlinked directory on a linked path is refused, even one staying inside."""
+    releases, _, root = on_host(lab, pool, linked_dirs=("public/uploads",))
+    tarball = make_tarball({"assets/uploads/a.txt": "a"}, symlinks={"public": "assets"})
+    with pytest.raises(ReleaseError, match=r"linked path public/uploads: .*symlink"):
+        await releases.prepare(R1, sha(1), tarball, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+    assert list((root / "releases").iterdir()) == []
+
+
+async def test_nested_linked_dirs_replace_what_the_release_holds(
+        lab: Lab, pool: HostPool) -> None:
+    """A nested linked dir replaces the release's own directory (or symlink, which is removed,
+    not followed) at that path, keeps its siblings and makes missing parents."""
+    releases, host, root = on_host(lab, pool, linked_dirs=(
+        "public/uploads", "public/cache", "vendor/bundle/gems"),
+        linked_files=("config/app/settings.yml",))
+    outside = root.parent / "outside"
+    await host.run(f"mkdir -p {outside}/cache {root}/shared/config/app && echo kept >"
+                   f" {outside}/cache/c.txt && echo s > {root}/shared/config/app/settings.yml",
+                   timeout=10)
+    tarball = make_tarball({"public/index.html": "hi", "public/uploads/old.txt": "old"},
+                           symlinks={"public/cache": str(outside / "cache")})
+    await deploy(releases, R1, sha(1), tarball=tarball)
+    release = root / "releases" / R1
+    assert (release / "public/index.html").read_text() == "hi"
+    for path in ("public/uploads", "public/cache", "vendor/bundle/gems",
+                 "config/app/settings.yml"):
+        assert os.readlink(release / path) == str(root / "shared" / path)
+    assert (root / "shared/public/uploads").is_dir()
+    assert not (root / "shared/public/uploads/old.txt").exists()
+    assert (root / "shared/vendor/bundle/gems").is_dir()
+    assert listing(outside) == {"cache": "dir", "cache/c.txt": "kept\n"}
+
+
+async def test_linked_dirs_in_shared_are_not_made_outside_it(lab: Lab, pool: HostPool) -> None:
+    """An operator's symlink in shared/ is used as it is when the linked dir exists behind
+    it; a missing one is not made through it, and nothing outside shared/ changes."""
+    releases, host, root = on_host(lab, pool, linked_dirs=("public/uploads",))
+    outside = root.parent / "nfs"
+    await host.run(f"mkdir -p {root}/shared {outside}/uploads && echo kept > "
+                   f"{outside}/uploads/u.txt && ln -s {outside} {root}/shared/public", timeout=10)
+    await deploy(releases, R1, sha(1))
+    release = root / "releases" / R1
+    assert os.readlink(release / "public/uploads") == str(root / "shared/public/uploads")
+    assert (release / "public/uploads/u.txt").read_text() == "kept\n"
+
+    await host.run(f"rm -rf {outside}/uploads", timeout=10)
+    with pytest.raises(ReleaseError, match=r"linked dir public/uploads: .*shared/public "
+                                           r"resolves outside"):
+        await releases.prepare(R2, sha(2), TARBALL, branch="production",
+                               lock=LockInfo.new("alice", "deploy"))
+    assert list(outside.iterdir()) == []
+    assert not (root / "releases" / R2).exists()
+    assert not (root / ".deployd.lock").exists()
+
+
 async def test_failing_build_hook_removes_the_release_and_the_lock(
         lab: Lab, pool: HostPool) -> None:
     """A build hook exiting non-zero is a CommandError; the half release and lock are gone."""
