@@ -413,3 +413,22 @@ async def test_local_host_lays_out_the_same_release(tmp_path: Path) -> None:
     assert (state.current, state.current_revision) == (R1, sha(1))
     assert os.readlink(tmp_path / "app/current") == str(tmp_path / "app/releases" / R1)
     assert (tmp_path / "app/releases" / R2 / "ROLLED_BACK").exists()
+
+
+async def test_files_deployd_writes_are_never_written_through_a_commits_symlinks(
+        lab: Lab, pool: HostPool) -> None:
+    """A commit holding REVISION or ROLLED_BACK as symlinks cannot make deployd write there."""
+    releases, host, root = on_host(lab, pool)
+    outside = root.parent / "outside"
+    await host.run(f"mkdir -p {outside} && echo precious > {outside}/file", timeout=10)
+    tarball = make_tarball({"index.html": "hi"}, symlinks={
+        "REVISION": str(outside / "file"), "REVISION_TIME": str(outside / "file"),
+        "ROLLED_BACK": str(outside / "file")})
+    await deploy(releases, R1, sha(1), tarball=tarball)
+    await deploy(releases, R2, sha(2))
+    await releases.rollback(R2, from_release=R1, reason="test", actor="alice")
+    assert (outside / "file").read_text() == "precious\n"
+    release = root / "releases" / R1
+    assert not (release / "REVISION").is_symlink()
+    assert (release / "REVISION").read_text() == sha(1) + "\n"
+    assert not (release / "ROLLED_BACK").is_symlink()

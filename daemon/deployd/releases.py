@@ -352,6 +352,8 @@ mkdir "$rel" || fail 3 "cannot create $rel"
 made=1
 relp=$(cd -P "$rel" && pwd -P) || fail 3 "cannot enter $rel"
 tar -xf - -C "$rel" || fail 3 "unpacking the release into $rel failed"
+# The commit may hold these names as symlinks: never write through one.
+rm -f "$rel/REVISION" "$rel/REVISION_TIME" || fail 3 "cannot replace $rel/REVISION"
 printf '%s\n' "$revision" > "$rel/REVISION" || fail 3 "cannot write $rel/REVISION"
 printf '%s\n' "$revision_time" > "$rel/REVISION_TIME" || fail 3 "cannot write REVISION_TIME"
 # Directories are made one at a time, never through a symlink the release brought along
@@ -452,6 +454,7 @@ switch_to "$release"
 printf 'switched=%s\n' "$release"
 _from=${from_release:-$cur}
 if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]; then
+    rm -f "$dt/releases/$_from/ROLLED_BACK"  # never write through a symlink a commit held
     printf '%s' "$marker" > "$dt/releases/$_from/ROLLED_BACK" \
         && printf 'to_revision=%s\n' "$_r" >> "$dt/releases/$_from/ROLLED_BACK" \
         && printf 'marked=%s\n' "$_from"
