@@ -298,6 +298,7 @@ class AppSupervisor:
             record.id, state="succeeded", release=outcome.release, bake_state="grace",
             bake_started_at=now, bake_until=now + self.app.rollback.grace + self.app.rollback.bake,
         )
+        await self._retire_bakes(record)
         self._after_switch(record, "succeeded", time.monotonic() - clock_start)
         await self.store.add_event(
             self.name, "deploy.succeeded",
@@ -379,6 +380,7 @@ class AppSupervisor:
             record.id, state="succeeded", bake_state="grace", bake_started_at=now,
             bake_until=now + self.app.rollback.grace + self.app.rollback.bake,
         )
+        await self._retire_bakes(record)
         self.metrics.rollbacks_total.labels(app=self.name, trigger=record.trigger).inc()
         self.metrics.rollback_duration_seconds.labels(app=self.name).observe(took)
         self.metrics.last_rollback_timestamp_seconds.labels(app=self.name).set(self.clock())
@@ -455,10 +457,12 @@ class AppSupervisor:
         rescue = self._rescue()
         try:
             new_head = await rescue.transplant(job, approver=approver)
-        except Conflict:
-            return  # superseded: recorded by rescue, nothing overwritten
-        except DeploydError as exc:
+        except Exception as exc:
+            # Superseded jobs were ended by rescue (nothing overwritten); anything else fails
+            # the job here, so no job stays `running` with nothing behind it.
             await rescue.fail(job, f"transplant failed: {exc}")
+            if not isinstance(exc, DeploydError):
+                raise
             return
         self.head = new_head
         record = await self._deploy(new_head, trigger="rescue", actor=approver,
@@ -476,7 +480,12 @@ class AppSupervisor:
                 if record.state in ("failed", "interrupted"):
                     await self.rescue.fail(job, f"deploy of {_short(record.revision)} "
                                            f"{record.state}: {record.error}")
-                continue  # its bake carries on like any other
+                elif record.bake_state == "good":
+                    await self.rescue.finish(job, healthy=True, reason="")
+                elif record.bake_state in ("bad", "skipped"):
+                    what = "unhealthy" if record.bake_state == "bad" else "replaced"
+                    await self.rescue.fail(job, f"deploy of {_short(record.revision)} was {what}")
+                continue  # otherwise its bake carries on like any other
             approvals = [a for a in await self.rescue.jobs.approvals(job.id)
                          if a.decision == "approve"]
             approver = approvals[-1].actor if approvals else SYSTEM_ACTOR
@@ -517,6 +526,7 @@ class AppSupervisor:
         record = await self.store.update_deploy(
             record.id, state="succeeded", bake_state="grace", bake_started_at=now,
             bake_until=now + self.app.rollback.grace + self.app.rollback.bake)
+        await self._retire_bakes(record)
         self._after_switch(record, "observed", 0.0)
         await self.store.add_event(self.name, "deploy.observed",
                                    f"release {release} ({_short(revision)}) made live by "
@@ -526,11 +536,26 @@ class AppSupervisor:
     # -- judging -------------------------------------------------------------------------
 
     async def _baking(self) -> Deploy | None:
-        latest = await self.store.deploys(self.name, limit=1)
-        if latest and latest[0].bake_state in ("grace", "baking") \
-                and latest[0].state == "succeeded":
-            return latest[0]
+        """The live release's record while it is in its bake window.
+
+        The live record, not the newest one: a later deploy that failed before switching
+        (or a failed rollback) must not leave what is live unjudged.
+        """
+        live = await self.store.last_live(self.name)
+        if live is not None and live.bake_state in ("grace", "baking"):
+            return live
         return None
+
+    async def _retire_bakes(self, live: Deploy) -> None:
+        """A new release went live: older bakes end unjudged, and their rescue jobs fail."""
+        for record in await self.store.deploys(self.name, limit=50):
+            if record.id == live.id or record.bake_state not in ("grace", "baking"):
+                continue
+            await self.store.update_deploy(record.id, bake_state="skipped")
+            job = await self._job_for(record)
+            if job is not None and self.rescue is not None:
+                await self.rescue.fail(job, f"release {record.release} was replaced by "
+                                       f"{live.release} before its bake ended")
 
     async def judge(self) -> None:
         """Judge the deploy in its bake window, if any, and act on the verdict."""
@@ -552,7 +577,7 @@ class AppSupervisor:
             unhealthy_hosts=self.health.unhealthy_hosts() if self.health else [],
             total_hosts=len(self.app.hosts),
             failing_metrics=self.health.metric_failing() if self.health else [],
-            no_data_metrics=self.health.no_data_checks() if self.health else [],
+            no_data_metrics=self._silent_through_bake(record),
             threshold=self.app.rollback.unhealthy_hosts,
         )
         verdict = policy.judge_bake(facts)
@@ -564,10 +589,29 @@ class AppSupervisor:
             await self._bake_good(record)
         elif verdict.verdict == "no_data":
             await self.store.update_deploy(record.id, bake_state="bad")
+            job = await self._job_for(record)
+            if job is not None and self.rescue is not None:
+                await self.rescue.fail(job, f"cannot judge the rebuilt head: {verdict.reason}")
             await self.pause(SYSTEM_ACTOR, f"cannot judge {_short(record.revision)}: "
                              f"{verdict.reason}; a human must decide")
         else:
             await self._bake_bad(record, verdict.reason)
+
+    def _silent_through_bake(self, record: Deploy) -> list[str]:
+        """Metric checks with no data since the bake began (not a blip at its end)."""
+        if self.health is None or record.bake_started_at is None:
+            return []
+        bake_start = record.bake_started_at + self.app.rollback.grace
+        silent = []
+        metrics = self.health.snapshot().metrics
+        for check in self.app.checks:
+            state = metrics.get(check.name)
+            if state is None or state.no_data_since is None:
+                continue
+            # The first probe after the bake began may come one interval (and timeout) later.
+            if state.no_data_since <= bake_start + check.interval + check.timeout + 1.0:
+                silent.append(check.name)
+        return silent
 
     async def _bake_good(self, record: Deploy) -> None:
         await self.store.update_deploy(record.id, bake_state="good")
@@ -589,6 +633,20 @@ class AppSupervisor:
                                    + self._failing_checks(),
                                    revision=record.revision,
                                    data={"deploy": record.id, "health": self._health_detail()})
+        await self._act_on_bad(record, reason)
+
+    async def _act_on_bad(self, record: Deploy, reason: str) -> None:
+        """Quarantine and roll back a bad release (or pause when that is not possible).
+
+        A rescue deploy's job fails once that is done, whichever way it went.
+        """
+        job = await self._job_for(record)
+
+        async def fail_job() -> None:
+            if job is not None and self.rescue is not None:
+                await self.rescue.finish(job, healthy=False,
+                                         reason=f"the rebuilt head was unhealthy: {reason}")
+
         state = await self.store.app_state(self.name)
         if record.kind == "rollback":
             await self.pause(SYSTEM_ACTOR, f"still unhealthy after rolling back to "
@@ -600,20 +658,25 @@ class AppSupervisor:
             await self.store.add_event(self.name, "rollback.skipped",
                                        f"not rolling back by itself: {why}",
                                        revision=record.revision)
+            await fail_job()
             return
         target = state.last_good_release or record.previous_release
         if target is None:
             await self.pause(SYSTEM_ACTOR, "bad deploy and no earlier release to roll back to")
+            await fail_job()
             return
 
         async def roll_back() -> None:
-            rollback = await self._rollback(target, trigger="health", actor=SYSTEM_ACTOR,
-                                            reason=reason)
-            job = await self._job_for(record)
-            if job is not None and self.rescue is not None:
-                await self.rescue.finish(job, healthy=False,
-                                         reason=f"the rebuilt head was unhealthy: {reason}")
-            elif rollback.state == "succeeded":
+            try:
+                rollback = await self._rollback(target, trigger="health", actor=SYSTEM_ACTOR,
+                                                reason=reason)
+            finally:
+                await fail_job()
+            if rollback.state != "succeeded":
+                # Some hosts may still run the bad release: a human must look now.
+                await self.pause(SYSTEM_ACTOR, f"automatic rollback to {target} failed: "
+                                 f"{rollback.error}")
+            elif job is None:
                 await self._open_job_after_rollback(rollback, reason)
 
         # An operation like any other: it holds the app's operation lock (no REST deploy
@@ -624,6 +687,7 @@ class AppSupervisor:
             await self.store.add_event(self.name, "rollback.skipped",
                                        f"not rolling back by itself: {exc}",
                                        revision=record.revision)
+            await fail_job()
 
     async def _job_for(self, record: Deploy) -> Job | None:
         if self.rescue is None or record.trigger != "rescue":
@@ -783,8 +847,16 @@ class AppSupervisor:
         live = await self.store.last_live(self.name)
         if live is not None:
             self.metrics.set_live_revision(self.name, live.revision)
-        for record in await self.store.deploys(self.name, state="running", limit=20):
-            await self._recover_operation(record)
+        running = await self.store.deploys(self.name, state="running", limit=20)
+        if running:
+            # Held like any operation: a REST deploy meanwhile is a 409, not a race on hosts.
+            async with self._operation:
+                self._operation_name = "recovery"
+                try:
+                    for record in running:
+                        await self._recover_operation(record)
+                finally:
+                    self._operation_name = None
         # The last head deployd tried by itself: a later manual deploy or rollback must not
         # make a restart deploy that head again over what the operator chose.
         self._attempted = next((record.revision for record in await self.store.deploys(
@@ -798,7 +870,22 @@ class AppSupervisor:
             await self.store.add_event(self.name, "bake.resumed",
                                        f"resuming the bake of {_short(baking.revision)} "
                                        "after a restart", revision=baking.revision)
+        await self._roll_back_unfinished_verdict()
         await self._resume_jobs()
+
+    async def _roll_back_unfinished_verdict(self) -> None:
+        """A release judged bad just before a crash, with no rollback begun: act on it now."""
+        live = await self.store.last_live(self.name)
+        newest = await self.store.deploys(self.name, limit=1)
+        if live is None or live.bake_state != "bad" or live.kind == "rollback" \
+                or not newest or newest[0].id != live.id:
+            return
+        if (await self.store.app_state(self.name)).paused:
+            return  # the verdict already asked a human (no data, nothing to roll back to)
+        await self.store.add_event(self.name, "bake.resumed",
+                                   f"{_short(live.revision)} was judged unhealthy before a "
+                                   "restart and not rolled back yet", revision=live.revision)
+        await self._act_on_bad(live, "judged unhealthy before a restart")
 
     def _observation_time(self) -> float:
         spans = [check.interval * check.failures + check.timeout for check in self.app.checks]
