@@ -358,7 +358,7 @@ async def test_check_approval(world: World) -> None:
     assert job.plan is not None
     approved = await world.rescue.approve(job, plan=job.plan, actor="alice", comment="ok")
     assert approved.state == "approved"
-    with pytest.raises(Conflict, match="already decided"):
+    with pytest.raises(Conflict, match="decided or changed meanwhile"):
         await world.rescue.approve(job, plan=job.plan, actor="carol", comment="")
     with pytest.raises(Conflict, match="approved, not pending"):
         await world.rescue.check_approval(approved, plan=job.plan, actor="carol")
@@ -368,3 +368,17 @@ async def test_check_approval(world: World) -> None:
     with pytest.raises(Conflict, match="expired"):
         await world.rescue.check_approval(late, plan=late.plan, actor="alice")
     assert (await world.rescue.jobs.get(late.id)).state == "expired"
+
+
+async def test_approval_of_a_plan_replaced_meanwhile_changes_nothing(world: World) -> None:
+    """An approval checked against one plan loses to a selection change that landed first."""
+    good, a, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head=b, requester="bob", reason="")
+    assert job.plan is not None
+    await world.rescue.check_approval(job, plan=job.plan, actor="alice")
+    changed = await world.rescue.set_selection(job.id, [a, p], actor="carol")
+    assert changed.plan != job.plan
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await world.rescue.approve(job, plan=job.plan, actor="alice", comment="")
+    assert (await world.rescue.jobs.get(job.id)).state == "pending"

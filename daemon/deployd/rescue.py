@@ -32,7 +32,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from deployd.config import AppConfig
@@ -42,7 +42,6 @@ from deployd.errors import (
     GitError,
     Invalid,
     NotFound,
-    PushRejected,
 )
 from deployd.git import CommitInfo, Mirror, RefUpdate
 from deployd.metrics import Metrics
@@ -243,11 +242,7 @@ class Rescue:
     async def set_selection(self, job_id: int, commits: list[str], *, actor: str) -> Job:
         job = await self._pending(job_id)
         selection = await self._validate_selection(job.candidates, commits)
-        updated = await self.jobs.update(job.id, expect=("pending",), selection=selection,
-                                         resolved_patch=None)
-        if updated is None:
-            raise Conflict(f"rescue job {job_id} is no longer pending")
-        updated = await self._refresh_preview(updated)
+        updated = await self._replace_plan(job, selection=selection, resolved_patch=None)
         await self._job_event(updated, "job.selection",
                               f"selection set to {', '.join(s[:12] for s in selection) or 'none'}"
                               " (any resolved patch dropped)", actor)
@@ -259,12 +254,26 @@ class Rescue:
         if not job.selection:
             raise Invalid("select the commits this patch stands for first (PUT .../selection)")
         await self.mirror.apply_patch(job.base, patch)  # Invalid when it does not apply
-        updated = await self.jobs.update(job.id, expect=("pending",), resolved_patch=patch)
-        if updated is None:
-            raise Conflict(f"rescue job {job_id} is no longer pending")
-        updated = await self._refresh_preview(updated)
+        updated = await self._replace_plan(job, selection=job.selection, resolved_patch=patch)
         await self._job_event(updated, "job.patch",
                               f"resolved patch uploaded ({len(patch)} bytes)", actor)
+        return updated
+
+    async def _replace_plan(self, job: Job, *, selection: list[str],
+                            resolved_patch: str | None) -> Job:
+        """Compute the new preview first, then store it with its inputs in one step.
+
+        Stored only if the job is still pending with the plan this change was based on, so
+        an approval never sees a selection without its matching plan.
+        """
+        proposed = replace(job, selection=selection, resolved_patch=resolved_patch)
+        preview = await self.compute_preview(proposed)
+        updated = await self.jobs.update(
+            job.id, expect=("pending",), expect_plan=job.plan, selection=selection,
+            resolved_patch=resolved_patch, preview=preview.to_json(), plan=preview.plan)
+        if updated is None:
+            raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; "
+                           "read it again")
         return updated
 
     async def check_approval(self, job: Job, *, plan: str, actor: str) -> None:
@@ -285,9 +294,10 @@ class Rescue:
 
     async def approve(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Move the job from pending to approved; exactly one racing approval wins."""
-        updated = await self.jobs.update(job.id, expect=("pending",), state="approved")
+        updated = await self.jobs.update(job.id, expect=("pending",), expect_plan=plan,
+                                         state="approved")
         if updated is None:
-            raise Conflict(f"rescue job {job.id} was already decided")
+            raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; read it again")
         await self.jobs.add_approval(job.id, decision="approve", actor=actor, plan=plan,
                                      comment=comment)
         await self._job_event(updated, "job.approved",
@@ -342,12 +352,15 @@ class Rescue:
         try:
             await self.mirror.push([RefUpdate(new_head, f"refs/heads/{self.app.branch}",
                                               expected=job.bad_head)])
-        except PushRejected as exc:
+        except GitError as exc:  # refused (PushRejected) or the answer never came
             await self.mirror.fetch()
-            if await self.mirror.branch_head(self.app.branch) != new_head:
+            now_at = await self.mirror.branch_head(self.app.branch)
+            if now_at != new_head and now_at != job.bad_head:
                 await self._end(job, "superseded", f"push refused, nothing overwritten: {exc}")
                 raise Conflict(f"rescue job {job.id} superseded: {exc}") from exc
-            # Refused because our own push from before a restart landed meanwhile.
+            if now_at != new_head:
+                raise  # a hook, permissions or the network: the job fails, branch untouched
+            # Our push landed after all (its answer was lost, or a push from before a restart).
         return await self._pushed(job, new_head, approver, started, record=True)
 
     async def _made_before(self, job: Job) -> str | None:

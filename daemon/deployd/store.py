@@ -543,6 +543,12 @@ class Approval:
                 "comment": self.comment, "at": _iso(self.at)}
 
 
+class _Any:
+    """`expect_plan` default: any plan (None is a real value: a job not ready has none)."""
+
+
+_ANY = _Any()
+
 _JOB_FIELDS = {"state", "candidates", "selection", "resolved_patch", "preview", "plan", "step",
                "new_head", "backup_ref", "deploy_id", "error", "expires_at"}
 
@@ -592,7 +598,7 @@ class JobStore:
         return [_job(row) for row in rows]
 
     async def update(self, job_id: int, *, expect: tuple[str, ...] | None = None,
-                     **fields: Any) -> Job | None:
+                     expect_plan: str | _Any | None = _ANY, **fields: Any) -> Job | None:
         """Set fields; with `expect`, only if the job is in one of those states (else None).
 
         The conditional form is what makes two racing approvals safe: exactly one of them
@@ -609,6 +615,9 @@ class JobStore:
         if expect is not None:
             sql += f" AND state IN ({', '.join('?' for _ in expect)})"
             args.extend(expect)
+        if not isinstance(expect_plan, _Any):
+            sql += " AND plan IS ?"
+            args.append(expect_plan)
 
         def update(db: sqlite3.Connection) -> int:
             return db.execute(sql, args).rowcount
