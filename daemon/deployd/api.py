@@ -36,7 +36,7 @@ from deployd.errors import (
     ReleaseError,
 )
 from deployd.metrics import Metrics
-from deployd.store import Job, JobStore, Store
+from deployd.store import JOB_STATES, Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
 
 log = logging.getLogger("deployd.api")
@@ -335,10 +335,6 @@ async def resume(request: web.Request) -> web.Response:
 
 # -- rescue jobs --------------------------------------------------------------------------
 
-_JOB_STATES = ("pending", "approved", "running", "succeeded", "failed", "rejected", "expired",
-               "superseded")
-
-
 def job_id(request: web.Request) -> int:
     raw = request.match_info["job"]
     number = decimal(raw)
@@ -372,8 +368,8 @@ def string_list(body: Mapping[str, Any], name: str, *, required: bool) -> list[s
 async def list_jobs(request: web.Request) -> web.Response:
     require(request, "read")
     state = request.query.get("state")
-    if state is not None and state not in _JOB_STATES:
-        raise ApiError(422, "invalid", f"state must be one of {', '.join(_JOB_STATES)}")
+    if state is not None and state not in JOB_STATES:
+        raise ApiError(422, "invalid", f"state must be one of {', '.join(JOB_STATES)}")
     app_name = request.query.get("app")
     context = request.app[CONTEXT]
     if app_name is not None and app_name not in context.supervisors:

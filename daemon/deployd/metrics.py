@@ -32,7 +32,7 @@ class Metrics:
             ["app", "result"], namespace=PREFIX, registry=r,
         )
         self.rollbacks_total = Counter(
-            "rollbacks", "Rollbacks finished, by trigger (manual, health, failed_deploy).",
+            "rollbacks", "Rollbacks finished, by trigger (manual, health).",
             ["app", "trigger"], namespace=PREFIX, registry=r,
         )
         self.health_checks_total = Counter(

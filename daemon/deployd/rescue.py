@@ -84,13 +84,7 @@ def preselected(app: AppConfig, commit: CommitInfo) -> bool:
 
 def _changed_lines(diff: str) -> list[str]:
     """The lines a diff adds and removes, per file: what "the same change" means here."""
-    lines = []
-    for line in diff.splitlines():
-        if line.startswith(("+++", "---")):
-            lines.append(line)
-        elif line.startswith(("+", "-")):
-            lines.append(line)
-    return lines
+    return [line for line in diff.splitlines() if line.startswith(("+", "-"))]
 
 
 @dataclass(frozen=True)
@@ -478,13 +472,6 @@ class Rescue:
         log.info("%s: rescue job %d %s: %s", self.name, job.id, state, reason)
         await self.refresh_metrics()
 
-    async def unapprove(self, job: Job, reason: str) -> None:
-        """Put an approved job that could not start back to pending."""
-        updated = await self.jobs.update(job.id, expect=("approved",), state="pending")
-        if updated is not None:
-            await self._job_event(updated, "job.pending", f"back to pending: {reason}",
-                                  "deployd")
-
     async def _job_event(self, job: Job, kind: str, message: str, actor: str) -> None:
         await self.store.add_event(self.name, kind, f"job {job.id}: {message}", actor=actor,
                                    revision=job.new_head or job.bad_head,
@@ -495,8 +482,7 @@ class Rescue:
     async def describe(self, job: Job) -> dict[str, Any]:
         """A job as `GET /api/v1/jobs/{id}` shows it, with the next useful calls."""
         approvals = await self.jobs.approvals(job.id)
-        log_events = [e.to_json() for e in await self.store.events(self.name, limit=5000)
-                      if e.data.get("job") == job.id]
+        log_events = [e.to_json() for e in await self.store.job_events(self.name, job.id)]
         base_info = await _safe_info(self.mirror, job.base)
         body: dict[str, Any] = {
             "id": job.id, "app": job.app, "state": job.state,

@@ -331,9 +331,16 @@ class Store:
                 "SELECT * FROM events WHERE app = ? AND id > ? AND at >= ? ORDER BY id LIMIT ?",
                 (app, since_id, since_time or 0.0, limit),
             ).fetchall()
-            return [Event(row["id"], row["app"], row["at"], row["kind"], row["actor"],
-                          row["revision"], row["message"], json.loads(row["data"]))
-                    for row in rows]
+            return [_event(row) for row in rows]
+        return await self._run(query)
+
+    async def job_events(self, app: str, job_id: int, *, limit: int = 1000) -> list[Event]:
+        """The events about one rescue job, oldest first."""
+        def query() -> list[Event]:
+            rows = self._conn().execute(
+                "SELECT * FROM events WHERE app = ? AND json_extract(data, '$.job') = ? "
+                "ORDER BY id LIMIT ?", (app, job_id, limit)).fetchall()
+            return [_event(row) for row in rows]
         return await self._run(query)
 
     # -- deploys and rollbacks -----------------------------------------------------------
@@ -664,6 +671,11 @@ def _job(row: sqlite3.Row) -> Job:
         expires_at=row["expires_at"], step=row["step"], new_head=row["new_head"],
         backup_ref=row["backup_ref"], deploy_id=row["deploy_id"], error=row["error"],
     )
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(row["id"], row["app"], row["at"], row["kind"], row["actor"], row["revision"],
+                 row["message"], json.loads(row["data"]))
 
 
 def _deploy(row: sqlite3.Row) -> Deploy:

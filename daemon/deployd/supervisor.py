@@ -70,6 +70,9 @@ class AppSupervisor:
         self._stopping = False
         self._attempted: str | None = None
         self._observe_split: frozenset[str] | None = None
+        self.pristine = False
+        self._ancestry_key: tuple[str | None, frozenset[str]] | None = None
+        self._quarantined_ancestor = False
 
     @property
     def name(self) -> str:
@@ -100,6 +103,8 @@ class AppSupervisor:
                 # Acting before recovery could redo what a killed daemon left half done.
                 log.exception("%s: recovery failed; retrying in 5 seconds", self.name)
                 await asyncio.sleep(5.0)
+        # Open every host's connection now, so the first rollback pays no handshake.
+        await self._guarded("connecting to hosts", self.fleet.connect)
         next_fetch = 0.0
         while not self._stopping:
             # Cleared before this round, not after: a health change announced while the round
@@ -159,6 +164,8 @@ class AppSupervisor:
         await self._update_pristine()
         if self.rescue is not None:
             await self.rescue.housekeeping(head)
+            if not self._operation.locked():
+                await self._resume_jobs()  # approved jobs a restart left waiting
         if self.app.mode == "observe":
             await self.observe()
         else:
@@ -229,21 +236,34 @@ class AppSupervisor:
         )
         return await started
 
+    async def _reserve(self, name: str) -> None:
+        """Take the app's operation slot now, or raise Conflict naming what holds it."""
+        if self._stopping:
+            raise Conflict(f"{self.name}: deployd is shutting down")
+        if self._operation.locked():
+            raise Conflict(f"{self.name}: a {self._operation_name} is already running")
+        await self._operation.acquire()
+        self._operation_name = name
+
+    def _unreserve(self) -> None:
+        self._operation_name = None
+        self._operation.release()
+
     async def _spawn(self, operation: Coroutine[Any, Any, Any], name: str,
-                     started: asyncio.Future[Deploy] | None = None) -> None:
+                     started: asyncio.Future[Deploy] | None = None, *,
+                     reserved: bool = False) -> None:
         """Run an operation in its own task, one at a time per app.
 
         `started` is the future a REST caller waits on for the operation's record; if the
         operation fails before recording anything, the caller gets that error instead.
+        With `reserved`, the caller already holds the slot (see `_reserve`).
         """
-        if self._stopping:
-            operation.close()
-            raise Conflict(f"{self.name}: deployd is shutting down")
-        if self._operation.locked():
-            operation.close()
-            raise Conflict(f"{self.name}: a {self._operation_name} is already running")
-        await self._operation.acquire()
-        self._operation_name = name
+        if not reserved:
+            try:
+                await self._reserve(name)
+            except Conflict:
+                operation.close()
+                raise
 
         async def run() -> None:
             try:
@@ -435,22 +455,24 @@ class AppSupervisor:
         """Approve exactly `plan` and start the transplant; 409 if anything moved."""
         rescue = self._rescue()
         await rescue.check_approval(job, plan=plan, actor=actor)
-        if self._operation.locked():
-            raise Conflict(f"{self.name}: a {self._operation_name} is running; approve after it")
-        if not await self._fetch():
-            raise Conflict(f"{self.name}: cannot reach the remote to check the branch "
-                           f"({self.fetch_error}); nothing approved, try again")
-        head = await self.mirror.branch_head(self.app.branch)
-        if head != job.bad_head:
-            await rescue.housekeeping(head)
-            raise Conflict(f"rescue job {job.id} superseded: {self.app.branch} moved to "
-                           f"{_short(head)} since the job was built")
-        approved = await rescue.approve(job, plan=plan, actor=actor, comment=comment)
+        # Hold the operation slot from before the approval is recorded until the transplant
+        # runs: nothing (a poll resuming jobs, a REST deploy) can slip in between.
+        await self._reserve("transplant")
         try:
-            await self._spawn(self._transplant_and_deploy(approved, actor), "transplant")
-        except Conflict as exc:
-            await rescue.unapprove(approved, str(exc))
+            if not await self._fetch():
+                raise Conflict(f"{self.name}: cannot reach the remote to check the branch "
+                               f"({self.fetch_error}); nothing approved, try again")
+            head = await self.mirror.branch_head(self.app.branch)
+            if head != job.bad_head:
+                await rescue.housekeeping(head)
+                raise Conflict(f"rescue job {job.id} superseded: {self.app.branch} moved to "
+                               f"{_short(head)} since the job was built")
+            approved = await rescue.approve(job, plan=plan, actor=actor, comment=comment)
+        except BaseException:
+            self._unreserve()
             raise
+        await self._spawn(self._transplant_and_deploy(approved, actor), "transplant",
+                          reserved=True)
         return approved
 
     async def _transplant_and_deploy(self, job: Job, approver: str) -> None:
@@ -724,8 +746,7 @@ class AppSupervisor:
     def _health_detail(self) -> dict[str, Any]:
         if self.health is None:
             return {}
-        snapshot = self.health.snapshot()
-        return snapshot.to_json() if hasattr(snapshot, "to_json") else {}
+        return self.health.snapshot().to_json()
 
     async def on_health_change(self, change: HealthChange) -> None:
         """Record a host's (or metric check's) health turning, and re-judge at once."""
@@ -759,22 +780,23 @@ class AppSupervisor:
     async def _update_pristine(self) -> None:
         head = self.head
         state = await self.store.app_state(self.name)
-        quarantined = await self.store.quarantined(self.name)
-        bad = {q.revision for q in quarantined}
-        ancestor = False
-        if head is not None:
-            for revision in bad:
+        bad = frozenset(q.revision for q in await self.store.quarantined(self.name))
+        key = (head, bad)
+        if key != self._ancestry_key:
+            # One history walk per quarantined revision: only when the head or the list
+            # changed, not at every poll.
+            self._ancestry_key, self._quarantined_ancestor = key, False
+            for revision in bad if head is not None else ():
                 with contextlib.suppress(DeploydError):
-                    if revision != head and await self.mirror.is_ancestor(revision, head):
-                        ancestor = True
+                    if revision != head and await self.mirror.is_ancestor(revision, str(head)):
+                        self._quarantined_ancestor = True
                         break
+        ancestor = self._quarantined_ancestor
         pristine = policy.is_pristine(head, head_quarantined=head in bad,
                                       last_good=state.last_good_revision,
                                       quarantined_ancestor=ancestor)
         self.pristine = pristine
         self.metrics.branch_pristine.labels(app=self.name).set(1 if pristine else 0)
-
-    pristine: bool = False
 
     async def summary(self) -> dict[str, Any]:
         """The app as `GET /api/v1/apps` shows it."""
