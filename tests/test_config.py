@@ -843,13 +843,24 @@ def test_ssh_hosts_need_known_hosts(tmp_path: Path) -> None:
         "apps.shop.ssh.known_hosts: required for SSH hosts (host keys are verified)"]
 
 
-@pytest.mark.parametrize("name", ["-shop", ".shop", "shop/web", "shop web", "x" * 65, "shöp"])
+@pytest.mark.parametrize("name", ["-shop", ".shop", "shop/web", "shop web", "x" * 65, "shöp",
+                                  "a..b", "shop.lock", "shop."])
 def test_bad_app_names(tmp_path: Path, name: str) -> None:
-    """App names are letters, digits, '.', '_' and '-', start alphanumeric, at most 64."""
+    """App names are letters, digits, '.', '_' and '-', start alphanumeric, at most 64, and
+    fit in a git branch name (backup branches are named after the app)."""
     text = BASE.replace("apps.shop", f'apps."{name}"')
     problems = problems_of(tmp_path, text)
-    assert problems == [
-        f"apps.{name}: app names are letters, digits, '.', '_' and '-' (at most 64)"]
+    assert len(problems) == 1
+    assert_problem(problems, f"apps.{name}", "app names are letters", "git branch name")
+
+
+@pytest.mark.parametrize("prefix", ["deployd backup", "a..b", "x/.hidden", "back~up",
+                                    "ends.lock"])
+def test_backup_prefix_must_fit_a_branch_name(tmp_path: Path, prefix: str) -> None:
+    """rescue.backup_prefix is refused when git could not name a branch with it."""
+    text = with_line("rescue", f'backup_prefix = "{prefix}"')
+    assert_problem(problems_of(tmp_path, text), "apps.shop.rescue.backup_prefix",
+                   "cannot be part of a git branch name")
 
 
 @pytest.mark.parametrize("name", ["a", "shop", "Shop-2.prod_eu", "9lives", "x" * 64])

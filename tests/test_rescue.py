@@ -543,7 +543,8 @@ async def test_job_calls_check_auth_input_and_state(rescue_lab: MakeLab) -> None
         status, body = await call("POST", jobs, token=token, json_body={"commits": [batch.p]})
         assert status == 403, (token, body)
     for body_json in ({}, {"commits": []}, {"commits": ["no-such-commit"]},
-                      {"commits": [good]}, {"commits": batch.p}, {"commits": [batch.p], "x": 1}):
+                      {"commits": [good]}, {"commits": batch.p}, {"commits": [batch.p], "x": 1},
+                      {"commits": [batch.p], "base": "no-such-base"}):
         status, body = await call("POST", jobs, token="deployer", json_body=body_json)
         assert status == 422, (body_json, body)
     status, body = await call("POST", "/api/v1/apps/nope/jobs", token="deployer",

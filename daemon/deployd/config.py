@@ -354,6 +354,25 @@ def _selector(value: Any) -> tuple[Literal["trailer", "message", "none"], str]:
     raise ValueError(f'expected "trailer:<Name>", "message:<regex>" or "none", got {text!r}')
 
 
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+
+def _ref_safe(text: str) -> bool:
+    """Whether `text` can be part of a git ref name (git check-ref-format's rules)."""
+    if not text or text == "@" or _REF_FORBIDDEN.search(text):
+        return False
+    return all(part and not part.startswith(".") and not part.endswith((".", ".lock"))
+               for part in text.split("/"))
+
+
+def _ref_prefix(value: Any) -> str:
+    text = _nonempty(value).strip("/")
+    if not _ref_safe(text):
+        raise ValueError(f"{text!r} cannot be part of a git branch name "
+                         '(like "deployd/backup": no spaces, "..", "~^:?*[\\" or ".lock")')
+    return text
+
+
 def _regex(value: Any) -> str:
     text = _string(value)
     try:
@@ -625,7 +644,7 @@ def _rescue(r: _Reader, data: Any, path: str) -> RescueConfig:
     return RescueConfig(
         select_kind=kind,
         select_value=value,
-        backup_prefix=r.get(table, path, "backup_prefix", _nonempty, "deployd/backup").strip("/"),
+        backup_prefix=r.get(table, path, "backup_prefix", _ref_prefix, "deployd/backup"),
         expire=r.get(table, path, "expire", _positive_duration, 86400.0),
         distinct_approver=r.get(table, path, "distinct_approver", _bool, False),
     )
@@ -638,8 +657,9 @@ _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_int
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
     path = f"apps.{name}"
-    if not _APP_NAME.match(name):
-        r.problem(path, "app names are letters, digits, '.', '_' and '-' (at most 64)")
+    if not _APP_NAME.match(name) or not _ref_safe(name):
+        r.problem(path, "app names are letters, digits, '.', '_' and '-' (at most 64), "
+                  "usable in a git branch name (no '..', not ending in '.' or '.lock')")
     table = r.table(data, path, _APP_KEYS)
     deploy_to = r.get(table, path, "deploy_to", _absolute_dir, "")
     hosts = _hosts(r, table.get("hosts"), f"{path}.hosts", deploy_to)

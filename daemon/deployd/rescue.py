@@ -128,7 +128,10 @@ class Rescue:
     async def open(self, *, base: str, bad_head: str, requester: str, reason: str,
                    commits: list[str] | None = None) -> Job:
         """Open a pending job for the range base..bad_head; `commits` picks by hand."""
-        base = await self.mirror.resolve(base)
+        try:
+            base = await self.mirror.resolve(base)
+        except NotFound:
+            raise Invalid(f"unknown base commit {base!r}") from None
         bad_head = await self.mirror.resolve(bad_head)
         if base == bad_head:
             raise Invalid(f"{self.name}: the branch head is the base; nothing to rescue")
