@@ -18,22 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemonfixtures import Api, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.daemonfixtures import (
+    AppSpec,
+    DaemonProcess,
+    DaemonSpec,
+    RunningDaemon,
+    start_daemon,
+)
 from tests.gitrepo import OriginRepo
-from tests.healthservers import HealthServer, free_port
+from tests.healthservers import HealthServer
 
 GOOD = "ok\n"
 BAD = "broken: cannot reach the database\n"
@@ -212,89 +214,6 @@ def series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
             if key[0] == name and want <= set(key[1])}
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class DaemonProcess:
-    """`python3 -m deployd.cli run --config FILE` as a real subprocess, killable with -9."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.port = free_port()
-        text = config.read_text().replace('listen = "127.0.0.1:0"',
-                                          f'listen = "127.0.0.1:{self.port}"')
-        config.write_text(text)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.session: aiohttp.ClientSession | None = None
-        self.api = Api(self.base, None)  # type: ignore[arg-type]
-
-    def spawn(self) -> None:
-        """Start `deployd run` (without waiting for it)."""
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")}
-        with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "deployd.cli", "run", "--config", str(self.config)],
-                stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-
-    async def start(self, wait: float = 30.0) -> None:
-        """Start the daemon and wait until /readyz says ready."""
-        self.spawn()
-        assert self.process is not None
-        if self.session is None:
-            self.session = aiohttp.ClientSession()
-            self.api = Api(self.base, self.session)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
-            try:
-                status, _ = await self.api.call("GET", "/readyz", token=None)
-                if status == 200:
-                    return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"deployd not ready after {wait}s: {self.log.read_text()[-3000:]}")
-
-    def kill9(self) -> None:
-        """SIGKILL the daemon, as a crash would."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.process = None
-
-    async def close(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
-    async def events(self, app: str) -> list[dict[str, Any]]:
-        body = await self.api.get(f"/api/v1/apps/{app}/events")
-        return list(body["events"])
-
-    async def wait_for_event(self, app: str, kind: str, *, within: float = 20.0,
-                             count: int = 1, revision: str | None = None) -> dict[str, Any]:
-        """Wait for the `count`-th event of `kind` (about `revision`, if given)."""
-        deadline = time.monotonic() + within
-        while True:
-            matching = [e for e in await self.events(app) if e["kind"] == kind
-                        and (revision is None or e["revision"] == revision)]
-            if len(matching) >= count:
-                return matching[count - 1]
-            if time.monotonic() > deadline:
-                timeline = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
-                raise AssertionError(f"no {kind!r} event after {within}s; timeline: {timeline}")
-            await asyncio.sleep(0.02)
 
 
 # -- fixtures and waiting ----------------------------------------------------------------------

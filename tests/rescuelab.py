@@ -13,30 +13,31 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pygit2
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import write_known_hosts
-from tests.daemonfixtures import Api, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.daemonfixtures import (
+    AppSpec,
+    DaemonProcess,
+    DaemonSpec,
+    RunningDaemon,
+    start_daemon,
+)
 from tests.gitrepo import OriginRepo
-from tests.sshd import ClientKey, SshdHost, chown_tree, free_port, shared_dir
+from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
 
 APP = "shop"
 GOOD = "ok\n"
 BAD = "broken: cannot reach the database\n"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FIX_AUTHOR = ("Pat Fixer", "pat@example.com")
 
 
@@ -77,68 +78,6 @@ def http_check() -> dict[str, Any]:
 
 
 # -- a daemon as a subprocess ------------------------------------------------------------------
-
-
-class DaemonProcess:
-    """`python3 -m deployd.cli run --config FILE` as a real process, killable with -9."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.port = free_port()
-        text = config.read_text().replace('listen = "127.0.0.1:0"',
-                                          f'listen = "127.0.0.1:{self.port}"')
-        config.write_text(text)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.session: aiohttp.ClientSession | None = None
-        self.api: Api = Api(self.base, None)  # type: ignore[arg-type]
-
-    async def start(self, within: float = 30.0) -> None:
-        """Start the daemon and wait until /readyz answers 200."""
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")}
-        with self.log.open("ab") as output:
-            self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                [sys.executable, "-m", "deployd.cli", "run", "--config", str(self.config)],
-                stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-        if self.session is None:
-            self.session = aiohttp.ClientSession()
-            self.api = Api(self.base, self.session)
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
-            try:
-                status, _ = await self.api.call("GET", "/readyz", token=None)
-                if status == 200:
-                    return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"deployd not ready: {self.log.read_text()[-3000:]}")
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.process = None
-
-    async def close(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
-    async def events(self, app: str) -> list[dict[str, Any]]:
-        body = await self.api.get(f"/api/v1/apps/{app}/events")
-        return list(body["events"])
 
 
 Daemonish = RunningDaemon | DaemonProcess
