@@ -402,6 +402,9 @@ own_lock
 [ -d "$dt/releases/$release" ] || fail 3 "release $release does not exist on $host"
 current_name
 printf 'previous=%s\n' "$cur"
+# Past this point finish (log line, hooks) even if deployd vanishes: a switched host whose
+# restart hook never ran would serve the old code from the new release.
+trap '' HUP PIPE
 switch_to "$release"
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 printf 'switched=%s\n' "$release"
@@ -425,6 +428,7 @@ if [ -z "$release" ]; then
     exit 0
 fi
 [ -d "$dt/releases/$release" ] || fail 3 "release $release does not exist on $host"
+trap '' HUP PIPE  # past the switch, finish even if deployd vanishes
 switch_to "$release"
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 printf 'switched=%s\n' "$release"
@@ -450,6 +454,9 @@ trap 'exit 141' PIPE
 take_lock
 current_name
 printf 'previous=%s\n' "$cur"
+# Past this point finish (log line, hooks) even if deployd vanishes: a switched host whose
+# restart hook never ran would serve the old code from the new release.
+trap '' HUP PIPE
 switch_to "$release"
 printf 'switched=%s\n' "$release"
 _from=${from_release:-$cur}
