@@ -21,9 +21,9 @@ from typing import Any
 
 import pygit2
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from deployd.demo import HealthApp
 from tests.conftest import write_known_hosts
 from tests.daemonfixtures import (
     AppSpec,
@@ -41,34 +41,8 @@ BAD = "broken: cannot reach the database\n"
 FIX_AUTHOR = ("Pat Fixer", "pat@example.com")
 
 
-class FileHealth:
-    """A health endpoint answering as `<deploy_to>/current/health.txt` says (ok -> 200)."""
-
-    def __init__(self, deploy_to: Path) -> None:
-        self.deploy_to = deploy_to
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        try:
-            text = (self.deploy_to / "current" / "health.txt").read_text()
-        except OSError:
-            return web.Response(status=503, text="no release live\n")
-        return web.Response(status=200 if text.startswith("ok") else 500, text=text)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+# The demo's own app: answers as `<deploy_to>/current/health.txt` says (ok -> 200).
+FileHealth = HealthApp
 
 
 def http_check() -> dict[str, Any]:

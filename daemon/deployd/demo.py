@@ -74,7 +74,7 @@ class HealthApp:
     def __init__(self, deploy_to: Path) -> None:
         self.deploy_to = deploy_to
         self.runner: web.AppRunner | None = None
-        self.port = _free_port()
+        self.port = 0  # known once started
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -86,13 +86,15 @@ class HealthApp:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+            self.runner = None
 
 
 def _config(root: Path, repo: Path, deploy_to: Path, port: int, health_port: int,
@@ -209,18 +211,18 @@ async def _play(root: Path, approve: bool) -> int:
     repo = DemoRepo(root / "origin.git")
     deploy_to = root / "host" / "srv" / "shop"
     health = HealthApp(deploy_to)
-    port = _free_port()
-    token = secrets.token_urlsafe(24)
-    config_path = root / "deployd.toml"
-    config_path.write_text(_config(root, repo.path, deploy_to, port, health.port,
-                                   hashlib.sha256(token.encode()).hexdigest()))
-    repo.commit("master", {"index.html": "<h1>shop v1</h1>\n", "health.txt": GOOD_HEALTH},
-                "Shop v1")
-    repo.merge_into("staging", "master")
-    first = repo.merge_into("production", "staging")
-    print(f"deployd demo: origin {repo.path}, host 'local' at {deploy_to}")
     await health.start()
     try:
+        port = _free_port()
+        token = secrets.token_urlsafe(24)
+        config_path = root / "deployd.toml"
+        config_path.write_text(_config(root, repo.path, deploy_to, port, health.port,
+                                       hashlib.sha256(token.encode()).hexdigest()))
+        repo.commit("master", {"index.html": "<h1>shop v1</h1>\n", "health.txt": GOOD_HEALTH},
+                    "Shop v1")
+        repo.merge_into("staging", "master")
+        first = repo.merge_into("production", "staging")
+        print(f"deployd demo: origin {repo.path}, host 'local' at {deploy_to}")
         async with _daemon(config_path), aiohttp.ClientSession() as session:
             base = f"http://127.0.0.1:{port}"
             timeline = Timeline(session, base, token)
