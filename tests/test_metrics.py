@@ -51,7 +51,7 @@ async def daemons() -> AsyncIterator[Daemons]:
 
 def host_ids(lab: Lab) -> list[str]:
     """The host label health metrics use for each local host (several share "local")."""
-    return [f"local {d}" for d in lab.deploy_dirs]
+    return [f"local:{d}" for d in lab.deploy_dirs]
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

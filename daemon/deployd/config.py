@@ -178,6 +178,17 @@ class AppConfig:
     rollback: RollbackConfig = RollbackConfig()
     rescue: RescueConfig = RescueConfig()
 
+    @property
+    def host_labels(self) -> list[str]:
+        """Each host's label in events, metrics and REST, in config order.
+
+        `HostConfig.name`; hosts sharing a name (one machine, two deploy_to, or several
+        `local` ones) are told apart as `<name>:<deploy_to>`.
+        """
+        names = [host.name for host in self.hosts]
+        return [host.name if names.count(host.name) == 1 else f"{host.name}:{host.deploy_to}"
+                for host in self.hosts]
+
 
 @dataclass(frozen=True)
 class Config:

@@ -107,9 +107,7 @@ class Fleet:
         # Locks this fleet took but could not release (a host was unreachable): free to take.
         self._abandoned: set[str] = set()
         self._members: dict[str, Releases] = {}
-        names = [host.name for host in app.hosts]
-        for host in app.hosts:
-            label = host.name if names.count(host.name) == 1 else f"{host.name}:{host.deploy_to}"
+        for label, host in zip(app.host_labels, app.hosts, strict=True):
             self._members[label] = Releases(pool.host(app, host), app)
 
     @property

@@ -172,19 +172,6 @@ def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
 OnChange = Callable[[HealthChange], Awaitable[None]]
 
 
-def host_ids(app: AppConfig) -> list[str]:
-    """Each host's name in health results and metrics, in config order.
-
-    It is `HostConfig.name`; two hosts sharing a name (one machine, two deploy_to) are told
-    apart as `"<name> <deploy_to>"`.
-    """
-    names = [host.name for host in app.hosts]
-    return [
-        f"{host.name} {host.deploy_to}" if names.count(host.name) > 1 else host.name
-        for host in app.hosts
-    ]
-
-
 class _Streak:
     """Consecutive outcomes of one check and the verdict they give."""
 
@@ -445,7 +432,7 @@ class HealthMonitor:
         http_checks = [check for check in self.app.checks if isinstance(check, HttpCheck)]
         tls = {check.name: _tls_setting(check) for check in http_checks}
         hosts: dict[str, _Host] = {}
-        for name, config in zip(host_ids(self.app), self.app.hosts, strict=True):
+        for name, config in zip(self.app.host_labels, self.app.hosts, strict=True):
             host = _Host(self.app.name, name, metrics.host_healthy)
             counters = _counters(metrics, self.app.name, name, with_no_data=False)
             host.probes = [_HttpProbe(check, host, config, tls[check.name], counters)

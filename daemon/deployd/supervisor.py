@@ -26,7 +26,7 @@ from deployd.config import AppConfig
 from deployd.errors import Conflict, DeploydError, FleetError, Invalid, NotFound
 from deployd.fleet import Fleet
 from deployd.git import Mirror
-from deployd.health import HealthChange, HealthMonitor, host_ids
+from deployd.health import HealthChange, HealthMonitor
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue
 from deployd.store import Deploy, Job, Store
@@ -833,18 +833,16 @@ class AppSupervisor:
         states = await self.fleet.state()
         snapshot = self._health_detail()
         hosts = []
-        # Fleet and health label hosts that share a name (several "local" ones) apart, each
-        # its own way; both keep config order.
-        for host, label, health_id in zip(self.app.hosts, self.fleet.hosts,
-                                          host_ids(self.app), strict=True):
+        for host, label in zip(self.app.hosts, self.app.host_labels, strict=True):
             state = states.get(label)
-            entry: dict[str, Any] = {"name": host.name, "deploy_to": host.deploy_to}
+            entry: dict[str, Any] = {"name": label, "address": host.address,
+                                     "deploy_to": host.deploy_to}
             if isinstance(state, DeploydError) or state is None:
                 entry["error"] = str(state) if state else "unknown"
             else:
                 entry["current"] = {"release": state.current, "revision": state.current_revision}
                 entry["releases"] = [r.name for r in state.releases]
-            entry["health"] = snapshot.get("hosts", {}).get(health_id)
+            entry["health"] = snapshot.get("hosts", {}).get(label)
             hosts.append(entry)
         summary["hosts"] = hosts
         summary["quarantined"] = [{"revision": q.revision, "reason": q.reason, "at": q.at}
