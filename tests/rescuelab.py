@@ -40,6 +40,26 @@ GOOD = "ok\n"
 BAD = "broken: cannot reach the database\n"
 FIX_AUTHOR = ("Pat Fixer", "pat@example.com")
 
+# A commit P edits config.txt after A changed it: P conflicts on the base; this is the
+# hand-resolved patch for it (and for the file P adds).
+CONFLICT_CONFIG = "# shop\nsetting = 1\ncurrency = EUR\n"
+RESOLVED = """\
+diff --git a/config.txt b/config.txt
+--- a/config.txt
++++ b/config.txt
+@@ -1,3 +1,3 @@
+ # shop
+-setting = 1
++setting = 3
+ currency = EUR
+diff --git a/tax.txt b/tax.txt
+new file mode 100644
+--- /dev/null
++++ b/tax.txt
+@@ -0,0 +1 @@
++rate 0.2
+"""
+
 
 # The demo's own app: answers as `<deploy_to>/current/health.txt` says (ok -> 200).
 FileHealth = HealthApp

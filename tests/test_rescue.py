@@ -20,8 +20,10 @@ import pytest
 from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
     APP,
     BAD,
+    CONFLICT_CONFIG,
     FIX_AUTHOR,
     GOOD,
+    RESOLVED,
     Batch,
     Daemonish,
     MakeLab,
@@ -189,25 +191,6 @@ async def test_full_rescue_story_over_ssh(rescue_lab: MakeLab) -> None:
 
 
 # -- conflicts, resolved patches and selection ------------------------------------------------
-
-CONFLICT_CONFIG = "# shop\nsetting = 1\ncurrency = EUR\n"
-RESOLVED = """\
-diff --git a/config.txt b/config.txt
---- a/config.txt
-+++ b/config.txt
-@@ -1,3 +1,3 @@
- # shop
--setting = 1
-+setting = 3
- currency = EUR
-diff --git a/tax.txt b/tax.txt
-new file mode 100644
---- /dev/null
-+++ b/tax.txt
-@@ -0,0 +1 @@
-+rate 0.2
-"""
-
 
 async def approve(daemon: Daemonish, job_id: int, plan: Any, token: str = "approver",
                   comment: str | None = None) -> tuple[int, Any]:

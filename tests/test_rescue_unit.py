@@ -20,6 +20,7 @@ from deployd.metrics import Metrics
 from deployd.rescue import Rescue, preselected, trailers
 from deployd.store import JobStore, Store
 from tests.gitrepo import OriginRepo
+from tests.rescuelab import RESOLVED
 
 T0 = 1_700_000_000.0
 FIX = "Fix tax rounding\n\nThe rate was rounded twice.\n\nRescue: yes\n"
@@ -255,24 +256,6 @@ async def test_preview_already_in_base_and_merges_left_out(world: World) -> None
 
 
 # -- the plan ------------------------------------------------------------------------------
-
-
-RESOLVED = """\
-diff --git a/config.txt b/config.txt
---- a/config.txt
-+++ b/config.txt
-@@ -1,3 +1,3 @@
- # shop
--setting = 1
-+setting = 3
- currency = EUR
-diff --git a/tax.txt b/tax.txt
-new file mode 100644
---- /dev/null
-+++ b/tax.txt
-@@ -0,0 +1 @@
-+rate 0.2
-"""
 
 
 async def test_plan_is_stable_unless_what_lands_changes(world: World) -> None:
