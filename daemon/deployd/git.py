@@ -468,30 +468,30 @@ def _lookup(repo: pygit2.Repository, revision: str) -> _GitObject | None:
     return None
 
 
-def _commit(repo: pygit2.Repository, revision: str) -> pygit2.Commit:
-    """The commit a revision names; `errors.NotFound` otherwise."""
+_Peeled = TypeVar("_Peeled", pygit2.Commit, pygit2.Tree)
+
+
+def _peel(repo: pygit2.Repository, revision: str, kind: type[_Peeled], what: str) -> _Peeled:
+    """The object of `kind` a revision names (peeling tags and commits); NotFound otherwise."""
     found = _lookup(repo, revision)
     if found is None:
         raise errors.NotFound(f"unknown revision {revision!r}")
     try:
-        commit = found.peel(pygit2.Commit)
+        peeled = found.peel(kind)
     except (pygit2.GitError, ValueError) as exc:
-        raise errors.NotFound(f"revision {revision!r} is not a commit") from exc
-    assert isinstance(commit, pygit2.Commit)
-    return commit
+        raise errors.NotFound(f"revision {revision!r} {what}") from exc
+    assert isinstance(peeled, kind)
+    return peeled
+
+
+def _commit(repo: pygit2.Repository, revision: str) -> pygit2.Commit:
+    """The commit a revision names; `errors.NotFound` otherwise."""
+    return _peel(repo, revision, pygit2.Commit, "is not a commit")
 
 
 def _tree(repo: pygit2.Repository, revision: str) -> pygit2.Tree:
     """The tree a revision (commit, tag or tree sha) names; `errors.NotFound` otherwise."""
-    found = _lookup(repo, revision)
-    if found is None:
-        raise errors.NotFound(f"unknown revision {revision!r}")
-    try:
-        tree = found.peel(pygit2.Tree)
-    except (pygit2.GitError, ValueError) as exc:
-        raise errors.NotFound(f"revision {revision!r} has no tree") from exc
-    assert isinstance(tree, pygit2.Tree)
-    return tree
+    return _peel(repo, revision, pygit2.Tree, "has no tree")
 
 
 def _empty_tree(repo: pygit2.Repository) -> pygit2.Tree:
