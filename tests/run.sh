@@ -34,4 +34,16 @@ python3 -m venv .venv
 
 .venv/bin/ruff check daemon tests
 .venv/bin/mypy
-.venv/bin/pytest "$@"
+# Everything the tests write goes under one directory, removed afterwards: a run leaves
+# nothing in /tmp. The test user must reach the sshd and host directories made in it.
+test_tmp=$(mktemp -d /tmp/deployd-tests.XXXXXX)
+chmod 755 "$test_tmp"
+cleanup() {
+    local left
+    left=$(ls -A "$test_tmp" | grep -vx pytest || true)
+    [ -z "$left" ] || echo "the tests left these behind: $left" >&2
+    rm -rf "$test_tmp"
+}
+trap cleanup EXIT
+export TMPDIR="$test_tmp" DEPLOYD_TEST_TMP="$test_tmp"
+.venv/bin/pytest --basetemp "$test_tmp/pytest" "$@"

@@ -460,6 +460,27 @@ async def test_restart_in_the_middle_of_bake_resumes_it_and_rolls_back_once(
         assert sum("rolled back" in line for line in revisions_log(deploy_to)) == 1
 
 
+async def test_bake_window_run_out_while_down_is_judged_on_fresh_evidence(
+        make_lab: MakeLab, processes: Callable[[Lab], DaemonProcess]) -> None:
+    """Down past the end of the bake window: at restart the failing release is rolled back."""
+    lab = await make_lab(2, rollback={"grace": "300ms", "bake": "1s"})
+    good = lab.commit(GOOD, "good")
+    daemon = processes(lab)
+    await daemon.start()
+    await wait_event(daemon, "bake.healthy", good)
+    bad = lab.commit(fail_after(0.5), "goes bad soon after going live")
+    await wait_event(daemon, "deploy.succeeded", bad)
+    daemon.kill9()
+    await asyncio.sleep(2.0)  # the whole window passes with nobody watching
+    await daemon.start()
+    await wait_event(daemon, "rollback.succeeded")
+    timeline = [f"{e['kind']}: {e['message']}" for e in await daemon.events(APP)]
+    assert not await events_of(daemon, "bake.healthy", bad), timeline
+    assert [e["revision"] for e in await events_of(daemon, "quarantine.added")] == [bad]
+    for deploy_to in lab.deploy_dirs:
+        assert current_revision(deploy_to) == good
+
+
 @pytest.mark.parametrize("moment", ["rollback.started", "rollback.succeeded"])
 async def test_kill_around_an_automatic_rollback_never_rolls_back_twice(
         moment: str, make_lab: MakeLab, processes: Callable[[Lab], DaemonProcess]) -> None:

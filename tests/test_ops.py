@@ -576,7 +576,7 @@ _MDWX_SCRIPT = textwrap.dedent('''
     else:
         raise SystemExit("the filter is not active")
 
-    import asyncio, importlib, pathlib, pkgutil, sqlite3, tempfile
+    import asyncio, importlib, pathlib, pkgutil, sqlite3
     import aiohttp, asyncssh, prometheus_client, pygit2, tenacity
     from aiohttp import web
     from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -592,7 +592,7 @@ _MDWX_SCRIPT = textwrap.dedent('''
 
     ed25519.Ed25519PrivateKey.generate().sign(b"deployd")
 
-    tmp = pathlib.Path(tempfile.mkdtemp())
+    tmp = pathlib.Path.cwd()  # the test's own tmp_path: nothing left in /tmp
     origin = pygit2.init_repository(str(tmp / "origin"), bare=True)
     sig = pygit2.Signature("deployd", "deployd@example.com")
     tree = origin.TreeBuilder()

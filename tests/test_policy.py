@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import pytest
@@ -175,6 +175,15 @@ def test_end_of_window_is_good() -> None:
     """A deploy with no failure at the end of its window is good."""
     assert judge_bake(facts(BAKE_UNTIL)) == BakeVerdict("good", "healthy through the bake window")
     assert judge_bake(facts(BAKE_UNTIL + 3600)).verdict == "good"
+
+
+def test_window_run_out_unwatched_waits_for_fresh_evidence() -> None:
+    """A bake whose window ended while nobody watched is not good on younger evidence."""
+    restarted = BAKE_UNTIL + 100
+    fresh = replace(facts(restarted + 2), evidence_since=restarted, observation=5.0)
+    assert judge_bake(fresh) == BakeVerdict("wait", "gathering evidence")
+    assert judge_bake(replace(fresh, unhealthy_hosts=("web1",))).verdict == "bad"
+    assert judge_bake(replace(fresh, now=restarted + 5)).verdict == "good"
 
 
 def test_failure_at_the_end_is_still_bad() -> None:

@@ -414,6 +414,9 @@ class HealthMonitor:
         self._clock = clock
         self._duration: Histogram = metrics.health_check_duration_seconds.labels(app=app.name)
         self._generation = 0
+        # When the evidence behind the current verdicts began: the start of probing or the
+        # last reset. A verdict younger than a check's observation time proves little.
+        self.evidence_since = clock()
         self._changes: deque[HealthChange] = deque()
         self._dispatcher: asyncio.Task[None] | None = None
         self._running = False
@@ -448,6 +451,7 @@ class HealthMonitor:
         if self._running:
             raise RuntimeError(f"health monitor of {self.app.name} is already running")
         self._running = True
+        self.evidence_since = self._clock()
         try:
             async with asyncio.TaskGroup() as group:
                 for host in self._hosts.values():
@@ -474,6 +478,7 @@ class HealthMonitor:
     def reset(self) -> None:
         """Forget counts and verdicts (e.g. after a deploy); keep the last reasons."""
         now = self._clock()
+        self.evidence_since = now
         self._generation += 1
         for probe in self._probes:
             probe.streak.reset(now)

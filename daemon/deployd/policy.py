@@ -82,6 +82,10 @@ class BakeFacts:
     failing_metrics: Sequence[str]
     no_data_metrics: Sequence[str]
     threshold: Threshold
+    # Health evidence is only as old as the monitor's last reset (a deploy, the end of grace,
+    # a daemon restart); `observation` is how long a failing check takes to be called so.
+    evidence_since: float = float("-inf")
+    observation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,9 @@ def judge_bake(facts: BakeFacts) -> BakeVerdict:
 
     During grace nothing counts. After it, reaching the unhealthy-host threshold or a failing
     metric check makes the deploy bad. At the end of the window a deploy with no failure is
-    good, unless a metric check had no data throughout: then a human must decide.
+    good, unless a metric check had no data throughout: then a human must decide. Nothing is
+    called good on evidence younger than `observation`: a bake whose window ran out while
+    nobody was watching (a daemon restart) waits until a failing host would have shown.
     """
     if facts.now < facts.bake_started_at + facts.grace:
         return BakeVerdict("wait", "grace period")
@@ -109,6 +115,8 @@ def judge_bake(facts: BakeFacts) -> BakeVerdict:
         return BakeVerdict("bad", "metric checks failing: " + ", ".join(facts.failing_metrics))
     if facts.now < facts.bake_until:
         return BakeVerdict("wait", "baking")
+    if facts.now < facts.evidence_since + facts.observation:
+        return BakeVerdict("wait", "gathering evidence")
     if facts.no_data_metrics:
         return BakeVerdict("no_data", "no data through the bake window from: "
                            + ", ".join(facts.no_data_metrics))

@@ -601,6 +601,8 @@ class AppSupervisor:
             failing_metrics=self.health.metric_failing() if self.health else [],
             no_data_metrics=self._silent_through_bake(record),
             threshold=self.app.rollback.unhealthy_hosts,
+            evidence_since=self.health.evidence_since if self.health else float("-inf"),
+            observation=self._observation_time(),
         )
         verdict = policy.judge_bake(facts)
         if verdict.verdict == "wait":
