@@ -153,7 +153,7 @@ async def test_slow_answer_is_timeout(health_servers: StartServers,
     await monitor.probe_now()
     took = time.monotonic() - started
     assert last(monitor, server) == ("failure", "timeout after 0.3s")
-    assert 0.25 < took < 1.0
+    assert 0.25 < took < 2.0  # far from the server's 3 s: the timeout ended it
 
 
 async def test_refused_then_back(health_servers: StartServers,
@@ -551,7 +551,7 @@ async def test_slow_on_change_does_not_block_probes(health_servers: StartServers
     await monitor.probe_now()
     server.fail()
     await monitor.probe_now()
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.9  # the handler's 1 s sleep was not waited on
     await asyncio.sleep(1.2)
     assert [change.healthy for change in calls] == [True, False]
 
