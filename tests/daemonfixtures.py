@@ -67,6 +67,7 @@ class AppSpec:
     rollback: dict[str, Any] = field(default_factory=dict)
     rescue: dict[str, Any] = field(default_factory=dict)
     host_vars: list[dict[str, Any]] = field(default_factory=list)
+    webhook: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class DaemonSpec:
     client_key: Path | None = None
     known_hosts: Path | None = None
     apps: list[AppSpec] = field(default_factory=list)
+    notify: list[dict[str, Any]] = field(default_factory=list)
 
     def render(self) -> str:
         parts = [table("daemon", {"state_dir": str(self.state_dir),
@@ -87,6 +89,8 @@ class DaemonSpec:
                 "roles": roles}, array=True))
         for app in self.apps:
             parts.append(self._render_app(app))
+        for target in self.notify:
+            parts.append(table("notify", target, array=True))
         return "".join(parts)
 
     def _render_app(self, app: AppSpec) -> str:
@@ -114,6 +118,8 @@ class DaemonSpec:
             out += table(f"apps.{app.name}.rollback", app.rollback)
         if app.rescue:
             out += table(f"apps.{app.name}.rescue", app.rescue)
+        if app.webhook:
+            out += table(f"apps.{app.name}.webhook", app.webhook)
         return out
 
     def write(self, path: Path) -> Path:

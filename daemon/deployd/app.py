@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from deployd import api
+from deployd import api, webhooks
 from deployd.config import AppConfig, Config, load
 from deployd.errors import ConfigError, DeploydError
 from deployd.fleet import Fleet
@@ -174,6 +174,7 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
     )
     daemon.context = context
     app = api.create_app(context)
+    webhooks.add_routes(app, daemon.supervisors, daemon.metrics)
     app[DAEMON] = daemon
     app.cleanup_ctx.extend([_store_ctx, _session_ctx, _hosts_ctx, _apps_ctx])
     return app

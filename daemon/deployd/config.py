@@ -8,6 +8,7 @@ and nothing here touches the network or the hosts.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -156,6 +157,14 @@ class RescueConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """`[apps.X.webhook]`: pushes announced by the git server; the secret is never shown."""
+
+    secret: bytes = field(repr=False)
+    max_body: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
 class AppConfig:
     name: str
     repo: str
@@ -177,6 +186,7 @@ class AppConfig:
     checks: tuple[Check, ...] = ()
     rollback: RollbackConfig = RollbackConfig()
     rescue: RescueConfig = RescueConfig()
+    webhook: WebhookConfig | None = None
 
     @property
     def host_labels(self) -> list[str]:
@@ -190,12 +200,41 @@ class AppConfig:
                 for host in self.hosts]
 
 
+NotifyFormat = Literal["json", "slack"]
+
+# What wakes a human when a target names no `events` of its own.
+DEFAULT_NOTIFY_EVENTS = ("rollback.*", "deploy.failed", "bake.failed", "app.paused", "job.*",
+                         "rollout.*", "notify.failing")
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """`[[notify]]`: where deployd tells humans what happened (URL and secret never shown)."""
+
+    name: str
+    url: str = field(repr=False)
+    format: NotifyFormat = "json"
+    secret: bytes | None = field(default=None, repr=False)
+    events: tuple[str, ...] = DEFAULT_NOTIFY_EVENTS
+    apps: tuple[str, ...] | None = None
+    remind: float = 3600.0
+    give_up_after: float = 86400.0
+    timeout: float = 10.0
+
+    def wants(self, app: str, kind: str) -> bool:
+        """Whether an event of `kind` about `app` goes to this target."""
+        if self.apps is not None and app not in self.apps:
+            return False
+        return any(fnmatch.fnmatchcase(kind, pattern) for pattern in self.events)
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
     daemon: DaemonConfig
     tokens: tuple[Token, ...]
     apps: Mapping[str, AppConfig]
+    notify: tuple[NotifyTarget, ...] = ()
 
 
 class _Reader:
@@ -661,9 +700,41 @@ def _rescue(r: _Reader, data: Any, path: str) -> RescueConfig:
     )
 
 
+def _secret_file(r: _Reader, table: dict[str, Any], path: str, key: str) -> bytes | None:
+    """The stripped content of a secret file; problems name the key, never the content."""
+    file = r.get(table, path, key, r.path_value, None)
+    if file is None:
+        return None
+    try:
+        secret = file.read_bytes().strip()
+    except OSError as exc:
+        r.problem(f"{path}.{key}", f"cannot read {file}: {exc.strerror}")
+        return None
+    if len(secret) < 16:
+        r.problem(f"{path}.{key}", f"{file} holds {len(secret)} bytes; a secret needs 16 or more")
+        return None
+    return secret
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a size in bytes above zero, got {value!r}")
+    return value
+
+
+def _webhook(r: _Reader, data: Any, path: str) -> WebhookConfig | None:
+    table = r.table(data, path, {"secret_file", "max_body"})
+    if "secret_file" not in table:
+        r.problem(f"{path}.secret_file", "missing (required): the shared secret of the webhook")
+    secret = _secret_file(r, table, path, "secret_file")
+    max_body = r.get(table, path, "max_body", _size, 1024 * 1024)
+    return WebhookConfig(secret=secret, max_body=max_body) if secret else None
+
+
 _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_interval",
              "deploy_to", "keep_releases", "linked_dirs", "linked_files", "parallel",
-             "lock_stale_after", "ssh", "hooks", "hosts", "checks", "rollback", "rescue"}
+             "lock_stale_after", "ssh", "hooks", "hosts", "checks", "rollback", "rescue",
+             "webhook"}
 
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
@@ -697,6 +768,8 @@ def _app(r: _Reader, name: str, data: Any) -> AppConfig:
         checks=_checks(r, table.get("checks", []), f"{path}.checks", hosts),
         rollback=_rollback(r, table.get("rollback", {}), f"{path}.rollback"),
         rescue=_rescue(r, table.get("rescue", {}), f"{path}.rescue"),
+        webhook=(_webhook(r, table["webhook"], f"{path}.webhook") if "webhook" in table
+                 else None),
     )
     if repo.startswith("ssh://") and app.repo_known_hosts is None:
         r.problem(f"{path}.repo_known_hosts",
@@ -706,10 +779,72 @@ def _app(r: _Reader, name: str, data: Any) -> AppConfig:
     return app
 
 
+_NOTIFY_KEYS = {"name", "url", "url_file", "format", "secret_file", "events", "apps", "remind",
+                "give_up_after", "timeout"}
+
+
+def _notify_url(r: _Reader, table: dict[str, Any], path: str) -> str:
+    """The target's URL, given inline or in a file (it often holds a token)."""
+    if ("url" in table) == ("url_file" in table):
+        r.problem(path, "set exactly one of url or url_file")
+        return ""
+    if "url" in table:
+        url = r.get(table, path, "url", _nonempty, "")
+        source = f"{path}.url"
+    else:
+        file = r.get(table, path, "url_file", r.path_value, None)
+        if file is None:
+            return ""
+        source = f"{path}.url_file"
+        try:
+            url = file.read_text().strip()
+        except OSError as exc:
+            r.problem(source, f"cannot read {file}: {exc.strerror}")
+            return ""
+    if url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        # The URL itself is a secret: say what is wrong without echoing it.
+        r.problem(source, "expected an http:// or https:// URL")
+        return ""
+    return url
+
+
+def _notify(r: _Reader, data: Any, app_names: set[str]) -> tuple[NotifyTarget, ...]:
+    if not isinstance(data, list):
+        r.problem("notify", "expected an array of tables ([[notify]])")
+        return ()
+    targets: list[NotifyTarget] = []
+    names: set[str] = set()
+    for index, item in enumerate(data):
+        path = f"notify[{index}]"
+        table = r.table(item, path, _NOTIFY_KEYS)
+        name = r.get(table, path, "name", _nonempty, "", required=True)
+        if name in names:
+            r.problem(f"{path}.name", f"duplicate notify name {name!r}")
+        names.add(name)
+        url = _notify_url(r, table, path)
+        apps = r.get(table, path, "apps", _strings, None)
+        for unknown in sorted(set(apps or ()) - app_names):
+            r.problem(f"{path}.apps", f"no app named {unknown!r}")
+        target = NotifyTarget(
+            name=name,
+            url=url,
+            format=r.get(table, path, "format", _choice(("json", "slack")), "json"),  # type: ignore[arg-type]
+            secret=_secret_file(r, table, path, "secret_file"),
+            events=r.get(table, path, "events", _strings, DEFAULT_NOTIFY_EVENTS),
+            apps=apps,
+            remind=r.get(table, path, "remind", _duration, 3600.0),
+            give_up_after=r.get(table, path, "give_up_after", _positive_duration, 86400.0),
+            timeout=r.get(table, path, "timeout", _positive_duration, 10.0),
+        )
+        if name and url:
+            targets.append(target)
+    return tuple(targets)
+
+
 def parse(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; raise ConfigError with every problem."""
     r = _Reader(path.parent.resolve())
-    top = r.table(dict(data), "", {"daemon", "tokens", "apps"})
+    top = r.table(dict(data), "", {"daemon", "tokens", "apps", "notify"})
     daemon = _daemon(r, top.get("daemon", {}))
     tokens = _tokens(r, top.get("tokens", []))
     apps_table = top.get("apps", {})
@@ -717,9 +852,10 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
         r.problem("apps", "expected a table of apps ([apps.NAME])")
         apps_table = {}
     apps = {name: _app(r, name, body) for name, body in apps_table.items()}
+    notify = _notify(r, top.get("notify", []), set(apps))
     if r.problems:
         raise ConfigError(str(path), r.problems)
-    return Config(path=path, daemon=daemon, tokens=tokens, apps=apps)
+    return Config(path=path, daemon=daemon, tokens=tokens, apps=apps, notify=notify)
 
 
 def load(path: str | Path) -> Config:

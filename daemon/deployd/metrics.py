@@ -67,6 +67,10 @@ class Metrics:
             "transplant_duration_seconds", "Time a rescue transplant took, approve to push.",
             ["app"], namespace=PREFIX, registry=r, buckets=_DURATION_BUCKETS,
         )
+        self.webhooks_total = Counter(
+            "webhooks", "Webhook requests by result (accepted, ignored, unauthorized, "
+            "too_large, bad_request).", ["app", "result"], namespace=PREFIX, registry=r,
+        )
         self.host_healthy = Gauge(
             "host_healthy", "1 when the host passes its health checks, 0 when not.",
             ["app", "host"], namespace=PREFIX, registry=r,

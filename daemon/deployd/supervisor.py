@@ -35,6 +35,7 @@ log = logging.getLogger("deployd.supervisor")
 T = TypeVar("T")
 
 SYSTEM_ACTOR = "deployd"
+FETCH_SPACING = 1.0  # seconds between fetches that webhooks (not the interval) ask for
 
 
 class AppSupervisor:
@@ -67,6 +68,8 @@ class AppSupervisor:
         self._operation_name: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        self._fetch_requested = False
+        self._last_poll = float("-inf")
         self._stopping = False
         self._attempted: str | None = None
         self._observe_split: frozenset[str] | None = None
@@ -84,7 +87,15 @@ class AppSupervisor:
         return self._operation_name
 
     def wake(self) -> None:
-        """Re-run the loop now (a health change, a resume, a webhook)."""
+        """Re-run the loop now (a health change, a resume)."""
+        self._wake.set()
+
+    def request_fetch(self) -> None:
+        """Fetch at the next round, now if idle (a webhook announced a push).
+
+        Requests made while one is pending or a fetch runs coalesce into one more fetch.
+        """
+        self._fetch_requested = True
         self._wake.set()
 
     # -- the loop ------------------------------------------------------------------------
@@ -105,19 +116,30 @@ class AppSupervisor:
                 await asyncio.sleep(5.0)
         # Open every host's connection now, so the first rollback pays no handshake.
         await self._guarded("connecting to hosts", self.fleet.connect)
-        next_fetch = 0.0
         while not self._stopping:
             # Cleared before this round, not after: a health change announced while the round
             # awaits must wake the next one at once, not wait for the timer.
             self._wake.clear()
-            if self.clock() >= next_fetch:
+            if self.clock() >= self._next_poll():
+                self._fetch_requested = False
+                self._last_poll = self.clock()
                 await self._guarded("poll", self.poll)
-                next_fetch = self.clock() + self.app.poll_interval
             await self._guarded("judging", self.judge)
             timeout = await self._guarded("bake timer", self._next_bake_check) or 1.0
-            timeout = max(0.0, min(next_fetch - self.clock(), timeout))
+            timeout = max(0.0, min(self._next_poll() - self.clock(), timeout))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _next_poll(self) -> float:
+        """When to poll next: at the interval, or sooner when a fetch was requested.
+
+        Requested fetches start at most one per FETCH_SPACING, so a flood of webhooks costs
+        a fetch a second at most, while the first push after a quiet spell is fetched at once.
+        """
+        due = self._last_poll + self.app.poll_interval
+        if self._fetch_requested:
+            due = min(due, self._last_poll + FETCH_SPACING)
+        return due
 
     async def _guarded(self, what: str, step: Callable[[], Awaitable[T]]) -> T | None:
         try:
@@ -277,7 +299,8 @@ class AppSupervisor:
                     started.set_exception(Conflict(f"{self.name}: the {name} was cancelled"))
                 self._operation_name = None
                 self._operation.release()
-                self.wake()
+                # A push noticed while the slot was held is deployed now, not a poll later.
+                self.request_fetch()
 
         task = asyncio.create_task(run(), name=f"{self.name}-{name}")
         self._tasks.add(task)

@@ -1,0 +1,152 @@
+"""Pushes announced by the git server: `POST /hooks/{app}` makes the app fetch now.
+
+No bearer token: the request proves itself with the app's shared secret, as GitHub and Gitea
+sign (`X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>`, Gitea's older
+`X-Gitea-Signature: <hex>`) or as GitLab sends it (`X-Gitlab-Token`). Everything is checked
+before the body is trusted: the app and its webhook (one 404 for both, so names cannot be
+probed), the size (413 without reading further), the signature (401), and only then the JSON.
+
+A push to the watched branch answers 202 and asks the supervisor for a fetch; requests that
+arrive while one is pending or running coalesce into the next one, so a burst costs a
+fetch or two, never one per request. Polling stays as the safety net.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+from deployd.config import WebhookConfig
+from deployd.metrics import Metrics
+from deployd.supervisor import AppSupervisor
+
+log = logging.getLogger("deployd.webhooks")
+
+_EVENT_HEADERS = ("X-GitHub-Event", "X-Gitea-Event", "X-Gogs-Event", "X-Gitlab-Event")
+_PUSH_EVENTS = frozenset({"push", "Push Hook"})
+_CHUNK = 64 * 1024
+
+
+class WebhookRefused(Exception):
+    """A request answered with an error; `result` is its label in the metrics."""
+
+    def __init__(self, status: int, code: str, message: str, result: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.result = status, code, message, result
+
+
+def signature_ok(config: WebhookConfig, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether the request carries a valid signature or token for `body` (constant time)."""
+    digest = hmac.new(config.secret, body, hashlib.sha256).hexdigest()
+    github = headers.get("X-Hub-Signature-256")
+    if github is not None:
+        scheme, _, given = github.partition("=")
+        return scheme == "sha256" and hmac.compare_digest(given.strip().lower(), digest)
+    gitea = headers.get("X-Gitea-Signature")
+    if gitea is not None:
+        return hmac.compare_digest(gitea.strip().lower(), digest)
+    gitlab = headers.get("X-Gitlab-Token")
+    if gitlab is not None:
+        return hmac.compare_digest(gitlab.encode(errors="surrogateescape"), config.secret)
+    return False
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to exceed `limit` (the rest is never read)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> WebhookRefused:
+    return WebhookRefused(413, "too_large", f"request body over {limit} bytes", "too_large")
+
+
+def pushed_ref(headers: Mapping[str, str], body: bytes) -> tuple[str | None, str]:
+    """(the pushed ref, or None when this is not a push; the event's name)."""
+    event = next((headers[name] for name in _EVENT_HEADERS if name in headers), "push")
+    if event not in _PUSH_EVENTS:
+        return None, event
+    payload = _payload(headers, body)
+    ref = payload.get("ref")
+    if not isinstance(ref, str):
+        raise WebhookRefused(422, "invalid", "push payload without a \"ref\" string",
+                             "bad_request")
+    return ref, event
+
+
+def _payload(headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    text = body
+    if headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded"):
+        # GitHub's form delivery: the JSON document is the `payload` field.
+        form = parse_qs(body.decode("utf-8", "replace"))
+        text = form.get("payload", [""])[0].encode()
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
+        raise WebhookRefused(400, "bad_json", "request body is not valid JSON",
+                             "bad_request") from None
+    if not isinstance(payload, dict):
+        raise WebhookRefused(422, "invalid", "request body must be a JSON object", "bad_request")
+    return payload
+
+
+def handler(supervisors: Mapping[str, AppSupervisor], metrics: Metrics
+            ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The `POST /hooks/{app}` handler over the daemon's live supervisors."""
+
+    async def receive(request: web.Request) -> web.Response:
+        sup = supervisors.get(request.match_info["app"])
+        config = sup.app.webhook if sup is not None else None
+        if sup is None or config is None:
+            return _error(404, "not_found", "no webhook here")
+        try:
+            response = await _receive(request, sup, config)
+        except WebhookRefused as exc:
+            metrics.webhooks_total.labels(app=sup.name, result=exc.result).inc()
+            if exc.result == "unauthorized":
+                log.warning("%s: webhook refused: %s", sup.name, exc.message)
+            return _error(exc.status, exc.code, exc.message)
+        metrics.webhooks_total.labels(
+            app=sup.name, result="accepted" if response.status == 202 else "ignored").inc()
+        return response
+
+    return receive
+
+
+async def _receive(request: web.Request, sup: AppSupervisor,
+                   config: WebhookConfig) -> web.Response:
+    body = await read_limited(request, config.max_body)
+    if not signature_ok(config, request.headers, body):
+        raise WebhookRefused(401, "unauthorized", "bad or missing signature", "unauthorized")
+    ref, event = pushed_ref(request.headers, body)
+    if ref is None:
+        return web.json_response({"ignored": f"{event} event"})
+    watched = f"refs/heads/{sup.app.branch}"
+    if ref != watched:
+        return web.json_response({"ignored": f"push to {ref}, not {watched}"})
+    sup.request_fetch()
+    return web.json_response({"accepted": f"fetching {sup.app.branch}"}, status=202)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def add_routes(app: web.Application, supervisors: Mapping[str, AppSupervisor],
+               metrics: Metrics) -> None:
+    app.router.add_post("/hooks/{app}", handler(supervisors, metrics))
