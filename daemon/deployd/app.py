@@ -26,6 +26,7 @@ from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
 from deployd.metrics import Metrics
+from deployd.notifications import Notifications
 from deployd.notify import Notifier
 from deployd.rescue import Rescue
 from deployd.store import JobStore, Store
@@ -46,6 +47,8 @@ class Daemon:
     supervisors: dict[str, AppSupervisor] = field(default_factory=dict)
     tasks: dict[str, list[asyncio.Task[Any]]] = field(default_factory=dict)
     context: api.ApiContext | None = None
+    notifications: Notifications | None = None
+    notifications_task: asyncio.Task[None] | None = None
 
     def readiness(self) -> dict[str, bool]:
         checks = {"config": True, "store": self.store is not None and self.store.is_open}
@@ -95,6 +98,28 @@ class Daemon:
         if forget:
             self.metrics.forget_app(name)
 
+    def start_notifications(self) -> None:
+        """Deliver the config's `[[notify]]` targets (none: nothing runs)."""
+        assert self.store is not None and self.session is not None
+        if not self.config.notify:
+            return
+        notifications = Notifications(self.config.notify, store=self.store,
+                                      session=self.session, metrics=self.metrics,
+                                      base_url=self.config.daemon.base_url)
+        self.store.listeners.append(notifications.on_event)
+        self.notifications = notifications
+        self.notifications_task = asyncio.create_task(notifications.run(),
+                                                      name="notifications")
+
+    async def stop_notifications(self) -> None:
+        if self.notifications is not None and self.store is not None:
+            self.store.listeners.remove(self.notifications.on_event)
+        self.notifications = None
+        task, self.notifications_task = self.notifications_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def reload(self, config: Config) -> list[str]:
         """Apply a new, already validated config; return what changed, one line each.
 
@@ -121,7 +146,12 @@ class Daemon:
         if self.context is not None and self.context.tokens != config.tokens:
             self.context.tokens = config.tokens
             changes.append("tokens changed")
+        notify_changed = config.notify != self.config.notify
         self.config = config
+        if notify_changed:
+            await self.stop_notifications()
+            self.start_notifications()
+            changes.append("notification targets changed")
         return changes
 
 
@@ -161,6 +191,13 @@ async def _apps_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*(daemon.stop_app(name) for name in list(daemon.supervisors)))
 
 
+async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    daemon.start_notifications()
+    yield
+    await daemon.stop_notifications()
+
+
 def create_application(config: Config, *, metrics: Metrics | None = None) -> web.Application:
     """The whole daemon as an aiohttp application (run it with a runner or a test client)."""
     daemon = Daemon(config=config, metrics=metrics or Metrics())
@@ -176,7 +213,8 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
     app = api.create_app(context)
     webhooks.add_routes(app, daemon.supervisors, daemon.metrics)
     app[DAEMON] = daemon
-    app.cleanup_ctx.extend([_store_ctx, _session_ctx, _hosts_ctx, _apps_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _session_ctx, _hosts_ctx, _apps_ctx,
+                            _notifications_ctx])
     return app
 
 

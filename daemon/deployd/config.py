@@ -29,6 +29,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 
 
 def parse_duration(text: str) -> float:
@@ -62,6 +63,15 @@ class DaemonConfig:
     log_format: LogFormat = "text"
     metrics_auth: bool = False
     shutdown_grace: float = 30.0
+    public_url: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        """How humans reach the REST API: `public_url`, or the listen address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"http://{host}:{self.listen_port}"
 
 
 @dataclass(frozen=True)
@@ -322,6 +332,11 @@ def _duration(value: Any) -> float:
     return parse_duration(value)
 
 
+def _duration_or_never(value: Any) -> float:
+    """A duration, or "0" for never."""
+    return 0.0 if value == "0" else _duration(value)
+
+
 def _positive_duration(value: Any) -> float:
     seconds = _duration(value)
     if seconds <= 0:
@@ -453,7 +468,7 @@ def _headers(value: Any) -> dict[str, str]:
 
 def _daemon(r: _Reader, data: Any) -> DaemonConfig:
     table = r.table(data, "daemon", {"state_dir", "listen", "log_format", "metrics_auth",
-                                      "shutdown_grace"})
+                                      "shutdown_grace", "public_url"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
@@ -464,7 +479,15 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
         log_format=log_format,  # type: ignore[arg-type]
         metrics_auth=r.get(table, "daemon", "metrics_auth", _bool, False),
         shutdown_grace=r.get(table, "daemon", "shutdown_grace", _duration, 30.0),
+        public_url=r.get(table, "daemon", "public_url", _http_url, None),
     )
+
+
+def _http_url(value: Any) -> str:
+    text = _string(value)
+    if not _HTTP_URL.fullmatch(text):
+        raise ValueError(f'expected an http:// or https:// URL, got {text!r}')
+    return text
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
@@ -801,7 +824,7 @@ def _notify_url(r: _Reader, table: dict[str, Any], path: str) -> str:
         except OSError as exc:
             r.problem(source, f"cannot read {file}: {exc.strerror}")
             return ""
-    if url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+    if url and not _HTTP_URL.fullmatch(url):
         # The URL itself is a secret: say what is wrong without echoing it.
         r.problem(source, "expected an http:// or https:// URL")
         return ""
@@ -832,7 +855,7 @@ def _notify(r: _Reader, data: Any, app_names: set[str]) -> tuple[NotifyTarget, .
             secret=_secret_file(r, table, path, "secret_file"),
             events=r.get(table, path, "events", _strings, DEFAULT_NOTIFY_EVENTS),
             apps=apps,
-            remind=r.get(table, path, "remind", _duration, 3600.0),
+            remind=r.get(table, path, "remind", _duration_or_never, 3600.0),
             give_up_after=r.get(table, path, "give_up_after", _positive_duration, 86400.0),
             timeout=r.get(table, path, "timeout", _positive_duration, 10.0),
         )

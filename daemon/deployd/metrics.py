@@ -71,6 +71,14 @@ class Metrics:
             "webhooks", "Webhook requests by result (accepted, ignored, unauthorized, "
             "too_large, bad_request).", ["app", "result"], namespace=PREFIX, registry=r,
         )
+        self.notifications_total = Counter(
+            "notifications", "Notification attempts by target and result (sent, retried, "
+            "failed: given up).", ["target", "result"], namespace=PREFIX, registry=r,
+        )
+        self.notifications_queued = Gauge(
+            "notifications_queued", "Notifications waiting in the outbox, by target.",
+            ["target"], namespace=PREFIX, registry=r,
+        )
         self.host_healthy = Gauge(
             "host_healthy", "1 when the host passes its health checks, 0 when not.",
             ["app", "host"], namespace=PREFIX, registry=r,

@@ -121,6 +121,30 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        target TEXT NOT NULL,
+        delivery TEXT NOT NULL UNIQUE,
+        event_id INTEGER,
+        job_id INTEGER,
+        app TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        next_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,
+        last_error TEXT,
+        done_at REAL
+    );
+    CREATE INDEX outbox_due ON outbox(target, state, next_at);
+    CREATE INDEX outbox_job ON outbox(target, job_id);
+    CREATE TABLE outbox_cursor (
+        target TEXT PRIMARY KEY,
+        event_id INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -215,6 +239,8 @@ class Store:
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deployd-store")
         self._db: sqlite3.Connection | None = None
+        # Called with each event once it is stored (e.g. to wake the notifications outbox).
+        self.listeners: list[Callable[[Event], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -321,7 +347,10 @@ class Store:
         events_log.info("%s %s: %s", app, kind, message,
                         extra={"app": app, "kind": kind, "actor": actor, "revision": revision,
                                "event_id": event_id})
-        return Event(event_id, app, at, kind, actor, revision, message, data or {})
+        event = Event(event_id, app, at, kind, actor, revision, message, data or {})
+        for listener in self.listeners:
+            listener(event)
+        return event
 
     async def events(self, app: str, *, since_id: int = 0, since_time: float | None = None,
                      limit: int = 500) -> list[Event]:
