@@ -9,6 +9,7 @@ and nothing here touches the network or the hosts.
 from __future__ import annotations
 
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -720,6 +721,48 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path, daemon=daemon, tokens=tokens, apps=apps)
+
+
+def file_problems(config: Config) -> list[str]:
+    """What is wrong with the SSH key and known_hosts files the config names, each with its
+    key path: missing, not a file, unreadable, or (for a private key) open to group or others.
+
+    Kept out of `load` (which only reads the file itself and token files) so a config can be
+    validated on another machine; `deployd check-config` and `deployd run` call both.
+    """
+    problems: list[str] = []
+    for name, app in config.apps.items():
+        files = [(f"apps.{name}.repo_key", app.repo_key, True),
+                 (f"apps.{name}.repo_known_hosts", app.repo_known_hosts, False),
+                 (f"apps.{name}.ssh.key", app.ssh.key, True),
+                 (f"apps.{name}.ssh.known_hosts", app.ssh.known_hosts, False)]
+        for key_path, file, private in files:
+            problem = _file_problem(file, private=private) if file is not None else None
+            if problem is not None:
+                problems.append(f"{key_path}: {problem}")
+    return problems
+
+
+def _file_problem(path: Path, *, private: bool) -> str | None:
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            return f"{path} is not a file"
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if private and mode & 0o077:
+        return (f"private key {path} is open to group or others (mode "
+                f"{stat.S_IMODE(mode):04o}): chmod 600 it")
+    return None
+
+
+def check_files(config: Config) -> None:
+    """Raise ConfigError listing every `file_problems` of the config."""
+    problems = file_problems(config)
+    if problems:
+        raise ConfigError(str(config.path), problems)
 
 
 def load(path: str | Path) -> Config:
