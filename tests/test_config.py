@@ -1222,3 +1222,21 @@ deploy_to = "/srv/blog"
 address = "local"
 """
     assert file_problems(load(write(tmp_path, text))) == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("https://deployd.example.com", "https://deployd.example.com"),
+    ("http://10.0.0.5:8765/", "http://10.0.0.5:8765"),
+    ("https://ops.example.com/deployd", "https://ops.example.com/deployd"),
+])
+def test_public_url_forms(tmp_path: Path, value: str, expected: str) -> None:
+    """daemon.public_url takes an http(s) URL, kept without a trailing slash."""
+    cfg = load(write(tmp_path, with_line("daemon", f'public_url = "{value}"')))
+    assert cfg.daemon.public_url == expected
+
+
+@pytest.mark.parametrize("value", ["deployd.example.com", "ftp://x", "http://", "", "http://a b"])
+def test_public_url_refuses_anything_but_an_http_url(tmp_path: Path, value: str) -> None:
+    """Anything else is a problem at daemon.public_url."""
+    problems = problems_of(tmp_path, with_line("daemon", f'public_url = "{value}"'))
+    assert len(problems) == 1 and problems[0].startswith("daemon.public_url: "), problems

@@ -171,6 +171,8 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         supervisors=daemon.supervisors,
         metrics_auth=config.daemon.metrics_auth,
         ready=daemon.readiness,
+        listen=(config.daemon.listen_host, config.daemon.listen_port),
+        public_url=config.daemon.public_url,
     )
     daemon.context = context
     app = api.create_app(context)

@@ -62,6 +62,7 @@ class DaemonConfig:
     log_format: LogFormat = "text"
     metrics_auth: bool = False
     shutdown_grace: float = 30.0
+    public_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,14 @@ def _absolute_dir(value: Any) -> str:
     return text.rstrip("/") or "/"
 
 
+def _base_url(value: Any) -> str:
+    text = _nonempty(value).rstrip("/")
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", text):
+        raise ValueError(f'expected an http:// or https:// URL like "https://deployd.example.com",'
+                         f" got {value!r}")
+    return text
+
+
 def _listen(value: Any) -> tuple[str, int]:
     text = _string(value)
     host, sep, port = text.rpartition(":")
@@ -414,8 +423,8 @@ def _headers(value: Any) -> dict[str, str]:
 
 
 def _daemon(r: _Reader, data: Any) -> DaemonConfig:
-    table = r.table(data, "daemon", {"state_dir", "listen", "log_format", "metrics_auth",
-                                      "shutdown_grace"})
+    table = r.table(data, "daemon", {"state_dir", "listen", "public_url", "log_format",
+                                      "metrics_auth", "shutdown_grace"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
@@ -426,6 +435,7 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
         log_format=log_format,  # type: ignore[arg-type]
         metrics_auth=r.get(table, "daemon", "metrics_auth", _bool, False),
         shutdown_grace=r.get(table, "daemon", "shutdown_grace", _duration, 30.0),
+        public_url=r.get(table, "daemon", "public_url", _base_url, None),
     )
 
 
