@@ -737,8 +737,8 @@ def file_problems(config: Config) -> list[str]:
     """What is wrong with the SSH key and known_hosts files the config names, each with its
     key path: missing, not a file, unreadable, or (for a private key) open to group or others.
 
-    Kept out of `load` (which only reads the file itself and token files) so a config can be
-    validated on another machine; `deployd check-config` and `deployd run` call both.
+    Not part of `load` (which reads only the config and its token files), so a config can be
+    parsed on a machine without them; `deployd check-config` and `deployd run` call it after.
     """
     problems: list[str] = []
     for name, app in config.apps.items():
