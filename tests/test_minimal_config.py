@@ -11,6 +11,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,18 @@ def lab(lab_factory: Callable[[int], Lab]) -> Lab:
 
 
 @pytest.fixture
+def scanned_known_hosts(lab: Lab) -> Path:
+    """The lab host's known_hosts filled the way the README says: `ssh-keyscan -p PORT`."""
+    host = lab.hosts[0]
+    scanned = subprocess.run(["ssh-keyscan", "-p", str(host.port), "-t", "ed25519", host.address],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    assert scanned.startswith(f"[{host.address}]:{host.port} ssh-ed25519 "), scanned
+    path = lab.workdir / "scanned_known_hosts"
+    path.write_text(scanned)
+    return path
+
+
+@pytest.fixture
 def servers() -> Iterator[list[int]]:
     """Pids of the servers a test's hooks started; killed after it (detached, they no longer
     belong to sshd, so the lab's clean-up does not reach them)."""
@@ -94,13 +107,14 @@ def servers() -> Iterator[list[int]]:
 
 
 async def test_minimal_restart_hook_detaches_the_app_over_ssh(
-        lab: Lab, pool: HostPool, servers: list[int]) -> None:
+        lab: Lab, pool: HostPool, servers: list[int], scanned_known_hosts: Path) -> None:
     """Two deploys over real SSH run the sample restart hook: each returns at once (the app
     holds none of the channel's output), the app runs from the new release with its stdout and
     stderr in shared/log, and the second deploy stopped the first server."""
     host = lab.hosts[0]
     app = lab.app(hooks=Hooks(restart=restart_hook()), linked_dirs=("log",), hook_timeout=20,
-                  hosts=[lab.host_config(host, app_port="8080")])
+                  hosts=[lab.host_config(host, app_port="8080")],
+                  ssh=replace(lab.ssh(), known_hosts=scanned_known_hosts))
     deploy_to = Path(app.hosts[0].deploy_to)
     pidfile, log = deploy_to / "shared" / "shop.pid", deploy_to / "shared" / "log" / "server.log"
     fleet = Fleet(app, pool)
