@@ -594,6 +594,8 @@ async def test_metric_check_without_data_through_bake_pauses_instead_of_rolling_
     assert sample(await scrape(daemon), "deployd_paused", app=APP) == 1
     assert sample(await scrape(daemon), "deployd_health_checks_total", app=APP, host="",
                   result="no_data") > 0  # type: ignore[operator]
+    assert sample(await scrape(daemon), "deployd_bake_verdicts_total", app=APP,
+                  verdict="no_data") == 1
     second = lab.commit(GOOD, "second", extra="2")
     await wait_event(daemon, "branch.moved", second)
     await asyncio.sleep(0.8)

@@ -20,6 +20,7 @@ from deployd.config import (
     HostConfig,
     HttpCheck,
     PrometheusCheck,
+    file_problems,
     load,
     parse_duration,
     render_template,
@@ -955,12 +956,63 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=60, check=False)
 
 
-def test_cli_check_config_accepts_the_example() -> None:
-    """`deployd check-config` on the example exits 0 and says what it found."""
-    result = _cli("check-config", str(EXAMPLE))
+# What the example's other /etc/deployd files hold, for tests: a secret, a notify URL.
+_STAND_INS = {".secret": "s3cret-for-tests-0123456789abcdef\n",
+              ".url": "https://hooks.example.com/services/T0/B0/token\n"}
+
+
+def with_ssh_files(tmp_path: Path, source: Path) -> Path:
+    """`source` copied into tmp_path with its /etc/deployd/ files made there (key mode 0600)."""
+    text = source.read_text().replace("/etc/deployd/", f"{tmp_path}/")
+    for name in set(re.findall(rf'"{re.escape(str(tmp_path))}/([^"/]+)"', text)):
+        file = tmp_path / name
+        file.write_text(_STAND_INS.get(Path(name).suffix, "")
+                        if "id_" not in name else "-----BEGIN OPENSSH PRIVATE KEY-----\n")
+        file.chmod(0o600)
+    return write(tmp_path, text, source.name)
+
+
+def test_cli_check_config_accepts_the_example(tmp_path: Path) -> None:
+    """`deployd check-config` on the example, its key files present, exits 0 and says what it
+    found."""
+    path = with_ssh_files(tmp_path, EXAMPLE)
+    result = _cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{EXAMPLE}: ok (2 app(s), 3 host(s), 2 token(s))"
+    assert result.stdout.strip() == f"{path}: ok (2 app(s), 3 host(s), 2 token(s))"
     assert result.stderr == ""
+
+
+def test_cli_check_config_names_the_examples_missing_ssh_files(tmp_path: Path) -> None:
+    """On a machine without /etc/deployd, the example as shipped fails on exactly its SSH
+    files, each named with its key path."""
+    if Path("/etc/deployd").exists():
+        pytest.skip("this machine has an /etc/deployd")
+    missing = "No such file or directory"
+    result = _cli("check-config", str(EXAMPLE))
+    assert result.returncode == 2
+    # Secrets are read as the file loads, so their problems come first and alone.
+    assert sorted(result.stderr.splitlines()) == [
+        f"{EXAMPLE}: apps.shop.webhook.secret_file: cannot read "
+        f"/etc/deployd/shop-webhook.secret: {missing}",
+        f"{EXAMPLE}: notify[0].url_file: cannot read /etc/deployd/oncall-slack.url: {missing}",
+        f"{EXAMPLE}: notify[1].secret_file: cannot read /etc/deployd/audit.secret: {missing}",
+    ]
+    text = EXAMPLE.read_text()
+    for key in ("secret_file", "url_file"):
+        text = re.sub(rf"^{key} = .*\n", "", text, flags=re.MULTILINE)
+    text = text.replace('name = "oncall"\n', 'name = "oncall"\nurl = "https://x.example"\n')
+    text = text.replace('[apps.shop.webhook]\n', '').replace("max_body = 1048576\n", "")
+    without_secrets = tmp_path / EXAMPLE.name
+    without_secrets.write_text(text)
+    result = _cli("check-config", str(without_secrets))
+    assert result.returncode == 2
+    path = without_secrets
+    assert sorted(result.stderr.splitlines()) == [
+        f"{path}: apps.shop.repo_key: cannot read /etc/deployd/id_ed25519: {missing}",
+        f"{path}: apps.shop.repo_known_hosts: cannot read /etc/deployd/known_hosts: {missing}",
+        f"{path}: apps.shop.ssh.key: cannot read /etc/deployd/id_ed25519: {missing}",
+        f"{path}: apps.shop.ssh.known_hosts: cannot read /etc/deployd/known_hosts: {missing}",
+    ]
 
 
 def test_cli_check_config_reports_problems_with_exit_2(tmp_path: Path) -> None:
@@ -989,16 +1041,19 @@ def test_cli_main_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_cli_main_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """main() returns 0 and prints the summary for a valid file."""
-    path = write(tmp_path, BASE)
+    (tmp_path / "known_hosts").write_text("")
+    path = write(tmp_path, BASE.replace("/etc/deployd/known_hosts", "known_hosts"))
     assert main(["check-config", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: ok (1 app(s), 1 host(s), 1 token(s))\n"
 
 
 # -- the example config -----------------------------------------------------------------------
 
-def test_example_config_validates() -> None:
-    """config/deployd.example.toml loads without a single problem."""
-    cfg = load(EXAMPLE)
+def test_example_config_validates(tmp_path: Path) -> None:
+    """config/deployd.example.toml loads without a single problem (its files present)."""
+    cfg = load(with_ssh_files(tmp_path, EXAMPLE))
+    assert [target.name for target in cfg.notify] == ["oncall", "audit"]
+    assert cfg.apps["shop"].webhook is not None
     assert set(cfg.apps) == {"shop", "blog"}
     assert {c.type for c in cfg.apps["shop"].checks} == {"http", "prometheus"}
 
@@ -1038,6 +1093,8 @@ def _example_tables(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         "_prometheus_check": [c for c in checks if c.get("type") == "prometheus"],
         "_rollback": [app["rollback"] for app in apps if "rollback" in app],
         "_rescue": [app["rescue"] for app in apps if "rescue" in app],
+        "_webhook": [app["webhook"] for app in apps if "webhook" in app],
+        "_notify": doc.get("notify", []),
     }
 
 
@@ -1066,7 +1123,7 @@ def test_example_config_comments_every_key() -> None:
     """Each key set in the example has a comment line naming it, with its type or default."""
     text = EXAMPLE.read_text()
     tables = {"daemon", "tokens", "apps", "ssh", "hooks", "hosts", "checks", "rollback",
-              "rescue"}
+              "rescue", "webhook", "notify"}
     accepted = set().union(*_accepted_keys().values()) - tables
     for key in sorted(accepted):
         assert re.search(rf"^#\s*{key} \(", text, re.MULTILINE), f"no comment for {key}"
@@ -1082,7 +1139,7 @@ def test_example_config_names_every_hook_variable() -> None:
 
 def test_example_token_file_alternative_validates(tmp_path: Path) -> None:
     """The commented-out token_file line, swapped in for token_sha256, validates too."""
-    text = EXAMPLE.read_text()
+    text = with_ssh_files(tmp_path, EXAMPLE).read_text()
     match = re.search(r'^# (token_file = "(.*)")$', text, re.MULTILINE)
     assert match is not None
     (tmp_path / "ci.sha256").write_text(DIGEST + "\n")
@@ -1092,3 +1149,121 @@ def test_example_token_file_alternative_validates(tmp_path: Path) -> None:
         match.group(0), 'token_file = "ci.sha256"')
     tokens = load(write(tmp_path, text)).tokens
     assert [(t.name, t.sha256) for t in tokens][1] == ("ci", DIGEST)
+
+
+# -- the SSH files the config names (check-config and run, not load) ---------------------------
+
+SSH_FILES = """\
+[daemon]
+state_dir = "state"
+
+[apps.shop]
+repo = "ssh://git@git.example.com/shop.git"
+repo_key = "keys/repo_key"
+repo_known_hosts = "keys/repo_known_hosts"
+deploy_to = "/srv/shop"
+
+[apps.shop.ssh]
+key = "keys/id_ed25519"
+known_hosts = "keys/known_hosts"
+
+[[apps.shop.hosts]]
+address = "web1.example.com"
+"""
+SSH_FILE_KEYS = {"repo_key": "apps.shop.repo_key", "repo_known_hosts": "apps.shop.repo_known_hosts",
+                 "id_ed25519": "apps.shop.ssh.key", "known_hosts": "apps.shop.ssh.known_hosts"}
+
+
+def ssh_files(tmp_path: Path) -> Path:
+    """The keys/ directory of SSH_FILES with every file present, keys mode 0600."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in SSH_FILE_KEYS:
+        (keys / name).write_text("x\n")
+        (keys / name).chmod(0o600 if name in ("repo_key", "id_ed25519") else 0o644)
+    return keys
+
+
+def test_ssh_files_present_and_private_pass(tmp_path: Path) -> None:
+    """Every named file there, keys readable by their owner only: no problem."""
+    ssh_files(tmp_path)
+    assert file_problems(load(write(tmp_path, SSH_FILES))) == []
+
+
+@pytest.mark.parametrize("name", sorted(SSH_FILE_KEYS))
+def test_a_missing_ssh_file_is_named_with_its_key_path(tmp_path: Path, name: str) -> None:
+    """Each of repo_key, repo_known_hosts, ssh.key and ssh.known_hosts is checked; load alone
+    does not look (a config can be validated elsewhere), check-config and run do."""
+    keys = ssh_files(tmp_path)
+    (keys / name).unlink()
+    path = write(tmp_path, SSH_FILES)
+    assert file_problems(load(path)) == [
+        f"{SSH_FILE_KEYS[name]}: cannot read {keys / name}: No such file or directory"]
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        result = _cli(*command)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stderr == (f"{path}: {SSH_FILE_KEYS[name]}: cannot read {keys / name}: "
+                                 "No such file or directory\n")
+
+
+@pytest.mark.parametrize(("name", "mode"), [("id_ed25519", 0o640), ("repo_key", 0o604),
+                                            ("id_ed25519", 0o700 | 0o020)])
+def test_a_private_key_open_to_others_is_refused(tmp_path: Path, name: str, mode: int) -> None:
+    """A key file group- or world-accessible is refused like OpenSSH refuses it, naming the key
+    path, the file and its mode."""
+    keys = ssh_files(tmp_path)
+    (keys / name).chmod(mode)
+    assert file_problems(load(write(tmp_path, SSH_FILES))) == [
+        f"{SSH_FILE_KEYS[name]}: private key {keys / name} is open to group or others "
+        f"(mode {mode:04o}): chmod 600 it"]
+
+
+def test_a_world_readable_known_hosts_is_fine(tmp_path: Path) -> None:
+    """known_hosts files hold public keys: any mode that lets deployd read them will do."""
+    keys = ssh_files(tmp_path)
+    (keys / "known_hosts").chmod(0o644)
+    (keys / "repo_known_hosts").chmod(0o666)
+    assert file_problems(load(write(tmp_path, SSH_FILES))) == []
+
+
+def test_an_ssh_file_that_is_a_directory(tmp_path: Path) -> None:
+    """A directory where a file is expected is named as such, not a traceback."""
+    keys = ssh_files(tmp_path)
+    (keys / "known_hosts").unlink()
+    (keys / "known_hosts").mkdir()
+    assert file_problems(load(write(tmp_path, SSH_FILES))) == [
+        f"apps.shop.ssh.known_hosts: {keys / 'known_hosts'} is not a file"]
+
+
+def test_only_configured_ssh_files_are_checked(tmp_path: Path) -> None:
+    """An app on `local` hosts with no SSH settings names no file, so nothing is checked."""
+    text = """\
+[daemon]
+state_dir = "state"
+
+[apps.blog]
+repo = "/srv/git/blog.git"
+deploy_to = "/srv/blog"
+
+[[apps.blog.hosts]]
+address = "local"
+"""
+    assert file_problems(load(write(tmp_path, text))) == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("https://deployd.example.com", "https://deployd.example.com"),
+    ("http://10.0.0.5:8765/", "http://10.0.0.5:8765"),
+    ("https://ops.example.com/deployd", "https://ops.example.com/deployd"),
+])
+def test_public_url_forms(tmp_path: Path, value: str, expected: str) -> None:
+    """daemon.public_url takes an http(s) URL, kept without a trailing slash."""
+    cfg = load(write(tmp_path, with_line("daemon", f'public_url = "{value}"')))
+    assert cfg.daemon.public_url == expected
+
+
+@pytest.mark.parametrize("value", ["deployd.example.com", "ftp://x", "http://", "", "http://a b"])
+def test_public_url_refuses_anything_but_an_http_url(tmp_path: Path, value: str) -> None:
+    """Anything else is a problem at daemon.public_url."""
+    problems = problems_of(tmp_path, with_line("daemon", f'public_url = "{value}"'))
+    assert len(problems) == 1 and problems[0].startswith("daemon.public_url: "), problems

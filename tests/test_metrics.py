@@ -60,6 +60,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return found
 
 
+def verdicts(samples: Samples) -> dict[str, float]:
+    """The app's bake_verdicts_total by verdict."""
+    return {verdict: value(samples, "deployd_bake_verdicts_total", verdict=verdict)
+            for verdict in ("good", "bad", "no_data")}
+
+
 def check_release_info(samples: Samples, revision: str) -> None:
     """Exactly one release_info series for the app, for the live revision."""
     assert series(samples, "deployd_release_info", app=APP) == {
@@ -81,6 +87,7 @@ async def test_metrics_after_a_good_deploy_a_failed_one_and_an_automatic_rollbac
         frozenset({("version", __version__)}): 1.0}
     assert value(samples, "deployd_deploys_total", result="succeeded") == 1
     assert value(samples, "deployd_deploys_total", result="failed") == 0
+    assert verdicts(samples) == {"good": 1, "bad": 0, "no_data": 0}
     assert value(samples, "deployd_rollbacks_total", trigger="health") == 0
     assert value(samples, "deployd_rollbacks_total", trigger="manual") == 0
     assert value(samples, "deployd_branch_pristine") == 1
@@ -113,6 +120,7 @@ async def test_metrics_after_a_good_deploy_a_failed_one_and_an_automatic_rollbac
     await wait_event(daemon, "deploy.succeeded", bad)
     samples = await scrape(daemon)
     check_release_info(samples, bad)
+    assert value(samples, "deployd_deploys_total", result="succeeded") == 2  # not judged yet
     bad_deployed_at = value(samples, "deployd_last_deploy_timestamp_seconds")
     assert bad_deployed_at > deployed_at
     await wait_event(daemon, "rollback.succeeded")
@@ -122,6 +130,7 @@ async def test_metrics_after_a_good_deploy_a_failed_one_and_an_automatic_rollbac
     assert value(samples, "deployd_deploys_total", result="failed") == 1
     assert value(samples, "deployd_rollbacks_total", trigger="health") == 1
     assert value(samples, "deployd_rollbacks_total", trigger="manual") == 0
+    assert verdicts(samples) == {"good": 1, "bad": 1, "no_data": 0}
     assert value(samples, "deployd_rollback_duration_seconds_count") == 1
     assert 0 < value(samples, "deployd_rollback_duration_seconds_sum") < 30
     rolled_back_at = value(samples, "deployd_last_rollback_timestamp_seconds")
@@ -145,6 +154,25 @@ async def test_metrics_after_a_good_deploy_a_failed_one_and_an_automatic_rollbac
     samples = await scrape(daemon)
     check_release_info(samples, good)
     assert value(samples, "deployd_rollbacks_total", trigger="health") == 1
+    assert verdicts(samples) == {"good": 2, "bad": 1, "no_data": 0}  # the rollback's bake
+
+
+async def test_a_bad_first_deploy_counts_as_a_bad_verdict(
+        make_lab: MakeLab, daemons: Daemons) -> None:
+    """The very first deploy fails its bake: nothing to roll back to, so the app pauses. It
+    counts as a succeeded deploy (it went live everywhere) and as a bad bake verdict."""
+    lab = await make_lab(1, rollback={"grace": "200ms", "bake": "5s"})
+    bad = lab.commit(BAD, "bad from the start")
+    daemon = await daemons(lab.config)
+    paused = await wait_event(daemon, "app.paused")
+    assert "no earlier release to roll back to" in paused["message"]
+    await wait_event(daemon, "bake.failed", bad)
+    samples = await scrape(daemon)
+    assert value(samples, "deployd_deploys_total", result="succeeded") == 1
+    assert value(samples, "deployd_deploys_total", result="failed") == 0
+    assert verdicts(samples) == {"good": 0, "bad": 1, "no_data": 0}
+    assert value(samples, "deployd_rollbacks_total", trigger="health") == 0
+    assert value(samples, "deployd_paused") == 1
 
 
 async def test_metrics_text_is_valid_and_has_help_and_types(

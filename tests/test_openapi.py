@@ -74,3 +74,43 @@ async def test_document_is_served(tmp_path: Path) -> None:
         assert "/api/v1/jobs/{job}/approve" in body["paths"]
     finally:
         await daemon.stop()
+
+
+async def served_server_url(tmp_path: Path, daemon_lines: str) -> tuple[str, str]:
+    """The `servers` URL of the document a daemon serves with `daemon_lines` in place of the
+    test config's `listen` line, and the daemon's real base URL."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"a": "1"}, "one")
+    spec = DaemonSpec(state_dir=tmp_path / "state",
+                      apps=[AppSpec(name="shop", repo=origin.url,
+                                    local_dirs=[tmp_path / "host"])])
+    text = spec.render()
+    assert 'listen = "127.0.0.1:0"\n' in text
+    path = tmp_path / "deployd.toml"
+    path.write_text(text.replace('listen = "127.0.0.1:0"\n', daemon_lines + "\n", 1))
+    daemon = await start_daemon(path)  # bound to a free 127.0.0.1 port whatever listen says
+    try:
+        body = await daemon.api.get("/api/v1/openapi.json", token=None)
+        (server,) = body["servers"]
+        return server["url"], daemon.base
+    finally:
+        await daemon.stop()
+
+
+async def test_server_is_the_configured_listen_address(tmp_path: Path) -> None:
+    """The document names the `listen` address the config gives, not a fixed default."""
+    url, _ = await served_server_url(tmp_path, 'listen = "127.0.0.2:9321"')
+    assert url == "http://127.0.0.2:9321"
+
+
+async def test_server_for_listen_port_0_is_the_port_really_bound(tmp_path: Path) -> None:
+    """With `listen` on port 0 the document names the port the request arrived on."""
+    url, base = await served_server_url(tmp_path, 'listen = "127.0.0.1:0"')
+    assert url == base
+
+
+async def test_server_is_the_public_url_when_set(tmp_path: Path) -> None:
+    """`daemon.public_url` wins over `listen` (a reverse proxy in front of deployd)."""
+    url, _ = await served_server_url(
+        tmp_path, 'listen = "127.0.0.2:9321"\npublic_url = "https://deployd.example.com/"')
+    assert url == "https://deployd.example.com"

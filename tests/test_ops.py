@@ -128,8 +128,9 @@ def alert_blocks() -> dict[str, str]:
 
 
 EXPECTED_ALERTS = {
-    "DeploydDown", "DeploydRollback", "DeploydRescueJobWaiting", "DeploydBranchNotPristine",
-    "DeploydHostUnhealthy", "DeploydGitFetchFailing", "DeploydSSHFailing", "DeploydPausedTooLong",
+    "DeploydDown", "DeploydRollback", "DeploydBadReleaseLive", "DeploydRescueJobWaiting",
+    "DeploydBranchNotPristine", "DeploydHostUnhealthy", "DeploydGitFetchFailing",
+    "DeploydSSHFailing", "DeploydPausedTooLong", "DeploydNotificationsFailing",
 }
 
 
@@ -275,7 +276,7 @@ def test_dashboard_covers_the_required_views() -> None:
     """The dashboard shows deploys, rollbacks, durations, health, rescue, pristine, errors."""
     exprs = " ".join(dashboard_queries(dashboard()).values())
     for needle in (
-        "deployd_deploys_total", "deployd_rollbacks_total",
+        "deployd_deploys_total", "deployd_bake_verdicts_total", "deployd_rollbacks_total",
         "histogram_quantile(0.9, sum by (app, le) (rate(deployd_deploy_duration_seconds_bucket",
         "deployd_rollback_duration_seconds_bucket", "deployd_host_healthy",
         "deployd_rescue_jobs", "deployd_rescue_job_oldest_pending_timestamp_seconds",

@@ -75,6 +75,21 @@ async def test_reload_with_errors_keeps_the_running_config(tmp_path: Path) -> No
         await daemon.stop()
 
 
+async def test_reload_naming_a_missing_ssh_key_is_refused(tmp_path: Path) -> None:
+    """A reload checks the SSH files the new config names, like `deployd run` does: a
+    missing key is refused and the running config stays."""
+    spec, _ = two_app_spec(tmp_path)
+    config = spec.write(tmp_path / "deployd.toml")
+    daemon = await start_daemon(config)
+    try:
+        config.write_text(config.read_text()
+                          + f'\n[apps.shop.ssh]\nkey = "{tmp_path / "no_such_key"}"\n')
+        assert await reload_config(daemon.daemon) is False
+        assert daemon.daemon.supervisors["shop"].app.ssh.key is None
+    finally:
+        await daemon.stop()
+
+
 async def test_reload_changes_tokens(tmp_path: Path) -> None:
     """Tokens removed from the config stop working after a reload."""
     spec, _ = two_app_spec(tmp_path)

@@ -54,6 +54,8 @@ class ApiContext:
     supervisors: Mapping[str, AppSupervisor]
     metrics_auth: bool = False
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"started": True})
+    listen: tuple[str, int] = ("127.0.0.1", 8765)
+    public_url: str | None = None
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -216,7 +218,26 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document())
+    return web.json_response(openapi.document(server_url(request)))
+
+
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
+def server_url(request: web.Request) -> str:
+    """The daemon's base URL: `daemon.public_url`, else the `listen` address, where a
+    wildcard host or port 0 is taken from the socket this request arrived on."""
+    context = request.app[CONTEXT]
+    if context.public_url:
+        return context.public_url
+    host, port = context.listen
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if sockname:
+        if host in _ANY_ADDRESS:
+            host = str(sockname[0])
+        if port == 0:
+            port = int(sockname[1])
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def list_apps(request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from deployd import api, webhooks
-from deployd.config import AppConfig, Config, load
+from deployd.config import AppConfig, Config, check_files, load
 from deployd.errors import ConfigError, DeploydError
 from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
@@ -208,6 +208,8 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         supervisors=daemon.supervisors,
         metrics_auth=config.daemon.metrics_auth,
         ready=daemon.readiness,
+        listen=(config.daemon.listen_host, config.daemon.listen_port),
+        public_url=config.daemon.public_url,
     )
     daemon.context = context
     app = api.create_app(context)
@@ -284,6 +286,7 @@ async def reload_config(daemon: Daemon) -> bool:
     path = daemon.config.path
     try:
         config = await asyncio.to_thread(load, path)
+        await asyncio.to_thread(check_files, config)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused, keeping the running config: %s: %s", path, problem)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 from deployd import __version__
-from deployd.config import Config, load
+from deployd.config import Config, check_files, load
 from deployd.errors import ConfigError, DeploydError
 
 EXIT_CONFIG = 2
@@ -59,6 +59,7 @@ def setup_logging(log_format: str, level: int = logging.INFO) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args.config_file)
+    check_files(config)
     hosts = sum(len(app.hosts) for app in config.apps.values())
     print(f"{args.config_file}: ok ({len(config.apps)} app(s), {hosts} host(s), "
           f"{len(config.tokens)} token(s))")
@@ -94,6 +95,7 @@ async def _run_daemon(config: Config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load(args.config)
+    check_files(config)
     setup_logging(config.daemon.log_format)
     asyncio.run(_run_daemon(config))
     return 0

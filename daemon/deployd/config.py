@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -365,6 +366,14 @@ def _absolute_dir(value: Any) -> str:
     return text.rstrip("/") or "/"
 
 
+def _base_url(value: Any) -> str:
+    text = _nonempty(value).rstrip("/")
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", text):
+        raise ValueError(f'expected an http:// or https:// URL like "https://deployd.example.com",'
+                         f" got {value!r}")
+    return text
+
+
 def _listen(value: Any) -> tuple[str, int]:
     text = _string(value)
     host, sep, port = text.rpartition(":")
@@ -467,8 +476,8 @@ def _headers(value: Any) -> dict[str, str]:
 
 
 def _daemon(r: _Reader, data: Any) -> DaemonConfig:
-    table = r.table(data, "daemon", {"state_dir", "listen", "log_format", "metrics_auth",
-                                      "shutdown_grace", "public_url"})
+    table = r.table(data, "daemon", {"state_dir", "listen", "public_url", "log_format",
+                                      "metrics_auth", "shutdown_grace"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
@@ -479,15 +488,8 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
         log_format=log_format,  # type: ignore[arg-type]
         metrics_auth=r.get(table, "daemon", "metrics_auth", _bool, False),
         shutdown_grace=r.get(table, "daemon", "shutdown_grace", _duration, 30.0),
-        public_url=r.get(table, "daemon", "public_url", _http_url, None),
+        public_url=r.get(table, "daemon", "public_url", _base_url, None),
     )
-
-
-def _http_url(value: Any) -> str:
-    text = _string(value)
-    if not _HTTP_URL.fullmatch(text):
-        raise ValueError(f'expected an http:// or https:// URL, got {text!r}')
-    return text
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
@@ -879,6 +881,48 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
     if r.problems:
         raise ConfigError(str(path), r.problems)
     return Config(path=path, daemon=daemon, tokens=tokens, apps=apps, notify=notify)
+
+
+def file_problems(config: Config) -> list[str]:
+    """What is wrong with the SSH key and known_hosts files the config names, each with its
+    key path: missing, not a file, unreadable, or (for a private key) open to group or others.
+
+    Not part of `load` (which reads only the config and its token files), so a config can be
+    parsed on a machine without them; `deployd check-config` and `deployd run` call it after.
+    """
+    problems: list[str] = []
+    for name, app in config.apps.items():
+        files = [(f"apps.{name}.repo_key", app.repo_key, True),
+                 (f"apps.{name}.repo_known_hosts", app.repo_known_hosts, False),
+                 (f"apps.{name}.ssh.key", app.ssh.key, True),
+                 (f"apps.{name}.ssh.known_hosts", app.ssh.known_hosts, False)]
+        for key_path, file, private in files:
+            problem = _file_problem(file, private=private) if file is not None else None
+            if problem is not None:
+                problems.append(f"{key_path}: {problem}")
+    return problems
+
+
+def _file_problem(path: Path, *, private: bool) -> str | None:
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            return f"{path} is not a file"
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if private and mode & 0o077:
+        return (f"private key {path} is open to group or others (mode "
+                f"{stat.S_IMODE(mode):04o}): chmod 600 it")
+    return None
+
+
+def check_files(config: Config) -> None:
+    """Raise ConfigError listing every `file_problems` of the config."""
+    problems = file_problems(config)
+    if problems:
+        raise ConfigError(str(config.path), problems)
 
 
 def load(path: str | Path) -> Config:

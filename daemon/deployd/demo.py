@@ -251,17 +251,18 @@ async def _play(root: Path, approve: bool) -> int:
             repo.merge_into("production", "staging")
             await timeline.until("rollback.succeeded", 2, within=40)
             await timeline.until("job.opened", within=40)
-            await _rescue(timeline, base, token, approve)
+            job_id = await _rescue(timeline, base, token, approve)
             await timeline.until("job.succeeded", within=60)
 
             summary = await timeline.call("GET", "/api/v1/apps/shop")
-            _print_summary(summary, base)
+            _print_summary(summary, job_id)
     finally:
         await health.stop()
     return 0
 
 
-async def _rescue(timeline: Timeline, base: str, token: str, approve: bool) -> None:
+async def _rescue(timeline: Timeline, base: str, token: str, approve: bool) -> int:
+    """Show the rescue job, approve it (or wait for a human to); return its id."""
     jobs = await timeline.call("GET", "/api/v1/jobs?state=pending&app=shop")
     job = await timeline.call("GET", jobs["jobs"][0]["links"]["self"])
     say(f"rescue job {job['id']} proposes: last good {job['base']['sha'][:12]} + the marked fix")
@@ -273,32 +274,46 @@ async def _rescue(timeline: Timeline, base: str, token: str, approve: bool) -> N
         patch = await response.text()
     print("\n  the change that would land:")
     print("".join(f"    {line}\n" for line in patch.splitlines()))
-    print("  look and approve with:")
-    print(f"    export TOKEN={token}")
-    print(f'    curl -sS -H "Authorization: Bearer $TOKEN" {base}/api/v1/jobs/{job["id"]}')
-    print(f'    curl -sS -H "Authorization: Bearer $TOKEN" {base}{job["links"]["patch"]}')
-    print(f'    curl -sS -H "Authorization: Bearer $TOKEN" -X POST '
-          f'-d \'{{"plan": "{job["plan"]}", "comment": "ship the fix"}}\' '
-          f'{base}{job["links"]["approve"]}')
     if approve:
-        say("approving it (--approve)")
+        say(f"approving it (--approve): POST {job['links']['approve']} with plan "
+            f"{job['plan'][:12]}...")
         await timeline.call("POST", job["links"]["approve"],
                             {"plan": job["plan"], "comment": "demo: ship the fix"})
-    else:
-        say("waiting for your approval (Ctrl-C to stop)")
-        await timeline.until("job.approved", within=3600)
+        return int(job["id"])
+    _print_calls(base, token, job)
+    say("waiting for your approval (Ctrl-C to stop)")
+    sys.stdout.flush()
+    await timeline.until("job.approved", within=3600)
+    return int(job["id"])
 
 
-def _print_summary(summary: dict[str, Any], base: str) -> None:
+def _print_calls(base: str, token: str, job: dict[str, Any]) -> None:
+    """The README's curl calls, for this daemon and job, to paste while the demo waits."""
+    links = job["links"]
+    print("  in another shell, with the README's variables:")
+    for line in (
+        f"export DEPLOYD_TOKEN={token}",
+        f'H="Authorization: Bearer $DEPLOYD_TOKEN"; D={base}',
+        "# the app, its timeline and the metrics",
+        'curl -sS -H "$H" $D/api/v1/apps/shop',
+        'curl -sS -H "$H" "$D/api/v1/apps/shop/events?since=0"',
+        "curl -sS $D/metrics | grep ^deployd_",
+        "# the job and its patch; then approve exactly its plan",
+        f'curl -sS -H "$H" $D{links["self"]}',
+        f'curl -sS -H "$H" $D{links["patch"]}',
+        f'curl -sS -H "$H" -X POST -d \'{{"plan":"{job["plan"]}","comment":"ship the fix"}}\' '
+        f'$D{links["approve"]}',
+    ):
+        print(f"    {line}")
+
+
+def _print_summary(summary: dict[str, Any], job_id: int) -> None:
     say("where things stand")
     live = summary.get("deployed") or {}
     print(f"  branch head   {str(summary.get('head'))[:12]}  (pristine: {summary.get('pristine')})")
     print(f"  live          {str(live.get('revision'))[:12]} as release {live.get('release')}")
     for item in summary.get("quarantined", []):
         print(f"  quarantined   {item['revision'][:12]}  {item['reason']}")
-    print("  the old head is kept on the origin as deployd/backup/shop/<job id>")
-    print("\nWhile the daemon runs, these show the same facts:")
-    print(f'  curl -sS -H "Authorization: Bearer $TOKEN" {base}/api/v1/apps/shop')
-    print(f'  curl -sS -H "Authorization: Bearer $TOKEN" "{base}/api/v1/apps/shop/events?since=0"')
-    print(f"  curl -sS {base}/metrics | grep ^deployd_")
+    print(f"  the old head is kept on the origin as deployd/backup/shop/{job_id}")
+    print("\nThe demo's daemon stops with it. A real setup over SSH: config/minimal.toml.")
     sys.stdout.flush()

@@ -28,8 +28,16 @@ class Metrics:
         r = self.registry
 
         self.deploys_total = Counter(
-            "deploys", "Deploys finished, by result (succeeded, failed, observed).",
+            "deploys", "Deploys finished, by result: succeeded (switched on every host, not "
+            "yet judged: see bake_verdicts_total), failed (a step failed; no host was left "
+            "on it), observed (a release another tool made, seen in observe mode).",
             ["app", "result"], namespace=PREFIX, registry=r,
+        )
+        self.bake_verdicts_total = Counter(
+            "bake_verdicts", "Bake windows judged, of deploys and rollbacks, by verdict: good "
+            "(healthy through it, now the last good), bad (unhealthy: rolled back, or paused "
+            "when it cannot be), no_data (no health data to judge: paused).",
+            ["app", "verdict"], namespace=PREFIX, registry=r,
         )
         self.rollbacks_total = Counter(
             "rollbacks", "Rollbacks finished, by trigger (manual, health).",

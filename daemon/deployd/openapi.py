@@ -171,14 +171,14 @@ def _schemas() -> dict[str, Any]:
     }
 
 
-def document() -> dict[str, Any]:
-    """The whole OpenAPI 3.0 document."""
+def document(server_url: str = "http://127.0.0.1:8765") -> dict[str, Any]:
+    """The whole OpenAPI 3.0 document, naming `server_url` as the server."""
     return {
         "openapi": "3.0.3",
         "info": {"title": "deployd", "version": __version__,
                  "description": "Deploys, rollbacks and approved rescue jobs. JSON in and out; "
                                 "errors are {\"error\": {\"code\", \"message\"}}."},
-        "servers": [{"url": "http://127.0.0.1:8765"}],
+        "servers": [{"url": server_url}],
         "security": [{"bearer": []}],
         "paths": _paths(),
         "components": {

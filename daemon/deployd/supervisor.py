@@ -636,6 +636,7 @@ class AppSupervisor:
             await self._bake_good(record)
         elif verdict.verdict == "no_data":
             await self.store.update_deploy(record.id, bake_state="bad")
+            self.metrics.bake_verdicts_total.labels(app=self.name, verdict="no_data").inc()
             job = await self._job_for(record)
             if job is not None and self.rescue is not None:
                 await self.rescue.fail(job, f"cannot judge the rebuilt head: {verdict.reason}")
@@ -662,6 +663,7 @@ class AppSupervisor:
 
     async def _bake_good(self, record: Deploy) -> None:
         await self.store.update_deploy(record.id, bake_state="good")
+        self.metrics.bake_verdicts_total.labels(app=self.name, verdict="good").inc()
         # A rollback that bakes healthy makes its release the newest good one: an operator
         # who rolled away from a release should not be sent back to it automatically.
         await self.store.set_last_good(self.name, record.revision, record.release)
@@ -675,6 +677,7 @@ class AppSupervisor:
 
     async def _bake_bad(self, record: Deploy, reason: str) -> None:
         await self.store.update_deploy(record.id, bake_state="bad")
+        self.metrics.bake_verdicts_total.labels(app=self.name, verdict="bad").inc()
         await self.store.add_event(self.name, "bake.failed",
                                    f"{_short(record.revision)} is unhealthy: {reason}"
                                    + self._failing_checks(),
@@ -882,6 +885,8 @@ class AppSupervisor:
             self.metrics.deploys_total.labels(app=self.name, result=result)
         for trigger in ("manual", "health"):
             self.metrics.rollbacks_total.labels(app=self.name, trigger=trigger)
+        for verdict in ("good", "bad", "no_data"):
+            self.metrics.bake_verdicts_total.labels(app=self.name, verdict=verdict)
         self.metrics.git_fetch_errors_total.labels(app=self.name)
 
     async def recover(self) -> None:
