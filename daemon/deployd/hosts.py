@@ -291,7 +291,8 @@ class SSHHost(Host):
                         limit: float) -> tuple[str, str, int | None] | None:
         """Send one command and its input; None when even the on-host limit was overrun."""
         async with conn.create_process(command, encoding=None) as process:
-            feeder = asyncio.create_task(_feed(process.stdin, input, process.close))
+            feeder = asyncio.create_task(_feed(process.stdin, input,
+                                               lambda: _terminate(process)))
             try:
                 stdout, stderr = await asyncio.wait_for(process.communicate(),
                                                         limit + KILL_GRACE + CLIENT_MARGIN)
@@ -323,11 +324,19 @@ async def _pieces(data: Stdin | None) -> AsyncIterator[bytes]:
         raise PayloadError(str(exc)) from exc
 
 
+def _terminate(process: Any) -> None:
+    """TERM a remote command: `timeout` passes it to the whole command. Closing the channel
+    would not do: the command would read that as the end of its input. Where sshd refuses
+    signals (root logins), the command waits for input until its time limit kills it."""
+    with contextlib.suppress(OSError, asyncssh.Error):
+        process.send_signal("TERM")
+
+
 async def _feed(stdin: Any, data: Stdin | None, abort: Callable[[], object]) -> None:
     """Stream `data` to a remote stdin in chunks, then EOF. A command may exit without
     reading it all (a refused lock, say): its exit status tells, so a closed stdin is fine.
-    When the payload cannot be read, `abort` stops the command instead: `tar` would take an
-    end of input between two members for the end of the archive."""
+    When the payload cannot be read, `abort` stops the command instead and no EOF is sent:
+    `tar` would take an end of input between two members for the end of the archive."""
     try:
         async for piece in _pieces(data):
             stdin.write(piece)
