@@ -848,6 +848,10 @@ class Mirror:
                               size=size, files=len(entries), content_bytes=walk.content_bytes)
         self.archives_built += 1
         self._archives.put(archive)
+        # libgit2 keeps the pack windows it read mapped (up to 8 GiB) while the repository
+        # holds its object database open: a 100 MiB blob would stay in RSS. free() closes
+        # the database (reopened on next use) without waiting for the garbage collector.
+        repo.free()
         return archive
 
     # ----------------------------------------------------------------- writing
