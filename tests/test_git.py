@@ -381,18 +381,23 @@ async def test_archive_refuses_modes_other_than_git_writes(
     (FILE, b"a\0b", "blob", "at path 'app': malformed tree: truncated entry"),
     (FILE, b"f", "tree", "at path 'app/f': .* is not a blob"),
     (DIR, b"d", "blob", "at path 'app/d': malformed tree: .* is not a tree"),
+    (DIR, b"d", "missing", "at path 'app/d': malformed tree: object .* is missing"),
+    (FILE, b"f", "missing", "at path 'app/f': object .* is missing"),
 ])
 async def test_archive_refuses_trees_no_git_would_send(
     mirror: Mirror, origin: OriginRepo, mode: bytes, name: bytes, kind: str, message: str
 ) -> None:
     """An empty name, a NUL inside a name (which ends it early, so the rest of the tree does
-    not parse), a file entry naming a tree and a directory entry naming a blob are refused.
+    not parse), a file entry naming a tree, a directory entry naming a blob and an entry
+    whose object is missing are refused.
     Neither git nor libgit2 packs such trees, so the objects are written straight into the
     mirror, as a transport that does not look would."""
     await mirror.fetch()
     repo = pygit2.Repository(str(mirror.path))
     blob = str(repo.create_blob(b"x"))
-    target = blob if kind == "blob" else write_raw_tree(repo, [(FILE, b"x", blob)])
+    targets = {"blob": blob, "tree": write_raw_tree(repo, [(FILE, b"x", blob)]),
+               "missing": "ab" * 20}
+    target = targets[kind]
     inner = write_raw_tree(repo, [(mode, name, target)])
     top = write_raw_tree(repo, [(DIR, b"app", inner)])
     signature = pygit2.Signature("Eve", "eve@example.com")

@@ -507,7 +507,10 @@ def _empty_tree(repo: pygit2.Repository) -> pygit2.Tree:
 
 def _raw_tree(repo: pygit2.Repository, oid: bytes) -> bytes:
     """The raw bytes of a tree object (libgit2's parser would hide duplicates and modes)."""
-    kind, data = repo.odb.read(pygit2.Oid(raw=oid))
+    try:
+        kind, data = repo.odb.read(pygit2.Oid(raw=oid))
+    except KeyError:
+        raise ValueError(f"object {pygit2.Oid(raw=oid)} is missing") from None
     if kind != ObjectType.TREE:
         raise ValueError(f"{pygit2.Oid(raw=oid)} is not a tree")
     return bytes(data)
