@@ -91,7 +91,7 @@ _TRAILER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*: |\(cherry picked from com
 _SCP_LIKE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?!//)")
 _OPEN_FLAGS = RepositoryOpenFlag.NO_SEARCH | RepositoryOpenFlag.BARE
 _MAX_AUTH_ATTEMPTS = 3
-DEFAULT_ARCHIVE_CACHE = 1 << 30
+DEFAULT_ARCHIVE_CACHE = 256 << 20
 """Bytes of release archives a mirror keeps (on disk, in unlinked files) for reuse."""
 _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.Blob
 
