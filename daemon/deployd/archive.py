@@ -7,8 +7,9 @@ and the rule. The tar itself is written to an unlinked 0600 file (never held who
 and `Archive.chunks()` reads it back piece by piece, for any number of hosts at once.
 `ArchiveCache` keeps recent archives, bounded by their total size in bytes.
 
-This module knows nothing of pygit2: `git.Mirror` walks the repository and hands it raw tree
-objects and blobs.
+This module knows nothing of pygit2: `git.Mirror` hands it raw tree objects and blobs. The
+tree is walked here rather than archived by libgit2, whose archive support crashes on
+submodule gitlinks and would not show the raw names and modes checked here.
 
 API::
 
