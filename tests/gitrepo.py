@@ -10,9 +10,16 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pygit2
-from pygit2.enums import FileMode
+from pygit2.enums import FileMode, ObjectType
 
 COMMITTER = ("Otto Origin", "otto@example.com")
+
+
+def write_raw_tree(repo: pygit2.Repository, entries: list[tuple[bytes, bytes, str]]) -> str:
+    """Write a tree object holding exactly `entries` (raw mode, raw name, sha) into `repo`."""
+    data = b"".join(mode + b" " + name + b"\0" + bytes.fromhex(sha)
+                    for mode, name, sha in entries)
+    return str(repo.odb.write(ObjectType.TREE, data))
 
 
 class OriginRepo:
@@ -82,6 +89,28 @@ class OriginRepo:
             [pygit2.Oid(hex=parent) for parent in parents],
         )
         self.repo.references.create(f"refs/heads/{branch}", oid, force=True)
+        self._changed()
+        return str(oid)
+
+    def blob(self, content: bytes) -> str:
+        """The sha of a new blob holding `content`."""
+        return str(self.repo.create_blob(content))
+
+    def raw_tree(self, entries: list[tuple[bytes, bytes, str]]) -> str:
+        """A tree object holding exactly `entries` (raw mode, raw name, sha), in that order.
+
+        Written straight into the object database: libgit2's TreeBuilder refuses names like
+        `..` or `.git` and duplicates, but a hostile client pushes whatever objects it likes.
+        """
+        return write_raw_tree(self.repo, entries)
+
+    def commit_tree(self, tree: str, message: str, *, branch: str | None = None) -> str:
+        """A new commit of `tree` on top of `branch` (forced there), as a push would make."""
+        branch = branch or self.branch
+        parents = [pygit2.Oid(hex=self.head(branch))] if self._has(branch) else []
+        oid = self.repo.create_commit(
+            f"refs/heads/{branch}", pygit2.Signature(*COMMITTER), pygit2.Signature(*COMMITTER),
+            message, pygit2.Oid(hex=tree), parents)
         self._changed()
         return str(oid)
 

@@ -23,6 +23,7 @@ from deployd.config import (
     file_problems,
     load,
     parse_duration,
+    parse_size,
     render_template,
 )
 from deployd.errors import ConfigError
@@ -158,6 +159,8 @@ linked_dirs = ["log", "tmp/pids"]
 linked_files = ["config/database.yml"]
 parallel = 10
 lock_stale_after = "10m"
+max_release_size = "500MB"
+max_release_files = 5000
 
 [apps.shop.ssh]
 user = "deploy"
@@ -247,6 +250,7 @@ def test_full_file_loads_every_value(tmp_path: Path) -> None:
     assert app.linked_dirs == ("log", "tmp/pids")
     assert app.linked_files == ("config/database.yml",)
     assert app.lock_stale_after == 600.0
+    assert (app.max_release_size, app.max_release_files) == (500_000_000, 5000)
     assert app.ssh.user == "deploy"
     assert app.ssh.key == Path.home() / "id_ed25519"
     assert app.ssh.known_hosts == Path("/etc/deployd/known_hosts")
@@ -313,6 +317,7 @@ address = "local"
         "production", "deploy", 15.0, 5)
     assert (app.linked_dirs, app.linked_files, app.parallel, app.lock_stale_after) == (
         (), (), 50, 3600.0)
+    assert (app.max_release_size, app.max_release_files) == (1 << 30, 200_000)
     assert (app.repo_key, app.repo_known_hosts) == (None, None)
     assert app.ssh == config.SSHConfig()
     assert (app.ssh.connect_timeout, app.ssh.command_timeout, app.ssh.keepalive_interval) == (
@@ -948,6 +953,37 @@ def test_parse_duration_refuses(text: str) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize(("text", "size"), [
+    ("4096", 4096), ("500MB", 500_000_000), ("1GiB", 1 << 30), ("1.5 KiB", 1536),
+    ("2kB", 2000), ("10B", 10), (" 3TB ", 3 * 10**12),
+])
+def test_parse_size(text: str, size: int) -> None:
+    """Sizes are bytes, kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (of 1024)."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MB", "5 megabytes", "-1MB", "1mb", "1e6", "1,000"])
+def test_parse_size_refuses(text: str) -> None:
+    """Anything else is a ValueError saying which forms work."""
+    with pytest.raises(ValueError, match='expected a size like "500MB", "1GiB"'):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('max_release_size = "lots"', "expected a size like \"500MB\", \"1GiB\" or a number of "
+                                  "bytes, got 'lots'"),
+    ("max_release_size = 0", "expected a size above zero, got 0"),
+    ("max_release_size = true", "expected a size like \"500MB\" or a number of bytes, got a "
+                                "boolean True"),
+    ("max_release_files = 0", "expected an integer from 1 to 10000000, got 0"),
+    ('max_release_files = "many"', "expected an integer from 1 to 10000000, got 'many'"),
+])
+def test_bad_release_limits_are_reported(tmp_path: Path, line: str, message: str) -> None:
+    """The release limits are checked like any key, at their key path."""
+    key = line.split(" ", 1)[0]
+    assert problems_of(tmp_path, with_line("app", line)) == [f"apps.shop.{key}: {message}"]
+
+
 # -- the CLI ----------------------------------------------------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -1001,7 +1037,7 @@ def test_cli_check_config_names_the_examples_missing_ssh_files(tmp_path: Path) -
     for key in ("secret_file", "url_file"):
         text = re.sub(rf"^{key} = .*\n", "", text, flags=re.MULTILINE)
     text = text.replace('name = "oncall"\n', 'name = "oncall"\nurl = "https://x.example"\n')
-    text = text.replace('[apps.shop.webhook]\n', '').replace("max_body = 1048576\n", "")
+    text = text.replace('[apps.shop.webhook]\n', '').replace('max_body = "1MiB"\n', "")
     without_secrets = tmp_path / EXAMPLE.name
     without_secrets.write_text(text)
     result = _cli("check-config", str(without_secrets))

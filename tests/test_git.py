@@ -20,9 +20,10 @@ import pygit2
 import pytest
 
 from deployd import errors
+from deployd.archive import Archive, Limits
 from deployd.git import CherryPickResult, GitHome, Lease, Mirror, RefUpdate
 from tests.conftest import write_known_hosts
-from tests.gitrepo import OriginRepo
+from tests.gitrepo import OriginRepo, write_raw_tree
 from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
 
 
@@ -64,6 +65,11 @@ def ssh_mirror(
         key=client_key.private,
         known_hosts=write_known_hosts(tmp_path / "known_hosts", [sshd_host]),
     )
+
+
+async def tar_of(archive: Archive) -> bytes:
+    """The whole tar of an archive, as every host receives it."""
+    return b"".join([chunk async for chunk in archive.chunks(size=4096)])
 
 
 def tar_members(data: bytes) -> dict[str, tarfile.TarInfo]:
@@ -248,7 +254,7 @@ async def test_archive_keeps_modes_symlinks_dirs_and_survives_gitlinks(
         gitlinks={"vendor/lib": "1" * 40},
     )
     await mirror.fetch()
-    data = await mirror.archive("production")
+    data = await tar_of(await mirror.archive("production"))
     members = tar_members(data)
     names = list(members)
     assert names == sorted(names)
@@ -274,9 +280,12 @@ async def test_archive_is_deterministic_and_cached(
     await mirror.fetch()
     first = await mirror.archive(sha)
     assert await mirror.archive("production") is first
+    assert mirror.archives_built == 1
     fresh = Mirror(tmp_path / "other.git", origin.url, name="shop", archive_cache=0)
     await fresh.fetch()
-    assert await fresh.archive(sha) == first
+    again = await fresh.archive(sha)
+    assert again is not first and await tar_of(again) == await tar_of(first)
+    assert await fresh.archive(sha) is not again and fresh.archives_built == 2
 
 
 async def test_archive_of_5000_files(mirror: Mirror, origin: OriginRepo) -> None:
@@ -287,11 +296,195 @@ async def test_archive_of_5000_files(mirror: Mirror, origin: OriginRepo) -> None
     )
     await mirror.fetch()
     started = time.perf_counter()
-    data = await mirror.archive("production")
+    data = await tar_of(await mirror.archive("production"))
     elapsed = time.perf_counter() - started
     print(f"archive of 5,000 files: {elapsed:.2f} s, {len(data)} bytes")
     assert sum(1 for m in tar_members(data).values() if m.isfile()) == 5001
     assert elapsed < 5
+
+
+# --------------------------------------------------------------------------- hostile trees
+
+FILE, DIR = b"100644", b"40000"
+
+
+def hostile_commit(origin: OriginRepo, entries: list[tuple[bytes, bytes, str]]) -> str:
+    """A commit whose tree holds README plus, under app/, exactly `entries`."""
+    inner = origin.raw_tree(entries)
+    readme = origin.blob(b"hello\n")
+    return origin.commit_tree(origin.raw_tree([(FILE, b"README", readme), (DIR, b"app", inner)]),
+                              "hostile")
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    (b"..", ".."), (b".", "."), (b"etc/passwd", "etc/passwd"),
+    (b".git", ".git"), (b".GIT", ".GIT"), (b".Git", ".Git"), (b"git~1", "git~1"),
+    (b"GIT~1", "GIT~1"), (b".git.", ".git."), (b".git  ", ".git  "),
+    (b".git::$INDEX_ALLOCATION", ".git::$INDEX_ALLOCATION"), (b"x\\.git", "x\\.git"),
+    (".g\u200cit".encode(), ".g\\u200cit"), ("\ufeff.GIT".encode(), "\\ufeff.GIT"),
+])
+async def test_archive_refuses_names_git_fsck_refuses(
+    mirror: Mirror, origin: OriginRepo, name: bytes, shown: str
+) -> None:
+    """`..`, `.`, empty, names with `/`, and `.git` in any spelling git refuses (case, NTFS
+    short names and streams, HFS+ ignored code points) refuse the commit, naming the path."""
+    sha = hostile_commit(origin, [(FILE, name, origin.blob(b"evil\n"))])
+    await mirror.fetch()
+    with pytest.raises(errors.ReleaseRefused) as caught:
+        await mirror.archive(sha)
+    assert caught.value.path == f"app/{shown}"
+    assert f"at path 'app/{shown}'" in str(caught.value)
+    assert mirror.archives_built == 0
+
+
+async def test_archive_refuses_a_git_directory_holding_hooks(
+    mirror: Mirror, origin: OriginRepo
+) -> None:
+    """A `.GIT` directory (case folded to .git on macOS hosts and on Windows) is refused."""
+    hooks = origin.raw_tree([(b"100755", b"post-checkout", origin.blob(b"#!/bin/sh\nid\n"))])
+    sha = hostile_commit(origin, [(DIR, b".GIT", origin.raw_tree([(DIR, b"hooks", hooks)]))])
+    await mirror.fetch()
+    with pytest.raises(errors.ReleaseRefused, match=r"at path 'app/\.GIT'"):
+        await mirror.archive(sha)
+
+
+@pytest.mark.parametrize("second", [FILE, DIR, b"120000"])
+async def test_archive_refuses_duplicate_names(
+    mirror: Mirror, origin: OriginRepo, second: bytes
+) -> None:
+    """Two entries of one name (a file twice, a file and a directory, a file and a symlink
+    through which the other would be written) refuse the commit."""
+    blob = origin.blob(b"x")
+    other = origin.raw_tree([(FILE, b"x", blob)]) if second == DIR else blob
+    sha = hostile_commit(origin, [(FILE, b"a", blob), (second, b"a", other)])
+    await mirror.fetch()
+    with pytest.raises(errors.ReleaseRefused, match="at path 'app/a': duplicate entry"):
+        await mirror.archive(sha)
+
+
+@pytest.mark.parametrize("mode", [b"100600", b"100777", b"040000", b"0100644", b"140000",
+                                  b"160755", b"1"])
+async def test_archive_refuses_modes_other_than_git_writes(
+    mirror: Mirror, origin: OriginRepo, mode: bytes
+) -> None:
+    """Only tree, file, executable, symlink and submodule modes (and git's legacy 100664)."""
+    target = origin.raw_tree([]) if mode.startswith(b"04") else origin.blob(b"x")
+    sha = hostile_commit(origin, [(mode, b"f", target)])
+    await mirror.fetch()
+    with pytest.raises(errors.ReleaseRefused,
+                       match=f"at path 'app/f': unsupported mode {mode.decode()}"):
+        await mirror.archive(sha)
+
+
+@pytest.mark.parametrize(("mode", "name", "kind", "message"), [
+    (FILE, b"", "blob", "at path 'app/': empty name"),
+    (FILE, b"a\0b", "blob", "at path 'app': malformed tree: truncated entry"),
+    (FILE, b"f", "tree", "at path 'app/f': .* is not a blob"),
+    (DIR, b"d", "blob", "at path 'app/d': malformed tree: .* is not a tree"),
+    (DIR, b"d", "missing", "at path 'app/d': malformed tree: object .* is missing"),
+    (FILE, b"f", "missing", "at path 'app/f': object .* is missing"),
+])
+async def test_archive_refuses_trees_no_git_would_send(
+    mirror: Mirror, origin: OriginRepo, mode: bytes, name: bytes, kind: str, message: str
+) -> None:
+    """An empty name, a NUL inside a name (which ends it early, so the rest of the tree does
+    not parse), a file entry naming a tree, a directory entry naming a blob and an entry
+    whose object is missing are refused.
+    Neither git nor libgit2 packs such trees, so the objects are written straight into the
+    mirror, as a transport that does not look would."""
+    await mirror.fetch()
+    repo = pygit2.Repository(str(mirror.path))
+    blob = str(repo.create_blob(b"x"))
+    targets = {"blob": blob, "tree": write_raw_tree(repo, [(FILE, b"x", blob)]),
+               "missing": "ab" * 20}
+    target = targets[kind]
+    inner = write_raw_tree(repo, [(mode, name, target)])
+    top = write_raw_tree(repo, [(DIR, b"app", inner)])
+    signature = pygit2.Signature("Eve", "eve@example.com")
+    sha = str(repo.create_commit(None, signature, signature, "planted", pygit2.Oid(hex=top), []))
+    with pytest.raises(errors.ReleaseRefused, match=message):
+        await mirror.archive(sha)
+
+
+async def test_archive_accepts_names_git_accepts(mirror: Mirror, origin: OriginRepo) -> None:
+    """Names that only look like the refused ones are fine: .gitignore, .github, ...,
+    git~2, a.git, and git's legacy group-writable mode 100664 as a 0644 file."""
+    blob = origin.blob(b"x")
+    names = [b"...", b"..a", b".gitignore", b".github", b".gitmodules", b"a.git", b"git~2",
+             b"\xff raw bytes"]
+    sha = hostile_commit(origin, [(FILE, name, blob) for name in sorted(names)]
+                         + [(b"100664", b"z-legacy", blob)])
+    await mirror.fetch()
+    members = tar_members(await tar_of(await mirror.archive(sha)))
+    assert {f"app/{os.fsdecode(name)}" for name in names} < set(members)
+    assert members["app/z-legacy"].mode == 0o644
+
+
+async def test_archive_limits_entries_and_bytes(mirror: Mirror, origin: OriginRepo) -> None:
+    """More entries or more bytes of files than the limits allow refuse the commit, naming
+    the config key; a tree that reuses one subtree 200 times is refused without walking it
+    all; a cached archive is checked against the limits of each call."""
+    sha = origin.commit({f"f{i}": "12345" for i in range(10)}, "ten files")
+    await mirror.fetch()
+    with pytest.raises(errors.ReleaseRefused, match=r"more than 10 entries \(max_release_files\)"):
+        await mirror.archive(sha, Limits(max_files=10))
+    with pytest.raises(errors.ReleaseRefused, match=r"more than 49 bytes .*max_release_size"):
+        await mirror.archive(sha, Limits(max_bytes=49))
+    archive = await mirror.archive(sha, Limits(max_files=11, max_bytes=56))
+    assert (archive.files, archive.content_bytes) == (11, 56)
+    with pytest.raises(errors.ReleaseRefused, match="max_release_files"):
+        await mirror.archive(sha, Limits(max_files=10))
+
+    leaf = origin.raw_tree([(FILE, f"f{i:03d}".encode(), origin.blob(b"x")) for i in range(200)])
+    bomb = origin.raw_tree([(DIR, f"d{i:03d}".encode(), leaf) for i in range(200)])
+    for _ in range(3):
+        bomb = origin.raw_tree([(DIR, f"d{i:03d}".encode(), bomb) for i in range(200)])
+    bombed = origin.commit_tree(bomb, "1.6e9 entries")
+    await mirror.fetch()
+    started = time.perf_counter()
+    with pytest.raises(errors.ReleaseRefused, match="more than 200000 entries"):
+        await mirror.archive(bombed)
+    assert time.perf_counter() - started < 10
+
+
+async def test_archive_of_a_deep_tree(mirror: Mirror, origin: OriginRepo) -> None:
+    """A tree nested 1,500 levels deep is walked without recursion (no RecursionError)."""
+    tree = origin.raw_tree([(FILE, b"leaf", origin.blob(b"deep"))])
+    for _ in range(1500):
+        tree = origin.raw_tree([(DIR, b"d", tree)])
+    sha = origin.commit_tree(tree, "deep")
+    await mirror.fetch()
+    archive = await mirror.archive(sha)
+    assert archive.files == 1501
+    assert tar_file(await tar_of(archive), "d/" * 1500 + "leaf") == b"deep"
+
+
+async def test_archive_lives_in_an_unlinked_private_file_and_cache_is_bounded_by_bytes(
+    tmp_path: Path, origin: OriginRepo
+) -> None:
+    """The tar is in a 0600 file with no name (nothing left on disk); the cache keeps as
+    many archives as fit in its byte bound and builds again what it dropped."""
+    mirror = Mirror(tmp_path / "m.git", origin.url, name="shop", archive_cache=300_000)
+    one = origin.commit({"blob": os.urandom(120_000)}, "one")
+    two = origin.commit({"blob": os.urandom(120_000)}, "two")
+    three = origin.commit({"blob": os.urandom(120_000)}, "three")
+    await mirror.fetch()
+    before = set(os.listdir(mirror.path))
+    first = await mirror.archive(one)
+    stat = os.fstat(first._fd)
+    assert (stat.st_mode & 0o777, stat.st_nlink) == (0o600, 0)
+    assert set(os.listdir(mirror.path)) == before
+    assert first.size > 120_000
+    await mirror.archive(two)
+    assert await mirror.archive(one) is first and mirror.archives_built == 2
+    await mirror.archive(three)  # 3 x ~121 kB > 300 kB: the least recently used (two) goes
+    assert mirror.archives_built == 3
+    assert await mirror.archive(one) is first
+    await mirror.archive(two)
+    assert mirror.archives_built == 4
+    big = Mirror(tmp_path / "m2.git", origin.url, name="shop", archive_cache=100_000)
+    await big.fetch()
+    assert await big.archive(one) is not await big.archive(one)  # larger than the cache
 
 
 # --------------------------------------------------------------------------- SSH

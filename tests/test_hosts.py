@@ -8,7 +8,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from deployd.retry import RetryPolicy, instant_retries
 from tests.hostfixtures import (
     Lab,
     lab_factory,
+    make_tarball,
     pool,
     processes_matching,
     vanish,
@@ -170,6 +171,57 @@ async def test_large_input_streams_to_stdin(lab: Lab, pool: HostPool) -> None:
     data = os.urandom(1 << 20) * 20
     result = await host.run("sha256sum", input=data, timeout=60)
     assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+class Pieces:
+    """A payload: `pieces` one after the other, then OSError if `fail` (a disk gone bad)."""
+
+    def __init__(self, pieces: list[bytes], *, fail: bool = False) -> None:
+        self.pieces = pieces
+        self.fail = fail
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            await asyncio.sleep(0)
+            yield piece
+        if self.fail:
+            raise OSError("input/output error")
+
+
+async def test_payload_streams_to_stdin_each_time_it_is_sent(
+        lab: Lab, pool: HostPool, tmp_path: Path) -> None:
+    """A payload reaches stdin piece by piece, intact, as often as it is sent, over SSH and
+    on the local host."""
+    app = lab.app()
+    pieces = [os.urandom(1 << 20) for _ in range(6)]
+    payload = Pieces(pieces)
+    digest = hashlib.sha256(b"".join(pieces)).hexdigest()
+    local = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path)))
+    for host in (pool.host(app, app.hosts[0]), local, pool.host(app, app.hosts[0])):
+        result = await host.run("sha256sum", input=payload, timeout=60)
+        assert result.stdout.split()[0] == digest
+
+
+async def test_unreadable_payload_stops_the_command(
+        lab: Lab, pool: HostPool, tmp_path: Path) -> None:
+    """A payload failing between two tar members must not look like the end of the input
+    (GNU tar would unpack the members so far and exit 0): the command is stopped instead,
+    over SSH (a TERM through the channel) and locally (its process group is killed)."""
+    whole = make_tarball({"a": "x" * 512, "b": "y" * 512})
+    payload = Pieces([whole[:1024]], fail=True)  # member a only, then the read fails
+    ssh = pool.host(app := lab.app(), app.hosts[0])
+    remote = f"{app.hosts[0].deploy_to}/unpacked"
+    with pytest.raises(CommandError):
+        await ssh.run(f"mkdir -p {remote} && tar -xf - -C {remote} && touch {remote}/DONE",
+                      input=payload, timeout=30)
+    local = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path)))
+    target = tmp_path / "unpacked"
+    with pytest.raises(CommandError):
+        await local.run(f"mkdir -p {target} && tar -xf - -C {target} && touch {target}/DONE",
+                        input=payload, timeout=30)
+    assert not (target / "DONE").exists()
+    result = await ssh.run(f"test -e {remote}/DONE", timeout=30, check=False)
+    assert result.exit_status == 1
 
 
 async def test_warm_connects_every_host_and_reports_failures(

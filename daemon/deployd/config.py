@@ -3,7 +3,8 @@
 `load(path)` returns a `Config` or raises `ConfigError` listing every problem at once, each
 with its key path (`apps.shop.hosts[1].port: expected an integer from 1 to 65535, got "x"`).
 Unknown keys are errors, durations are parsed once (`"15s"`, `"10m"`, `"1h30m"`, `"500ms"`),
-and nothing here touches the network or the hosts.
+and so are sizes (`"500MB"`, `"1GiB"`, or a number of bytes); nothing here touches the
+network or the hosts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def parse_duration(text: str) -> float:
@@ -45,6 +49,18 @@ def parse_duration(text: str) -> float:
     if not text or position != len(text):
         raise ValueError(f'expected a duration like "15s", "10m" or "1h30m", got {text!r}')
     return total
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like "500MB", "1GiB" or "4096"; ValueError otherwise.
+
+    kB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f'expected a size like "500MB", "1GiB" or a number of bytes, '
+                         f"got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,8 @@ class AppConfig:
     linked_files: tuple[str, ...] = ()
     parallel: int = 50
     lock_stale_after: float = 3600.0
+    max_release_size: int = 1 << 30
+    max_release_files: int = 200_000
     ssh: SSHConfig = SSHConfig()
     hooks: Hooks = Hooks()
     hook_timeout: float = 600.0
@@ -343,6 +361,17 @@ def _positive_duration(value: Any) -> float:
     if seconds <= 0:
         raise ValueError(f"expected a duration above zero, got {value!r}")
     return seconds
+
+
+def _size(value: Any) -> int:
+    """A positive size: an integer number of bytes or a string like "500MB"."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f'expected a size like "500MB" or a number of bytes, '
+                        f"got {_kind(value)} {value!r}")
+    size = value if isinstance(value, int) else parse_size(value)
+    if size <= 0:
+        raise ValueError(f"expected a size above zero, got {value!r}")
+    return size
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -741,12 +770,6 @@ def _secret_file(r: _Reader, table: dict[str, Any], path: str, key: str) -> byte
     return secret
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a size in bytes above zero, got {value!r}")
-    return value
-
-
 def _webhook(r: _Reader, data: Any, path: str) -> WebhookConfig | None:
     table = r.table(data, path, {"secret_file", "max_body"})
     if "secret_file" not in table:
@@ -758,8 +781,8 @@ def _webhook(r: _Reader, data: Any, path: str) -> WebhookConfig | None:
 
 _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_interval",
              "deploy_to", "keep_releases", "linked_dirs", "linked_files", "parallel",
-             "lock_stale_after", "ssh", "hooks", "hosts", "checks", "rollback", "rescue",
-             "webhook"}
+             "lock_stale_after", "max_release_size", "max_release_files", "ssh", "hooks",
+             "hosts", "checks", "rollback", "rescue", "webhook"}
 
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
@@ -786,6 +809,9 @@ def _app(r: _Reader, name: str, data: Any) -> AppConfig:
         linked_files=r.get(table, path, "linked_files", _relative_paths, ()),
         parallel=r.get(table, path, "parallel", _int_range(1, 1000), 50),
         lock_stale_after=r.get(table, path, "lock_stale_after", _positive_duration, 3600.0),
+        max_release_size=r.get(table, path, "max_release_size", _size, 1 << 30),
+        max_release_files=r.get(table, path, "max_release_files",
+                                _int_range(1, 10_000_000), 200_000),
         ssh=_ssh(r, table.get("ssh", {}), f"{path}.ssh"),
         hooks=hooks,
         hook_timeout=hook_timeout,

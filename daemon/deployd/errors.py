@@ -9,7 +9,8 @@ deployd's own types::
     ├── StoreError           the SQLite state store failed or holds an unexpected schema
     ├── GitError             a git operation on a mirror failed
     │   ├── HostKeyError     a git remote's SSH host key is unknown or changed
-    │   └── PushRejected     the remote refused a push (lease lost, hook, permissions)
+    │   ├── PushRejected     the remote refused a push (lease lost, hook, permissions)
+    │   └── ReleaseRefused   a commit's tree cannot become a release (unsafe entry, too large)
     ├── RemoteError          something failed on a host
     │   ├── ConnectError     could not reach or log in to a host
     │   └── CommandError     a command ran on a host and failed (exit status, stderr)
@@ -63,6 +64,18 @@ class PushRejected(GitError):
         self.ref = ref
         self.reason = reason
         super().__init__(f"push of {ref} rejected: {reason}")
+
+
+class ReleaseRefused(GitError):
+    """Raised when a commit's tree cannot become a release: an entry git fsck refuses
+    (`path` names it) or more entries or bytes than the app allows (`path` is None)."""
+
+    def __init__(self, revision: str, path: str | None, reason: str) -> None:
+        self.revision = revision
+        self.path = path
+        self.reason = reason
+        where = f" at path '{path}'" if path is not None else ""
+        super().__init__(f"commit {revision[:12]} refused as a release{where}: {reason}")
 
 
 class RemoteError(DeploydError):

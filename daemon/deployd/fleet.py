@@ -28,7 +28,7 @@ from deployd.errors import (
     ReleaseError,
     RemoteError,
 )
-from deployd.hosts import HostPool
+from deployd.hosts import HostPool, Stdin
 from deployd.metrics import Metrics
 from deployd.releases import (
     RELEASE_FORMAT,
@@ -126,10 +126,11 @@ class Fleet:
 
     # -- deploy ----------------------------------------------------------------------------
 
-    async def deploy(self, revision: str, tarball: bytes, *, branch: str, actor: str,
+    async def deploy(self, revision: str, tarball: Stdin, *, branch: str, actor: str,
                      protect: Collection[str] = (),
                      revision_time: float | None = None) -> DeployOutcome:
-        """Deploy `tarball` (the tree of `revision`) as a new release on every host.
+        """Deploy `tarball` (the tree of `revision`: bytes, or an archive every host streams
+        from, read once per host) as a new release on every host.
 
         Raises FleetError("prepare", ...) when any host cannot be prepared (no host switched,
         the new release removed everywhere), FleetError("switch", ...) when a switch failed

@@ -10,7 +10,7 @@ API::
     GitHome(root: Path)                      # created once per daemon, passed to every Mirror
     Mirror(path: Path, url: str, *, name: str, home: GitHome | None = None,
            key: Path | None = None, known_hosts: Path | None = None,
-           timeout: float = 30.0, archive_cache: int = 4)
+           timeout: float = 30.0, archive_cache: int = DEFAULT_ARCHIVE_CACHE)
         path, url (redacted), name
         await fetch() -> None                           # creates the mirror on first use
         await branch_head(branch: str) -> str | None
@@ -18,7 +18,8 @@ API::
         await commit_info(revision: str) -> CommitInfo
         await is_ancestor(ancestor: str, descendant: str) -> bool   # True when equal too
         await commits_between(base: str, head: str) -> list[CommitInfo]  # oldest first, no merges
-        await archive(revision: str) -> bytes           # uncompressed tar of the commit's tree
+        await archive(revision: str, limits: Limits | None = None) -> archive.Archive
+                                                        # the release tar, checked and cached
         await push(updates: list[RefUpdate]) -> None    # errors.PushRejected per lease/server
         await create_ref(name: str, revision: str) -> None  # errors.Conflict if it points elsewhere
         await list_refs(prefix: str = "refs/") -> dict[str, str]
@@ -53,11 +54,9 @@ import hmac
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import threading
 from base64 import b64decode
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,12 +70,13 @@ from pygit2.enums import (
     CredentialType,
     DiffOption,
     FetchPrune,
-    FileMode,
+    ObjectType,
     RepositoryOpenFlag,
     SortMode,
 )
 
 from deployd import errors
+from deployd.archive import Archive, ArchiveCache, Limits, TreeWalk, write_tar
 
 T = TypeVar("T")
 
@@ -91,6 +91,8 @@ _TRAILER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*: |\(cherry picked from com
 _SCP_LIKE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?!//)")
 _OPEN_FLAGS = RepositoryOpenFlag.NO_SEARCH | RepositoryOpenFlag.BARE
 _MAX_AUTH_ATTEMPTS = 3
+DEFAULT_ARCHIVE_CACHE = 256 << 20
+"""Bytes of release archives a mirror keeps (on disk, in unlinked files) for reuse."""
 _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.Blob
 
 
@@ -500,63 +502,36 @@ def _empty_tree(repo: pygit2.Repository) -> pygit2.Tree:
     return tree
 
 
-# archive ---------------------------------------------------------------------------
+# archive -----------------------------------------------------------------------------
 
 
-def _tree_entries(
-    repo: pygit2.Repository, tree: pygit2.Tree, prefix: str
-) -> Iterator[tuple[str, int, pygit2.Oid]]:
-    """(path, filemode, oid) of every entry below `tree`, depth first."""
-    for entry in tree:
-        assert entry.raw_name is not None  # tree entries always have a name
-        path = prefix + os.fsdecode(entry.raw_name)
-        yield path, int(entry.filemode), entry.id
-        if entry.filemode == FileMode.TREE:
-            subtree = repo[entry.id]
-            assert isinstance(subtree, pygit2.Tree)
-            yield from _tree_entries(repo, subtree, path + "/")
+def _raw_tree(repo: pygit2.Repository, oid: bytes) -> bytes:
+    """The raw bytes of a tree object (libgit2's parser would hide duplicates and modes)."""
+    try:
+        kind, data = repo.odb.read(pygit2.Oid(raw=oid))
+    except KeyError:
+        raise ValueError(f"object {pygit2.Oid(raw=oid)} is missing") from None
+    if kind != ObjectType.TREE:
+        raise ValueError(f"{pygit2.Oid(raw=oid)} is not a tree")
+    return bytes(data)
 
 
-def _tar_member(
-    repo: pygit2.Repository, path: str, mode: int, oid: pygit2.Oid, mtime: int
-) -> list[bytes]:
-    """The tar header (and padded data) of one tree entry."""
-    info = tarfile.TarInfo(path)
-    info.mtime = mtime
-    data = b""
-    if mode in (FileMode.TREE, FileMode.COMMIT):  # a submodule gitlink: an empty directory
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-    elif mode == FileMode.LINK:
-        info.type, info.mode = tarfile.SYMTYPE, 0o777
-        info.linkname = os.fsdecode(_blob_data(repo, oid))
-    else:
-        data = _blob_data(repo, oid)
-        info.size = len(data)
-        info.mode = 0o755 if mode == FileMode.BLOB_EXECUTABLE else 0o644
-    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    return [header, data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
+def _blob_size(repo: pygit2.Repository, oid: bytes) -> int:
+    """A blob's size from its header, without reading (and inflating) the blob."""
+    try:
+        kind, size = repo.odb.read_header(pygit2.Oid(raw=oid))
+    except KeyError:
+        raise ValueError(f"object {pygit2.Oid(raw=oid)} is missing") from None
+    if kind != ObjectType.BLOB:
+        raise ValueError(f"{pygit2.Oid(raw=oid)} is not a blob")
+    return int(size)
 
 
-def _blob_data(repo: pygit2.Repository, oid: pygit2.Oid) -> bytes:
-    blob = repo[oid]
+def _blob_view(repo: pygit2.Repository, oid: bytes) -> memoryview:
+    """A blob's content without copying it into a Python bytes object."""
+    blob = repo[pygit2.Oid(raw=oid)]
     assert isinstance(blob, pygit2.Blob)
-    return blob.data
-
-
-def _build_archive(repo: pygit2.Repository, commit: pygit2.Commit) -> bytes:
-    """A deterministic tar of the commit's tree: sorted names, mtime = commit time, uid 0.
-
-    Built by walking the tree rather than with libgit2's archive support, which crashes on
-    submodule gitlinks.
-    """
-    entries = sorted(_tree_entries(repo, commit.tree, ""))
-    chunks: list[bytes] = []
-    for path, mode, oid in entries:
-        chunks.extend(_tar_member(repo, path, mode, oid, int(commit.commit_time)))
-    chunks.append(b"\0" * (2 * tarfile.BLOCKSIZE))
-    size = sum(len(chunk) for chunk in chunks)
-    chunks.append(b"\0" * (-size % tarfile.RECORDSIZE))
-    return b"".join(chunks)
+    return memoryview(blob)
 
 
 # cherry-pick -------------------------------------------------------------------------
@@ -633,7 +608,7 @@ class Mirror:
         key: Path | None = None,
         known_hosts: Path | None = None,
         timeout: float = 30.0,
-        archive_cache: int = 4,
+        archive_cache: int = DEFAULT_ARCHIVE_CACHE,
     ) -> None:
         self.path = path
         self.name = name
@@ -642,8 +617,8 @@ class Mirror:
         self._key = key
         self._known_hosts = known_hosts
         self._timeout = timeout
-        self._archive_cache_size = archive_cache
-        self._archives: OrderedDict[str, bytes] = OrderedDict()
+        self._archives = ArchiveCache(archive_cache)
+        self.archives_built = 0  # how many archives this mirror made (cache misses)
         self._repo: pygit2.Repository | None = None
         self._lock = asyncio.Lock()
         # Held by the worker thread itself: a cancelled caller releases the asyncio lock while
@@ -844,28 +819,43 @@ class Mirror:
                 found[name] = str(repo.references[name].resolve().target)
         return found
 
-    async def archive(self, revision: str) -> bytes:
-        """An uncompressed tar of the commit's tree, built in-process and cached.
+    async def archive(self, revision: str, limits: Limits | None = None) -> Archive:
+        """The release tar of a commit's tree (see `deployd.archive`), built once and cached.
 
-        Files are 0644 or 0755, symlinks stay symlinks, submodules become empty directories;
-        names are sorted, mtime is the commit time and owners are uid/gid 0, so the same
-        commit always gives the same bytes. The last few archives are kept in memory.
+        Every tree entry is checked as git fsck would, and the release must fit `limits`
+        (default `Limits()`): otherwise `errors.ReleaseRefused` names the path or the limit.
+        The tar goes to an unlinked 0600 file inside the mirror, never whole into memory;
+        recent archives are kept up to the cache's byte bound and shared by every caller.
         """
-        return await self._run(f"archive {revision!r}", self._archive, revision)
+        return await self._run(f"archive {revision!r}", self._archive, revision,
+                               limits or Limits())
 
-    def _archive(self, revision: str) -> bytes:
+    def _archive(self, revision: str, limits: Limits) -> Archive:
+        repo = self._open()
         commit = self._commit(revision)
         sha = str(commit.id)
         cached = self._archives.get(sha)
         if cached is not None:
-            self._archives.move_to_end(sha)
+            exceeded = cached.fits(limits)
+            if exceeded is not None:
+                raise errors.ReleaseRefused(sha, None, exceeded)
             return cached
-        data = _build_archive(self._open(), commit)
-        if self._archive_cache_size > 0:
-            self._archives[sha] = data
-            while len(self._archives) > self._archive_cache_size:
-                self._archives.popitem(last=False)
-        return data
+        walk = TreeWalk(sha, limits, lambda oid: _raw_tree(repo, oid),
+                        lambda oid: _blob_size(repo, oid))
+        entries = walk.walk(commit.tree_id.raw)
+        with tempfile.TemporaryFile(dir=self.path, prefix=".archive-") as scratch:
+            size = write_tar(entries, lambda oid: _blob_view(repo, oid),
+                             int(commit.commit_time), scratch)
+            scratch.flush()
+            archive = Archive(os.fdopen(os.dup(scratch.fileno()), "rb"), revision=sha,
+                              size=size, files=len(entries), content_bytes=walk.content_bytes)
+        self.archives_built += 1
+        self._archives.put(archive)
+        # libgit2 keeps the pack windows it read mapped (up to 8 GiB) while the repository
+        # holds its object database open: a 100 MiB blob would stay in RSS. free() closes
+        # the database (reopened on next use) without waiting for the garbage collector.
+        repo.free()
+        return archive
 
     # ----------------------------------------------------------------- writing
 

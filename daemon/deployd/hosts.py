@@ -20,9 +20,9 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
@@ -51,6 +51,17 @@ STDIN_CHUNK = 1 << 20
 _TIMEOUT_STATUSES = (124, 137)
 
 
+class Payload(Protocol):
+    """Input made piece by piece (a release archive); each `chunks()` call starts over, so
+    one payload can go to many hosts, and again to one."""
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+Stdin = bytes | Payload
+"""What a command may read on its stdin."""
+
+
 @dataclass(frozen=True)
 class Result:
     """What a command printed and how it exited."""
@@ -74,7 +85,7 @@ class Host(abc.ABC):
         return self.config.name
 
     # The limit is enforced on the host (`timeout`), so it cannot be an asyncio.timeout.
-    async def run(self, command: str, *, input: bytes | None = None,
+    async def run(self, command: str, *, input: Stdin | None = None,
                   timeout: float, check: bool = True) -> Result:  # noqa: ASYNC109
         """Run `command` with `sh -c`, feeding `input` to its stdin.
 
@@ -101,7 +112,7 @@ class Host(abc.ABC):
         """Release the host's connection, if any; the next command opens a new one."""
 
     @abc.abstractmethod
-    async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+    async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
         """Run one command for at most `limit` seconds; raise ConnectError, or
         CommandError(None) when the limit passed."""
 
@@ -252,7 +263,7 @@ class SSHHost(Host):
     async def close(self) -> None:
         await self.connection.close()
 
-    async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+    async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
         wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(command)}"
         conn = await self.connection.get()
         async with self.connection.channels:
@@ -276,11 +287,12 @@ class SSHHost(Host):
             return Result(stdout, stderr, status)
 
     @staticmethod
-    async def _exchange(conn: Any, command: str, input: bytes | None,
+    async def _exchange(conn: Any, command: str, input: Stdin | None,
                         limit: float) -> tuple[str, str, int | None] | None:
         """Send one command and its input; None when even the on-host limit was overrun."""
         async with conn.create_process(command, encoding=None) as process:
-            feeder = asyncio.create_task(_feed(process.stdin, input))
+            feeder = asyncio.create_task(_feed(process.stdin, input,
+                                               lambda: _terminate(process)))
             try:
                 stdout, stderr = await asyncio.wait_for(process.communicate(),
                                                         limit + KILL_GRACE + CLIENT_MARGIN)
@@ -292,15 +304,47 @@ class SSHHost(Host):
             return _text(stdout), _text(stderr), process.returncode
 
 
-async def _feed(stdin: Any, data: bytes | None) -> None:
-    """Stream `data` to a remote stdin in chunks, then EOF. A command may exit without
-    reading it all (a refused lock, say): its exit status tells, so a closed stdin is fine."""
-    view = memoryview(data or b"")
-    try:
+class PayloadError(Exception):
+    """Reading a payload failed part way: the command must not see a clean end of input."""
+
+
+async def _pieces(data: Stdin | None) -> AsyncIterator[bytes]:
+    """`data` in pieces of at most STDIN_CHUNK bytes (a payload in its own pieces)."""
+    if data is None:
+        return
+    if isinstance(data, bytes):
+        view = memoryview(data)
         for offset in range(0, len(view), STDIN_CHUNK):
-            stdin.write(bytes(view[offset:offset + STDIN_CHUNK]))
+            yield bytes(view[offset:offset + STDIN_CHUNK])
+        return
+    try:
+        async for piece in data.chunks():
+            yield piece
+    except OSError as exc:
+        raise PayloadError(str(exc)) from exc
+
+
+def _terminate(process: Any) -> None:
+    """TERM a remote command: `timeout` passes it to the whole command. Closing the channel
+    would not do: the command would read that as the end of its input. Where sshd refuses
+    signals (root logins), the command waits for input until its time limit kills it."""
+    with contextlib.suppress(OSError, asyncssh.Error):
+        process.send_signal("TERM")
+
+
+async def _feed(stdin: Any, data: Stdin | None, abort: Callable[[], object]) -> None:
+    """Stream `data` to a remote stdin in chunks, then EOF. A command may exit without
+    reading it all (a refused lock, say): its exit status tells, so a closed stdin is fine.
+    When the payload cannot be read, `abort` stops the command instead and no EOF is sent:
+    `tar` would take an end of input between two members for the end of the archive."""
+    try:
+        async for piece in _pieces(data):
+            stdin.write(piece)
             await stdin.drain()
         stdin.write_eof()
+    except PayloadError:
+        log.error("input for a command could not be read; stopping the command")
+        abort()
     except (OSError, asyncssh.Error):
         pass
 
@@ -320,7 +364,7 @@ class LocalHost(Host):
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+    async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
         try:
             process = await asyncio.create_subprocess_exec(
                 "sh", "-c", command,
@@ -331,7 +375,7 @@ class LocalHost(Host):
         except OSError as exc:
             raise ConnectError(self.name, f"cannot start sh: {exc}") from exc
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(input or b""), limit)
+            stdout, stderr = await asyncio.wait_for(_communicate(process, input), limit)
         except TimeoutError:
             await _stop_group(process)
             raise CommandError(self.name, command, None, f"timed out after {limit:g}s") from None
@@ -340,6 +384,42 @@ class LocalHost(Host):
             raise
         status = process.returncode
         return Result(_text(stdout), _text(stderr), -1 if status is None else status)
+
+
+async def _communicate(process: asyncio.subprocess.Process,
+                       data: Stdin | None) -> tuple[bytes, bytes]:
+    """Feed `data` to a local command while reading its output; wait for it to exit."""
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    feeder = asyncio.create_task(_feed(_LocalStdin(process.stdin), data, kill))
+    try:
+        stdout, stderr, _ = await asyncio.gather(process.stdout.read(), process.stderr.read(),
+                                                 process.wait())
+    finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
+    return stdout, stderr
+
+
+class _LocalStdin:
+    """A local pipe with the two calls `_feed` makes of an SSH channel's stdin."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def write_eof(self) -> None:
+        self._writer.close()
 
 
 async def _stop_group(process: asyncio.subprocess.Process) -> None:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 
 from deployd.config import AppConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
-from deployd.hosts import Host, Result
+from deployd.hosts import Host, Result, Stdin
 
 log = logging.getLogger(__name__)
 
@@ -593,7 +593,7 @@ class Releases:
             lock=LockInfo.parse(lock_fields) if lock_fields else None,
         )
 
-    async def prepare(self, release: str, revision: str, tarball: bytes, *, branch: str,
+    async def prepare(self, release: str, revision: str, tarball: Stdin, *, branch: str,
                       lock: LockInfo, revision_time: float | None = None,
                       takeover: str | None = None) -> Step:
         """Take the lock, unpack `tarball` as releases/<release>, write REVISION and
@@ -691,7 +691,7 @@ class Releases:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _locked_step(self, title: str, body: str, values: dict[str, str], hooks: int,
-                           tarball: bytes | None) -> Step:
+                           tarball: Stdin | None) -> Step:
         """Run a script that takes the lock; take a stale lock over (one more round trip)."""
         try:
             result = await self._run(title, body, values, input=tarball,
@@ -731,7 +731,7 @@ class Releases:
         return self.app.ssh.command_timeout + hooks * (self.app.hook_timeout + 10)
 
     async def _run(self, title: str, body: str, values: Mapping[str, str], *,
-                   limit: float, input: bytes | None = None) -> Result:
+                   limit: float, input: Stdin | None = None) -> Result:
         exports = " ".join(name for name in values if name.startswith("DEPLOYD_"))
         script = _script(title, (f"export {exports}\n" if exports else "") + body,
                          dt=self.deploy_to, **values)

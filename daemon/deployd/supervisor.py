@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from deployd import policy
+from deployd.archive import Limits
 from deployd.config import AppConfig
 from deployd.errors import Conflict, DeploydError, FleetError, Invalid, NotFound
 from deployd.fleet import Fleet
@@ -327,7 +328,8 @@ class AppSupervisor:
                                    actor=actor, revision=revision, data={"deploy": record.id})
         clock_start = time.monotonic()
         try:
-            tarball = await self.mirror.archive(revision)
+            tarball = await self.mirror.archive(revision, Limits(
+                max_bytes=self.app.max_release_size, max_files=self.app.max_release_files))
             state = await self.store.app_state(self.name)
             protect = {state.last_good_release} if state.last_good_release else set()
             outcome = await self.fleet.deploy(revision, tarball, branch=self.app.branch,
