@@ -70,7 +70,8 @@ class AppSupervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._fetch_requested = False
-        self._last_poll = float("-inf")
+        self._last_poll = self._last_requested = float("-inf")
+        self._recheck = False
         self._stopping = False
         self._attempted: str | None = None
         self._observe_split: frozenset[str] | None = None
@@ -122,9 +123,14 @@ class AppSupervisor:
             # awaits must wake the next one at once, not wait for the timer.
             self._wake.clear()
             if self.clock() >= self._next_poll():
-                self._fetch_requested = False
+                if self._fetch_requested:
+                    self._fetch_requested, self._last_requested = False, self.clock()
                 self._last_poll = self.clock()
+                self._recheck = False
                 await self._guarded("poll", self.poll)
+            elif self._recheck:
+                self._recheck = False
+                await self._guarded("deploy check", self._recheck_head)
             await self._guarded("judging", self.judge)
             timeout = await self._guarded("bake timer", self._next_bake_check) or 1.0
             timeout = max(0.0, min(self._next_poll() - self.clock(), timeout))
@@ -139,8 +145,13 @@ class AppSupervisor:
         """
         due = self._last_poll + self.app.poll_interval
         if self._fetch_requested:
-            due = min(due, self._last_poll + FETCH_SPACING)
+            due = min(due, self._last_requested + FETCH_SPACING)
         return due
+
+    async def _recheck_head(self) -> None:
+        """After an operation: deploy a head the polls noticed while the slot was held."""
+        if self.app.mode == "deploy":
+            await self._maybe_deploy(self.head)
 
     async def _guarded(self, what: str, step: Callable[[], Awaitable[T]]) -> T | None:
         try:
@@ -300,8 +311,9 @@ class AppSupervisor:
                     started.set_exception(Conflict(f"{self.name}: the {name} was cancelled"))
                 self._operation_name = None
                 self._operation.release()
-                # A push noticed while the slot was held is deployed now, not a poll later.
-                self.request_fetch()
+                # A head noticed while the slot was held is deployed now, not a poll later.
+                self._recheck = True
+                self.wake()
 
         task = asyncio.create_task(run(), name=f"{self.name}-{name}")
         self._tasks.add(task)
