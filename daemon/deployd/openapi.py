@@ -166,7 +166,15 @@ def _schemas() -> dict[str, Any]:
                 "sha": string, "summary": string, "author": string,
                 "selected": {"type": "boolean"}, "applies_cleanly": {"type": "boolean"},
                 "conflicting_paths": {"type": "array", "items": string}}}},
-            "requester": string, "approvals": {"type": "array", "items": {"type": "object"}},
+            "requester": string, "changed_by": string, "resolved_patch": {"type": "boolean"},
+            "resolved_by": nullable,
+            "extra_paths": {"type": "array", "items": string,
+                            "description": "paths the resolved patch touches that the "
+                                           "selected commits do not"},
+            "beyond_commits": {"type": "boolean",
+                               "description": "the resolved patch brings in content the "
+                                              "selected commits do not contain"},
+            "approvals": {"type": "array", "items": {"type": "object"}},
             "log": {"type": "array", "items": _ref("Event")}, "links": {"type": "object"}}},
     }
 

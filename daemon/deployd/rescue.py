@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -97,10 +98,27 @@ class Preview:
     blocked_by: str | None
     adaptation: str | None
     plan: str | None
+    scope: PatchScope | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"candidates": self.candidates, "tree": self.tree, "ready": self.ready,
-                "blocked_by": self.blocked_by, "adaptation": self.adaptation}
+                "blocked_by": self.blocked_by, "adaptation": self.adaptation,
+                "extra_paths": self.scope.extra_paths if self.scope else [],
+                "beyond_commits": self.scope.beyond_commits if self.scope else False}
+
+
+@dataclass(frozen=True)
+class PatchScope:
+    """How a resolved patch compares with the selected commits' own changes.
+
+    `extra_paths` are paths the patch touches that no selected commit touches;
+    `beyond_commits` is true when the patch brings in any path, line, binary content or file
+    mode the selected commits do not (removed lines do not count: resolving a conflict
+    removes what the base holds). Then the commit is the resolver's, not the originals'.
+    """
+
+    extra_paths: list[str]
+    beyond_commits: bool
 
 
 class Rescue:
@@ -206,9 +224,11 @@ class Rescue:
             head = result.head
         tree: str | None
         blocked: str | None = None
+        scope = None
         if job.resolved_patch is not None:
             tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
             landing = _changed_lines(await self.mirror.diff(job.base, tree))
+            scope = await self.patch_scope(job, tree)
         else:
             tree = (await self.mirror.commit_info(head)).tree
             conflicting = [s[:12] for s, st in statuses.items() if not st["applies_cleanly"]]
@@ -225,7 +245,21 @@ class Rescue:
                 [line + "\n" for line in original], [line + "\n" for line in landing],
                 "the selected commits' own change", "what would land"))
         plan = None if blocked else _plan(job, tree)
-        return Preview(candidates, tree, blocked is None, blocked, adaptation, plan)
+        return Preview(candidates, tree, blocked is None, blocked, adaptation, plan, scope)
+
+    async def patch_scope(self, job: Job, tree: str) -> PatchScope:
+        """Compare what the resolved patch (giving `tree`) adds with what the commits add."""
+        own: dict[str, Counter[str]] = {}
+        for sha in job.selection:
+            info = await self.mirror.commit_info(sha)
+            before = info.parents[0] if info.parents else None
+            for path, added in (await self.mirror.changes(before, sha)).items():
+                own.setdefault(path, Counter()).update(added)
+        patched = await self.mirror.changes(job.base, tree)
+        extra = sorted(path for path in patched if path not in own)
+        beyond = bool(extra) or any(added - own[path] for path, added in patched.items()
+                                    if path in own)
+        return PatchScope(extra, beyond)
 
     async def patch(self, job: Job) -> str:
         """The combined change that would land on the base, as a unified diff."""
@@ -239,7 +273,8 @@ class Rescue:
     async def set_selection(self, job_id: int, commits: list[str], *, actor: str) -> Job:
         job = await self._pending(job_id)
         selection = await self._validate_selection(job.candidates, commits)
-        updated = await self._replace_plan(job, selection=selection, resolved_patch=None)
+        updated = await self._replace_plan(job, selection=selection, resolved_patch=None,
+                                           actor=actor)
         await self._job_event(updated, "job.selection",
                               f"selection set to {', '.join(s[:12] for s in selection) or 'none'}"
                               " (any resolved patch dropped)", actor)
@@ -251,23 +286,28 @@ class Rescue:
         if not job.selection:
             raise Invalid("select the commits this patch stands for first (PUT .../selection)")
         await self.mirror.apply_patch(job.base, patch)  # Invalid when it does not apply
-        updated = await self._replace_plan(job, selection=job.selection, resolved_patch=patch)
+        updated = await self._replace_plan(job, selection=job.selection, resolved_patch=patch,
+                                           actor=actor)
         await self._job_event(updated, "job.patch",
                               f"resolved patch uploaded ({len(patch)} bytes)", actor)
         return updated
 
     async def _replace_plan(self, job: Job, *, selection: list[str],
-                            resolved_patch: str | None) -> Job:
+                            resolved_patch: str | None, actor: str) -> Job:
         """Compute the new preview first, then store it with its inputs in one step.
 
         Stored only if the job is still pending with the plan this change was based on, so
-        an approval never sees a selection without its matching plan.
+        an approval never sees a selection without its matching plan. `actor` becomes the
+        job's last changer (and, with a patch, its resolver).
         """
-        proposed = replace(job, selection=selection, resolved_patch=resolved_patch)
+        resolved_by = actor if resolved_patch is not None else None
+        proposed = replace(job, selection=selection, resolved_patch=resolved_patch,
+                           resolved_by=resolved_by, changed_by=actor)
         preview = await self.compute_preview(proposed)
         updated = await self.jobs.update(
             job.id, expect=("pending",), expect_plan=job.plan, selection=selection,
-            resolved_patch=resolved_patch, preview=preview.to_json(), plan=preview.plan)
+            resolved_patch=resolved_patch, preview=preview.to_json(), plan=preview.plan,
+            changed_by=actor, resolved_by=resolved_by)
         if updated is None:
             raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; "
                            "read it again")
@@ -286,13 +326,23 @@ class Rescue:
         if plan != job.plan:
             raise Conflict(f"stale plan: rescue job {job.id} now has plan {job.plan}; "
                            "read it again before approving")
-        if self.app.rescue.distinct_approver and actor == job.requester:
-            raise Forbidden(f"{actor} opened rescue job {job.id} and may not approve it")
+        if not self.app.rescue.distinct_approver:
+            return
+        if actor == job.requester:
+            raise Forbidden(f"distinct_approver: {actor} opened rescue job {job.id} and may "
+                            "not approve it")
+        if actor == job.last_changed_by:
+            what = "uploaded the resolved patch of" if job.resolved_patch is not None \
+                else "chose the selection of"
+            raise Forbidden(f"distinct_approver: {actor} {what} rescue job {job.id} and may "
+                            "not approve it; someone else must")
 
     async def approve(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Move the job from pending to approved; exactly one racing approval wins."""
+        # The last changer too: an identical re-upload by the approver between the check
+        # and this update must not slip through distinct_approver.
         updated = await self.jobs.update(job.id, expect=("pending",), expect_plan=plan,
-                                         state="approved")
+                                         expect_changed_by=job.changed_by, state="approved")
         if updated is None:
             raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; read it again")
         await self.jobs.add_approval(job.id, decision="approve", actor=actor, plan=plan,
@@ -385,9 +435,12 @@ class Rescue:
         marks = [("Rescue-Job", f"{self.name}#{job.id}"), ("Approved-by", approver)]
         if job.resolved_patch is not None:
             tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
+            author, credits = await self._patch_author(job, tree)
+            marks = [marks[0], *credits, ("Resolved-by", job.resolved_by or job.last_changed_by),
+                     marks[1]]
             new_head = await self.mirror.commit_tree(
                 tree, job.base, like=job.selection, committer_name=COMMITTER[0],
-                committer_email=COMMITTER[1], trailers=marks)
+                committer_email=COMMITTER[1], trailers=marks, author=author)
         else:
             result = await self.mirror.cherry_pick(
                 job.base, job.selection, committer_name=COMMITTER[0],
@@ -399,6 +452,27 @@ class Rescue:
             raise Conflict(f"rescue job {job.id}: the rebuilt tree differs from the approved "
                            "plan's; nothing pushed")
         return new_head
+
+    async def _patch_author(self, job: Job, tree: str
+                            ) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+        """Who authors a resolved patch's commit, and the trailers crediting the originals.
+
+        The original author (None: keep it) only while the patch brings in nothing the
+        selected commits did not contain; otherwise the resolver, as `<name>@deployd.invalid`
+        (API tokens have names, not mailboxes), with every original author named in an
+        `Original-author:` trailer.
+        """
+        if not (await self.patch_scope(job, tree)).beyond_commits:
+            return None, []
+        resolver = job.resolved_by or job.last_changed_by
+        originals: list[str] = []
+        for sha in job.selection:
+            info = await self.mirror.commit_info(sha)
+            name = f"{info.author_name} <{info.author_email}>"
+            if name not in originals:
+                originals.append(name)
+        return (resolver, f"{resolver}@deployd.invalid"), [("Original-author", o)
+                                                            for o in originals]
 
     async def _backup(self, job: Job) -> None:
         """Keep the old head: a local ref fetches never prune, and the same on the remote."""
@@ -495,6 +569,10 @@ class Rescue:
             "ready": bool(job.preview.get("ready")), "blocked_by": job.preview.get("blocked_by"),
             "candidates": job.preview.get("candidates", job.candidates),
             "resolved_patch": job.resolved_patch is not None,
+            "resolved_by": job.resolved_by if job.resolved_patch is not None else None,
+            "extra_paths": job.preview.get("extra_paths", []),
+            "beyond_commits": bool(job.preview.get("beyond_commits")),
+            "changed_by": job.last_changed_by,
             "adaptation": job.preview.get("adaptation"),
             "new_head": job.new_head, "backup_branch": job.backup_ref, "step": job.step,
             "deploy": job.deploy_id, "error": job.error,
@@ -508,11 +586,13 @@ class Rescue:
 
 
 def _plan(job: Job, tree: str | None) -> str:
-    patch = (hashlib.sha256(job.resolved_patch.encode()).hexdigest()
-             if job.resolved_patch is not None else None)
-    payload = json.dumps({"base": job.base, "bad_head": job.bad_head,
-                          "selection": job.selection, "patch": patch, "tree": tree},
-                         sort_keys=True)
+    fields: dict[str, Any] = {"base": job.base, "bad_head": job.bad_head,
+                              "selection": job.selection, "patch": None, "tree": tree}
+    if job.resolved_patch is not None:
+        # The resolver is bound too: they are named in (and may author) the commit.
+        fields["patch"] = hashlib.sha256(job.resolved_patch.encode()).hexdigest()
+        fields["resolved_by"] = job.resolved_by
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

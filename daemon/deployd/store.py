@@ -121,6 +121,12 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     );
     """,
+    # Who last changed what a job would land (its selection or resolved patch), and who
+    # uploaded its resolved patch: with `distinct_approver`, neither may approve it.
+    """
+    ALTER TABLE jobs ADD COLUMN changed_by TEXT;
+    ALTER TABLE jobs ADD COLUMN resolved_by TEXT;
+    """,
 )
 
 
@@ -533,6 +539,13 @@ class Job:
     backup_ref: str | None
     deploy_id: int | None
     error: str | None
+    changed_by: str | None = None
+    resolved_by: str | None = None
+
+    @property
+    def last_changed_by(self) -> str:
+        """Who last changed what the job would land (its requester until someone does)."""
+        return self.changed_by or self.requester
 
 
 @dataclass(frozen=True)
@@ -557,7 +570,8 @@ class _Any:
 _ANY = _Any()
 
 _JOB_FIELDS = {"state", "candidates", "selection", "resolved_patch", "preview", "plan", "step",
-               "new_head", "backup_ref", "deploy_id", "error", "expires_at"}
+               "new_head", "backup_ref", "deploy_id", "error", "expires_at", "changed_by",
+               "resolved_by"}
 
 
 class JobStore:
@@ -605,11 +619,13 @@ class JobStore:
         return [_job(row) for row in rows]
 
     async def update(self, job_id: int, *, expect: tuple[str, ...] | None = None,
-                     expect_plan: str | _Any | None = _ANY, **fields: Any) -> Job | None:
+                     expect_plan: str | _Any | None = _ANY,
+                     expect_changed_by: str | _Any | None = _ANY, **fields: Any) -> Job | None:
         """Set fields; with `expect`, only if the job is in one of those states (else None).
 
         The conditional form is what makes two racing approvals safe: exactly one of them
-        moves the job out of `pending`.
+        moves the job out of `pending`. `expect_plan` and `expect_changed_by` likewise
+        require the plan and last changer the caller read.
         """
         unknown = set(fields) - _JOB_FIELDS
         if unknown:
@@ -625,6 +641,9 @@ class JobStore:
         if not isinstance(expect_plan, _Any):
             sql += " AND plan IS ?"
             args.append(expect_plan)
+        if not isinstance(expect_changed_by, _Any):
+            sql += " AND changed_by IS ?"
+            args.append(expect_changed_by)
 
         def update(db: sqlite3.Connection) -> int:
             return db.execute(sql, args).rowcount
@@ -670,6 +689,7 @@ def _job(row: sqlite3.Row) -> Job:
         reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
         expires_at=row["expires_at"], step=row["step"], new_head=row["new_head"],
         backup_ref=row["backup_ref"], deploy_id=row["deploy_id"], error=row["error"],
+        changed_by=row["changed_by"], resolved_by=row["resolved_by"],
     )
 
 
