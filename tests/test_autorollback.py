@@ -369,7 +369,8 @@ async def test_pause_stops_deploys_and_rollbacks_survives_restart_and_resume_dep
     bad = lab.origin.commit({"health.txt": BAD}, "experiment", branch="experiment")
     await asyncio.sleep(0.5)  # fetched by the next poll
     status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/deploy",
-                                         token="deployer", json_body={"revision": bad})
+                                         token="deployer",
+                                         json_body={"revision": bad, "force": True})
     assert status == 202, body
     skipped = await wait_event(daemon, "rollback.skipped", bad)
     assert "paused" in skipped["message"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pygit2
+
 from tests.daemonfixtures import AppSpec, DaemonSpec, start_daemon
 from tests.gitrepo import OriginRepo
 
@@ -62,5 +64,92 @@ async def test_failed_build_shows_the_hooks_own_output(tmp_path: Path) -> None:
         event = await daemon.wait_for_event("shop", "deploy.failed")
         assert "npm ERR! missing script: build" in event["message"]
         assert "exit 7" in event["message"]
+    finally:
+        await daemon.stop()
+
+
+def commits_sharing_a_prefix(origin: OriginRepo) -> tuple[str, str]:
+    """Two commits on side branches `amb-a` and `amb-b` whose shas share four hex digits."""
+    head = origin.repo[origin.head()]
+    assert isinstance(head, pygit2.Commit)
+    seen: dict[str, str] = {}
+    for attempt in range(100_000):
+        oid = str(origin.repo.create_commit(
+            None, head.author, head.committer, f"try {attempt}\n", head.tree_id, [head.id]))
+        other = seen.setdefault(oid[:4], oid)
+        if other != oid:
+            origin.set_branch("amb-a", other)
+            origin.set_branch("amb-b", oid)
+            return other, oid
+    raise AssertionError("no two commits share a prefix")
+
+
+async def test_deploy_names_one_commit_and_forces_only_on_request(tmp_path: Path) -> None:
+    """POST deploy: a short sha wins over a branch named like it; an ambiguous abbreviation is
+    a 422 listing the commits; a quarantined revision, or one not on the branch, is a 422
+    naming why and deploys only with "force": true, recorded as forced."""
+    spec, origin = spec_for(tmp_path)
+    first = origin.head()
+    daemon = await start_daemon(spec.write(tmp_path / "deployd.toml"))
+    deploy = "/api/v1/apps/shop/deploy"
+    try:
+        await daemon.wait_for_event("shop", "bake.healthy")
+        second = origin.commit({"index.html": "v2\n"}, "v2")
+        await daemon.wait_for_event("shop", "bake.healthy", count=2)
+        status, body = await daemon.api.call("POST", "/api/v1/apps/shop/rollback",
+                                             json_body={"reason": "v2 looks wrong"})
+        assert status == 202, body
+        await daemon.wait_for_event("shop", "rollback.succeeded")
+        # A branch named like the first commit's short sha, at a commit production never held.
+        evil = origin.commit({"index.html": "evil\n"}, "evil", branch=first[:8],
+                             parents=[second])
+        one, other = commits_sharing_a_prefix(origin)
+
+        async def fetched() -> bool:
+            status, _ = await daemon.api.call("POST", deploy,
+                                              json_body={"revision": "refs/heads/amb-b"})
+            return status != 404
+        await daemon.wait_until(fetched, what="the side branches fetched")
+
+        async def refused(revision: str, *words: str) -> None:
+            status, body = await daemon.api.call("POST", deploy, token="deployer",
+                                                 json_body={"revision": revision})
+            assert status == 422 and body["error"]["code"] == "invalid", (revision, body)
+            for word in words:
+                assert word in body["error"]["message"], (revision, word, body)
+
+        await refused(one[:4], "ambiguous", one[:12], other[:12])
+        await refused(one[:4].upper(), "ambiguous")
+        await refused(evil, "not on production", '"force": true')
+        await refused(f"refs/heads/{first[:8]}", "not on production")
+        await refused("amb-a", "not on production")
+        await refused(second, "quarantined", "v2 looks wrong", '"force": true')
+        status, body = await daemon.api.call("POST", deploy, json_body={
+            "revision": second, "force": "yes"})
+        assert status == 422 and "force" in body["error"]["message"], body
+        kinds = [e["kind"] for e in await daemon.events("shop")]
+        assert kinds.count("deploy.started") == 2
+
+        status, body = await daemon.api.call("POST", deploy, token="deployer",
+                                             json_body={"revision": first[:8]})
+        assert status == 202, body
+        assert body["deploy"]["revision"] == first and body["deploy"]["forced"] is None
+        await daemon.wait_for_event("shop", "deploy.succeeded", count=3)
+
+        status, body = await daemon.api.call("POST", deploy, token="deployer",
+                                             json_body={"revision": second, "force": True})
+        assert status == 202, body
+        assert body["deploy"]["revision"] == second
+        assert "quarantined" in body["deploy"]["forced"]
+        started = await daemon.wait_for_event("shop", "deploy.started", count=4)
+        assert started["revision"] == second and started["actor"] == "deployer"
+        assert "quarantined" in started["data"]["forced"] and "forced" in started["message"]
+        await daemon.wait_for_event("shop", "deploy.succeeded", count=4)
+
+        status, body = await daemon.api.call("POST", deploy, token="deployer",
+                                             json_body={"revision": evil, "force": True})
+        assert status == 202 and body["deploy"]["forced"] == "not on production", body
+        await daemon.wait_for_event("shop", "deploy.succeeded", count=5)
+        assert (tmp_path / "host" / "current" / "index.html").read_text() == "evil\n"
     finally:
         await daemon.stop()

@@ -15,6 +15,7 @@ API::
         await fetch() -> None                           # creates the mirror on first use
         await branch_head(branch: str) -> str | None
         await resolve(revision: str) -> str             # errors.NotFound if unknown
+        await resolve_strict(revision: str) -> str      # sha first; errors.Invalid if ambiguous
         await commit_info(revision: str) -> CommitInfo
         await is_ancestor(ancestor: str, descendant: str) -> bool   # True when equal too
         await commits_between(base: str, head: str) -> list[CommitInfo]  # oldest first, no merges
@@ -455,17 +456,22 @@ def _reference_target(repo: pygit2.Repository, name: str) -> _GitObject | None:
 
 
 def _lookup(repo: pygit2.Repository, revision: str) -> _GitObject | None:
-    """A full sha, a ref name (full, branch or tag) or a unique short sha, or None."""
+    """A full sha, a unique short sha or a ref name (full, branch or tag), or None.
+
+    A short sha wins over a branch or tag named like it.
+    """
     if _FULL_SHA.fullmatch(revision):
         return repo.get(revision)
+    if _SHORT_SHA.fullmatch(revision):
+        try:
+            by_sha = repo.get(revision.lower())
+        except pygit2.AmbiguousError as exc:
+            raise errors.NotFound(f"revision {revision!r} is ambiguous") from exc
+        if by_sha is not None:
+            return by_sha
     for name in (revision, f"refs/heads/{revision}", f"refs/tags/{revision}"):
         if name.startswith("refs/") and (found := _reference_target(repo, name)) is not None:
             return found
-    if _SHORT_SHA.fullmatch(revision):
-        try:
-            return repo.get(revision.lower())
-        except pygit2.AmbiguousError as exc:
-            raise errors.NotFound(f"revision {revision!r} is ambiguous") from exc
     return None
 
 
@@ -483,6 +489,15 @@ def _peel(repo: pygit2.Repository, revision: str, kind: type[_Peeled], what: str
         raise errors.NotFound(f"revision {revision!r} {what}") from exc
     assert isinstance(peeled, kind)
     return peeled
+
+
+def _peel_commit(found: _GitObject) -> pygit2.Commit | None:
+    """The commit an object is or (as a tag) points at, else None."""
+    try:
+        peeled = found.peel(pygit2.Commit)
+    except (pygit2.GitError, ValueError):
+        return None
+    return peeled if isinstance(peeled, pygit2.Commit) else None
 
 
 def _commit(repo: pygit2.Repository, revision: str) -> pygit2.Commit:
@@ -803,6 +818,63 @@ class Mirror:
         Raises `errors.NotFound` for an unknown, ambiguous or non-commit revision.
         """
         commit = await self._run(f"resolve {revision!r}", self._commit, revision)
+        return str(commit.id)
+
+    async def resolve_strict(self, revision: str) -> str:
+        """The full sha of the commit `revision` names, by rules that leave no doubt.
+
+        - 40 hex digits: that commit;
+        - 4 to 39 hex digits: the one commit whose sha starts so, never a ref of that name
+          (several: `errors.Invalid` listing them);
+        - `refs/...`: exactly that ref;
+        - any other name: the branch or tag of that name (both, at different commits:
+          `errors.Invalid`).
+
+        Raises `errors.NotFound` when nothing matches.
+        """
+        return await self._run(f"resolve {revision!r}", self._resolve_strict, revision)
+
+    def _resolve_strict(self, revision: str) -> str:
+        repo = self._open()
+        if _FULL_SHA.fullmatch(revision.lower()) or _SHORT_SHA.fullmatch(revision):
+            return self._by_prefix(repo, revision.lower())
+        names = [revision] if revision.startswith("refs/") else \
+            [f"refs/heads/{revision}", f"refs/tags/{revision}"]
+        found: dict[str, str] = {}
+        for name in names:
+            target = _reference_target(repo, name)
+            if target is not None:
+                found[name] = str(_commit(repo, str(target.id)).id)
+        if not found:
+            raise errors.NotFound(f"{self.name}: no commit, branch or tag {revision!r}")
+        if len(set(found.values())) > 1:
+            listed = ", ".join(f"{name} ({sha[:12]})" for name, sha in found.items())
+            raise errors.Invalid(f"{self.name}: {revision!r} is ambiguous: {listed}; "
+                                 "name the ref in full")
+        return next(iter(found.values()))
+
+    def _by_prefix(self, repo: pygit2.Repository, prefix: str) -> str:
+        """The one commit whose sha starts with `prefix` (tags peeled), or an error."""
+        try:
+            found = repo.get(prefix)
+        except pygit2.AmbiguousError:
+            found = None
+            matches = sorted({str(commit.id) for oid in repo.odb
+                              if str(oid).startswith(prefix)
+                              and (commit := _peel_commit(repo[oid])) is not None})
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                listed = ", ".join(f"{sha[:12]} ({_info(_commit(repo, sha)).summary})"
+                                   for sha in matches[:10])
+                raise errors.Invalid(
+                    f"{self.name}: {prefix!r} is ambiguous: {len(matches)} commits start "
+                    f"with it: {listed}; give more digits") from None
+        commit = None if found is None else _peel_commit(found)
+        if commit is None:
+            raise errors.NotFound(
+                f"{self.name}: no commit {prefix!r} (hex names are commit ids; a branch or "
+                f"tag named so is refs/heads/{prefix} or refs/tags/{prefix})")
         return str(commit.id)
 
     def _commit(self, revision: str) -> pygit2.Commit:

@@ -90,7 +90,14 @@ def _paths() -> dict[str, Any]:
                 {"name": "limit", "in": "query", "schema": {"type": "integer"}}])},
         "/api/v1/apps/{app}/deploy": {"post": _op(
             "Deploy a revision now", "deploy", 202, _OBJECT, 400, 401, 403, 404, 409, 422,
-            body=_json_body({"revision": string}, ["revision"]), parameters=[_APP])},
+            body=_json_body({
+                "revision": {"type": "string", "description":
+                             "a full sha, an unambiguous abbreviation (4+ hex digits, never a "
+                             "ref), a full ref name (refs/...) or a branch or tag name"},
+                "force": {"type": "boolean", "default": False, "description":
+                          "needed to deploy a quarantined revision, or one not on the "
+                          "watched branch; recorded on the deploy as `forced`"}},
+                ["revision"]), parameters=[_APP])},
         "/api/v1/apps/{app}/rollback": {"post": _op(
             "Roll back to the previous (or a named) release", "deploy", 202, _OBJECT,
             400, 401, 403, 404, 409, 422,

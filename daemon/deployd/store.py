@@ -127,6 +127,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN changed_by TEXT;
     ALTER TABLE jobs ADD COLUMN resolved_by TEXT;
     """,
+    # What a deploy's `"force": true` overrode (quarantine, not on the branch); NULL if nothing.
+    """
+    ALTER TABLE deploys ADD COLUMN forced TEXT;
+    """,
 )
 
 
@@ -165,6 +169,7 @@ class Deploy:
     bake_state: BakeState | None
     bake_started_at: float | None
     bake_until: float | None
+    forced: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -174,7 +179,7 @@ class Deploy:
             "trigger": self.trigger, "actor": self.actor,
             "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at),
             "error": self.error, "bake_state": self.bake_state,
-            "bake_until": _iso(self.bake_until),
+            "bake_until": _iso(self.bake_until), "forced": self.forced,
         }
 
 
@@ -355,17 +360,20 @@ class Store:
                            actor: str, release: str | None = None,
                            previous_release: str | None = None,
                            previous_revision: str | None = None,
-                           state: DeployState = "running") -> Deploy:
-        """Record a deploy or rollback about to start (or an observed one)."""
+                           state: DeployState = "running", forced: str | None = None) -> Deploy:
+        """Record a deploy or rollback about to start (or an observed one).
+
+        `forced` says what a forced deploy overrode (see `deploys.forced`).
+        """
         now = self.clock()
 
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO deploys (app, kind, revision, release, previous_release, "
-                "previous_revision, state, trigger, actor, started_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "previous_revision, state, trigger, actor, started_at, forced) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app, kind, revision, release, previous_release, previous_revision, state,
-                 trigger, actor, now),
+                 trigger, actor, now, forced),
             )
             return int(cursor.lastrowid or 0)
 
@@ -706,4 +714,5 @@ def _deploy(row: sqlite3.Row) -> Deploy:
         trigger=row["trigger"], actor=row["actor"], started_at=row["started_at"],
         finished_at=row["finished_at"], error=row["error"], bake_state=row["bake_state"],
         bake_started_at=row["bake_started_at"], bake_until=row["bake_until"],
+        forced=row["forced"],
     )

@@ -207,16 +207,36 @@ class AppSupervisor:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def request_deploy(self, revision: str, *, actor: str) -> Deploy:
-        """Deploy a revision now (REST); returns the record of the deploy just started."""
+    async def request_deploy(self, revision: str, *, actor: str, force: bool = False) -> Deploy:
+        """Deploy a revision now (REST); returns the record of the deploy just started.
+
+        A quarantined revision, or one the branch does not hold, needs `force` (Invalid
+        otherwise); what force overrode is recorded with the deploy.
+        """
         if self.app.mode == "observe":
             raise Conflict(f"{self.name} is in observe mode: another tool deploys it "
                            "(rollbacks still work)")
-        sha = await self.mirror.resolve(revision)
+        sha = await self.mirror.resolve_strict(revision)
+        reasons = await self._needs_force(sha)
+        if reasons and not force:
+            raise Invalid(f"{self.name}: {revision} ({_short(sha)}) is {' and '.join(reasons)}; "
+                          'deploy it anyway with "force": true')
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
-        await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started),
+        await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started,
+                                       forced="; ".join(reasons) or None),
                           "deploy", started)
         return await started
+
+    async def _needs_force(self, sha: str) -> list[str]:
+        """Why deploying `sha` by hand needs `"force": true` (empty: it does not)."""
+        reasons = []
+        for item in await self.store.quarantined(self.name):
+            if item.revision == sha:
+                reasons.append(f"quarantined ({item.reason})")
+        head = await self.mirror.branch_head(self.app.branch)
+        if head is None or not await self.mirror.is_ancestor(sha, head):
+            reasons.append(f"not on {self.app.branch}")
+        return reasons
 
     async def request_rollback(self, release: str | None, *, actor: str,
                                reason: str = "requested") -> Deploy:
@@ -285,7 +305,8 @@ class AppSupervisor:
 
     async def _deploy(self, revision: str, *, trigger: str, actor: str,
                       started: asyncio.Future[Deploy] | None = None,
-                      on_start: Callable[[Deploy], Awaitable[object]] | None = None) -> Deploy:
+                      on_start: Callable[[Deploy], Awaitable[object]] | None = None,
+                      forced: str | None = None) -> Deploy:
         if trigger != "manual":
             # A manual deploy is not an attempt at the branch head: remembering it would make
             # the next poll deploy the head again over what the operator chose.
@@ -294,14 +315,17 @@ class AppSupervisor:
         record = await self.store.start_deploy(
             self.name, "deploy", revision, trigger=trigger, actor=actor,
             previous_release=live.release if live else None,
-            previous_revision=live.revision if live else None,
+            previous_revision=live.revision if live else None, forced=forced,
         )
         _resolve(started, record)
         if on_start is not None:
             await on_start(record)
+        how = trigger if forced is None else f"{trigger}, forced: {forced}"
         await self.store.add_event(self.name, "deploy.started",
-                                   f"deploying {_short(revision)} ({trigger})",
-                                   actor=actor, revision=revision, data={"deploy": record.id})
+                                   f"deploying {_short(revision)} ({how})", actor=actor,
+                                   revision=revision,
+                                   data={"deploy": record.id, **({"forced": forced} if forced
+                                                                 else {})})
         clock_start = time.monotonic()
         try:
             tarball = await self.mirror.archive(revision)
