@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 
 import pygit2
 
-from tests.daemonfixtures import AppSpec, DaemonSpec, start_daemon
+from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
 from tests.gitrepo import OriginRepo
 
 
@@ -151,5 +153,49 @@ async def test_deploy_names_one_commit_and_forces_only_on_request(tmp_path: Path
         assert status == 202 and body["deploy"]["forced"] == "not on production", body
         await daemon.wait_for_event("shop", "deploy.succeeded", count=5)
         assert (tmp_path / "host" / "current" / "index.html").read_text() == "evil\n"
+    finally:
+        await daemon.stop()
+
+
+async def fetches(daemon: RunningDaemon) -> float:
+    """How many fetches of shop's mirror the daemon has made (its own metric)."""
+    status, text = await daemon.api.call("GET", "/metrics", token=None)
+    assert status == 200, text
+    match = re.search(r'^deployd_git_fetch_duration_seconds_count\{app="shop"\} (\S+)$', text,
+                      re.M)
+    assert match is not None, text
+    return float(match.group(1))
+
+
+async def test_opening_jobs_shares_a_recent_fetch_and_needs_a_base_in_history(
+        tmp_path: Path) -> None:
+    """POST jobs: thirty calls at once cost at most one fetch; a base from another branch is a
+    422 (its code would land unseen), an older commit of the branch is accepted."""
+    spec, origin = spec_for(tmp_path, poll_interval="1h")
+    v1 = origin.head()
+    v2 = origin.commit({"index.html": "v2\n"}, "v2")
+    v3 = origin.commit({"index.html": "v3\n"}, "v3")
+    side = origin.commit({"index.html": "side\n", "backdoor": "x\n"}, "side", branch="side",
+                         parents=[v1])
+    daemon = await start_daemon(spec.write(tmp_path / "deployd.toml"))
+    jobs = "/api/v1/apps/shop/jobs"
+    try:
+        await daemon.wait_for_event("shop", "bake.healthy")
+        before = await fetches(daemon)
+        answers = await asyncio.gather(*(
+            daemon.api.call("POST", jobs, token="deployer",
+                            json_body={"commits": [v3], "base": "no-such-base"})
+            for _ in range(30)))
+        assert all(status == 422 for status, _ in answers), answers
+        assert await fetches(daemon) - before <= 1
+
+        status, body = await daemon.api.call("POST", jobs, token="deployer",
+                                             json_body={"commits": [v3], "base": side})
+        assert status == 422 and "not in the history of production" in body["error"]["message"]
+        status, body = await daemon.api.call("POST", jobs, token="deployer",
+                                             json_body={"commits": [v3], "base": v1})
+        assert status == 201, body
+        assert [c["sha"] for c in body["candidates"]] == [v2, v3]
+        assert [c["sha"] for c in body["candidates"] if c["selected"]] == [v3]
     finally:
         await daemon.stop()

@@ -175,6 +175,25 @@ class Rescue:
         await self.refresh_metrics()
         return job
 
+    async def check_base(self, base: str, *, head: str, last_good: str | None) -> None:
+        """Raise Invalid unless `base` is in the history of the branch head or last good.
+
+        The rebuilt branch is base + the selection, and an approver reads only the selection's
+        change: a base from elsewhere would bring in code nobody was shown.
+        """
+        try:
+            sha = await self.mirror.resolve(base)
+        except NotFound:
+            raise Invalid(f"unknown base commit {base!r}") from None
+        for tip in (head, last_good):
+            try:
+                if tip is not None and await self.mirror.is_ancestor(sha, tip):
+                    return
+            except NotFound:
+                continue  # a last good revision the mirror no longer has
+        raise Invalid(f"base {base!r} ({sha[:12]}) is not in the history of "
+                      f"{self.app.branch} or of the last good revision")
+
     async def _validate_selection(self, candidates: list[dict[str, Any]],
                                   commits: list[str]) -> list[str]:
         by_sha = {c["sha"]: index for index, c in enumerate(candidates)}

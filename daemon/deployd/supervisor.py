@@ -35,6 +35,8 @@ log = logging.getLogger("deployd.supervisor")
 T = TypeVar("T")
 
 SYSTEM_ACTOR = "deployd"
+FETCH_REUSE = 5.0
+"""Seconds a fetch (or a failed attempt) serves REST calls, so callers cannot pin the mirror."""
 
 
 class AppSupervisor:
@@ -63,6 +65,8 @@ class AppSupervisor:
         self.head: str | None = None
         self.fetched = False
         self.fetch_error: str | None = None
+        self._fetched_at: float | None = None  # monotonic end of the last fetch attempt
+        self._fetch_lock = asyncio.Lock()
         self._operation = asyncio.Lock()
         self._operation_name: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -183,8 +187,9 @@ class AppSupervisor:
             self.fetch_error = str(exc)
             return False
         finally:
+            self._fetched_at = time.monotonic()
             self.metrics.git_fetch_duration_seconds.labels(app=self.name).observe(
-                time.monotonic() - started)
+                self._fetched_at - started)
         if self.fetch_error is not None:
             await self.store.add_event(self.name, "git.fetch_recovered", "fetch works again")
         self.fetch_error = None
@@ -462,18 +467,30 @@ class AppSupervisor:
     async def open_job(self, *, commits: list[str], base: str | None, actor: str) -> Job:
         """Open a rescue job by hand: base (default last good) + the named commits."""
         rescue = self._rescue()
-        if not await self._fetch():
-            raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
+        await self._recent_fetch()
         head = await self.mirror.branch_head(self.app.branch)
         if head is None:
             raise Conflict(f"{self.name}: branch {self.app.branch} does not exist")
+        state = await self.store.app_state(self.name)
         if base is None:
-            state = await self.store.app_state(self.name)
             base = state.last_good_revision
             if base is None:
                 raise Invalid(f"{self.name}: no last good revision on record; name a base")
+        await rescue.check_base(base, head=head, last_good=state.last_good_revision)
         return await rescue.open(base=base, bad_head=head, requester=actor,
                                  reason=f"opened by {actor}", commits=commits)
+
+    async def _recent_fetch(self) -> None:
+        """Fetch for a REST call unless a fetch ended less than FETCH_REUSE seconds ago.
+
+        Concurrent callers share one fetch, and a failed attempt is reused too: at most one
+        fetch per window comes from callers, however many they are.
+        """
+        async with self._fetch_lock:
+            if self._fetched_at is None or time.monotonic() - self._fetched_at >= FETCH_REUSE:
+                await self._fetch()
+        if self.fetch_error is not None:
+            raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
 
     async def approve_job(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Approve exactly `plan` and start the transplant; 409 if anything moved."""
