@@ -316,6 +316,9 @@ async def test_selection_changes_the_plan(rescue_lab: MakeLab) -> None:
     status, job = await select([batch.a])
     assert status == 200, job
     assert [c["selected"] for c in job["candidates"]] == [True, False, False]
+    # Unselected candidates still say whether they apply (alone, on the base).
+    assert [c["applies_on"] for c in job["candidates"]] == ["selection", "base", "base"]
+    assert [c["applies_cleanly"] for c in job["candidates"]] == [True, True, True]
     assert job["ready"] is True and job["plan"] not in (None, first["plan"])
     status, patch = await daemon.api.call("GET", f"{path}/patch")
     assert "index.html" in patch and "tax.txt" not in patch

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deployd import rescue as rescue_module
 from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
 from deployd.git import CommitInfo, Mirror
@@ -216,6 +217,41 @@ async def test_preview_conflict_names_the_paths(world: World) -> None:
     # Each commit lands as it was made (1 -> 2, then 2 -> 3): nothing adapted.
     assert job.preview["adaptation"] is None
     assert not candidates[a]["adapted"] and not candidates[p]["adapted"]
+
+
+async def test_unselected_candidates_are_tried_alone_on_the_base(world: World) -> None:
+    """Every candidate shows whether it applies: unselected ones alone on the base, selected
+    ones after the selected commits before them (`applies_on` says which)."""
+    good, a, p, b = batch(world.origin, conflicting=True)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="", commits=[a])
+    candidates = by_sha(job.preview["candidates"])
+    assert candidates[a]["selected"] is True and candidates[a]["applies_on"] == "selection"
+    assert candidates[a]["applies_cleanly"] is True
+    assert candidates[p]["selected"] is False and candidates[p]["applies_on"] == "base"
+    assert candidates[p]["applies_cleanly"] is False
+    assert candidates[p]["conflicting_paths"] == ["config.txt"]
+    assert candidates[b]["applies_on"] == "base" and candidates[b]["applies_cleanly"] is True
+    assert candidates[b]["conflicting_paths"] == []
+    # Selected after A, P applies; B, still unselected, keeps its preview alone.
+    job = await world.rescue.set_selection(job.id, [a, p], actor="alice")
+    candidates = by_sha(job.preview["candidates"])
+    assert candidates[p]["applies_on"] == "selection" and candidates[p]["applies_cleanly"]
+    assert candidates[b]["applies_on"] == "base" and candidates[b]["applies_cleanly"]
+
+
+async def test_only_the_first_candidates_are_tried_alone(world: World,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_TRIED_ALONE candidates, unselected ones show no preview at all."""
+    monkeypatch.setattr(rescue_module, "MAX_TRIED_ALONE", 2)
+    good, a, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    candidates = by_sha(job.preview["candidates"])
+    assert candidates[a]["applies_on"] == "base" and candidates[p]["applies_on"] == "selection"
+    assert "applies_on" not in candidates[b] and "applies_cleanly" not in candidates[b]
 
 
 async def test_preview_conflict_after_a_clean_commit_is_still_reported(world: World) -> None:

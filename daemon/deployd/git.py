@@ -31,6 +31,7 @@ API::
         await commit_tree(tree, parent, *, like: list[str], committer_name, committer_email,
                           trailers=None, author=None) -> str  # a resolved patch as a cherry-pick
         await changes(old: str | None, new: str) -> dict[str, Counter[str]]  # what a diff adds
+        await conflicts_alone(onto: str, commits: list[str]) -> dict[str, tuple[str, ...]]
     RefUpdate(source: str, remote_ref: str, expected: str | Lease | None = Lease.ANY)
     CommitInfo(sha, summary, author_name, author_email, time, parents, message, tree)
     CherryPickResult(head, tree, picked, skipped, conflict, conflict_paths); .clean
@@ -1070,6 +1071,25 @@ class Mirror:
         oid = repo.create_commit(None, signature, committer, message,
                                  pygit2.Oid(hex=tree), [self._commit(parent).id])
         return str(oid)
+
+    async def conflicts_alone(self, onto: str, commits: list[str]) -> dict[str, tuple[str, ...]]:
+        """Each commit cherry-picked alone onto `onto`, in memory: its conflicting paths.
+
+        An empty tuple means it applies cleanly. Only merges are computed (no object is
+        written), all in one worker-thread call.
+        """
+        return await self._run("try commits", self._conflicts_alone, onto, list(commits))
+
+    def _conflicts_alone(self, onto: str, commits: list[str]) -> dict[str, tuple[str, ...]]:
+        repo = self._open()
+        base = self._commit(onto).tree
+        found: dict[str, tuple[str, ...]] = {}
+        for revision in commits:
+            pick = self._commit(revision)
+            ancestor = pick.parents[0].tree if pick.parents else _empty_tree(repo)
+            index = repo.merge_trees(ancestor, base, pick.tree)
+            found[str(pick.id)] = _conflict_paths(index) if index.conflicts is not None else ()
+        return found
 
     async def changes(self, old: str | None, new: str) -> dict[str, Counter[str]]:
         """What turning `old`'s tree (None: the empty tree) into `new`'s adds, per path.

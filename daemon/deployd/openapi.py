@@ -172,7 +172,11 @@ def _schemas() -> dict[str, Any]:
             "candidates": {"type": "array", "items": {"type": "object", "properties": {
                 "sha": string, "summary": string, "author": string,
                 "selected": {"type": "boolean"}, "applies_cleanly": {"type": "boolean"},
-                "conflicting_paths": {"type": "array", "items": string}}}},
+                "conflicting_paths": {"type": "array", "items": string},
+                "applies_on": {"type": "string", "enum": ["base", "selection"],
+                               "description": "base: tried alone on the base (unselected); "
+                                              "selection: after the selected commits before "
+                                              "it"}}}},
             "requester": string, "changed_by": string, "resolved_patch": {"type": "boolean"},
             "resolved_by": nullable,
             "extra_paths": {"type": "array", "items": string,

@@ -54,6 +54,8 @@ COMMITTER = ("deployd", "deployd@localhost")
 _TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*):\s*(.*)$")
 _CHERRY_PICKED = re.compile(r"^\(cherry picked from commit [0-9a-f]+\)$")
 _FALSE = {"no", "false", "0", "off", "n"}
+MAX_TRIED_ALONE = 200
+"""Candidates tried alone on the base when a job opens; later ones show no such preview."""
 
 
 def trailers(message: str) -> dict[str, str]:
@@ -156,7 +158,7 @@ class Rescue:
         infos = await self.mirror.commits_between(base, bad_head)
         if not infos:
             raise Invalid(f"{self.name}: no commits between {base[:12]} and {bad_head[:12]}")
-        candidates = [_candidate(info) for info in infos]
+        candidates = await self._tried_alone(base, [_candidate(info) for info in infos])
         if commits is None:
             selection = [info.sha for info in infos if preselected(self.app, info)]
         else:
@@ -193,6 +195,15 @@ class Rescue:
                 continue  # a last good revision the mirror no longer has
         raise Invalid(f"base {base!r} ({sha[:12]}) is not in the history of "
                       f"{self.app.branch} or of the last good revision")
+
+    async def _tried_alone(self, base: str, candidates: list[dict[str, Any]]
+                           ) -> list[dict[str, Any]]:
+        """Candidates with whether each applies alone on the base (shown unless selected)."""
+        tried = await self.mirror.conflicts_alone(
+            base, [c["sha"] for c in candidates[:MAX_TRIED_ALONE]])
+        return [{**c, "applies_cleanly": not tried[c["sha"]],
+                 "conflicting_paths": list(tried[c["sha"]]), "applies_on": "base"}
+                if c["sha"] in tried else c for c in candidates]
 
     async def _validate_selection(self, candidates: list[dict[str, Any]],
                                   commits: list[str]) -> list[str]:
@@ -232,12 +243,13 @@ class Rescue:
             change = _changed_lines(await self.mirror.diff(before, sha)) if before else []
             original += change
             if not result.clean:
-                statuses[sha] = {"applies_cleanly": False,
+                statuses[sha] = {"applies_cleanly": False, "applies_on": "selection",
                                  "conflicting_paths": list(result.conflict_paths)}
                 continue
             landed = _changed_lines(await self.mirror.diff(head, result.head))
             landing += landed
             statuses[sha] = {"applies_cleanly": True, "conflicting_paths": [],
+                             "applies_on": "selection",
                              "already_in_base": sha in result.skipped,
                              "adapted": landed != change and sha not in result.skipped}
             head = result.head
