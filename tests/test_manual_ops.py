@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import pygit2
+import pytest
 
+from deployd.git import CherryPickResult
 from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
 from tests.gitrepo import OriginRepo
 
@@ -197,5 +200,42 @@ async def test_opening_jobs_shares_a_recent_fetch_and_needs_a_base_in_history(
         assert status == 201, body
         assert [c["sha"] for c in body["candidates"]] == [v2, v3]
         assert [c["sha"] for c in body["candidates"] if c["selected"]] == [v3]
+    finally:
+        await daemon.stop()
+
+
+async def test_a_job_is_never_seen_without_its_preview_and_plan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a new job's preview is being computed nobody sees the job; the moment it is
+    listed, it shows its selection, a plan and `ready`."""
+    spec, origin = spec_for(tmp_path, poll_interval="1h")
+    v1 = origin.head()
+    v2 = origin.commit({"index.html": "v2\n"}, "v2")
+    daemon = await start_daemon(spec.write(tmp_path / "deployd.toml"))
+    try:
+        await daemon.wait_for_event("shop", "bake.healthy")
+        mirror = daemon.daemon.supervisors["shop"].mirror
+        picking, go_on = asyncio.Event(), asyncio.Event()
+        cherry_pick = mirror.cherry_pick
+
+        async def held_cherry_pick(*args: Any, **kwargs: Any) -> CherryPickResult:
+            picking.set()
+            await go_on.wait()
+            return await cherry_pick(*args, **kwargs)
+
+        monkeypatch.setattr(mirror, "cherry_pick", held_cherry_pick)
+        opening = asyncio.create_task(daemon.api.call(
+            "POST", "/api/v1/apps/shop/jobs", token="deployer",
+            json_body={"commits": [v2], "base": v1}))
+        await asyncio.wait_for(picking.wait(), 20)
+        assert (await daemon.api.get("/api/v1/jobs"))["jobs"] == []
+        go_on.set()
+        status, body = await opening
+        assert status == 201, body
+        (listed,) = (await daemon.api.get("/api/v1/jobs"))["jobs"]
+        assert listed["selected"] == [v2] and listed["ready"] is True and listed["plan"]
+        job = await daemon.api.get(f"/api/v1/jobs/{listed['id']}")
+        assert job["ready"] is True and job["plan"] == listed["plan"]
+        assert [c["selected"] for c in job["candidates"]] == [True]
     finally:
         await daemon.stop()

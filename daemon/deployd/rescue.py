@@ -163,11 +163,20 @@ class Rescue:
             selection = [info.sha for info in infos if preselected(self.app, info)]
         else:
             selection = await self._validate_selection(candidates, commits)
+        now = self.clock()
+        draft = Job(id=0, app=self.name, state="pending", base=base, bad_head=bad_head,
+                    candidates=candidates, selection=selection, resolved_patch=None,
+                    preview={}, plan=None, requester=requester, reason=reason,
+                    created_at=now, updated_at=now, expires_at=now + self.app.rescue.expire,
+                    step=None, new_head=None, backup_ref=None, deploy_id=None, error=None)
+        # Preview and plan first, stored with the job in one insert: nobody ever reads a
+        # pending job without them.
+        preview = await self.compute_preview(draft)
         job = await self.jobs.create(self.name, base=base, bad_head=bad_head,
                                      candidates=candidates, selection=selection,
                                      requester=requester, reason=reason,
-                                     expires_at=self.clock() + self.app.rescue.expire)
-        job = await self._refresh_preview(job)
+                                     expires_at=draft.expires_at, preview=preview.to_json(),
+                                     plan=preview.plan)
         picked = ", ".join(s[:12] for s in selection) or "nothing yet"
         await self.store.add_event(
             self.name, "job.opened",
@@ -221,12 +230,6 @@ class Rescue:
         return sorted(chosen, key=by_sha.__getitem__)  # always oldest first
 
     # -- preview and plan ------------------------------------------------------------------
-
-    async def _refresh_preview(self, job: Job) -> Job:
-        preview = await self.compute_preview(job)
-        updated = await self.jobs.update(job.id, preview=preview.to_json(), plan=preview.plan)
-        assert updated is not None
-        return updated
 
     async def compute_preview(self, job: Job) -> Preview:
         """Try the selection commit by commit on the base, in memory; compute the plan."""

@@ -590,16 +590,18 @@ class JobStore:
 
     async def create(self, app: str, *, base: str, bad_head: str,
                      candidates: list[dict[str, Any]], selection: list[str], requester: str,
-                     reason: str, expires_at: float) -> Job:
+                     reason: str, expires_at: float, preview: dict[str, Any] | None = None,
+                     plan: str | None = None) -> Job:
+        """Insert a pending job, with its preview and plan so it is never seen without."""
         now = self.store.clock()
 
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
-                "requester, reason, created_at, updated_at, expires_at) "
-                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "requester, reason, created_at, updated_at, expires_at, preview, plan) "
+                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app, base, bad_head, json.dumps(candidates), json.dumps(selection),
-                 requester, reason, now, now, expires_at))
+                 requester, reason, now, now, expires_at, json.dumps(preview or {}), plan))
             return int(cursor.lastrowid or 0)
 
         return await self.get(await self.store._run(self.store._write(insert)))
