@@ -172,8 +172,9 @@ async def fetches(daemon: RunningDaemon) -> float:
 
 async def test_opening_jobs_shares_a_recent_fetch_and_needs_a_base_in_history(
         tmp_path: Path) -> None:
-    """POST jobs: thirty calls at once cost at most one fetch; a base from another branch is a
-    422 (its code would land unseen), an older commit of the branch is accepted."""
+    """POST jobs: thirty calls at once cost one fetch, a later call its own; a base from
+    another branch is a 422 (its code would land unseen), an older commit of the branch is
+    accepted."""
     spec, origin = spec_for(tmp_path, poll_interval="1h")
     v1 = origin.head()
     v2 = origin.commit({"index.html": "v2\n"}, "v2")
@@ -190,15 +191,22 @@ async def test_opening_jobs_shares_a_recent_fetch_and_needs_a_base_in_history(
                             json_body={"commits": [v3], "base": "no-such-base"})
             for _ in range(30)))
         assert all(status == 422 for status, _ in answers), answers
-        assert await fetches(daemon) - before <= 1
+        assert await fetches(daemon) - before == 1
+        # Each call still sees the remote as it is when the call arrives.
+        v4 = origin.commit({"index.html": "v4\n"}, "v4")
+        status, body = await daemon.api.call("POST", jobs, token="deployer",
+                                             json_body={"commits": [v4], "base": v1})
+        assert status == 201, body
+        assert [c["sha"] for c in body["candidates"]] == [v2, v3, v4]
+        assert await fetches(daemon) - before == 2
 
         status, body = await daemon.api.call("POST", jobs, token="deployer",
                                              json_body={"commits": [v3], "base": side})
         assert status == 422 and "not in the history of production" in body["error"]["message"]
         status, body = await daemon.api.call("POST", jobs, token="deployer",
-                                             json_body={"commits": [v3], "base": v1})
+                                             json_body={"commits": [v3], "base": v2})
         assert status == 201, body
-        assert [c["sha"] for c in body["candidates"]] == [v2, v3]
+        assert [c["sha"] for c in body["candidates"]] == [v3, v4]
         assert [c["sha"] for c in body["candidates"] if c["selected"]] == [v3]
     finally:
         await daemon.stop()

@@ -35,8 +35,8 @@ log = logging.getLogger("deployd.supervisor")
 T = TypeVar("T")
 
 SYSTEM_ACTOR = "deployd"
-FETCH_REUSE = 5.0
-"""Seconds a fetch (or a failed attempt) serves REST calls, so callers cannot pin the mirror."""
+FETCH_INTERVAL = 2.0
+"""REST calls start at most one fetch per this many seconds, so they cannot pin the mirror."""
 
 
 class AppSupervisor:
@@ -65,7 +65,7 @@ class AppSupervisor:
         self.head: str | None = None
         self.fetched = False
         self.fetch_error: str | None = None
-        self._fetched_at: float | None = None  # monotonic end of the last fetch attempt
+        self._fetch_started = float("-inf")  # monotonic start of the last fetch attempt
         self._fetch_lock = asyncio.Lock()
         self._operation = asyncio.Lock()
         self._operation_name: str | None = None
@@ -176,7 +176,7 @@ class AppSupervisor:
             await self._maybe_deploy(head)
 
     async def _fetch(self) -> bool:
-        started = time.monotonic()
+        started = self._fetch_started = time.monotonic()
         try:
             await self.mirror.fetch()
         except DeploydError as exc:
@@ -187,9 +187,8 @@ class AppSupervisor:
             self.fetch_error = str(exc)
             return False
         finally:
-            self._fetched_at = time.monotonic()
             self.metrics.git_fetch_duration_seconds.labels(app=self.name).observe(
-                self._fetched_at - started)
+                time.monotonic() - started)
         if self.fetch_error is not None:
             await self.store.add_event(self.name, "git.fetch_recovered", "fetch works again")
         self.fetch_error = None
@@ -467,7 +466,7 @@ class AppSupervisor:
     async def open_job(self, *, commits: list[str], base: str | None, actor: str) -> Job:
         """Open a rescue job by hand: base (default last good) + the named commits."""
         rescue = self._rescue()
-        await self._recent_fetch()
+        await self._fresh_fetch()
         head = await self.mirror.branch_head(self.app.branch)
         if head is None:
             raise Conflict(f"{self.name}: branch {self.app.branch} does not exist")
@@ -480,14 +479,19 @@ class AppSupervisor:
         return await rescue.open(base=base, bad_head=head, requester=actor,
                                  reason=f"opened by {actor}", commits=commits)
 
-    async def _recent_fetch(self) -> None:
-        """Fetch for a REST call unless a fetch ended less than FETCH_REUSE seconds ago.
+    async def _fresh_fetch(self) -> None:
+        """Make sure a fetch started after this call arrived, at a bounded rate.
 
-        Concurrent callers share one fetch, and a failed attempt is reused too: at most one
-        fetch per window comes from callers, however many they are.
+        Callers queue here, not on the mirror: one fetch serves every caller that arrived
+        before it started, and the next starts no sooner than FETCH_INTERVAL after the last,
+        so a stream of calls leaves the mirror free for the poll loop and deploys.
         """
+        arrived = time.monotonic()
         async with self._fetch_lock:
-            if self._fetched_at is None or time.monotonic() - self._fetched_at >= FETCH_REUSE:
+            if self._fetch_started < arrived:
+                wait = self._fetch_started + FETCH_INTERVAL - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 await self._fetch()
         if self.fetch_error is not None:
             raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
