@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pygit2
 import pytest
 
 from deployd.git import CherryPickResult
 from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
 
 
 def spec_for(tmp_path: Path, **settings: object) -> tuple[DaemonSpec, OriginRepo]:
@@ -71,22 +70,6 @@ async def test_failed_build_shows_the_hooks_own_output(tmp_path: Path) -> None:
         assert "exit 7" in event["message"]
     finally:
         await daemon.stop()
-
-
-def commits_sharing_a_prefix(origin: OriginRepo) -> tuple[str, str]:
-    """Two commits on side branches `amb-a` and `amb-b` whose shas share four hex digits."""
-    head = origin.repo[origin.head()]
-    assert isinstance(head, pygit2.Commit)
-    seen: dict[str, str] = {}
-    for attempt in range(100_000):
-        oid = str(origin.repo.create_commit(
-            None, head.author, head.committer, f"try {attempt}\n", head.tree_id, [head.id]))
-        other = seen.setdefault(oid[:4], oid)
-        if other != oid:
-            origin.set_branch("amb-a", other)
-            origin.set_branch("amb-b", oid)
-            return other, oid
-    raise AssertionError("no two commits share a prefix")
 
 
 async def test_deploy_names_one_commit_and_forces_only_on_request(tmp_path: Path) -> None:

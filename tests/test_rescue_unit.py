@@ -20,7 +20,7 @@ from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue, preselected, trailers
 from deployd.store import JobStore, Store
-from tests.gitrepo import OriginRepo
+from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
 from tests.rescuelab import RESOLVED
 
 T0 = 1_700_000_000.0
@@ -469,3 +469,34 @@ async def test_distinct_approver_refuses_the_last_changer(world: World) -> None:
     with pytest.raises(Conflict, match="changed meanwhile"):
         await strict.approve(job, plan=job.plan, actor="alice", comment="")
     assert (await strict.jobs.get(job.id)).state == "pending"
+
+
+async def test_a_short_sha_in_a_selection_is_the_commit_not_a_branch(world: World) -> None:
+    """A branch named like a candidate's short sha does not take its place in a selection."""
+    good, a, p, b = batch(world.origin)
+    world.origin.set_branch(p[:8], b)
+    world.origin.set_branch(a[:8], good)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    job = await world.rescue.set_selection(job.id, [p[:8]], actor="alice")
+    assert job.selection == [p]
+    job = await world.rescue.open(base=a[:8], bad_head="production", requester="deployd",
+                                  reason="")
+    assert job.base == a
+
+
+async def test_an_ambiguous_abbreviation_in_a_selection_lists_the_commits(world: World) -> None:
+    """A selection or base naming several commits is refused with the commits it could mean."""
+    good, _, p, _ = batch(world.origin)
+    one, other = commits_sharing_a_prefix(world.origin)
+    world.origin.set_branch("production", p)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    with pytest.raises(Invalid, match="ambiguous") as refused:
+        await world.rescue.set_selection(job.id, [one[:4]], actor="alice")
+    assert one[:12] in str(refused.value) and other[:12] in str(refused.value)
+    with pytest.raises(Invalid, match="ambiguous"):
+        await world.rescue.open(base=one[:4], bad_head="production", requester="deployd",
+                                reason="")

@@ -149,7 +149,7 @@ class Rescue:
                    commits: list[str] | None = None) -> Job:
         """Open a pending job for the range base..bad_head; `commits` picks by hand."""
         try:
-            base = await self.mirror.resolve(base)
+            base = await self.mirror.resolve_strict(base)
         except NotFound:
             raise Invalid(f"unknown base commit {base!r}") from None
         bad_head = await self.mirror.resolve(bad_head)
@@ -193,7 +193,7 @@ class Rescue:
         change: a base from elsewhere would bring in code nobody was shown.
         """
         try:
-            sha = await self.mirror.resolve(base)
+            sha = await self.mirror.resolve_strict(base)
         except NotFound:
             raise Invalid(f"unknown base commit {base!r}") from None
         for tip in (head, last_good):
@@ -220,7 +220,7 @@ class Rescue:
         chosen: set[str] = set()
         for given in commits:
             try:
-                sha = await self.mirror.resolve(given)
+                sha = await self.mirror.resolve_strict(given)
             except NotFound:
                 raise Invalid(f"unknown commit {given!r}") from None
             if sha not in by_sha:
