@@ -500,3 +500,26 @@ async def test_an_ambiguous_abbreviation_in_a_selection_lists_the_commits(world:
     with pytest.raises(Invalid, match="ambiguous"):
         await world.rescue.open(base=one[:4], bad_head="production", requester="deployd",
                                 reason="")
+
+
+async def test_patch_scope_counts_removed_lines(world: World) -> None:
+    """A patch removing more lines from a file than the commits did is beyond them, even when
+    every line it adds is theirs."""
+    world.origin.commit({"auth.py": "def check(user):\n    require_admin(user)\n    return 1\n"},
+                        "auth")
+    good = world.origin.head()
+    p = world.origin.commit({"auth.py": "def check(user):\n    require_admin(user)\n"
+                                        "    return 2\n"}, FIX)
+    world.origin.commit({"health.txt": "broken\n"}, "Break")
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    assert job.selection == [p]
+    own = await world.mirror.diff(good, p)
+    job = await world.rescue.set_resolved_patch(job.id, own, actor="mallory")
+    assert job.preview["beyond_commits"] is False
+    dropped = own.replace(" def check(user):\n     require_admin(user)\n",
+                          " def check(user):\n-    require_admin(user)\n")
+    dropped = dropped.replace("@@ -1,3 +1,3 @@", "@@ -1,3 +1,2 @@")
+    job = await world.rescue.set_resolved_patch(job.id, dropped, actor="mallory")
+    assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is True

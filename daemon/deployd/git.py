@@ -1095,8 +1095,9 @@ class Mirror:
         """What turning `old`'s tree (None: the empty tree) into `new`'s adds, per path.
 
         Every path the diff touches is a key (a deleted one maps to nothing); its counter
-        holds each added line as `+<line>`, the new blob of a binary file as `blob:<sha>`
-        and a changed file mode as `mode:<octal>`: the content the change brings in.
+        holds each added line as `+<line>`, the new blob of a binary file as `blob:<sha>`,
+        a changed file mode as `mode:<octal>` (the content the change brings in), and under
+        `-` how many lines it removes.
         """
         return await self._run("diff", self._changes, old, new)
 
@@ -1122,6 +1123,8 @@ class Mirror:
                 for line in hunk.lines:
                     if line.origin == "+":
                         added["+" + line.raw_content.decode("utf-8", "surrogateescape")] += 1
+                    elif line.origin == "-":
+                        added["-"] += 1
         return found
 
     async def diff(self, old: str, new: str) -> str:

@@ -115,8 +115,9 @@ class PatchScope:
 
     `extra_paths` are paths the patch touches that no selected commit touches;
     `beyond_commits` is true when the patch brings in any path, line, binary content or file
-    mode the selected commits do not (removed lines do not count: resolving a conflict
-    removes what the base holds). Then the commit is the resolver's, not the originals'.
+    mode the selected commits do not, or removes more lines from a file than they do (which
+    lines may differ: resolving a conflict removes what the base holds, not what the commit's
+    parent held). Then the commit is the resolver's, not the originals'.
     """
 
     extra_paths: list[str]
