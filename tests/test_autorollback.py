@@ -421,7 +421,7 @@ async def test_no_manual_deploy_while_an_automatic_rollback_runs(
     bad = lab.commit(BAD, "bad")
     await wait_event(daemon, "rollback.started")
     status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/deploy",
-                                         json_body={"revision": other})
+                                         json_body={"revision": other, "force": True})
     assert status == 409, body
     await wait_event(daemon, "rollback.succeeded")
     await daemon.wait_until(lambda: _idle(daemon), what="the rollback operation to end")
