@@ -138,3 +138,19 @@ class OriginRepo:
         commit = self.repo[sha]
         assert isinstance(commit, pygit2.Commit)
         return commit
+
+
+def commits_sharing_a_prefix(origin: OriginRepo) -> tuple[str, str]:
+    """Two commits on side branches `amb-a` and `amb-b` whose shas share four hex digits."""
+    head = origin.repo[origin.head()]
+    assert isinstance(head, pygit2.Commit)
+    seen: dict[str, str] = {}
+    for attempt in range(100_000):
+        oid = str(origin.repo.create_commit(
+            None, head.author, head.committer, f"try {attempt}\n", head.tree_id, [head.id]))
+        other = seen.setdefault(oid[:4], oid)
+        if other != oid:
+            origin.set_branch("amb-a", other)
+            origin.set_branch("amb-b", oid)
+            return other, oid
+    raise AssertionError("no two commits share a prefix")

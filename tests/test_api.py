@@ -170,7 +170,7 @@ async def test_bad_bodies_are_400_or_422(running: tuple[RunningDaemon, OriginRep
             assert_error(status, body, 400)
     for path, body_in in (
             (deploy, {}), (deploy, {"revision": 5}), (deploy, {"revision": ""}),
-            (deploy, {"revision": ["abc"]}), (deploy, {"revision": "abc", "force": True}),
+            (deploy, {"revision": ["abc"]}), (deploy, {"revision": "abc", "force": "yes"}),
             (deploy, {"revision": "a b"}), (deploy, [1, 2]), (deploy, "abc"),
             (rollback, {"release": 20240101120000}), (rollback, {"release": "yesterday"}),
             (rollback, {"release": "../../etc"}), (rollback, {"reason": 3}),

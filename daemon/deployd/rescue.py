@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +54,8 @@ COMMITTER = ("deployd", "deployd@localhost")
 _TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*):\s*(.*)$")
 _CHERRY_PICKED = re.compile(r"^\(cherry picked from commit [0-9a-f]+\)$")
 _FALSE = {"no", "false", "0", "off", "n"}
+MAX_TRIED_ALONE = 200
+"""Candidates tried alone on the base when a job opens; later ones show no such preview."""
 
 
 def trailers(message: str) -> dict[str, str]:
@@ -97,10 +100,28 @@ class Preview:
     blocked_by: str | None
     adaptation: str | None
     plan: str | None
+    scope: PatchScope | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"candidates": self.candidates, "tree": self.tree, "ready": self.ready,
-                "blocked_by": self.blocked_by, "adaptation": self.adaptation}
+                "blocked_by": self.blocked_by, "adaptation": self.adaptation,
+                "extra_paths": self.scope.extra_paths if self.scope else [],
+                "beyond_commits": self.scope.beyond_commits if self.scope else False}
+
+
+@dataclass(frozen=True)
+class PatchScope:
+    """How a resolved patch compares with the selected commits' own changes.
+
+    `extra_paths` are paths the patch touches that no selected commit touches;
+    `beyond_commits` is true when the patch brings in any path, line, binary content or file
+    mode the selected commits do not, or removes more lines from a file than they do (which
+    lines may differ: resolving a conflict removes what the base holds, not what the commit's
+    parent held). Then the commit is the resolver's, not the originals'.
+    """
+
+    extra_paths: list[str]
+    beyond_commits: bool
 
 
 class Rescue:
@@ -129,7 +150,7 @@ class Rescue:
                    commits: list[str] | None = None) -> Job:
         """Open a pending job for the range base..bad_head; `commits` picks by hand."""
         try:
-            base = await self.mirror.resolve(base)
+            base = await self.mirror.resolve_strict(base)
         except NotFound:
             raise Invalid(f"unknown base commit {base!r}") from None
         bad_head = await self.mirror.resolve(bad_head)
@@ -138,16 +159,25 @@ class Rescue:
         infos = await self.mirror.commits_between(base, bad_head)
         if not infos:
             raise Invalid(f"{self.name}: no commits between {base[:12]} and {bad_head[:12]}")
-        candidates = [_candidate(info) for info in infos]
+        candidates = await self._tried_alone(base, [_candidate(info) for info in infos])
         if commits is None:
             selection = [info.sha for info in infos if preselected(self.app, info)]
         else:
             selection = await self._validate_selection(candidates, commits)
+        now = self.clock()
+        draft = Job(id=0, app=self.name, state="pending", base=base, bad_head=bad_head,
+                    candidates=candidates, selection=selection, resolved_patch=None,
+                    preview={}, plan=None, requester=requester, reason=reason,
+                    created_at=now, updated_at=now, expires_at=now + self.app.rescue.expire,
+                    step=None, new_head=None, backup_ref=None, deploy_id=None, error=None)
+        # Preview and plan first, stored with the job in one insert: nobody ever reads a
+        # pending job without them.
+        preview = await self.compute_preview(draft)
         job = await self.jobs.create(self.name, base=base, bad_head=bad_head,
                                      candidates=candidates, selection=selection,
                                      requester=requester, reason=reason,
-                                     expires_at=self.clock() + self.app.rescue.expire)
-        job = await self._refresh_preview(job)
+                                     expires_at=draft.expires_at, preview=preview.to_json(),
+                                     plan=preview.plan)
         picked = ", ".join(s[:12] for s in selection) or "nothing yet"
         await self.store.add_event(
             self.name, "job.opened",
@@ -157,13 +187,41 @@ class Rescue:
         await self.refresh_metrics()
         return job
 
+    async def check_base(self, base: str, *, head: str, last_good: str | None) -> None:
+        """Raise Invalid unless `base` is in the history of the branch head or last good.
+
+        The rebuilt branch is base + the selection, and an approver reads only the selection's
+        change: a base from elsewhere would bring in code nobody was shown.
+        """
+        try:
+            sha = await self.mirror.resolve_strict(base)
+        except NotFound:
+            raise Invalid(f"unknown base commit {base!r}") from None
+        for tip in (head, last_good):
+            try:
+                if tip is not None and await self.mirror.is_ancestor(sha, tip):
+                    return
+            except NotFound:
+                continue  # a last good revision the mirror no longer has
+        raise Invalid(f"base {base!r} ({sha[:12]}) is not in the history of "
+                      f"{self.app.branch} or of the last good revision")
+
+    async def _tried_alone(self, base: str, candidates: list[dict[str, Any]]
+                           ) -> list[dict[str, Any]]:
+        """Candidates with whether each applies alone on the base (shown unless selected)."""
+        tried = await self.mirror.conflicts_alone(
+            base, [c["sha"] for c in candidates[:MAX_TRIED_ALONE]])
+        return [{**c, "applies_cleanly": not tried[c["sha"]],
+                 "conflicting_paths": list(tried[c["sha"]]), "applies_on": "base"}
+                if c["sha"] in tried else c for c in candidates]
+
     async def _validate_selection(self, candidates: list[dict[str, Any]],
                                   commits: list[str]) -> list[str]:
         by_sha = {c["sha"]: index for index, c in enumerate(candidates)}
         chosen: set[str] = set()
         for given in commits:
             try:
-                sha = await self.mirror.resolve(given)
+                sha = await self.mirror.resolve_strict(given)
             except NotFound:
                 raise Invalid(f"unknown commit {given!r}") from None
             if sha not in by_sha:
@@ -173,12 +231,6 @@ class Rescue:
         return sorted(chosen, key=by_sha.__getitem__)  # always oldest first
 
     # -- preview and plan ------------------------------------------------------------------
-
-    async def _refresh_preview(self, job: Job) -> Job:
-        preview = await self.compute_preview(job)
-        updated = await self.jobs.update(job.id, preview=preview.to_json(), plan=preview.plan)
-        assert updated is not None
-        return updated
 
     async def compute_preview(self, job: Job) -> Preview:
         """Try the selection commit by commit on the base, in memory; compute the plan."""
@@ -195,20 +247,23 @@ class Rescue:
             change = _changed_lines(await self.mirror.diff(before, sha)) if before else []
             original += change
             if not result.clean:
-                statuses[sha] = {"applies_cleanly": False,
+                statuses[sha] = {"applies_cleanly": False, "applies_on": "selection",
                                  "conflicting_paths": list(result.conflict_paths)}
                 continue
             landed = _changed_lines(await self.mirror.diff(head, result.head))
             landing += landed
             statuses[sha] = {"applies_cleanly": True, "conflicting_paths": [],
+                             "applies_on": "selection",
                              "already_in_base": sha in result.skipped,
                              "adapted": landed != change and sha not in result.skipped}
             head = result.head
         tree: str | None
         blocked: str | None = None
+        scope = None
         if job.resolved_patch is not None:
             tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
             landing = _changed_lines(await self.mirror.diff(job.base, tree))
+            scope = await self.patch_scope(job, tree)
         else:
             tree = (await self.mirror.commit_info(head)).tree
             conflicting = [s[:12] for s, st in statuses.items() if not st["applies_cleanly"]]
@@ -225,7 +280,21 @@ class Rescue:
                 [line + "\n" for line in original], [line + "\n" for line in landing],
                 "the selected commits' own change", "what would land"))
         plan = None if blocked else _plan(job, tree)
-        return Preview(candidates, tree, blocked is None, blocked, adaptation, plan)
+        return Preview(candidates, tree, blocked is None, blocked, adaptation, plan, scope)
+
+    async def patch_scope(self, job: Job, tree: str) -> PatchScope:
+        """Compare what the resolved patch (giving `tree`) adds with what the commits add."""
+        own: dict[str, Counter[str]] = {}
+        for sha in job.selection:
+            info = await self.mirror.commit_info(sha)
+            before = info.parents[0] if info.parents else None
+            for path, added in (await self.mirror.changes(before, sha)).items():
+                own.setdefault(path, Counter()).update(added)
+        patched = await self.mirror.changes(job.base, tree)
+        extra = sorted(path for path in patched if path not in own)
+        beyond = bool(extra) or any(added - own[path] for path, added in patched.items()
+                                    if path in own)
+        return PatchScope(extra, beyond)
 
     async def patch(self, job: Job) -> str:
         """The combined change that would land on the base, as a unified diff."""
@@ -239,7 +308,8 @@ class Rescue:
     async def set_selection(self, job_id: int, commits: list[str], *, actor: str) -> Job:
         job = await self._pending(job_id)
         selection = await self._validate_selection(job.candidates, commits)
-        updated = await self._replace_plan(job, selection=selection, resolved_patch=None)
+        updated = await self._replace_plan(job, selection=selection, resolved_patch=None,
+                                           actor=actor)
         await self._job_event(updated, "job.selection",
                               f"selection set to {', '.join(s[:12] for s in selection) or 'none'}"
                               " (any resolved patch dropped)", actor)
@@ -251,23 +321,28 @@ class Rescue:
         if not job.selection:
             raise Invalid("select the commits this patch stands for first (PUT .../selection)")
         await self.mirror.apply_patch(job.base, patch)  # Invalid when it does not apply
-        updated = await self._replace_plan(job, selection=job.selection, resolved_patch=patch)
+        updated = await self._replace_plan(job, selection=job.selection, resolved_patch=patch,
+                                           actor=actor)
         await self._job_event(updated, "job.patch",
                               f"resolved patch uploaded ({len(patch)} bytes)", actor)
         return updated
 
     async def _replace_plan(self, job: Job, *, selection: list[str],
-                            resolved_patch: str | None) -> Job:
+                            resolved_patch: str | None, actor: str) -> Job:
         """Compute the new preview first, then store it with its inputs in one step.
 
         Stored only if the job is still pending with the plan this change was based on, so
-        an approval never sees a selection without its matching plan.
+        an approval never sees a selection without its matching plan. `actor` becomes the
+        job's last changer (and, with a patch, its resolver).
         """
-        proposed = replace(job, selection=selection, resolved_patch=resolved_patch)
+        resolved_by = actor if resolved_patch is not None else None
+        proposed = replace(job, selection=selection, resolved_patch=resolved_patch,
+                           resolved_by=resolved_by, changed_by=actor)
         preview = await self.compute_preview(proposed)
         updated = await self.jobs.update(
             job.id, expect=("pending",), expect_plan=job.plan, selection=selection,
-            resolved_patch=resolved_patch, preview=preview.to_json(), plan=preview.plan)
+            resolved_patch=resolved_patch, preview=preview.to_json(), plan=preview.plan,
+            changed_by=actor, resolved_by=resolved_by)
         if updated is None:
             raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; "
                            "read it again")
@@ -286,13 +361,23 @@ class Rescue:
         if plan != job.plan:
             raise Conflict(f"stale plan: rescue job {job.id} now has plan {job.plan}; "
                            "read it again before approving")
-        if self.app.rescue.distinct_approver and actor == job.requester:
-            raise Forbidden(f"{actor} opened rescue job {job.id} and may not approve it")
+        if not self.app.rescue.distinct_approver:
+            return
+        if actor == job.requester:
+            raise Forbidden(f"distinct_approver: {actor} opened rescue job {job.id} and may "
+                            "not approve it")
+        if actor == job.last_changed_by:
+            what = "uploaded the resolved patch of" if job.resolved_patch is not None \
+                else "chose the selection of"
+            raise Forbidden(f"distinct_approver: {actor} {what} rescue job {job.id} and may "
+                            "not approve it; someone else must")
 
     async def approve(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Move the job from pending to approved; exactly one racing approval wins."""
+        # The last changer too: an identical re-upload by the approver between the check
+        # and this update must not slip through distinct_approver.
         updated = await self.jobs.update(job.id, expect=("pending",), expect_plan=plan,
-                                         state="approved")
+                                         expect_changed_by=job.changed_by, state="approved")
         if updated is None:
             raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; read it again")
         await self.jobs.add_approval(job.id, decision="approve", actor=actor, plan=plan,
@@ -385,9 +470,12 @@ class Rescue:
         marks = [("Rescue-Job", f"{self.name}#{job.id}"), ("Approved-by", approver)]
         if job.resolved_patch is not None:
             tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
+            author, credits = await self._patch_author(job, tree)
+            marks = [marks[0], *credits, ("Resolved-by", job.resolved_by or job.last_changed_by),
+                     marks[1]]
             new_head = await self.mirror.commit_tree(
                 tree, job.base, like=job.selection, committer_name=COMMITTER[0],
-                committer_email=COMMITTER[1], trailers=marks)
+                committer_email=COMMITTER[1], trailers=marks, author=author)
         else:
             result = await self.mirror.cherry_pick(
                 job.base, job.selection, committer_name=COMMITTER[0],
@@ -399,6 +487,27 @@ class Rescue:
             raise Conflict(f"rescue job {job.id}: the rebuilt tree differs from the approved "
                            "plan's; nothing pushed")
         return new_head
+
+    async def _patch_author(self, job: Job, tree: str
+                            ) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+        """Who authors a resolved patch's commit, and the trailers crediting the originals.
+
+        The original author (None: keep it) only while the patch brings in nothing the
+        selected commits did not contain; otherwise the resolver, as `<name>@deployd.invalid`
+        (API tokens have names, not mailboxes), with every original author named in an
+        `Original-author:` trailer.
+        """
+        if not (await self.patch_scope(job, tree)).beyond_commits:
+            return None, []
+        resolver = job.resolved_by or job.last_changed_by
+        originals: list[str] = []
+        for sha in job.selection:
+            info = await self.mirror.commit_info(sha)
+            name = f"{info.author_name} <{info.author_email}>"
+            if name not in originals:
+                originals.append(name)
+        return (resolver, f"{resolver}@deployd.invalid"), [("Original-author", o)
+                                                            for o in originals]
 
     async def _backup(self, job: Job) -> None:
         """Keep the old head: a local ref fetches never prune, and the same on the remote."""
@@ -495,6 +604,10 @@ class Rescue:
             "ready": bool(job.preview.get("ready")), "blocked_by": job.preview.get("blocked_by"),
             "candidates": job.preview.get("candidates", job.candidates),
             "resolved_patch": job.resolved_patch is not None,
+            "resolved_by": job.resolved_by if job.resolved_patch is not None else None,
+            "extra_paths": job.preview.get("extra_paths", []),
+            "beyond_commits": bool(job.preview.get("beyond_commits")),
+            "changed_by": job.last_changed_by,
             "adaptation": job.preview.get("adaptation"),
             "new_head": job.new_head, "backup_branch": job.backup_ref, "step": job.step,
             "deploy": job.deploy_id, "error": job.error,
@@ -508,11 +621,13 @@ class Rescue:
 
 
 def _plan(job: Job, tree: str | None) -> str:
-    patch = (hashlib.sha256(job.resolved_patch.encode()).hexdigest()
-             if job.resolved_patch is not None else None)
-    payload = json.dumps({"base": job.base, "bad_head": job.bad_head,
-                          "selection": job.selection, "patch": patch, "tree": tree},
-                         sort_keys=True)
+    fields: dict[str, Any] = {"base": job.base, "bad_head": job.bad_head,
+                              "selection": job.selection, "patch": None, "tree": tree}
+    if job.resolved_patch is not None:
+        # The resolver is bound too: they are named in (and may author) the commit.
+        fields["patch"] = hashlib.sha256(job.resolved_patch.encode()).hexdigest()
+        fields["resolved_by"] = job.resolved_by
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -121,6 +121,18 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     );
     """,
+    # Who last changed what a job would land (its selection or resolved patch), and who
+    # uploaded its resolved patch: with `distinct_approver`, neither may approve it.
+    """
+    ALTER TABLE jobs ADD COLUMN changed_by TEXT;
+    ALTER TABLE jobs ADD COLUMN resolved_by TEXT;
+    """,
+    # What a deploy's `"force": true` overrode (quarantine, not on the branch); NULL if nothing.
+    """
+    ALTER TABLE deploys ADD COLUMN forced TEXT;
+    """,
+    # The notifications outbox: what each [[notify]] target is owed, and how far each target
+    # has looked through the events.
     """
     CREATE TABLE outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -183,6 +195,7 @@ class Deploy:
     bake_state: BakeState | None
     bake_started_at: float | None
     bake_until: float | None
+    forced: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -192,7 +205,7 @@ class Deploy:
             "trigger": self.trigger, "actor": self.actor,
             "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at),
             "error": self.error, "bake_state": self.bake_state,
-            "bake_until": _iso(self.bake_until),
+            "bake_until": _iso(self.bake_until), "forced": self.forced,
         }
 
 
@@ -378,17 +391,20 @@ class Store:
                            actor: str, release: str | None = None,
                            previous_release: str | None = None,
                            previous_revision: str | None = None,
-                           state: DeployState = "running") -> Deploy:
-        """Record a deploy or rollback about to start (or an observed one)."""
+                           state: DeployState = "running", forced: str | None = None) -> Deploy:
+        """Record a deploy or rollback about to start (or an observed one).
+
+        `forced` says what a forced deploy overrode (see `deploys.forced`).
+        """
         now = self.clock()
 
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO deploys (app, kind, revision, release, previous_release, "
-                "previous_revision, state, trigger, actor, started_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "previous_revision, state, trigger, actor, started_at, forced) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app, kind, revision, release, previous_release, previous_revision, state,
-                 trigger, actor, now),
+                 trigger, actor, now, forced),
             )
             return int(cursor.lastrowid or 0)
 
@@ -562,6 +578,13 @@ class Job:
     backup_ref: str | None
     deploy_id: int | None
     error: str | None
+    changed_by: str | None = None
+    resolved_by: str | None = None
+
+    @property
+    def last_changed_by(self) -> str:
+        """Who last changed what the job would land (its requester until someone does)."""
+        return self.changed_by or self.requester
 
 
 @dataclass(frozen=True)
@@ -586,7 +609,8 @@ class _Any:
 _ANY = _Any()
 
 _JOB_FIELDS = {"state", "candidates", "selection", "resolved_patch", "preview", "plan", "step",
-               "new_head", "backup_ref", "deploy_id", "error", "expires_at"}
+               "new_head", "backup_ref", "deploy_id", "error", "expires_at", "changed_by",
+               "resolved_by"}
 
 
 class JobStore:
@@ -597,16 +621,18 @@ class JobStore:
 
     async def create(self, app: str, *, base: str, bad_head: str,
                      candidates: list[dict[str, Any]], selection: list[str], requester: str,
-                     reason: str, expires_at: float) -> Job:
+                     reason: str, expires_at: float, preview: dict[str, Any] | None = None,
+                     plan: str | None = None) -> Job:
+        """Insert a pending job, with its preview and plan so it is never seen without."""
         now = self.store.clock()
 
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
-                "requester, reason, created_at, updated_at, expires_at) "
-                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "requester, reason, created_at, updated_at, expires_at, preview, plan) "
+                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app, base, bad_head, json.dumps(candidates), json.dumps(selection),
-                 requester, reason, now, now, expires_at))
+                 requester, reason, now, now, expires_at, json.dumps(preview or {}), plan))
             return int(cursor.lastrowid or 0)
 
         return await self.get(await self.store._run(self.store._write(insert)))
@@ -634,11 +660,13 @@ class JobStore:
         return [_job(row) for row in rows]
 
     async def update(self, job_id: int, *, expect: tuple[str, ...] | None = None,
-                     expect_plan: str | _Any | None = _ANY, **fields: Any) -> Job | None:
+                     expect_plan: str | _Any | None = _ANY,
+                     expect_changed_by: str | _Any | None = _ANY, **fields: Any) -> Job | None:
         """Set fields; with `expect`, only if the job is in one of those states (else None).
 
         The conditional form is what makes two racing approvals safe: exactly one of them
-        moves the job out of `pending`.
+        moves the job out of `pending`. `expect_plan` and `expect_changed_by` likewise
+        require the plan and last changer the caller read.
         """
         unknown = set(fields) - _JOB_FIELDS
         if unknown:
@@ -654,6 +682,9 @@ class JobStore:
         if not isinstance(expect_plan, _Any):
             sql += " AND plan IS ?"
             args.append(expect_plan)
+        if not isinstance(expect_changed_by, _Any):
+            sql += " AND changed_by IS ?"
+            args.append(expect_changed_by)
 
         def update(db: sqlite3.Connection) -> int:
             return db.execute(sql, args).rowcount
@@ -699,6 +730,7 @@ def _job(row: sqlite3.Row) -> Job:
         reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
         expires_at=row["expires_at"], step=row["step"], new_head=row["new_head"],
         backup_ref=row["backup_ref"], deploy_id=row["deploy_id"], error=row["error"],
+        changed_by=row["changed_by"], resolved_by=row["resolved_by"],
     )
 
 
@@ -715,4 +747,5 @@ def _deploy(row: sqlite3.Row) -> Deploy:
         trigger=row["trigger"], actor=row["actor"], started_at=row["started_at"],
         finished_at=row["finished_at"], error=row["error"], bake_state=row["bake_state"],
         bake_started_at=row["bake_started_at"], bake_until=row["bake_until"],
+        forced=row["forced"],
     )

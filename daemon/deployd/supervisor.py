@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 SYSTEM_ACTOR = "deployd"
 FETCH_SPACING = 1.0  # seconds between fetches that webhooks (not the interval) ask for
+FETCH_INTERVAL = 2.0
+"""REST calls start at most one fetch per this many seconds, so they cannot pin the mirror."""
 
 
 class AppSupervisor:
@@ -65,6 +67,8 @@ class AppSupervisor:
         self.head: str | None = None
         self.fetched = False
         self.fetch_error: str | None = None
+        self._fetch_started = float("-inf")  # monotonic start of the last fetch attempt
+        self._fetch_lock = asyncio.Lock()
         self._operation = asyncio.Lock()
         self._operation_name: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -206,7 +210,7 @@ class AppSupervisor:
             await self._maybe_deploy(head)
 
     async def _fetch(self) -> bool:
-        started = time.monotonic()
+        started = self._fetch_started = time.monotonic()
         try:
             await self.mirror.fetch()
         except DeploydError as exc:
@@ -241,16 +245,36 @@ class AppSupervisor:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def request_deploy(self, revision: str, *, actor: str) -> Deploy:
-        """Deploy a revision now (REST); returns the record of the deploy just started."""
+    async def request_deploy(self, revision: str, *, actor: str, force: bool = False) -> Deploy:
+        """Deploy a revision now (REST); returns the record of the deploy just started.
+
+        A quarantined revision, or one the branch does not hold, needs `force` (Invalid
+        otherwise); what force overrode is recorded with the deploy.
+        """
         if self.app.mode == "observe":
             raise Conflict(f"{self.name} is in observe mode: another tool deploys it "
                            "(rollbacks still work)")
-        sha = await self.mirror.resolve(revision)
+        sha = await self.mirror.resolve_strict(revision)
+        reasons = await self._needs_force(sha)
+        if reasons and not force:
+            raise Invalid(f"{self.name}: {revision} ({_short(sha)}) is {' and '.join(reasons)}; "
+                          'deploy it anyway with "force": true')
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
-        await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started),
+        await self._spawn(self._deploy(sha, trigger="manual", actor=actor, started=started,
+                                       forced="; ".join(reasons) or None),
                           "deploy", started)
         return await started
+
+    async def _needs_force(self, sha: str) -> list[str]:
+        """Why deploying `sha` by hand needs `"force": true` (empty: it does not)."""
+        reasons = []
+        for item in await self.store.quarantined(self.name):
+            if item.revision == sha:
+                reasons.append(f"quarantined ({item.reason})")
+        head = await self.mirror.branch_head(self.app.branch)
+        if head is None or not await self.mirror.is_ancestor(sha, head):
+            reasons.append(f"not on {self.app.branch}")
+        return reasons
 
     async def request_rollback(self, release: str | None, *, actor: str,
                                reason: str = "requested") -> Deploy:
@@ -321,7 +345,8 @@ class AppSupervisor:
 
     async def _deploy(self, revision: str, *, trigger: str, actor: str,
                       started: asyncio.Future[Deploy] | None = None,
-                      on_start: Callable[[Deploy], Awaitable[object]] | None = None) -> Deploy:
+                      on_start: Callable[[Deploy], Awaitable[object]] | None = None,
+                      forced: str | None = None) -> Deploy:
         if trigger != "manual":
             # A manual deploy is not an attempt at the branch head: remembering it would make
             # the next poll deploy the head again over what the operator chose.
@@ -330,14 +355,17 @@ class AppSupervisor:
         record = await self.store.start_deploy(
             self.name, "deploy", revision, trigger=trigger, actor=actor,
             previous_release=live.release if live else None,
-            previous_revision=live.revision if live else None,
+            previous_revision=live.revision if live else None, forced=forced,
         )
         _resolve(started, record)
         if on_start is not None:
             await on_start(record)
+        how = trigger if forced is None else f"{trigger}, forced: {forced}"
         await self.store.add_event(self.name, "deploy.started",
-                                   f"deploying {_short(revision)} ({trigger})",
-                                   actor=actor, revision=revision, data={"deploy": record.id})
+                                   f"deploying {_short(revision)} ({how})", actor=actor,
+                                   revision=revision,
+                                   data={"deploy": record.id, **({"forced": forced} if forced
+                                                                 else {})})
         clock_start = time.monotonic()
         try:
             tarball = await self.mirror.archive(revision, Limits(
@@ -475,18 +503,35 @@ class AppSupervisor:
     async def open_job(self, *, commits: list[str], base: str | None, actor: str) -> Job:
         """Open a rescue job by hand: base (default last good) + the named commits."""
         rescue = self._rescue()
-        if not await self._fetch():
-            raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
+        await self._fresh_fetch()
         head = await self.mirror.branch_head(self.app.branch)
         if head is None:
             raise Conflict(f"{self.name}: branch {self.app.branch} does not exist")
+        state = await self.store.app_state(self.name)
         if base is None:
-            state = await self.store.app_state(self.name)
             base = state.last_good_revision
             if base is None:
                 raise Invalid(f"{self.name}: no last good revision on record; name a base")
+        await rescue.check_base(base, head=head, last_good=state.last_good_revision)
         return await rescue.open(base=base, bad_head=head, requester=actor,
                                  reason=f"opened by {actor}", commits=commits)
+
+    async def _fresh_fetch(self) -> None:
+        """Make sure a fetch started after this call arrived, at a bounded rate.
+
+        Callers queue here, not on the mirror: one fetch serves every caller that arrived
+        before it started, and the next starts no sooner than FETCH_INTERVAL after the last,
+        so a stream of calls leaves the mirror free for the poll loop and deploys.
+        """
+        arrived = time.monotonic()
+        async with self._fetch_lock:
+            if self._fetch_started < arrived:
+                wait = self._fetch_started + FETCH_INTERVAL - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await self._fetch()
+        if self.fetch_error is not None:
+            raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
 
     async def approve_job(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Approve exactly `plan` and start the transplant; 409 if anything moved."""

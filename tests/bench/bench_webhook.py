@@ -4,9 +4,9 @@
 
 For each N: N real sshd hosts, an origin repository and the real daemon as a subprocess
 (`deployd run`) polling only every 60 s, so a deploy within a second can only come from the
-webhook. Each run (1.2 s after the previous one) commits a new head, sends a GitHub-signed push to `POST /hooks/bench` and
-polls every host's `current` until all point at the new release. Measured with this process's
-monotonic clock:
+webhook. Each run (1.2 s after the previous one) commits a new head, sends a GitHub-signed
+push to `POST /hooks/bench` and polls every host's `current` until all point at the new
+release. Measured with this process's monotonic clock:
 
 - answered: the webhook's 202 came back;
 - all switched: every host's `current` points at the new release (the target: under 1 s at
