@@ -24,6 +24,7 @@ from aiohttp import web
 
 from deployd.app import DAEMON, Daemon, create_application
 from deployd.config import load
+from deployd.listener import make_runner
 from tests.sshd import SshdHost, free_port
 
 TOKENS = {
@@ -198,7 +199,7 @@ async def start_daemon(config_path: Path) -> RunningDaemon:
     """Start the daemon from a config file on a free 127.0.0.1 port."""
     config = load(config_path)
     app = create_application(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, config.daemon)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

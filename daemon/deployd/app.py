@@ -25,6 +25,7 @@ from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
+from deployd.listener import make_runner
 from deployd.metrics import Metrics
 from deployd.notify import Notifier
 from deployd.rescue import Rescue
@@ -187,7 +188,7 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier,
     refused (logged, one line per problem) and the running config stays.
     """
     app = create_application(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, config.daemon)
     notifier.status("opening the store and starting apps")
     await runner.setup()
     watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")

@@ -90,8 +90,39 @@ _TRAILER_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _TRAILER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*: |\(cherry picked from commit [0-9a-f]+\)$")
 _SCP_LIKE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?!//)")
 _OPEN_FLAGS = RepositoryOpenFlag.NO_SEARCH | RepositoryOpenFlag.BARE
+_PATCH_FILE = re.compile(rb"diff --git a/(.*) b/(.*?)\r?")
+_BINARY_SIZE = re.compile(rb"(literal|delta) ([0-9]+)\r?")
+MAX_BINARY_BYTES = 8 * 1024 * 1024
+"""The largest size a binary patch may declare for one file, and for all of them together:
+libgit2 allocates what a patch declares before it checks the data."""
 _MAX_AUTH_ATTEMPTS = 3
 _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.Blob
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def check_patch_sizes(patch: bytes) -> None:
+    """`errors.Invalid` naming the file when the patch's binary hunks declare (`literal N`,
+    `delta N`) more than MAX_BINARY_BYTES for one file or all together. Pure text work, so
+    it runs before libgit2 sees the patch."""
+    path = "?"
+    total = 0
+    for line in patch.splitlines():
+        if (header := _PATCH_FILE.fullmatch(line)) is not None:
+            path = header[2].decode("utf-8", "replace")
+            continue
+        found = _BINARY_SIZE.fullmatch(line)
+        if found is None:
+            continue
+        declared = int(found[2]) if len(found[2]) <= 12 else MAX_BINARY_BYTES * 1024
+        total += declared
+        if declared > MAX_BINARY_BYTES:
+            raise errors.Invalid(f"patch: binary change of {path} declares {found[2][:20].decode()}"
+                                 f" bytes; at most {MAX_BINARY_BYTES} are accepted")
+        if total > MAX_BINARY_BYTES:
+            raise errors.Invalid(f"patch: binary changes declare more than {MAX_BINARY_BYTES} "
+                                 f"bytes in all (at {path})")
 
 
 # --------------------------------------------------------------------------- values
@@ -1013,14 +1044,15 @@ class Mirror:
         Nothing is committed and no ref moves; the new blobs and trees are written to the
         mirror. Hunks must match exactly where they say (libgit2 applies no offset or fuzz).
         Raises `errors.Invalid` for a text that is not a patch or does not apply, naming the
-        files that do not.
+        files that do not, or that declares binary changes over MAX_BINARY_BYTES.
         """
-        return await self._run("apply patch", self._apply_patch, base, patch)
+        data = patch.encode("utf-8", "surrogateescape") if isinstance(patch, str) else patch
+        check_patch_sizes(data)
+        return await self._run("apply patch", self._apply_patch, base, data)
 
-    def _apply_patch(self, base: str, patch: str | bytes) -> str:
+    def _apply_patch(self, base: str, data: bytes) -> str:
         repo = self._open()
         tree = _tree(repo, base)
-        data = patch.encode("utf-8", "surrogateescape") if isinstance(patch, str) else patch
         try:
             diff = pygit2.Diff.parse_diff(data)
         except pygit2.GitError as exc:

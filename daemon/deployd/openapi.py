@@ -23,7 +23,8 @@ def _errors(*codes: int) -> dict[str, Any]:
     meaning = {400: "body is not valid JSON", 401: "no or bad bearer token",
                403: "the token lacks the role, or a rule forbids this actor",
                404: "unknown app or job", 409: "state conflict (busy, stale plan, not pending)",
-               422: "missing or mistyped fields", 503: "not ready"}
+               413: "body over its size limit", 422: "missing or mistyped fields",
+               503: "not ready"}
     return {str(code): {"description": meaning[code], **_json(_ref("Error"))} for code in codes}
 
 
@@ -42,6 +43,7 @@ def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
         operation["description"] = f"Needs a token with the `{role}` role."
     if body is not None:
         operation["requestBody"] = body
+        operation["responses"].update(_errors(413))
     if parameters:
         operation["parameters"] = parameters
     return operation
@@ -62,7 +64,8 @@ def _json_body(properties: dict[str, Any], required: list[str] | None = None) ->
 
 def _paths() -> dict[str, Any]:
     string = {"type": "string"}
-    commits = {"type": "array", "items": string}
+    text = {"type": "string", "maxLength": 1024}
+    commits = {"type": "array", "items": text}
     return {
         "/healthz": {"get": _op("Liveness", None, 200, _OBJECT)},
         "/readyz": {"get": _op("Readiness: config, store, mirrors fetched", None, 200,
@@ -95,16 +98,16 @@ def _paths() -> dict[str, Any]:
             "Roll back to the previous (or a named) release", "deploy", 202, _OBJECT,
             400, 401, 403, 404, 409, 422,
             body=_json_body({"release": {"type": "string", "pattern": "^[0-9]{14}$"},
-                             "reason": string}), parameters=[_APP])},
+                             "reason": text}), parameters=[_APP])},
         "/api/v1/apps/{app}/pause": {"post": _op(
             "Stop automatic deploys and rollbacks", "deploy", 200, _ref("App"),
-            400, 401, 403, 404, 422, body=_json_body({"reason": string}), parameters=[_APP])},
+            400, 401, 403, 404, 422, body=_json_body({"reason": text}), parameters=[_APP])},
         "/api/v1/apps/{app}/resume": {"post": _op(
             "Restart automatic deploys and rollbacks", "deploy", 200, _ref("App"),
-            400, 401, 403, 404, 422, body=_json_body({"reason": string}), parameters=[_APP])},
+            400, 401, 403, 404, 422, body=_json_body({"reason": text}), parameters=[_APP])},
         "/api/v1/apps/{app}/jobs": {"post": _op(
             "Open a rescue job by hand", "deploy", 201, _ref("Job"), 400, 401, 403, 404, 409,
-            422, body=_json_body({"commits": commits, "base": string}, ["commits"]),
+            422, body=_json_body({"commits": commits, "base": text}, ["commits"]),
             parameters=[_APP])},
         "/api/v1/jobs": {"get": _op(
             "Rescue jobs", "read", 200,
@@ -131,11 +134,11 @@ def _paths() -> dict[str, Any]:
         "/api/v1/jobs/{job}/approve": {"post": _op(
             "Start the transplant of exactly this plan", "approve", 202, _ref("Job"),
             400, 401, 403, 404, 409, 422,
-            body=_json_body({"plan": string, "comment": string}, ["plan"]),
+            body=_json_body({"plan": string, "comment": text}, ["plan"]),
             parameters=[_JOB])},
         "/api/v1/jobs/{job}/reject": {"post": _op(
             "End the job without transplanting", "approve", 200, _ref("Job"),
-            400, 401, 403, 404, 409, 422, body=_json_body({"comment": string}),
+            400, 401, 403, 404, 409, 422, body=_json_body({"comment": text}),
             parameters=[_JOB])},
     }
 
