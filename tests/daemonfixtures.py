@@ -78,10 +78,12 @@ class DaemonSpec:
     client_key: Path | None = None
     known_hosts: Path | None = None
     apps: list[AppSpec] = field(default_factory=list)
+    daemon_settings: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         parts = [table("daemon", {"state_dir": str(self.state_dir),
-                                  "listen": "127.0.0.1:0", "shutdown_grace": "10s"})]
+                                  "listen": "127.0.0.1:0", "shutdown_grace": "10s",
+                                  **self.daemon_settings})]
         for name, (secret, roles) in TOKENS.items():
             parts.append(table("tokens", {
                 "name": name, "token_sha256": hashlib.sha256(secret.encode()).hexdigest(),

@@ -10,6 +10,7 @@ are mapped to statuses in one middleware; anything unexpected is logged and answ
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -61,6 +62,7 @@ class ApiContext:
     tokens: tuple[Token, ...]
     supervisors: Mapping[str, AppSupervisor]
     metrics_auth: bool = False
+    client_timeout: float = 15.0  # to send a request body, once its headers are in
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"started": True})
 
 
@@ -156,19 +158,26 @@ def require(request: web.Request, role: str) -> Token:
 
 
 async def read_body(request: web.Request, limit: int, what: str) -> bytes:
-    """The request body, or a 413 as soon as it is known to exceed `limit` bytes; the rest
-    is never read (the connection is closed instead)."""
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes, or a 408
+    when it takes longer than the client timeout; the rest is never read (the connection is
+    closed instead)."""
     too_large = ApiError(413, "too_large", f"{what} is larger than {limit} bytes",
                          close=True)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(min(64 * 1024, limit + 1 - size)):
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    timeout = request.app[CONTEXT].client_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(min(64 * 1024, limit + 1 - size)):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"{what} did not arrive within {timeout:g}s",
+                       close=True) from None
     return b"".join(chunks)
 
 

@@ -171,6 +171,7 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         tokens=config.tokens,
         supervisors=daemon.supervisors,
         metrics_auth=config.daemon.metrics_auth,
+        client_timeout=config.daemon.client_timeout,
         ready=daemon.readiness,
     )
     daemon.context = context

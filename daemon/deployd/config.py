@@ -61,6 +61,8 @@ class DaemonConfig:
     log_format: LogFormat = "text"
     metrics_auth: bool = False
     shutdown_grace: float = 30.0
+    client_timeout: float = 15.0
+    max_connections_per_client: int = 32
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,8 @@ def _headers(value: Any) -> dict[str, str]:
 
 def _daemon(r: _Reader, data: Any) -> DaemonConfig:
     table = r.table(data, "daemon", {"state_dir", "listen", "log_format", "metrics_auth",
-                                      "shutdown_grace"})
+                                      "shutdown_grace", "client_timeout",
+                                      "max_connections_per_client"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
@@ -425,6 +428,9 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
         log_format=log_format,  # type: ignore[arg-type]
         metrics_auth=r.get(table, "daemon", "metrics_auth", _bool, False),
         shutdown_grace=r.get(table, "daemon", "shutdown_grace", _duration, 30.0),
+        client_timeout=r.get(table, "daemon", "client_timeout", _positive_duration, 15.0),
+        max_connections_per_client=r.get(table, "daemon", "max_connections_per_client",
+                                         _int_range(1, 10_000), 32),
     )
 
 

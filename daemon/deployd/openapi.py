@@ -23,6 +23,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     meaning = {400: "body is not valid JSON", 401: "no or bad bearer token",
                403: "the token lacks the role, or a rule forbids this actor",
                404: "unknown app or job", 409: "state conflict (busy, stale plan, not pending)",
+               408: "body not sent within the client timeout",
                413: "body over its size limit", 422: "missing or mistyped fields",
                503: "not ready"}
     return {str(code): {"description": meaning[code], **_json(_ref("Error"))} for code in codes}
@@ -43,7 +44,7 @@ def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
         operation["description"] = f"Needs a token with the `{role}` role."
     if body is not None:
         operation["requestBody"] = body
-        operation["responses"].update(_errors(413))
+        operation["responses"].update(_errors(408, 413))
     if parameters:
         operation["parameters"] = parameters
     return operation
