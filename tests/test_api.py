@@ -6,6 +6,7 @@ does not care how hosts are reached) and a real origin repo.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -133,6 +134,25 @@ async def test_auth_errors(running: tuple[RunningDaemon, OriginRepo]) -> None:
     assert_error(status, body, 403, "forbidden")
     status, body = await daemon.api.call("GET", path, token="reader")
     assert status == 200 and body["name"] == APP
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_401(
+        running: tuple[RunningDaemon, OriginRepo]) -> None:
+    """A bearer token holding bytes that are not UTF-8 is an unknown token (401), not a 500."""
+    daemon, _ = running
+    host, port = daemon.base.removeprefix("http://").split(":")
+    for token in (b"\xff\xfe\xfd", TOKENS["admin"][0].encode() + b"\xe9"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /api/v1/apps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Authorization: Bearer " + token + b"\r\n\r\n")
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 "), answer[:300]
+        assert_error(401, json.loads(body), 401, "unauthorized")
 
 
 async def test_unknown_app_and_unknown_route_are_404_json(

@@ -1,4 +1,4 @@
-"""What a client may send: bounded bodies, bounded patches, bounded text fields.
+"""What a client may send: bounded bodies, bounded patches, bounded text fields; diffs as bytes.
 
 Each test talks to the real daemon's REST server over loopback with a job opened by hand
 (base: the first commit, candidate: the second).
@@ -43,7 +43,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     daemon = await start_daemon(config)
     try:
         await daemon.wait_for_event(APP, "deploy.succeeded")
-        second = origin.commit({"index.html": "v2\n"}, "second")
+        second = origin.commit({"index.html": "v2\n", "menu.txt": b"caf\xe9 cr\xe8me\n"},
+                               "second")
         status, body = await daemon.api.call("POST", f"/api/v1/apps/{APP}/jobs",
                                              json_body={"commits": [second], "base": base})
         assert status == 201, body
@@ -161,3 +162,24 @@ async def test_text_fields_over_1_kib_are_422(lab: Lab) -> None:
                                              token="deployer", json_body={"reason": exact})
     assert status == 200, body
     assert body["paused"]["reason"] == exact
+
+
+async def test_a_diff_that_is_not_utf8_is_served_and_taken_as_bytes(lab: Lab) -> None:
+    """GET .../patch serves a diff holding Latin-1 bytes exactly (it was a 500), and PUT
+    takes such bytes back as the resolved patch (it was a 400)."""
+    path = f"/api/v1/jobs/{lab.job}/patch"
+    async with lab.daemon.session.get(lab.daemon.base + path, headers=APPROVER) as response:
+        assert response.status == 200
+        diff = await response.read()
+    assert b"+caf\xe9 cr\xe8me\n" in diff
+
+    async with lab.daemon.session.put(lab.daemon.base + path, data=diff,
+                                      headers=APPROVER) as response:
+        body = await response.json()
+        assert response.status == 200, body
+    assert body["resolved_patch"] is True and body["ready"] is True
+    job = await lab.daemon.api.get(f"/api/v1/jobs/{lab.job}")
+    assert job["plan"] == body["plan"]
+    async with lab.daemon.session.get(lab.daemon.base + path, headers=APPROVER) as response:
+        assert response.status == 200
+        assert await response.read() == diff

@@ -465,6 +465,8 @@ def test_unknown_key_at_every_level(tmp_path: Path, level: str) -> None:
      "variable 'port': expected a string or number, got an array"),
     ("host", 'vars = { "health-port" = 1 }', "apps.shop.hosts[0].vars",
      "variable name 'health-port' must be letters, digits and _"),
+    ("host", 'vars = { "port\\n" = 1 }', "apps.shop.hosts[0].vars",
+     "variable name 'port\\n' must be letters, digits and _"),
     ("http check", 'type = "tcp"', "apps.shop.checks[0].type",
      "expected \"http\" or \"prometheus\", got 'tcp'"),
     ("http check", 'method = "PUT"', "apps.shop.checks[0].method", "expected one of 'GET'"),

@@ -22,6 +22,7 @@ import pytest
 from deployd import errors
 from deployd.git import CherryPickResult, GitHome, Lease, Mirror, RefUpdate
 from tests.conftest import write_known_hosts
+from tests.githttp import GitHttpServer
 from tests.gitrepo import OriginRepo
 from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
 
@@ -163,6 +164,37 @@ async def test_password_never_appears_in_errors(tmp_path: Path) -> None:
     assert "s3cret" not in str(caught.value)
     assert "s3cret" not in str(caught.value.__cause__)
     assert "deploy:***@" in str(caught.value)
+
+
+def files_holding(root: Path, secret: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+async def test_a_repo_password_reaches_the_server_but_never_the_mirror_files(
+    tmp_path: Path, origin: OriginRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP(S) URL's password is given through the credentials callback: the fetch works,
+    the mirror's config (and every file of the mirror) holds the URL without it, a mirror
+    written by an older deployd with the password is cleaned, and no log line holds it."""
+    caplog.set_level("DEBUG")
+    server = GitHttpServer(origin.path.parent, "deploy", "s3cret")
+    await server.start()
+    try:
+        url = server.url(origin.path.name, "deploy:s3cret@")
+        old = tmp_path / "old.git"
+        pygit2.init_repository(str(old), bare=True).remotes.create("origin", url)
+        assert files_holding(old, b"s3cret")
+        for path in (tmp_path / "m.git", old):
+            mirror = Mirror(path, url, name="shop", timeout=5)
+            await mirror.fetch()
+            assert await mirror.branch_head("production") == origin.head()
+            assert files_holding(path, b"s3cret") == []
+            config = (path / "config").read_text()
+            assert server.url(origin.path.name) in config
+        assert server.seen_authorization  # the password did reach the server
+        assert "s3cret" not in caplog.text
+    finally:
+        await server.stop()
 
 
 # --------------------------------------------------------------------------- reading

@@ -134,7 +134,8 @@ def authenticate(context: ApiContext, request: web.Request) -> Token:
     if scheme.lower() != "bearer" or not secret.strip():
         raise ApiError(401, "unauthorized", "missing bearer token",
                        {"WWW-Authenticate": 'Bearer realm="deployd"'})
-    digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+    # aiohttp keeps header bytes that are not UTF-8 as surrogate escapes: hash them as sent.
+    digest = hashlib.sha256(secret.strip().encode("utf-8", "surrogateescape")).hexdigest()
     found: Token | None = None
     # Compare against every token, always, so timing says nothing about which matched.
     for token in context.tokens:
@@ -472,8 +473,9 @@ async def job_patch(request: web.Request) -> web.Response:
     job, sup = await load_job(request)
     assert sup.rescue is not None
     text = await sup.rescue.patch(job)
-    return web.Response(text=text, content_type="text/x-diff",
-                        headers={"X-Deployd-Plan": job.plan or ""})
+    # A diff is bytes: content that is not UTF-8 goes out exactly as the repository holds it.
+    return web.Response(body=text.encode("utf-8", "surrogateescape"),
+                        content_type="text/x-diff", headers={"X-Deployd-Plan": job.plan or ""})
 
 
 async def put_job_patch(request: web.Request) -> web.Response:
@@ -482,10 +484,7 @@ async def put_job_patch(request: web.Request) -> web.Response:
     check_patch_sizes(raw)  # before any of it reaches libgit2
     job, sup = await load_job(request)
     assert sup.rescue is not None
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise ApiError(400, "bad_patch", "the patch must be UTF-8 text") from None
+    text = raw.decode("utf-8", "surrogateescape")  # a diff may hold any bytes
     if not text.strip():
         raise ApiError(422, "invalid", "send the resolved unified diff as the request body")
     job = await sup.rescue.set_resolved_patch(job.id, text, actor=token.name)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from deployd import api
 from deployd.config import AppConfig, Config, load
-from deployd.errors import ConfigError, DeploydError
+from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
@@ -29,7 +29,7 @@ from deployd.listener import make_runner
 from deployd.metrics import Metrics
 from deployd.notify import Notifier
 from deployd.rescue import Rescue
-from deployd.store import JobStore, Store
+from deployd.store import JobStore, Store, make_private_dir
 from deployd.supervisor import AppSupervisor
 
 log = logging.getLogger("deployd")
@@ -131,7 +131,14 @@ DAEMON = web.AppKey("daemon", Daemon)
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
-    daemon.store = Store(daemon.config.daemon.state_dir / "deployd.sqlite3")
+    state_dir = daemon.config.daemon.state_dir
+    # Holds the mirrors (code not yet public), approvals and known_hosts: the daemon's only.
+    try:
+        for private in (state_dir, state_dir / "mirrors", state_dir / "git-home"):
+            make_private_dir(private)
+    except OSError as exc:
+        raise StoreError(f"cannot open state store in {state_dir}: {exc.strerror or exc}") from exc
+    daemon.store = Store(state_dir / "deployd.sqlite3")
     await daemon.store.open()
     app[api.CONTEXT].store = daemon.store
     yield

@@ -25,9 +25,10 @@ T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Names are checked with fullmatch: `$` would also accept a trailing newline.
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_duration(text: str) -> float:
@@ -400,7 +401,7 @@ def _vars(value: Any) -> dict[str, str]:
         raise TypeError(f"expected a table, got {_kind(value)}")
     result: dict[str, str] = {}
     for key, item in value.items():
-        if not _VAR_NAME.match(key):
+        if not _VAR_NAME.fullmatch(key):
             raise ValueError(f"variable name {key!r} must be letters, digits and _")
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise TypeError(f"variable {key!r}: expected a string or number, got {_kind(item)}")
@@ -492,7 +493,7 @@ def _token_digest(r: _Reader, table: dict[str, Any], path: str) -> str:
         except OSError as exc:
             r.problem(source, f"cannot read {file}: {exc.strerror}")
             return ""
-    if not _HEX64.match(digest):
+    if not _HEX64.fullmatch(digest):
         r.problem(source, "expected the 64 hex digit sha256 of the token, not the token itself")
         return ""
     return digest
@@ -674,7 +675,7 @@ _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_int
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
     path = f"apps.{name}"
-    if not _APP_NAME.match(name) or not _ref_safe(name):
+    if not _APP_NAME.fullmatch(name) or not _ref_safe(name):
         r.problem(path, "app names are letters, digits, '.', '_' and '-' (at most 64), "
                   "usable in a git branch name (no '..', not ending in '.' or '.lock')")
     table = r.table(data, path, _APP_KEYS)

@@ -53,6 +53,7 @@ import hmac
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -203,6 +204,7 @@ class _RemoteUrl:
     raw: str
     display: str
     ssh: bool
+    stored: str = ""  # what the mirror's config holds: no password (the callback gives it)
     user: str | None = None
     password: str | None = None
     host: str = ""
@@ -224,14 +226,17 @@ def _parse_url(url: str) -> _RemoteUrl:
     if "://" not in url:
         match = _SCP_LIKE.match(url)
         if match is None or url.startswith(("/", ".")):
-            return _RemoteUrl(raw=url, display=url, ssh=False)
+            return _RemoteUrl(raw=url, display=url, ssh=False, stored=url)
         host = match["host"].strip("[]")
-        return _RemoteUrl(raw=url, display=url, ssh=True, user=match["user"], host=host)
+        return _RemoteUrl(raw=url, display=url, ssh=True, stored=url, user=match["user"],
+                          host=host)
     parts = urlsplit(url)
-    display = url
+    display = stored = url
     if parts.password is not None:
         userinfo = f"{parts.username or ''}:***@"
-        display = parts._replace(netloc=userinfo + parts.netloc.rpartition("@")[2]).geturl()
+        host = parts.netloc.rpartition("@")[2]
+        display = parts._replace(netloc=userinfo + host).geturl()
+        stored = parts._replace(netloc=host).geturl()
     ssh = parts.scheme in ("ssh", "ssh+git", "git+ssh")
     try:
         port = parts.port or 22
@@ -241,6 +246,7 @@ def _parse_url(url: str) -> _RemoteUrl:
         raw=url,
         display=display,
         ssh=ssh,
+        stored=stored,
         user=parts.username,
         password=parts.password,
         host=parts.hostname or "",
@@ -730,10 +736,10 @@ class Mirror:
         """Remote `origin` with the configured URL and the mirror refspecs."""
         names = list(repo.remotes.names())
         if "origin" not in names:
-            repo.remotes.create("origin", self._remote.raw, REFSPECS[0])
+            repo.remotes.create("origin", self._remote.stored, REFSPECS[0])
         remote = repo.remotes["origin"]
-        if remote.url != self._remote.raw:
-            repo.remotes.set_url("origin", self._remote.raw)
+        if remote.url != self._remote.stored:
+            repo.remotes.set_url("origin", self._remote.stored)
         if list(remote.fetch_refspecs) != list(REFSPECS):
             if remote.fetch_refspecs:
                 repo.config.delete_multivar("remote.origin.fetch", ".*")
@@ -792,6 +798,7 @@ class Mirror:
         repo = self._open_or_create()
         with self._network() as callbacks:
             repo.remotes["origin"].fetch(callbacks=callbacks, prune=FetchPrune.PRUNE)
+        _make_private(self.path)
 
     async def push(self, updates: list[RefUpdate]) -> None:
         """Push each update (forced, under its lease); `errors.PushRejected` if any is refused.
@@ -1071,6 +1078,16 @@ class Mirror:
                 ) from None
             index.read(force=True)
             return str(index.write_tree(repo))
+
+
+def _make_private(root: Path) -> None:
+    """Take every permission of group and others away under `root` (libgit2 creates files
+    after the umask, and the mirror holds code that may not be public yet)."""
+    for directory, names, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, n) for n in names + files)]:
+            mode = os.lstat(path).st_mode
+            if mode & 0o077 and not stat.S_ISLNK(mode):
+                os.chmod(path, stat.S_IMODE(mode) & 0o700)
 
 
 @contextmanager

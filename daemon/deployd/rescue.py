@@ -508,7 +508,7 @@ class Rescue:
 
 
 def _plan(job: Job, tree: str | None) -> str:
-    patch = (hashlib.sha256(job.resolved_patch.encode()).hexdigest()
+    patch = (hashlib.sha256(job.resolved_patch.encode("utf-8", "surrogateescape")).hexdigest()
              if job.resolved_patch is not None else None)
     payload = json.dumps({"base": job.base, "bad_head": job.bad_head,
                           "selection": job.selection, "patch": patch, "tree": tree},
