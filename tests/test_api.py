@@ -158,7 +158,7 @@ async def test_an_authorization_header_that_is_not_utf8_is_401(
 async def test_unknown_app_and_unknown_route_are_404_json(
         running: tuple[RunningDaemon, OriginRepo]) -> None:
     """An unknown app (for every app call) and an unknown route answer 404 as JSON errors;
-    a wrong method on a known route is a JSON 405."""
+    a wrong method on a known route is a JSON 405 with an Allow header."""
     daemon, _ = running
     for method, path in (("GET", "/api/v1/apps/nope"), ("GET", "/api/v1/apps/nope/events"),
                          ("POST", "/api/v1/apps/nope/deploy"),
@@ -170,8 +170,9 @@ async def test_unknown_app_and_unknown_route_are_404_json(
     for token in ("admin", None):
         status, body = await daemon.api.call("GET", "/api/v1/nothing/here", token=token)
         assert_error(status, body, 404)
-    status, body = await daemon.api.call("GET", f"/api/v1/apps/{APP}/deploy")
+    status, headers, body = await raw(daemon, "GET", f"/api/v1/apps/{APP}/deploy")
     assert_error(status, body, 405)
+    assert headers["Allow"] == "POST"  # RFC 9110: a 405 names the methods that work
     for job in ("12345", "\u00b2", "9" * 40, "x"):
         status, body = await daemon.api.call("GET", f"/api/v1/jobs/{job}")
         assert_error(status, body, 404, "not_found")

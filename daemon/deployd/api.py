@@ -112,8 +112,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, exc.reason.lower().replace(" ", "_"),
-                              exc.text or exc.reason)
+                              exc.text or exc.reason, allow)
     except DeploydError as exc:
         for kind, status, code in _DEPLOYD_ERRORS:
             if isinstance(exc, kind):
