@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from deployd.listener import ClientLimitedServer
 from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
@@ -101,10 +102,11 @@ async def normal_get(base: str, local: str) -> int:
 
 
 async def test_trickling_clients_are_closed_and_others_are_still_served(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """40 connections trickling a header byte every 0.2 s from one address: 32 past the
-    per-client limit are closed at once, the 8 admitted ones when the client timeout ends
-    although bytes keep coming, and meanwhile another client is served normally."""
+    per-client limit are closed at once (one warning logged), the 8 admitted ones when the
+    client timeout ends although bytes keep coming, and meanwhile another client is served
+    normally."""
     async with daemon_with(tmp_path, client_timeout="6s",
                            max_connections_per_client=8) as daemon:
         server = daemon.runner.server
@@ -118,6 +120,8 @@ async def test_trickling_clients_are_closed_and_others_are_still_served(
             assert await normal_get(daemon.base, CLIENT) == 200
             assert open_while_served == 8
             assert server.per_client[ATTACKER] <= 8
+            warnings = [r for r in caplog.records if "closing further ones" in r.getMessage()]
+            assert len(warnings) == 1 and ATTACKER in warnings[0].getMessage()
 
             await wait_for(lambda: all(c.closed for c in slow), 6 + 10,
                            "every slow connection closed")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -25,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 from deployd.config import DaemonConfig
 
 log = logging.getLogger("deployd.api")
+WARN_EVERY = 60.0
 
 
 def client_of(transport: asyncio.BaseTransport) -> str:
@@ -43,6 +45,7 @@ class ClientLimitedServer(web.Server):
         self.max_per_client = max_per_client
         self.per_client: Counter[str] = Counter()
         self._client: dict[RequestHandler, str] = {}
+        self._warned: dict[str, float] = {}
         self.refused = 0
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -52,10 +55,18 @@ class ClientLimitedServer(web.Server):
         self.per_client[client] += 1
         if self.per_client[client] > self.max_per_client:
             self.refused += 1
-            if self.per_client[client] == self.max_per_client + 1:
-                log.warning("client %s holds %d connections: closing further ones",
-                            client, self.max_per_client)
+            self._warn(client)
             transport.close()
+
+    def _warn(self, client: str) -> None:
+        """One warning per client a minute: a client reconnecting in a loop must not flood
+        the log."""
+        now = time.monotonic()
+        if now - self._warned.get(client, -WARN_EVERY) >= WARN_EVERY:
+            self._warned = {c: t for c, t in self._warned.items() if now - t < WARN_EVERY}
+            self._warned[client] = now
+            log.warning("client %s holds %d connections: closing further ones",
+                        client, self.max_per_client)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
