@@ -20,7 +20,15 @@ import pygit2
 import pytest
 
 from deployd import errors
-from deployd.git import CherryPickResult, GitHome, Lease, Mirror, RefUpdate
+from deployd.git import (
+    MAX_BINARY_BYTES,
+    CherryPickResult,
+    GitHome,
+    Lease,
+    Mirror,
+    RefUpdate,
+    check_patch_sizes,
+)
 from tests.conftest import write_known_hosts
 from tests.githttp import GitHttpServer
 from tests.gitrepo import OriginRepo
@@ -164,6 +172,16 @@ async def test_password_never_appears_in_errors(tmp_path: Path) -> None:
     assert "s3cret" not in str(caught.value)
     assert "s3cret" not in str(caught.value.__cause__)
     assert "deploy:***@" in str(caught.value)
+
+
+def test_declared_binary_sizes_are_read_without_trusting_them() -> None:
+    """A size with thousands of digits is refused without building the number; leading
+    zeros do not hide a size; small declarations pass."""
+    head = b"diff --git a/logo.bin b/logo.bin\nGIT binary patch\n"
+    check_patch_sizes(head + b"literal 0000000000000000000012\nxyz\n")
+    for size in (b"9" * 5000, b"0" * 30 + b"9" * 9, str(MAX_BINARY_BYTES + 1).encode()):
+        with pytest.raises(errors.Invalid, match=r"logo\.bin"):
+            check_patch_sizes(head + b"literal " + size + b"\r\nxyz\n")
 
 
 def files_holding(root: Path, secret: bytes) -> list[Path]:

@@ -3,9 +3,9 @@
 Errors always look like `{"error": {"code": "...", "message": "..."}}`: 400 for a body that
 is not JSON, 422 for JSON with missing or mistyped fields, 401 without a valid token, 403
 without the role, 404 for unknown names, 409 for a state conflict, 413 for a body over its
-limit (read no further). deployd's own exceptions
-are mapped to statuses in one middleware; anything unexpected is logged and answered with a
-500 that reveals nothing.
+limit and 408 for one that does not arrive in time (the rest is never read). deployd's own
+exceptions are mapped to statuses in one middleware; anything unexpected is logged and
+answered with a 500 that reveals nothing.
 """
 
 from __future__ import annotations

@@ -116,7 +116,9 @@ def check_patch_sizes(patch: bytes) -> None:
         found = _BINARY_SIZE.fullmatch(line)
         if found is None:
             continue
-        declared = int(found[2]) if len(found[2]) <= 12 else MAX_BINARY_BYTES * 1024
+        digits = found[2].lstrip(b"0") or b"0"
+        # Thousands of digits would make int() itself the cost: anything that long is too big.
+        declared = int(digits) if len(digits) <= 12 else MAX_BINARY_BYTES + 1
         total += declared
         if declared > MAX_BINARY_BYTES:
             raise errors.Invalid(f"patch: binary change of {path} declares {found[2][:20].decode()}"
@@ -1083,11 +1085,14 @@ class Mirror:
 def _make_private(root: Path) -> None:
     """Take every permission of group and others away under `root` (libgit2 creates files
     after the umask, and the mirror holds code that may not be public yet)."""
-    for directory, names, files in os.walk(root):
-        for path in [directory, *(os.path.join(directory, n) for n in names + files)]:
-            mode = os.lstat(path).st_mode
-            if mode & 0o077 and not stat.S_ISLNK(mode):
-                os.chmod(path, stat.S_IMODE(mode) & 0o700)
+    for directory, _subdirectories, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in files)]:
+            try:
+                mode = os.lstat(path).st_mode
+                if mode & 0o077 and not stat.S_ISLNK(mode):
+                    os.chmod(path, stat.S_IMODE(mode) & 0o700)
+            except FileNotFoundError:  # gone meanwhile (a lock file): nothing to protect
+                continue
 
 
 @contextmanager
