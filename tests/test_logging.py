@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from deployd.cli import TextFormatter
 from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec
 from tests.gitrepo import OriginRepo
 from tests.sshd import free_port
@@ -103,3 +106,24 @@ def test_json_log_keeps_the_reason_in_one_entry(tmp_path: Path) -> None:
     stderr = run_daemon(tmp_path, "json", pause_reason=f"lunch\n{FORGED}")
     entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     assert any(e["message"].endswith(f"lunch\n{FORGED}") for e in entries)
+
+
+def test_a_traceback_cannot_carry_a_forged_line() -> None:
+    """An exception message with a newline (it may quote a client's input) stays inside the
+    indented traceback; every line of the record but the first starts with spaces."""
+    logger = logging.getLogger("deployd.test-forging")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError(f"bad revision 'x\n{FORGED}\r\x1b[2J'")
+        except ValueError:
+            logger.exception("request failed for %s", f"y\n{FORGED}")
+    finally:
+        logger.removeHandler(handler)
+    first, *rest = stream.getvalue().splitlines()
+    assert first.endswith(f"request failed for y\\n{FORGED}")
+    assert rest and all(line.startswith("  ") for line in rest), rest
+    assert "\x1b" not in stream.getvalue() and "\r" not in stream.getvalue()

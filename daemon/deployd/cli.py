@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from deployd import __version__
 from deployd.config import Config, load
@@ -58,14 +59,24 @@ def escape_control(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """One line per record: the message's control characters escaped; only a traceback
-    (from the daemon, not from a client) spans further lines."""
+    """One line per record, control characters escaped; a traceback follows on lines
+    indented by two spaces, so no text inside it can pass for a record of its own."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_control(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + escape_control(line) for line in text.splitlines())
 
 
 def setup_logging(log_format: str, level: int = logging.INFO) -> None:
