@@ -432,6 +432,9 @@ def test_unknown_key_at_every_level(tmp_path: Path, level: str) -> None:
 @pytest.mark.parametrize(("level", "line", "key_path", "expected"), [
     ("daemon", "state_dir = 5", "daemon.state_dir", "expected a string, got an integer 5"),
     ("daemon", "listen = 8765", "daemon.listen", "expected a string"),
+    ("daemon", 'client_timeout = "0s"', "daemon.client_timeout", "above zero"),
+    ("daemon", "max_connections_per_client = 0", "daemon.max_connections_per_client",
+     "expected an integer from 1 to 10000"),
     ("daemon", 'listen = "localhost"', "daemon.listen", 'expected "host:port"'),
     ("daemon", 'listen = "localhost:99999"', "daemon.listen", 'expected "host:port"'),
     ("daemon", 'log_format = "xml"', "daemon.log_format", "expected one of 'text', 'json'"),
