@@ -24,6 +24,7 @@ from aiohttp import web
 
 from deployd.app import DAEMON, Daemon, create_application
 from deployd.config import load
+from deployd.listener import make_runner
 from tests.sshd import SshdHost, free_port
 
 TOKENS = {
@@ -79,10 +80,12 @@ class DaemonSpec:
     known_hosts: Path | None = None
     apps: list[AppSpec] = field(default_factory=list)
     notify: list[dict[str, Any]] = field(default_factory=list)
+    daemon_settings: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         parts = [table("daemon", {"state_dir": str(self.state_dir),
-                                  "listen": "127.0.0.1:0", "shutdown_grace": "10s"})]
+                                  "listen": "127.0.0.1:0", "shutdown_grace": "10s",
+                                  **self.daemon_settings})]
         for name, (secret, roles) in TOKENS.items():
             parts.append(table("tokens", {
                 "name": name, "token_sha256": hashlib.sha256(secret.encode()).hexdigest(),
@@ -204,7 +207,7 @@ async def start_daemon(config_path: Path) -> RunningDaemon:
     """Start the daemon from a config file on a free 127.0.0.1 port."""
     config = load(config_path)
     app = create_application(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, config.daemon)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

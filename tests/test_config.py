@@ -438,6 +438,9 @@ def test_unknown_key_at_every_level(tmp_path: Path, level: str) -> None:
 @pytest.mark.parametrize(("level", "line", "key_path", "expected"), [
     ("daemon", "state_dir = 5", "daemon.state_dir", "expected a string, got an integer 5"),
     ("daemon", "listen = 8765", "daemon.listen", "expected a string"),
+    ("daemon", 'client_timeout = "0s"', "daemon.client_timeout", "above zero"),
+    ("daemon", "max_connections_per_client = 0", "daemon.max_connections_per_client",
+     "expected an integer from 1 to 10000"),
     ("daemon", 'listen = "localhost"', "daemon.listen", 'expected "host:port"'),
     ("daemon", 'listen = "localhost:99999"', "daemon.listen", 'expected "host:port"'),
     ("daemon", 'log_format = "xml"', "daemon.log_format", "expected one of 'text', 'json'"),
@@ -471,6 +474,8 @@ def test_unknown_key_at_every_level(tmp_path: Path, level: str) -> None:
      "variable 'port': expected a string or number, got an array"),
     ("host", 'vars = { "health-port" = 1 }', "apps.shop.hosts[0].vars",
      "variable name 'health-port' must be letters, digits and _"),
+    ("host", 'vars = { "port\\n" = 1 }', "apps.shop.hosts[0].vars",
+     "variable name 'port\\n' must be letters, digits and _"),
     ("http check", 'type = "tcp"', "apps.shop.checks[0].type",
      "expected \"http\" or \"prometheus\", got 'tcp'"),
     ("http check", 'method = "PUT"', "apps.shop.checks[0].method", "expected one of 'GET'"),

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.daemonfixtures import RunningDaemon
+from tests.daemonfixtures import RunningDaemon, start_daemon
 from tests.daemonlab import (
     APP,
     RELEASE,
@@ -33,8 +33,11 @@ from tests.daemonlab import (
     revision_of,
     revisions_log,
 )
+from tests.gitrepo import OriginRepo
 from tests.hostfixtures import vanish
 from tests.sshd import chown_tree
+from tests.test_api import APP as API_APP
+from tests.test_api import spec_for
 
 __all__ = ["daemon_lab"]  # fixture used by name
 
@@ -513,3 +516,33 @@ async def test_sigterm_mid_deploy_finishes_the_deploy_and_exits_0(
                           ).fetchall()
     assert [row[:4] for row in rows] == [("deploy", "succeeded", first, release)]
     assert rows[0][4] > signalled  # the deploy finished after the signal, then it exited
+
+
+async def test_state_dir_and_its_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Under umask 000, with a state_dir and database left world-readable before: state_dir
+    and its directories end up 0700, the SQLite files 0600, the mirror's files private."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o755)
+    (state / "deployd.sqlite3").touch()
+    (state / "deployd.sqlite3").chmod(0o644)
+    config = spec_for(tmp_path, origin.path).write(tmp_path / "d.toml")
+    old_umask = os.umask(0)
+    try:
+        daemon = await start_daemon(config)
+        try:
+            await daemon.wait_for_event(API_APP, "deploy.succeeded")
+            modes = {path.relative_to(state).as_posix(): path.lstat().st_mode & 0o777
+                     for path in [state, *state.rglob("*")] if not path.is_symlink()}
+        finally:
+            await daemon.stop()
+    finally:
+        os.umask(old_umask)
+    for name in (".", "mirrors", "git-home", f"mirrors/{API_APP}.git"):
+        assert modes[name] == 0o700, (name, oct(modes[name]))
+    for name in ("deployd.sqlite3", "deployd.sqlite3-wal", "deployd.sqlite3-shm"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    public = {name: oct(mode) for name, mode in modes.items() if mode & 0o077}
+    assert public == {}

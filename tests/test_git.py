@@ -21,8 +21,17 @@ import pytest
 
 from deployd import errors
 from deployd.archive import Archive, Limits
-from deployd.git import CherryPickResult, GitHome, Lease, Mirror, RefUpdate
+from deployd.git import (
+    MAX_BINARY_BYTES,
+    CherryPickResult,
+    GitHome,
+    Lease,
+    Mirror,
+    RefUpdate,
+    check_patch_sizes,
+)
 from tests.conftest import write_known_hosts
+from tests.githttp import GitHttpServer
 from tests.gitrepo import OriginRepo, write_raw_tree
 from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
 
@@ -169,6 +178,47 @@ async def test_password_never_appears_in_errors(tmp_path: Path) -> None:
     assert "s3cret" not in str(caught.value)
     assert "s3cret" not in str(caught.value.__cause__)
     assert "deploy:***@" in str(caught.value)
+
+
+def test_declared_binary_sizes_are_read_without_trusting_them() -> None:
+    """A size with thousands of digits is refused without building the number; leading
+    zeros do not hide a size; small declarations pass."""
+    head = b"diff --git a/logo.bin b/logo.bin\nGIT binary patch\n"
+    check_patch_sizes(head + b"literal 0000000000000000000012\nxyz\n")
+    for size in (b"9" * 5000, b"0" * 30 + b"9" * 9, str(MAX_BINARY_BYTES + 1).encode()):
+        with pytest.raises(errors.Invalid, match=r"logo\.bin"):
+            check_patch_sizes(head + b"literal " + size + b"\r\nxyz\n")
+
+
+def files_holding(root: Path, secret: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+async def test_a_repo_password_reaches_the_server_but_never_the_mirror_files(
+    tmp_path: Path, origin: OriginRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP(S) URL's password is given through the credentials callback: the fetch works,
+    the mirror's config (and every file of the mirror) holds the URL without it, a mirror
+    written by an older deployd with the password is cleaned, and no log line holds it."""
+    caplog.set_level("DEBUG")
+    server = GitHttpServer(origin.path.parent, "deploy", "s3cret")
+    await server.start()
+    try:
+        url = server.url(origin.path.name, "deploy:s3cret@")
+        old = tmp_path / "old.git"
+        pygit2.init_repository(str(old), bare=True).remotes.create("origin", url)
+        assert files_holding(old, b"s3cret")
+        for path in (tmp_path / "m.git", old):
+            mirror = Mirror(path, url, name="shop", timeout=5)
+            await mirror.fetch()
+            assert await mirror.branch_head("production") == origin.head()
+            assert files_holding(path, b"s3cret") == []
+            config = (path / "config").read_text()
+            assert server.url(origin.path.name) in config
+        assert server.seen_authorization  # the password did reach the server
+        assert "s3cret" not in caplog.text
+    finally:
+        await server.stop()
 
 
 # --------------------------------------------------------------------------- reading

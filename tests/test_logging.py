@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from deployd.cli import TextFormatter
 from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec
 from tests.gitrepo import OriginRepo
 from tests.sshd import free_port
@@ -20,8 +23,9 @@ from tests.test_reload import wait_http
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_daemon(tmp_path: Path, log_format: str) -> str:
-    """Run `deployd run` until its first deploy baked, poke it with tokens, return stderr."""
+def run_daemon(tmp_path: Path, log_format: str, pause_reason: str | None = None) -> str:
+    """Run `deployd run` until its first deploy baked, poke it with tokens (and pause it with
+    `pause_reason`), return stderr."""
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "v1")
     spec = DaemonSpec(state_dir=tmp_path / "state", apps=[AppSpec(
@@ -49,6 +53,12 @@ def run_daemon(tmp_path: Path, log_format: str) -> str:
         while not (tmp_path / "host" / "current").exists():
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        if pause_reason is not None:
+            request = urllib.request.Request(
+                base + "/api/v1/apps/shop/pause", method="POST",
+                data=json.dumps({"reason": pause_reason}).encode(),
+                headers={"Authorization": f"Bearer {TOKENS['admin'][0]}"})
+            urllib.request.urlopen(request, timeout=5).close()
         time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -77,3 +87,43 @@ def test_text_log_names_events_and_holds_no_secret(tmp_path: Path) -> None:
     for secret, _ in TOKENS.values():
         assert secret not in stderr
     assert "wrong-secret-value-42" not in stderr
+
+
+FORGED = "2026-12-03 10:00:00,000 INFO deployd.events: shop job.approved by mallory"
+
+
+def test_text_log_escapes_control_characters_a_client_sent(tmp_path: Path) -> None:
+    """A pause reason holding a newline (and a terminal escape) stays on its log line,
+    escaped: it cannot forge a line of its own."""
+    stderr = run_daemon(tmp_path, "text", pause_reason=f"lunch\n{FORGED}\x1b[2J")
+    assert not any(line.startswith(FORGED) for line in stderr.splitlines()), stderr
+    assert f"lunch\\n{FORGED}\\x1b[2J" in stderr
+    assert "\x1b" not in stderr
+
+
+def test_json_log_keeps_the_reason_in_one_entry(tmp_path: Path) -> None:
+    """In JSON logs the same reason is one entry's message, newline and all."""
+    stderr = run_daemon(tmp_path, "json", pause_reason=f"lunch\n{FORGED}")
+    entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    assert any(e["message"].endswith(f"lunch\n{FORGED}") for e in entries)
+
+
+def test_a_traceback_cannot_carry_a_forged_line() -> None:
+    """An exception message with a newline (it may quote a client's input) stays inside the
+    indented traceback; every line of the record but the first starts with spaces."""
+    logger = logging.getLogger("deployd.test-forging")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError(f"bad revision 'x\n{FORGED}\r\x1b[2J'")
+        except ValueError:
+            logger.exception("request failed for %s", f"y\n{FORGED}")
+    finally:
+        logger.removeHandler(handler)
+    first, *rest = stream.getvalue().splitlines()
+    assert first.endswith(f"request failed for y\\n{FORGED}")
+    assert rest and all(line.startswith("  ") for line in rest), rest
+    assert "\x1b" not in stream.getvalue() and "\r" not in stream.getvalue()

@@ -13,7 +13,7 @@ import pytest
 from deployd.config import AppConfig, Hooks, HostConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
 from deployd.hosts import Host, HostPool, LocalHost
-from deployd.releases import LockInfo, Releases
+from deployd.releases import LockInfo, Releases, _check_name, is_release_name
 from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
@@ -432,3 +432,11 @@ async def test_files_deployd_writes_are_never_written_through_a_commits_symlinks
     assert not (release / "REVISION").is_symlink()
     assert (release / "REVISION").read_text() == sha(1) + "\n"
     assert not (release / "ROLLED_BACK").is_symlink()
+
+
+def test_names_with_a_trailing_newline_are_refused() -> None:
+    """Release and path names are matched whole: `$` alone would let "NAME\\n" through."""
+    assert is_release_name("20240101120000")
+    assert not is_release_name("20240101120000\n")
+    with pytest.raises(ReleaseError):
+        _check_name("shared\n")

@@ -2,13 +2,15 @@
 
 Errors always look like `{"error": {"code": "...", "message": "..."}}`: 400 for a body that
 is not JSON, 422 for JSON with missing or mistyped fields, 401 without a valid token, 403
-without the role, 404 for unknown names, 409 for a state conflict. deployd's own exceptions
-are mapped to statuses in one middleware; anything unexpected is logged and answered with a
-500 that reveals nothing.
+without the role, 404 for unknown names, 409 for a state conflict, 413 for a body over its
+limit and 408 for one that does not arrive in time (the rest is never read). deployd's own
+exceptions are mapped to statuses in one middleware; anything unexpected is logged and
+answered with a 500 that reveals nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -35,6 +37,7 @@ from deployd.errors import (
     NotFound,
     ReleaseError,
 )
+from deployd.git import check_patch_sizes
 from deployd.metrics import Metrics
 from deployd.store import JOB_STATES, Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
@@ -42,6 +45,12 @@ from deployd.supervisor import AppSupervisor
 log = logging.getLogger("deployd.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Bounds on what a client may send: the daemon holds every body in memory and a resolved
+# patch under the app's mirror lock.
+MAX_PATCH_BYTES = 4 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 1024
 
 
 @dataclass
@@ -53,6 +62,7 @@ class ApiContext:
     tokens: tuple[Token, ...]
     supervisors: Mapping[str, AppSupervisor]
     metrics_auth: bool = False
+    client_timeout: float = 15.0  # to send a request body, once its headers are in
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"started": True})
     listen: tuple[str, int] = ("127.0.0.1", 8765)
     public_url: str | None = None
@@ -65,12 +75,13 @@ class ApiError(Exception):
     """An HTTP error with a JSON body."""
 
     def __init__(self, status: int, code: str, message: str,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.close = close  # the connection cannot carry on (a body left unread)
 
 
 def error_response(status: int, code: str, message: str,
@@ -96,12 +107,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        if exc.close:
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, exc.reason.lower().replace(" ", "_"),
-                              exc.text or exc.reason)
+                              exc.text or exc.reason, allow)
     except DeploydError as exc:
         for kind, status, code in _DEPLOYD_ERRORS:
             if isinstance(exc, kind):
@@ -122,7 +137,8 @@ def authenticate(context: ApiContext, request: web.Request) -> Token:
     if scheme.lower() != "bearer" or not secret.strip():
         raise ApiError(401, "unauthorized", "missing bearer token",
                        {"WWW-Authenticate": 'Bearer realm="deployd"'})
-    digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+    # aiohttp keeps header bytes that are not UTF-8 as surrogate escapes: hash them as sent.
+    digest = hashlib.sha256(secret.strip().encode("utf-8", "surrogateescape")).hexdigest()
     found: Token | None = None
     # Compare against every token, always, so timing says nothing about which matched.
     for token in context.tokens:
@@ -145,9 +161,33 @@ def require(request: web.Request, role: str) -> Token:
 # -- request helpers ----------------------------------------------------------------------
 
 
+async def read_body(request: web.Request, limit: int, what: str) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `limit` bytes, or a 408
+    when it takes longer than the client timeout; the rest is never read (the connection is
+    closed instead)."""
+    too_large = ApiError(413, "too_large", f"{what} is larger than {limit} bytes",
+                         close=True)
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    timeout = request.app[CONTEXT].client_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(min(64 * 1024, limit + 1 - size)):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"{what} did not arrive within {timeout:g}s",
+                       close=True) from None
+    return b"".join(chunks)
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object: empty body is {}, bad JSON 400, non-object 422."""
-    raw = await request.read()
+    raw = await read_body(request, MAX_JSON_BYTES, "the JSON body")
     if not raw.strip():
         return {}
     try:
@@ -171,8 +211,25 @@ def field_str(body: Mapping[str, Any], name: str, *, required: bool = False,
         return None
     if not isinstance(value, str) or not value.strip():
         raise ApiError(422, "invalid", f"field {name!r} must be a non-empty string")
+    check_length(name, value)
     if pattern is not None and not re.fullmatch(pattern, value):
         raise ApiError(422, "invalid", f"field {name!r} has an unexpected form: {value!r}")
+    return value
+
+
+def check_length(name: str, value: str) -> None:
+    """Text fields end up in events, logs and hook environments: 422 beyond the limit."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise ApiError(422, "invalid", f"field {name!r} is longer than {MAX_TEXT_CHARS} "
+                       "characters")
+
+
+def text_field(body: Mapping[str, Any], name: str) -> str:
+    """An optional free-text field (a comment): a string, maybe empty, within the limit."""
+    value = body.get(name, "")
+    if not isinstance(value, str):
+        raise ApiError(422, "invalid", f"field {name!r} must be a string")
+    check_length(name, value)
     return value
 
 
@@ -386,6 +443,8 @@ def string_list(body: Mapping[str, Any], name: str, *, required: bool) -> list[s
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ApiError(422, "invalid", f"field {name!r} must be a list of commit ids")
+    for item in value:
+        check_length(name, item)
     return list(value)
 
 
@@ -440,19 +499,18 @@ async def job_patch(request: web.Request) -> web.Response:
     job, sup = await load_job(request)
     assert sup.rescue is not None
     text = await sup.rescue.patch(job)
-    return web.Response(text=text, content_type="text/x-diff",
-                        headers={"X-Deployd-Plan": job.plan or ""})
+    # A diff is bytes: content that is not UTF-8 goes out exactly as the repository holds it.
+    return web.Response(body=text.encode("utf-8", "surrogateescape"),
+                        content_type="text/x-diff", headers={"X-Deployd-Plan": job.plan or ""})
 
 
 async def put_job_patch(request: web.Request) -> web.Response:
     token = require(request, "approve")
+    raw = await read_body(request, MAX_PATCH_BYTES, "the patch")
+    check_patch_sizes(raw)  # before any of it reaches libgit2
     job, sup = await load_job(request)
     assert sup.rescue is not None
-    raw = await request.read()
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise ApiError(400, "bad_patch", "the patch must be UTF-8 text") from None
+    text = raw.decode("utf-8", "surrogateescape")  # a diff may hold any bytes
     if not text.strip():
         raise ApiError(422, "invalid", "send the resolved unified diff as the request body")
     job = await sup.rescue.set_resolved_patch(job.id, text, actor=token.name)
@@ -479,9 +537,7 @@ async def approve_job(request: web.Request) -> web.Response:
     reject_unknown(body, {"plan", "comment"})
     plan = field_str(body, "plan", required=True)
     assert plan is not None
-    comment = body.get("comment", "")
-    if not isinstance(comment, str):
-        raise ApiError(422, "invalid", "field 'comment' must be a string")
+    comment = text_field(body, "comment")
     job = await sup.approve_job(job, plan=plan, actor=token.name, comment=comment)
     return web.json_response(await sup.rescue.describe(job), status=202)
 
@@ -492,9 +548,7 @@ async def reject_job(request: web.Request) -> web.Response:
     assert sup.rescue is not None
     body = await read_json(request)
     reject_unknown(body, {"comment"})
-    comment = body.get("comment", "")
-    if not isinstance(comment, str):
-        raise ApiError(422, "invalid", "field 'comment' must be a string")
+    comment = text_field(body, "comment")
     job = await sup.rescue.reject(job.id, actor=token.name, comment=comment)
     return web.json_response(await sup.rescue.describe(job))
 
@@ -523,7 +577,7 @@ def add_routes(app: web.Application) -> None:
 
 def create_app(context: ApiContext) -> web.Application:
     """The aiohttp application serving the REST API, /metrics and the probes."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_PATCH_BYTES)
     app[CONTEXT] = context
     add_routes(app)
     return app

@@ -20,16 +20,17 @@ from aiohttp import web
 
 from deployd import api, webhooks
 from deployd.config import AppConfig, Config, check_files, load
-from deployd.errors import ConfigError, DeploydError
+from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
 from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
+from deployd.listener import make_runner
 from deployd.metrics import Metrics
 from deployd.notifications import Notifications
 from deployd.notify import Notifier
 from deployd.rescue import Rescue
-from deployd.store import JobStore, Store
+from deployd.store import JobStore, Store, make_private_dir
 from deployd.supervisor import AppSupervisor
 
 log = logging.getLogger("deployd")
@@ -160,7 +161,14 @@ DAEMON = web.AppKey("daemon", Daemon)
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
-    daemon.store = Store(daemon.config.daemon.state_dir / "deployd.sqlite3")
+    state_dir = daemon.config.daemon.state_dir
+    # Holds the mirrors (code not yet public), approvals and known_hosts: the daemon's only.
+    try:
+        for private in (state_dir, state_dir / "mirrors", state_dir / "git-home"):
+            make_private_dir(private)
+    except OSError as exc:
+        raise StoreError(f"cannot open state store in {state_dir}: {exc.strerror or exc}") from exc
+    daemon.store = Store(state_dir / "deployd.sqlite3")
     await daemon.store.open()
     app[api.CONTEXT].store = daemon.store
     yield
@@ -207,6 +215,7 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         tokens=config.tokens,
         supervisors=daemon.supervisors,
         metrics_auth=config.daemon.metrics_auth,
+        client_timeout=config.daemon.client_timeout,
         ready=daemon.readiness,
         listen=(config.daemon.listen_host, config.daemon.listen_port),
         public_url=config.daemon.public_url,
@@ -228,7 +237,7 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier,
     refused (logged, one line per problem) and the running config stays.
     """
     app = create_application(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, config.daemon)
     notifier.status("opening the store and starting apps")
     await runner.setup()
     watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")

@@ -12,10 +12,12 @@ import getpass
 import hashlib
 import json
 import logging
+import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from deployd import __version__
 from deployd.config import Config, check_files, load
@@ -44,12 +46,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters written as escapes (`\\n`, `\\x1b`), so a value a
+    client chose (a pause reason) cannot start a log line of its own or drive a terminal."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m[0], f"\\x{ord(m[0]):02x}"
+                                               if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}"),
+                        text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record, control characters escaped; a traceback follows on lines
+    indented by two spaces, so no text inside it can pass for a record of its own."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_control(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + escape_control(line) for line in text.splitlines())
+
+
 def setup_logging(log_format: str, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

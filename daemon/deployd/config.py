@@ -28,9 +28,10 @@ T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Names are checked with fullmatch: `$` would also accept a trailing newline.
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?")
 _SIZE_UNITS = {None: 1, "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9,
@@ -89,6 +90,8 @@ class DaemonConfig:
             return self.public_url.rstrip("/")
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"http://{host}:{self.listen_port}"
+    client_timeout: float = 15.0
+    max_connections_per_client: int = 32
 
 
 @dataclass(frozen=True)
@@ -490,7 +493,7 @@ def _vars(value: Any) -> dict[str, str]:
         raise TypeError(f"expected a table, got {_kind(value)}")
     result: dict[str, str] = {}
     for key, item in value.items():
-        if not _VAR_NAME.match(key):
+        if not _VAR_NAME.fullmatch(key):
             raise ValueError(f"variable name {key!r} must be letters, digits and _")
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise TypeError(f"variable {key!r}: expected a string or number, got {_kind(item)}")
@@ -506,7 +509,8 @@ def _headers(value: Any) -> dict[str, str]:
 
 def _daemon(r: _Reader, data: Any) -> DaemonConfig:
     table = r.table(data, "daemon", {"state_dir", "listen", "public_url", "log_format",
-                                      "metrics_auth", "shutdown_grace"})
+                                      "metrics_auth", "shutdown_grace", "client_timeout",
+                                      "max_connections_per_client"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
@@ -518,6 +522,9 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
         metrics_auth=r.get(table, "daemon", "metrics_auth", _bool, False),
         shutdown_grace=r.get(table, "daemon", "shutdown_grace", _duration, 30.0),
         public_url=r.get(table, "daemon", "public_url", _base_url, None),
+        client_timeout=r.get(table, "daemon", "client_timeout", _positive_duration, 15.0),
+        max_connections_per_client=r.get(table, "daemon", "max_connections_per_client",
+                                         _int_range(1, 10_000), 32),
     )
 
 
@@ -579,7 +586,7 @@ def _token_digest(r: _Reader, table: dict[str, Any], path: str) -> str:
         except OSError as exc:
             r.problem(source, f"cannot read {file}: {exc.strerror}")
             return ""
-    if not _HEX64.match(digest):
+    if not _HEX64.fullmatch(digest):
         r.problem(source, "expected the 64 hex digit sha256 of the token, not the token itself")
         return ""
     return digest
@@ -787,7 +794,7 @@ _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_int
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
     path = f"apps.{name}"
-    if not _APP_NAME.match(name) or not _ref_safe(name):
+    if not _APP_NAME.fullmatch(name) or not _ref_safe(name):
         r.problem(path, "app names are letters, digits, '.', '_' and '-' (at most 64), "
                   "usable in a git branch name (no '..', not ending in '.' or '.lock')")
     table = r.table(data, path, _APP_KEYS)

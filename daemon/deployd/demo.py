@@ -30,6 +30,7 @@ from aiohttp import web
 
 from deployd.app import create_application
 from deployd.config import load
+from deployd.listener import make_runner
 
 GOOD_HEALTH = "ok\n"
 BAD_HEALTH = "broken: cannot reach the database\n"
@@ -183,7 +184,7 @@ def say(text: str) -> None:
 async def _daemon(config_path: Path) -> AsyncIterator[None]:
     config = load(config_path)
     app = create_application(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, config.daemon)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.daemon.listen_host, config.daemon.listen_port).start()

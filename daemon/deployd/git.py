@@ -57,6 +57,7 @@ import hmac
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from base64 import b64decode
@@ -94,10 +95,43 @@ _TRAILER_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _TRAILER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*: |\(cherry picked from commit [0-9a-f]+\)$")
 _SCP_LIKE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?!//)")
 _OPEN_FLAGS = RepositoryOpenFlag.NO_SEARCH | RepositoryOpenFlag.BARE
+_PATCH_FILE = re.compile(rb"diff --git a/(.*) b/(.*?)\r?")
+_BINARY_SIZE = re.compile(rb"(literal|delta) ([0-9]+)\r?")
+MAX_BINARY_BYTES = 8 * 1024 * 1024
+"""The largest size a binary patch may declare for one file, and for all of them together:
+libgit2 allocates what a patch declares before it checks the data."""
 _MAX_AUTH_ATTEMPTS = 3
 DEFAULT_ARCHIVE_CACHE = 256 << 20
 """Bytes of release archives a mirror keeps (on disk, in unlinked files) for reuse."""
 _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.Blob
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def check_patch_sizes(patch: bytes) -> None:
+    """`errors.Invalid` naming the file when the patch's binary hunks declare (`literal N`,
+    `delta N`) more than MAX_BINARY_BYTES for one file or all together. Pure text work, so
+    it runs before libgit2 sees the patch."""
+    path = "?"
+    total = 0
+    for line in patch.splitlines():
+        if (header := _PATCH_FILE.fullmatch(line)) is not None:
+            path = header[2].decode("utf-8", "replace")
+            continue
+        found = _BINARY_SIZE.fullmatch(line)
+        if found is None:
+            continue
+        digits = found[2].lstrip(b"0") or b"0"
+        # Thousands of digits would make int() itself the cost: anything that long is too big.
+        declared = int(digits) if len(digits) <= 12 else MAX_BINARY_BYTES + 1
+        total += declared
+        if declared > MAX_BINARY_BYTES:
+            raise errors.Invalid(f"patch: binary change of {path} declares {found[2][:20].decode()}"
+                                 f" bytes; at most {MAX_BINARY_BYTES} are accepted")
+        if total > MAX_BINARY_BYTES:
+            raise errors.Invalid(f"patch: binary changes declare more than {MAX_BINARY_BYTES} "
+                                 f"bytes in all (at {path})")
 
 
 # --------------------------------------------------------------------------- values
@@ -178,6 +212,7 @@ class _RemoteUrl:
     raw: str
     display: str
     ssh: bool
+    stored: str = ""  # what the mirror's config holds: no password (the callback gives it)
     user: str | None = None
     password: str | None = None
     host: str = ""
@@ -199,14 +234,17 @@ def _parse_url(url: str) -> _RemoteUrl:
     if "://" not in url:
         match = _SCP_LIKE.match(url)
         if match is None or url.startswith(("/", ".")):
-            return _RemoteUrl(raw=url, display=url, ssh=False)
+            return _RemoteUrl(raw=url, display=url, ssh=False, stored=url)
         host = match["host"].strip("[]")
-        return _RemoteUrl(raw=url, display=url, ssh=True, user=match["user"], host=host)
+        return _RemoteUrl(raw=url, display=url, ssh=True, stored=url, user=match["user"],
+                          host=host)
     parts = urlsplit(url)
-    display = url
+    display = stored = url
     if parts.password is not None:
         userinfo = f"{parts.username or ''}:***@"
-        display = parts._replace(netloc=userinfo + parts.netloc.rpartition("@")[2]).geturl()
+        host = parts.netloc.rpartition("@")[2]
+        display = parts._replace(netloc=userinfo + host).geturl()
+        stored = parts._replace(netloc=host).geturl()
     ssh = parts.scheme in ("ssh", "ssh+git", "git+ssh")
     try:
         port = parts.port or 22
@@ -216,6 +254,7 @@ def _parse_url(url: str) -> _RemoteUrl:
         raw=url,
         display=display,
         ssh=ssh,
+        stored=stored,
         user=parts.username,
         password=parts.password,
         host=parts.hostname or "",
@@ -692,10 +731,10 @@ class Mirror:
         """Remote `origin` with the configured URL and the mirror refspecs."""
         names = list(repo.remotes.names())
         if "origin" not in names:
-            repo.remotes.create("origin", self._remote.raw, REFSPECS[0])
+            repo.remotes.create("origin", self._remote.stored, REFSPECS[0])
         remote = repo.remotes["origin"]
-        if remote.url != self._remote.raw:
-            repo.remotes.set_url("origin", self._remote.raw)
+        if remote.url != self._remote.stored:
+            repo.remotes.set_url("origin", self._remote.stored)
         if list(remote.fetch_refspecs) != list(REFSPECS):
             if remote.fetch_refspecs:
                 repo.config.delete_multivar("remote.origin.fetch", ".*")
@@ -754,6 +793,7 @@ class Mirror:
         repo = self._open_or_create()
         with self._network() as callbacks:
             repo.remotes["origin"].fetch(callbacks=callbacks, prune=FetchPrune.PRUNE)
+        _make_private(self.path)
 
     async def push(self, updates: list[RefUpdate]) -> None:
         """Push each update (forced, under its lease); `errors.PushRejected` if any is refused.
@@ -1138,14 +1178,15 @@ class Mirror:
         Nothing is committed and no ref moves; the new blobs and trees are written to the
         mirror. Hunks must match exactly where they say (libgit2 applies no offset or fuzz).
         Raises `errors.Invalid` for a text that is not a patch or does not apply, naming the
-        files that do not.
+        files that do not, or that declares binary changes over MAX_BINARY_BYTES.
         """
-        return await self._run("apply patch", self._apply_patch, base, patch)
+        data = patch.encode("utf-8", "surrogateescape") if isinstance(patch, str) else patch
+        check_patch_sizes(data)
+        return await self._run("apply patch", self._apply_patch, base, data)
 
-    def _apply_patch(self, base: str, patch: str | bytes) -> str:
+    def _apply_patch(self, base: str, data: bytes) -> str:
         repo = self._open()
         tree = _tree(repo, base)
-        data = patch.encode("utf-8", "surrogateescape") if isinstance(patch, str) else patch
         try:
             diff = pygit2.Diff.parse_diff(data)
         except pygit2.GitError as exc:
@@ -1164,6 +1205,19 @@ class Mirror:
                 ) from None
             index.read(force=True)
             return str(index.write_tree(repo))
+
+
+def _make_private(root: Path) -> None:
+    """Take every permission of group and others away under `root` (libgit2 creates files
+    after the umask, and the mirror holds code that may not be public yet)."""
+    for directory, _subdirectories, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in files)]:
+            try:
+                mode = os.lstat(path).st_mode
+                if mode & 0o077 and not stat.S_ISLNK(mode):
+                    os.chmod(path, stat.S_IMODE(mode) & 0o700)
+            except FileNotFoundError:  # gone meanwhile (a lock file): nothing to protect
+                continue
 
 
 @contextmanager

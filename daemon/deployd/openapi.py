@@ -23,7 +23,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     meaning = {400: "body is not valid JSON", 401: "no or bad bearer token",
                403: "the token lacks the role, or a rule forbids this actor",
                404: "unknown app or job", 409: "state conflict (busy, stale plan, not pending)",
-               422: "missing or mistyped fields", 503: "not ready"}
+               408: "body not sent within the client timeout",
+               413: "body over its size limit", 422: "missing or mistyped fields",
+               503: "not ready"}
     return {str(code): {"description": meaning[code], **_json(_ref("Error"))} for code in codes}
 
 
@@ -42,6 +44,7 @@ def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
         operation["description"] = f"Needs a token with the `{role}` role."
     if body is not None:
         operation["requestBody"] = body
+        operation["responses"].update(_errors(408, 413))
     if parameters:
         operation["parameters"] = parameters
     return operation
@@ -62,7 +65,14 @@ def _json_body(properties: dict[str, Any], required: list[str] | None = None) ->
 
 def _paths() -> dict[str, Any]:
     string = {"type": "string"}
-    commits = {"type": "array", "items": string}
+    # What the server checks, said in the schema: free text up to 1 KiB, a required value
+    # not blank, commit ids non-empty, a revision in the characters a ref name may use.
+    text = {"type": "string", "maxLength": 1024}
+    filled = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": r"\S"}
+    optional = {**filled, "nullable": True}  # null reads as absent
+    commits = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 1024}}
+    revision = {"type": "string", "pattern": r"^[A-Za-z0-9._/\-]{1,200}$"}
+    filled_diff = {"type": "string", "pattern": r"\S"}
     return {
         "/healthz": {"get": _op("Liveness", None, 200, _OBJECT)},
         "/readyz": {"get": _op("Readiness: config, store, mirrors fetched", None, 200,
@@ -87,11 +97,12 @@ def _paths() -> dict[str, Any]:
                 _APP,
                 {"name": "since", "in": "query", "schema": string,
                  "description": "an event id, or an ISO time like 2026-11-26T10:00:00Z"},
-                {"name": "limit", "in": "query", "schema": {"type": "integer"}}])},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 5000}}])},
         "/api/v1/apps/{app}/deploy": {"post": _op(
             "Deploy a revision now", "deploy", 202, _OBJECT, 400, 401, 403, 404, 409, 422,
             body=_json_body({
-                "revision": {"type": "string", "description":
+                "revision": {**revision, "description":
                              "a full sha, an unambiguous abbreviation (4+ hex digits, never a "
                              "ref), a full ref name (refs/...) or a branch or tag name"},
                 "force": {"type": "boolean", "default": False, "description":
@@ -101,17 +112,19 @@ def _paths() -> dict[str, Any]:
         "/api/v1/apps/{app}/rollback": {"post": _op(
             "Roll back to the previous (or a named) release", "deploy", 202, _OBJECT,
             400, 401, 403, 404, 409, 422,
-            body=_json_body({"release": {"type": "string", "pattern": "^[0-9]{14}$"},
-                             "reason": string}), parameters=[_APP])},
+            body=_json_body({"release": {"type": "string", "pattern": "^[0-9]{14}$",
+                                         "nullable": True},
+                             "reason": optional}), parameters=[_APP])},
         "/api/v1/apps/{app}/pause": {"post": _op(
             "Stop automatic deploys and rollbacks", "deploy", 200, _ref("App"),
-            400, 401, 403, 404, 422, body=_json_body({"reason": string}), parameters=[_APP])},
+            400, 401, 403, 404, 422, body=_json_body({"reason": optional}), parameters=[_APP])},
         "/api/v1/apps/{app}/resume": {"post": _op(
             "Restart automatic deploys and rollbacks", "deploy", 200, _ref("App"),
-            400, 401, 403, 404, 422, body=_json_body({"reason": string}), parameters=[_APP])},
+            400, 401, 403, 404, 422, body=_json_body({"reason": optional}), parameters=[_APP])},
         "/api/v1/apps/{app}/jobs": {"post": _op(
             "Open a rescue job by hand", "deploy", 201, _ref("Job"), 400, 401, 403, 404, 409,
-            422, body=_json_body({"commits": commits, "base": string}, ["commits"]),
+            422, body=_json_body({"commits": {**commits, "minItems": 1}, "base": optional},
+                                ["commits"]),
             parameters=[_APP])},
         "/api/v1/jobs": {"get": _op(
             "Rescue jobs", "read", 200,
@@ -128,7 +141,7 @@ def _paths() -> dict[str, Any]:
                         "text/x-diff": {"schema": string}}}, **_errors(401, 403, 404)}},
             "put": _op("Upload a hand-resolved unified diff (curl --data-binary @fix.patch)",
                        "approve", 200, _ref("Job"), 400, 401, 403, 404, 409, 422,
-                       body={"required": True, "content": {"text/x-diff": {"schema": string}}},
+                       body={"required": True, "content": {"text/x-diff": {"schema": filled_diff}}},
                        parameters=[_JOB]),
         },
         "/api/v1/jobs/{job}/selection": {"put": _op(
@@ -138,11 +151,11 @@ def _paths() -> dict[str, Any]:
         "/api/v1/jobs/{job}/approve": {"post": _op(
             "Start the transplant of exactly this plan", "approve", 202, _ref("Job"),
             400, 401, 403, 404, 409, 422,
-            body=_json_body({"plan": string, "comment": string}, ["plan"]),
+            body=_json_body({"plan": filled, "comment": text}, ["plan"]),
             parameters=[_JOB])},
         "/api/v1/jobs/{job}/reject": {"post": _op(
             "End the job without transplanting", "approve", 200, _ref("Job"),
-            400, 401, 403, 404, 409, 422, body=_json_body({"comment": string}),
+            400, 401, 403, 404, 409, 422, body=_json_body({"comment": text}),
             parameters=[_JOB])},
     }
 

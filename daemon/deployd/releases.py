@@ -37,12 +37,12 @@ from deployd.hosts import Host, Result, Stdin
 
 log = logging.getLogger(__name__)
 
-RELEASE_NAME = re.compile(r"^[0-9]{14}$")
+RELEASE_NAME = re.compile(r"[0-9]{14}")  # fullmatch: `$` would accept a trailing newline
 RELEASE_FORMAT = "%Y%m%d%H%M%S"
 LOCK_FILE = ".deployd.lock"
 MARKER_FILE = "ROLLED_BACK"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _E_LAYOUT, _E_LOCK, _E_HOOK = 3, 4, 5
 # Identifies this daemon process in its locks: a lock from this machine with another instance
 # and a dead pid was left by a previous run of the daemon (kill -9, crash) and is stale.
@@ -52,7 +52,7 @@ _MACHINE = socket.gethostname()
 
 def is_release_name(name: str) -> bool:
     """Whether `name` is a release directory name deployd and Capistrano manage (14 digits)."""
-    return bool(RELEASE_NAME.match(name))
+    return bool(RELEASE_NAME.fullmatch(name))
 
 
 def release_name(moment: datetime) -> str:
@@ -548,7 +548,7 @@ def _message(stderr: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not _SAFE_NAME.match(name):
+    if not _SAFE_NAME.fullmatch(name):
         raise ReleaseError(f"not a release name: {name!r}")
     return name
 
@@ -670,7 +670,7 @@ class Releases:
         """Remove the oldest 14-digit releases beyond the newest `keep`, never current nor
         a name in `protect`; then release `unlock` if given. Returns the removed names."""
         values = {"keep": str(max(keep, 1)),
-                  "protect": " ".join(name for name in protect if _SAFE_NAME.match(name)),
+                  "protect": " ".join(name for name in protect if _SAFE_NAME.fullmatch(name)),
                   "token": unlock.token if unlock else ""}
         result = await self._run(f"prune releases (keep {keep})", _PRUNE, values,
                                  limit=self._timeout(0))

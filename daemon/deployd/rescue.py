@@ -625,7 +625,8 @@ def _plan(job: Job, tree: str | None) -> str:
                               "selection": job.selection, "patch": None, "tree": tree}
     if job.resolved_patch is not None:
         # The resolver is bound too: they are named in (and may author) the commit.
-        fields["patch"] = hashlib.sha256(job.resolved_patch.encode()).hexdigest()
+        fields["patch"] = hashlib.sha256(
+            job.resolved_patch.encode("utf-8", "surrogateescape")).hexdigest()
         fields["resolved_by"] = job.resolved_by
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]

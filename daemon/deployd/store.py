@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -273,6 +274,7 @@ class Store:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_files(self.path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
@@ -671,7 +673,8 @@ class JobStore:
         unknown = set(fields) - _JOB_FIELDS
         if unknown:
             raise ValueError(f"unknown job fields {sorted(unknown)}")
-        values = [json.dumps(v) if k in ("candidates", "selection", "preview") else v
+        values = [json.dumps(v) if k in ("candidates", "selection", "preview")
+                  else _patch_column(v) if k == "resolved_patch" else v
                   for k, v in fields.items()]
         columns = ", ".join(f"{name} = ?" for name in fields)
         sql = f"UPDATE jobs SET {columns}, updated_at = ? WHERE id = ?"
@@ -721,11 +724,43 @@ class JobStore:
         return None if row is None or row[0] is None else float(row[0])
 
 
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and parents) if needed; either way it ends up 0700, whatever the umask."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def _private_files(db: Path) -> None:
+    """The database file exists and is 0600 before SQLite opens it: SQLite gives its WAL and
+    shared-memory files the database file's mode, and fixes theirs if they exist already."""
+    os.close(os.open(db, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            path.chmod(0o600)
+
+
+def _patch_column(patch: str | None) -> str | bytes | None:
+    """A patch as SQLite can hold it: text, or its bytes when it is not UTF-8 (a diff of
+    binary or Latin-1 files arrives with surrogate escapes, which SQLite text cannot hold)."""
+    if patch is None:
+        return None
+    try:
+        patch.encode()
+    except UnicodeEncodeError:
+        return patch.encode("utf-8", "surrogateescape")
+    return patch
+
+
+def _patch_text(value: str | bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"], app=row["app"], state=row["state"], base=row["base"],
         bad_head=row["bad_head"], candidates=json.loads(row["candidates"]),
-        selection=json.loads(row["selection"]), resolved_patch=row["resolved_patch"],
+        selection=json.loads(row["selection"]),
+        resolved_patch=_patch_text(row["resolved_patch"]),
         preview=json.loads(row["preview"]), plan=row["plan"], requester=row["requester"],
         reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
         expires_at=row["expires_at"], step=row["step"], new_head=row["new_head"],
