@@ -21,10 +21,12 @@ from deployd.metrics import Metrics
 from deployd.retry import RetryPolicy, instant_retries
 from tests.hostfixtures import (
     Lab,
+    command_lines_holding,
     lab_factory,
     pool,
     processes_matching,
     vanish,
+    wait_for_file,
     wait_until,
 )
 from tests.sshd import free_port
@@ -216,3 +218,19 @@ async def test_local_host_same_contract(tmp_path: Path) -> None:
     assert timed_out.value.exit_status is None
     assert wait_until(lambda: not processes_matching("sleep 876.5"), timeout=3)
     assert host.name == "local"
+
+
+async def test_local_script_never_reaches_a_command_line(tmp_path: Path) -> None:
+    """A local host also gets its script over stdin: a value in the script shows in no
+    process's command line while it runs."""
+    secret = f"secret-{os.urandom(8).hex()}"
+    host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path)))
+    script = (f"value={secret}; touch {tmp_path}/started; "
+              f"while [ ! -e {tmp_path}/go ]; do sleep 0.05; done; printf %s \"$value\"")
+    running = asyncio.create_task(host.run(script, timeout=30))
+    try:
+        await asyncio.to_thread(wait_for_file, tmp_path / "started")
+        assert command_lines_holding(secret) == []
+    finally:
+        (tmp_path / "go").touch()
+    assert (await running).stdout == secret

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -14,7 +15,15 @@ from deployd.config import AppConfig, Hooks, HostConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
 from deployd.hosts import Host, HostPool, LocalHost
 from deployd.releases import LockInfo, Releases
-from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha
+from tests.hostfixtures import (
+    Lab,
+    command_lines_holding,
+    lab_factory,
+    make_tarball,
+    pool,
+    sha,
+    wait_for_file,
+)
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 
@@ -432,3 +441,50 @@ async def test_files_deployd_writes_are_never_written_through_a_commits_symlinks
     assert not (release / "REVISION").is_symlink()
     assert (release / "REVISION").read_text() == sha(1) + "\n"
     assert not (release / "ROLLED_BACK").is_symlink()
+
+
+async def test_no_secret_reaches_a_command_line_on_the_host(lab: Lab, pool: HostPool) -> None:
+    """While a hook runs, no process on the host shows a host var, the hook's text, the lock
+    token or the lock's content (actor, reason) in its command line (/proc/*/cmdline is
+    readable by every user on the host)."""
+    password = f"pw-{os.urandom(8).hex()}"
+    hook_mark = f"hook-{os.urandom(8).hex()}"
+    actor = f"actor-{os.urandom(8).hex()}"
+    build = (f": {hook_mark}; touch started; "
+             "while [ ! -e go ]; do sleep 0.05; done; "
+             'printf %s "$DEPLOYD_VAR_DB_PASSWORD" > seen.txt')
+    base = lab.host_config(lab.hosts[0])
+    config = HostConfig(address=base.address, port=base.port, deploy_to=base.deploy_to,
+                        vars={"db_password": password})
+    app = lab.app(hooks=Hooks(build=build), hosts=[config])
+    releases = Releases(pool.host(app, config), app)
+    lock = LockInfo.new(actor, "deploy")
+    release = Path(config.deploy_to) / "releases" / R1
+    preparing = asyncio.create_task(
+        releases.prepare(R1, sha(1), TARBALL, branch="production", lock=lock))
+    try:
+        await asyncio.to_thread(wait_for_file, release / "started")
+        assert command_lines_holding(password, hook_mark, lock.token, actor) == []
+    finally:
+        (release / "go").touch()
+        await preparing
+    assert (release / "seen.txt").read_text() == password
+
+
+async def test_large_host_var_and_hook_reach_the_host(lab: Lab, pool: HostPool) -> None:
+    """A host var near the kernel's limit for one environment string and a hook far beyond
+    the limit for one argument (E2BIG for a script on a command line) both work."""
+    big_value = "v" * 100_000
+    filler = "".join(f": filler line {n}\n" for n in range(20_000))
+    build = filler + 'printf %s "$DEPLOYD_VAR_BIG" | wc -c > size.txt\n'
+    assert len(build) > 300_000
+    base = lab.host_config(lab.hosts[0])
+    config = HostConfig(address=base.address, port=base.port, deploy_to=base.deploy_to,
+                        vars={"big": big_value})
+    app = lab.app(hooks=Hooks(build=build), hosts=[config])
+    releases = Releases(pool.host(app, config), app)
+    await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                           lock=LockInfo.new("alice", "deploy"))
+    release = Path(config.deploy_to) / "releases" / R1
+    assert (release / "size.txt").read_text().strip() == "100000"
+    assert (release / "index.html").read_text() == "hello"

@@ -5,9 +5,13 @@ always checked against the configured known_hosts, one connection per endpoint k
 reopened when it drops, a bounded number of channels on it. `LocalHost` runs the same scripts on
 this machine for one-box setups and the demo. `HostPool` hands out hosts and shares connections.
 
-Every command is a script for `sh -c`. Its time limit is enforced ON the host by wrapping it in
-`timeout`, because closing an SSH channel does not stop the command behind it. A command that ran
-and failed is never retried here: only failing to connect is.
+Every command is a shell script, and no script ever travels on a command line (anyone on a host
+can read every process's arguments in /proc): the only command a host runs is the fixed
+`BOOTSTRAP`, which reads the script from stdin (its length in bytes on a first line, then the
+script) and runs it; the rest of stdin (a release tarball) is left to the script. This also lifts
+the kernel's limit on one argument (E2BIG at 128 KiB). The time limit is enforced ON the host by
+wrapping the bootstrap in `timeout`, because closing an SSH channel does not stop the command
+behind it. A command that ran and failed is never retried here: only failing to connect is.
 """
 
 from __future__ import annotations
@@ -49,6 +53,18 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
 STDIN_CHUNK = 1 << 20
 # `timeout` exits with 124 after TERM worked, 137 when it had to KILL.
 _TIMEOUT_STATUSES = (124, 137)
+# Reads `<length>\n<script>` from stdin and runs the script in this shell. `head -c` (GNU
+# coreutils) reads no further than asked, so whatever follows the script stays on stdin.
+BOOTSTRAP = ('IFS= read -r _deployd_len || exit 126; '
+             'case $_deployd_len in ""|*[!0-9]*) exit 126 ;; esac; '
+             '_deployd_script=$(head -c "$_deployd_len") || exit 126; '
+             'eval "$_deployd_script"')
+
+
+def frame(script: str) -> bytes:
+    """`script` as BOOTSTRAP reads it from stdin."""
+    data = script.encode()
+    return f"{len(data)}\n".encode() + data
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,8 @@ class Host(abc.ABC):
     # The limit is enforced on the host (`timeout`), so it cannot be an asyncio.timeout.
     async def run(self, command: str, *, input: bytes | None = None,
                   timeout: float, check: bool = True) -> Result:  # noqa: ASYNC109
-        """Run `command` with `sh -c`, feeding `input` to its stdin.
+        """Run the shell script `command` (sent over stdin, see BOOTSTRAP), feeding `input`
+        to its stdin after it.
 
         Raises ConnectError when the host cannot be reached or the connection drops during the
         command, CommandError with exit_status None when `timeout` seconds pass (the command is
@@ -102,8 +119,8 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
-        """Run one command for at most `limit` seconds; raise ConnectError, or
-        CommandError(None) when the limit passed."""
+        """Run BOOTSTRAP for at most `limit` seconds with `frame(command)` then `input` on its
+        stdin; raise ConnectError, or CommandError(None) when the limit passed."""
 
     def _count_error(self) -> None:
         if self._metrics is not None and not self.config.is_local:
@@ -253,12 +270,12 @@ class SSHHost(Host):
         await self.connection.close()
 
     async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
-        wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(command)}"
+        wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(BOOTSTRAP)}"
         conn = await self.connection.get()
         async with self.connection.channels:
             started = time.monotonic()
             try:
-                completed = await self._exchange(conn, wrapped, input, limit)
+                completed = await self._exchange(conn, wrapped, frame(command), input, limit)
             except (OSError, asyncssh.Error) as exc:
                 self.connection.discard(conn)
                 raise ConnectError(self.name, f"connection failed during a command: "
@@ -276,11 +293,12 @@ class SSHHost(Host):
             return Result(stdout, stderr, status)
 
     @staticmethod
-    async def _exchange(conn: Any, command: str, input: bytes | None,
+    async def _exchange(conn: Any, command: str, script: bytes, input: bytes | None,
                         limit: float) -> tuple[str, str, int | None] | None:
-        """Send one command and its input; None when even the on-host limit was overrun."""
+        """Send one command, its script and input; None when even the on-host limit was
+        overrun."""
         async with conn.create_process(command, encoding=None) as process:
-            feeder = asyncio.create_task(_feed(process.stdin, input))
+            feeder = asyncio.create_task(_feed(process.stdin, script, input))
             try:
                 stdout, stderr = await asyncio.wait_for(process.communicate(),
                                                         limit + KILL_GRACE + CLIENT_MARGIN)
@@ -292,14 +310,15 @@ class SSHHost(Host):
             return _text(stdout), _text(stderr), process.returncode
 
 
-async def _feed(stdin: Any, data: bytes | None) -> None:
-    """Stream `data` to a remote stdin in chunks, then EOF. A command may exit without
+async def _feed(stdin: Any, *parts: bytes | None) -> None:
+    """Stream `parts` to a remote stdin in chunks, then EOF. A command may exit without
     reading it all (a refused lock, say): its exit status tells, so a closed stdin is fine."""
-    view = memoryview(data or b"")
     try:
-        for offset in range(0, len(view), STDIN_CHUNK):
-            stdin.write(bytes(view[offset:offset + STDIN_CHUNK]))
-            await stdin.drain()
+        for part in parts:
+            view = memoryview(part or b"")
+            for offset in range(0, len(view), STDIN_CHUNK):
+                stdin.write(bytes(view[offset:offset + STDIN_CHUNK]))
+                await stdin.drain()
         stdin.write_eof()
     except (OSError, asyncssh.Error):
         pass
@@ -315,7 +334,7 @@ def _text(data: bytes | str | None) -> str:
 
 
 class LocalHost(Host):
-    """This machine (host address `local`): the same contract with a local `sh -c`."""
+    """This machine (host address `local`): the same contract and BOOTSTRAP, run locally."""
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -323,7 +342,7 @@ class LocalHost(Host):
     async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
         try:
             process = await asyncio.create_subprocess_exec(
-                "sh", "-c", command,
+                "sh", "-c", BOOTSTRAP,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a timeout kills it all
@@ -331,7 +350,8 @@ class LocalHost(Host):
         except OSError as exc:
             raise ConnectError(self.name, f"cannot start sh: {exc}") from exc
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(input or b""), limit)
+            stdout, stderr = await asyncio.wait_for(
+                process.communicate(frame(command) + (input or b"")), limit)
         except TimeoutError:
             await _stop_group(process)
             raise CommandError(self.name, command, None, f"timed out after {limit:g}s") from None

@@ -11,8 +11,11 @@ Capistrano and deployd can act on the same hosts in turn: Capistrano's cleanup c
 `readlink current` with absolute release paths and skips everything when `releases/` holds names
 that are not 14 digits, so both rules are kept here.
 
-Each operation is one shell script sent in one round trip. Every value in a script is
-`shlex.quote`d into a variable at the top; the script bodies only use those variables. Scripts
+Each operation is one shell script sent in one round trip, over stdin (see `hosts`). Every value
+in a script is `shlex.quote`d into a variable at the top; the script bodies only use those
+variables, and only with shell builtins or as paths: no host var, hook text, lock token or lock
+content ever becomes an argument of a process on the host. A hook reaches its own shell through a
+pipe, with the hook variables exported to it alone. Scripts
 report on stdout as `key=value` lines and fail with these exit statuses: 3 the layout does not
 allow the operation (message on stderr), 4 the lock is held (its content on stdout), 5 a hook
 failed.
@@ -221,7 +224,7 @@ create_lock() {
     return $_s
 }
 take_over() {
-    _st="$lockf.stale.$token"
+    _st="$lockf.stale.$$"
     mv -f "$lockf" "$_st" 2>/dev/null || return 1
     _mine=$held
     held=
@@ -263,14 +266,19 @@ current_name() {
     fi
 }
 switch_to() {
-    _tmp="$dt/.current.$token"
+    _tmp="$dt/.current.$$"
     ln -sfn "$dt/releases/$1" "$_tmp" && mv -fT "$_tmp" "$dt/current" && return 0
     rm -f "$_tmp"
     fail 3 "switching current to release $1 failed"
 }
+# The hook's shell reads the hook from the pipe, then runs it with stdin from /dev/null.
+hook_runner='_deployd_hook=$(cat) || exit 126; exec < /dev/null; eval "$_deployd_hook"'
 run_hook() {
     cd "$2" || fail 3 "cannot enter $2 for the $1 hook"
-    timeout -k 5 "$hook_timeout" sh -c "$3" < /dev/null 1>&2
+    (
+        [ -z "$hook_env" ] || export $hook_env
+        printf '%s\n' "$3" | timeout -k 5 "$hook_timeout" sh -c "$hook_runner" 1>&2
+    )
     _s=$?
     cd "$dt" || fail 3 "cannot enter $dt"
     [ $_s -eq 0 ] && return 0
@@ -720,7 +728,8 @@ class Releases:
         return {"token": lock.token, "lock_content": lock.content(), "takeover": takeover or ""}
 
     def _env(self, revision: str) -> dict[str, str]:
-        """Hook variables; the script exports them (sshd drops client-sent environment)."""
+        """Hook variables; the script exports them to hooks alone (sshd drops client-sent
+        environment)."""
         return {"host": self.name, "hook_timeout": f"{self.app.hook_timeout:g}",
                 "DEPLOYD_APP": self.app.name, "DEPLOYD_REVISION": revision,
                 "DEPLOYD_DEPLOY_TO": self.deploy_to, "DEPLOYD_HOST": self.name,
@@ -732,9 +741,8 @@ class Releases:
 
     async def _run(self, title: str, body: str, values: Mapping[str, str], *,
                    limit: float, input: bytes | None = None) -> Result:
-        exports = " ".join(name for name in values if name.startswith("DEPLOYD_"))
-        script = _script(title, (f"export {exports}\n" if exports else "") + body,
-                         dt=self.deploy_to, **values)
+        hook_env = " ".join(name for name in values if name.startswith("DEPLOYD_"))
+        script = _script(title, body, dt=self.deploy_to, hook_env=hook_env, **values)
         result = await self.host.run(script, input=input, timeout=limit, check=False)
         if result.exit_status != 0:
             raise self._error(script, result)
