@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemonfixtures import AppSpec, DaemonSpec
+from tests.sshd import TEST_USER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,11 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert str(path) in result.stdout and "ok" in result.stdout
     assert "1 app(s), 2 host(s), 4 token(s)" in result.stdout
-    example = deployd("check-config", str(REPO_ROOT / "config" / "deployd.example.toml"))
+    # The example's `local` host runs as a user that must exist here: the test user does.
+    text = (REPO_ROOT / "config" / "deployd.example.toml").read_text()
+    example_path = tmp_path / "example.toml"
+    example_path.write_text(text.replace('run_as = "blog"', f'run_as = "{TEST_USER}"'))
+    example = deployd("check-config", str(example_path))
     assert example.returncode == 0, example.stderr
 
 

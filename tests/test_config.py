@@ -26,6 +26,7 @@ from deployd.config import (
 )
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
+from tests.sshd import TEST_USER
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "deployd.example.toml"
@@ -301,6 +302,7 @@ deploy_to = "/srv/blog"
 
 [[apps.blog.hosts]]
 address = "local"
+allow_local_as_daemon = true
 """))
     assert cfg.daemon == config.DaemonConfig(state_dir=tmp_path.resolve() / "state")
     assert (cfg.daemon.listen_host, cfg.daemon.listen_port) == ("127.0.0.1", 8765)
@@ -388,7 +390,8 @@ def test_listen_forms(tmp_path: Path) -> None:
 
 def test_local_only_app_needs_no_ssh_settings(tmp_path: Path) -> None:
     """An app whose hosts are all `local`, with an https repo, needs no known_hosts at all."""
-    text = BASE.replace('address = "web1.example.com"', 'address = "local"').replace(
+    text = BASE.replace('address = "web1.example.com"',
+                        'address = "local"\nallow_local_as_daemon = true').replace(
         'known_hosts = "/etc/deployd/known_hosts"', 'user = "deploy"').replace(
         '"/srv/git/shop.git"', '"https://git.example.com/shop.git"')
     app = load(write(tmp_path, text)).apps["shop"]
@@ -763,6 +766,7 @@ rescue = true
 
 [[apps.shop.hosts]]
 address = "local"
+allow_local_as_daemon = true
 """)
     assert sorted(problems) == [
         "apps.shop.checks: expected an array of tables ([[checks]])",
@@ -885,6 +889,7 @@ colour = "blue"
 
 [[apps."bad name".hosts]]
 address = "local"
+allow_local_as_daemon = true
 """
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
@@ -955,11 +960,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=60, check=False)
 
 
-def test_cli_check_config_accepts_the_example() -> None:
+def example_text() -> str:
+    """The example config, its `local` host's run_as user (checked to exist on the machine
+    reading the config) swapped for the test user."""
+    text = EXAMPLE.read_text()
+    assert EXAMPLE_RUN_AS in text
+    return text.replace(EXAMPLE_RUN_AS, f'run_as = "{TEST_USER}"')
+
+
+EXAMPLE_RUN_AS = 'run_as = "blog"'
+
+
+def test_cli_check_config_accepts_the_example(tmp_path: Path) -> None:
     """`deployd check-config` on the example exits 0 and says what it found."""
-    result = _cli("check-config", str(EXAMPLE))
+    example = write(tmp_path, example_text())
+    result = _cli("check-config", str(example))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{EXAMPLE}: ok (2 app(s), 3 host(s), 2 token(s))"
+    assert result.stdout.strip() == f"{example}: ok (2 app(s), 3 host(s), 2 token(s))"
     assert result.stderr == ""
 
 
@@ -996,9 +1013,9 @@ def test_cli_main_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 # -- the example config -----------------------------------------------------------------------
 
-def test_example_config_validates() -> None:
+def test_example_config_validates(tmp_path: Path) -> None:
     """config/deployd.example.toml loads without a single problem."""
-    cfg = load(EXAMPLE)
+    cfg = load(write(tmp_path, example_text()))
     assert set(cfg.apps) == {"shop", "blog"}
     assert {c.type for c in cfg.apps["shop"].checks} == {"http", "prometheus"}
 
@@ -1042,7 +1059,7 @@ def _example_tables(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 # Keys that cannot be set beside their alternative, so the example shows them commented out.
-COMMENTED_ALTERNATIVES = {("_tokens", "token_file")}
+COMMENTED_ALTERNATIVES = {("_tokens", "token_file"), ("_hosts", "allow_local_as_daemon")}
 
 
 def test_example_config_documents_every_accepted_key() -> None:
@@ -1082,7 +1099,7 @@ def test_example_config_names_every_hook_variable() -> None:
 
 def test_example_token_file_alternative_validates(tmp_path: Path) -> None:
     """The commented-out token_file line, swapped in for token_sha256, validates too."""
-    text = EXAMPLE.read_text()
+    text = example_text()
     match = re.search(r'^# (token_file = "(.*)")$', text, re.MULTILINE)
     assert match is not None
     (tmp_path / "ci.sha256").write_text(DIGEST + "\n")
@@ -1092,3 +1109,42 @@ def test_example_token_file_alternative_validates(tmp_path: Path) -> None:
         match.group(0), 'token_file = "ci.sha256"')
     tokens = load(write(tmp_path, text)).tokens
     assert [(t.name, t.sha256) for t in tokens][1] == ("ci", DIGEST)
+
+
+LOCAL = BASE.replace('address = "web1.example.com"', 'address = "local"')
+
+
+def test_local_host_without_run_as_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """A `local` host runs repository code on this machine: it needs run_as, or the explicit
+    allow_local_as_daemon opt-in; check-config names the key path."""
+    found = problems_of(tmp_path, LOCAL)
+    assert len(found) == 1 and found[0].startswith("apps.shop.hosts[0].run_as: required")
+    assert "allow_local_as_daemon" in found[0]
+    run = subprocess.run([sys.executable, "-m", "deployd.cli", "check-config",
+                          str(write(tmp_path, LOCAL))], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 2 and "apps.shop.hosts[0].run_as: required" in run.stderr
+    assert load(write(tmp_path, with_line("host", "allow_local_as_daemon = true", LOCAL))
+                ).apps["shop"].hosts[0].allow_local_as_daemon
+    host = load(write(tmp_path, with_line("host", 'run_as = "deployd-test"', LOCAL))
+                ).apps["shop"].hosts[0]
+    assert (host.run_as, host.allow_local_as_daemon) == ("deployd-test", False)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (with_line("host", 'run_as = "no-such-user-here"', LOCAL),
+     "apps.shop.hosts[0].run_as: no such user 'no-such-user-here' on this machine"),
+    (with_line("host", 'run_as = "root"', LOCAL),
+     "apps.shop.hosts[0].run_as: must not be root: name an unprivileged user"),
+    (with_line("host", 'run_as = "deployd-test"',
+               with_line("host", "allow_local_as_daemon = true", LOCAL)),
+     "apps.shop.hosts[0]: set run_as or allow_local_as_daemon = true, not both"),
+    (with_line("host", 'run_as = "deployd-test"'),
+     'apps.shop.hosts[0].run_as: only for address = "local" (an SSH host runs commands as '
+     "ssh.user)"),
+    (with_line("host", "allow_local_as_daemon = true"),
+     'apps.shop.hosts[0].allow_local_as_daemon: only for address = "local" (an SSH host runs '
+     "commands as ssh.user)"),
+])
+def test_run_as_mistakes_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    assert problems_of(tmp_path, text) == [expected]

@@ -15,7 +15,10 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.daemonfixtures import RunningDaemon
 from tests.daemonlab import (
@@ -34,7 +37,7 @@ from tests.daemonlab import (
     revisions_log,
 )
 from tests.hostfixtures import vanish
-from tests.sshd import chown_tree
+from tests.sshd import TEST_USER, chown_tree, shared_dir
 
 __all__ = ["daemon_lab"]  # fixture used by name
 
@@ -513,3 +516,42 @@ async def test_sigterm_mid_deploy_finishes_the_deploy_and_exits_0(
                           ).fetchall()
     assert [row[:4] for row in rows] == [("deploy", "succeeded", first, release)]
     assert rows[0][4] > signalled  # the deploy finished after the signal, then it exited
+
+
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    """A directory the test user owns, readable by all (not under root's private tmp)."""
+    path = shared_dir("deployd-local-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+STEAL_SCRIPT = """\
+cat "$DEPLOYD_VAR_STATE" "$DEPLOYD_VAR_CONFIG" > stolen 2> denied
+echo forged 2>> denied >> "$DEPLOYD_VAR_STATE"
+id -un > who
+"""
+
+
+async def test_build_hook_from_the_commit_cannot_touch_the_daemons_files(
+        daemon_lab: WorldFactory, user_dir: Path) -> None:
+    """On a `local` host with run_as, a build script from the repository runs as that user:
+    reading deployd's state and config, or rewriting its state, is refused by the OS, and the
+    daemon goes on with its state intact."""
+    world = daemon_lab(hosts=0)
+    state = world.spec.state_dir / "deployd.sqlite3"
+    world.app.local_dirs = [user_dir / "app"]
+    world.app.local_run_as = TEST_USER
+    world.app.host_vars = [{"state": str(state), "config": str(world.config)}]
+    world.app.hooks["build"] = "sh ./build.sh"
+    world.origin.commit({"index.html": "v1\n", "build.sh": STEAL_SCRIPT}, "first")
+    daemon = await world.start()
+    release = (await deployed(daemon, 1))["data"]["release"]
+    built = user_dir / "app" / "releases" / release
+    assert (built / "who").read_text().strip() == TEST_USER
+    assert (built / "stolen").read_text() == ""
+    assert (built / "denied").read_text().count("Permission denied") == 3
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["deployed"]["release"] == release

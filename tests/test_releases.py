@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,12 @@ from tests.hostfixtures import (
     lab_factory,
     make_tarball,
     pool,
+    processes_matching,
     sha,
     wait_for_file,
+    wait_until,
 )
+from tests.sshd import TEST_USER, shared_dir
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 
@@ -488,3 +492,70 @@ async def test_large_host_var_and_hook_reach_the_host(lab: Lab, pool: HostPool) 
     release = Path(config.deploy_to) / "releases" / R1
     assert (release / "size.txt").read_text().strip() == "100000"
     assert (release / "index.html").read_text() == "hello"
+
+
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    """A directory the test user owns, readable by all (not under root's private tmp)."""
+    path = shared_dir("deployd-local-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+STEAL = ('cat "$DEPLOYD_VAR_CONFIG" > stolen.txt 2> denied.txt; '
+         'echo forged 2>> denied.txt >> "$DEPLOYD_VAR_STATE"; id -un > who.txt; true')
+
+
+def daemon_files(top: Path) -> tuple[Path, Path]:
+    """A config and a state file as deployd keeps them: owned by it, 0600, in a directory
+    anyone may enter."""
+    private = top / "daemon"
+    private.mkdir()
+    private.chmod(0o755)
+    config, state = private / "deployd.toml", private / "deployd.sqlite3"
+    for path, text in ((config, "token_sha256 = 'secret'\n"), (state, "state\n")):
+        path.write_text(text)
+        path.chmod(0o600)
+    return config, state
+
+
+def local_app(deploy_to: Path, config: Path, state: Path, **identity: object) -> AppConfig:
+    host = HostConfig(address="local", deploy_to=str(deploy_to),
+                      vars={"config": str(config), "state": str(state)},
+                      **identity)  # type: ignore[arg-type]
+    return AppConfig(name="shop", repo="/nonexistent", branch="main", deploy_to=str(deploy_to),
+                     hosts=(host,), hooks=Hooks(build=STEAL))
+
+
+async def test_local_host_runs_hooks_as_run_as_who_cannot_touch_deployds_files(
+        user_dir: Path) -> None:
+    """On a `local` host with run_as, a build hook runs as that user: reading deployd's config
+    or writing its state is refused by the OS. As deployd itself (the explicit opt-in) the
+    same hook reads and writes both."""
+    config, state = daemon_files(user_dir)
+    app = local_app(user_dir / "app", config, state, run_as=TEST_USER)
+    releases = Releases(LocalHost(app.hosts[0]), app)
+    await deploy(releases, R1, sha(1))
+    release = user_dir / "app" / "releases" / R1
+    assert (release / "who.txt").read_text().strip() == TEST_USER
+    assert (release / "stolen.txt").read_text() == ""
+    assert (release / "denied.txt").read_text().count("Permission denied") == 2
+    assert state.read_text() == "state\n"
+    assert (await releases.state()).current == R1
+
+    exposed = local_app(user_dir / "exposed", config, state, allow_local_as_daemon=True)
+    await deploy(Releases(LocalHost(exposed.hosts[0]), exposed), R1, sha(1))
+    release = user_dir / "exposed" / "releases" / R1
+    assert (release / "who.txt").read_text().strip() == "root"
+    assert (release / "stolen.txt").read_text() == config.read_text()
+    assert state.read_text() == "state\nforged\n"
+
+
+async def test_local_run_as_timeout_stops_the_users_processes(user_dir: Path) -> None:
+    """A command run as run_as past its limit is stopped, with everything it started."""
+    host = LocalHost(HostConfig(address="local", deploy_to=str(user_dir), run_as=TEST_USER))
+    assert (await host.run("id -un", timeout=10)).stdout.strip() == TEST_USER
+    with pytest.raises(CommandError) as caught:
+        await host.run("sleep 765.25 & sleep 765.25; wait", timeout=0.5)
+    assert caught.value.exit_status is None
+    assert wait_until(lambda: not processes_matching("sleep 765.25"), timeout=10)

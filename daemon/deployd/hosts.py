@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import shlex
 import signal
 import time
@@ -334,21 +335,38 @@ def _text(data: bytes | str | None) -> str:
 
 
 class LocalHost(Host):
-    """This machine (host address `local`): the same contract and BOOTSTRAP, run locally."""
+    """This machine (host address `local`): the same contract and BOOTSTRAP, run locally as
+    the host's `run_as` user (or as deployd itself when the config allows it explicitly)."""
 
     async def close(self) -> None:
         """Nothing to release."""
 
+    def _argv(self, limit: float) -> list[str]:
+        user = self.config.run_as
+        if user is None:
+            return ["sh", "-c", BOOTSTRAP]
+        # `timeout` runs as the user too: it can stop the command's processes even where
+        # deployd cannot signal them (sudo).
+        return [*privilege_drop(user), "timeout", "-k", f"{KILL_GRACE:g}", f"{limit:.3f}",
+                "sh", "-c", BOOTSTRAP]
+
     async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
         try:
+            argv = self._argv(limit)
+        except KeyError:
+            raise ConnectError(self.name, f"run_as user {self.config.run_as!r} does not "
+                                          "exist") from None
+        try:
             process = await asyncio.create_subprocess_exec(
-                "sh", "-c", BOOTSTRAP,
+                *argv,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a timeout kills it all
+                cwd="/" if self.config.run_as else None,
             )
         except OSError as exc:
-            raise ConnectError(self.name, f"cannot start sh: {exc}") from exc
+            raise ConnectError(self.name, f"cannot start {argv[0]}: {exc}") from exc
+        started = time.monotonic()
         try:
             stdout, stderr = await asyncio.wait_for(
                 process.communicate(frame(command) + (input or b"")), limit)
@@ -358,8 +376,26 @@ class LocalHost(Host):
         except BaseException:
             await _stop_group(process)
             raise
-        status = process.returncode
-        return Result(_text(stdout), _text(stderr), -1 if status is None else status)
+        status = -1 if process.returncode is None else process.returncode
+        if (self.config.run_as and status in _TIMEOUT_STATUSES
+                and time.monotonic() - started >= limit):
+            raise CommandError(self.name, command, None, f"timed out after {limit:g}s")
+        return Result(_text(stdout), _text(stderr), status)
+
+
+def privilege_drop(user: str) -> list[str]:
+    """The command prefix that runs what follows as `user`, with that user's groups and a
+    clean environment: `setpriv` when deployd is root, else `sudo -n` (which needs a sudoers
+    rule letting deployd's user run commands as `user` without a password)."""
+    if os.geteuid() == 0:
+        return ["setpriv", f"--reuid={user}", f"--regid={_group_of(user)}", "--init-groups",
+                "--reset-env", "--"]
+    return ["sudo", "-n", "-u", user, "--"]
+
+
+def _group_of(user: str) -> int:
+    """`user`'s primary group; KeyError for an unknown user."""
+    return pwd.getpwnam(user).pw_gid
 
 
 async def _stop_group(process: asyncio.subprocess.Process) -> None:
