@@ -555,3 +555,33 @@ async def test_build_hook_from_the_commit_cannot_touch_the_daemons_files(
         assert db.execute("pragma integrity_check").fetchone() == ("ok",)
     detail = await daemon.api.get(f"/api/v1/apps/{APP}")
     assert detail["deployed"]["release"] == release
+
+
+async def test_hook_output_is_kept_in_the_events_also_when_hooks_succeed(
+        daemon_lab: WorldFactory) -> None:
+    """The last lines of each hook's output (stdout and stderr, in order) are in the
+    deploy.succeeded and rollback.succeeded events, per host and hook, even when every hook
+    exits 0: a hook that half-works is visible."""
+    world = daemon_lab(hosts=1, host_vars=[{"health_port": 8080}])
+    world.app.hooks["build"] = ("for n in $(seq 1 40); do echo step $n; done; "
+                                "echo \"port $DEPLOYD_VAR_HEALTH_PORT\"; "
+                                "echo 'background job: oops' >&2")
+    world.app.hooks["restart"] = "echo restarted"
+    world.app.hooks["rollback"] = "echo rolling back"
+    world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    first = await deployed(daemon, 1)
+    label = host_label(world.hosts[0])
+    output = first["data"]["output"][label]
+    build = output["build"].splitlines()
+    assert build[-2:] == ["port 8080", "background job: oops"]
+    assert build[0] == "step 23" and len(build) == 20
+    assert output["restart"] == "restarted"
+
+    world.origin.commit({"index.html": "v2\n"}, "second")
+    await deployed(daemon, 2)
+    status, _ = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback", json_body={})
+    assert status in (200, 202)
+    rolled = await daemon.wait_for_event(APP, "rollback.succeeded")
+    assert rolled["data"]["output"][label]["rollback"].splitlines() == [
+        "rolling back", "restarted"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import threading
@@ -559,3 +560,16 @@ async def test_local_run_as_timeout_stops_the_users_processes(user_dir: Path) ->
         await host.run("sleep 765.25 & sleep 765.25; wait", timeout=0.5)
     assert caught.value.exit_status is None
     assert wait_until(lambda: not processes_matching("sleep 765.25"), timeout=10)
+
+
+async def test_hook_output_is_kept_in_order_and_logged_at_debug(
+        lab: Lab, pool: HostPool, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook that succeeds still leaves its last lines (stdout and stderr interleaved as
+    printed) in the step, and in the log at debug level."""
+    releases, _, _ = on_host(lab, pool, hooks=Hooks(build="echo one; echo two >&2; echo three"))
+    caplog.set_level(logging.DEBUG, logger="deployd.releases")
+    step = await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                                  lock=LockInfo.new("alice", "deploy"))
+    assert step.output == "one\ntwo\nthree"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
+        f"{releases.name}: output of the build hook(s): one | two | three"]

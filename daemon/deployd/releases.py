@@ -71,6 +71,17 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+OUTPUT_LINES = 20
+OUTPUT_LINE_CHARS = 300
+
+
+def output_tail(text: str) -> str:
+    """The last OUTPUT_LINES non-blank lines of `text`, each cut to OUTPUT_LINE_CHARS."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()][-OUTPUT_LINES:]
+    return "\n".join(line if len(line) <= OUTPUT_LINE_CHARS else
+                     line[:OUTPUT_LINE_CHARS - 3] + "..." for line in lines)
+
+
 # -- results --------------------------------------------------------------------------------
 
 
@@ -193,7 +204,7 @@ class Step:
     release: str | None
     previous: str | None
     took_over: LockInfo | None = None
-    output: str = ""
+    output: str = ""  # the last lines its hooks printed (stdout and stderr, in order)
     removed: tuple[str, ...] = field(default=())
 
 
@@ -621,7 +632,8 @@ class Releases:
         }
         hooks = 1 if self.app.hooks.build else 0
         return await self._locked_step(f"prepare release {release} ({revision[:12]})",
-                                       _PREPARE, values, hooks, tarball)
+                                       _PREPARE, values, hooks, tarball,
+                                       "build" if hooks else None)
 
     async def switch(self, release: str, *, revision: str, branch: str, actor: str,
                      lock: LockInfo) -> Step:
@@ -637,7 +649,7 @@ class Releases:
         hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"switch to release {release}", _SWITCH, values,
                                  limit=self._timeout(hooks))
-        return self._step(result, release)
+        return self._step(result, release, "restart" if hooks else None)
 
     async def revert(self, previous: str | None, *, actor: str, lock: LockInfo) -> Step:
         """Undo a switch: point current back at `previous` (or remove it when there was none)
@@ -650,7 +662,7 @@ class Releases:
         hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"revert to release {previous or '(none)'}", _REVERT, values,
                                  limit=self._timeout(hooks))
-        return self._step(result, previous)
+        return self._step(result, previous, "restart" if hooks else None)
 
     async def rollback(self, target: str, *, from_release: str | None = None, reason: str,
                        actor: str, revision: str | None = None,
@@ -671,7 +683,7 @@ class Releases:
                   **self._lock_values(lock, takeover), **self._env("")}
         hooks = sum(1 for hook in (self.app.hooks.rollback, self.app.hooks.restart) if hook)
         return await self._locked_step(f"roll back to release {target}", _ROLLBACK, values,
-                                       hooks, None)
+                                       hooks, None, "rollback and restart" if hooks else None)
 
     async def prune(self, keep: int, protect: Collection[str] = (), *,
                     unlock: LockInfo | None = None) -> tuple[str, ...]:
@@ -699,7 +711,7 @@ class Releases:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _locked_step(self, title: str, body: str, values: dict[str, str], hooks: int,
-                           tarball: bytes | None) -> Step:
+                           tarball: bytes | None, hook_names: str | None) -> Step:
         """Run a script that takes the lock; take a stale lock over (one more round trip)."""
         try:
             result = await self._run(title, body, values, input=tarball,
@@ -713,16 +725,21 @@ class Releases:
             values = {**values, "takeover": stale.token}
             result = await self._run(title, body, values, input=tarball,
                                      limit=self._timeout(hooks))
-        return self._step(result, values["release"])
+        return self._step(result, values["release"], hook_names)
 
-    def _step(self, result: Result, release: str | None) -> Step:
+    def _step(self, result: Result, release: str | None, hook_names: str | None) -> Step:
+        """What a step did; `hook_names` names the hooks it ran (None: it ran none)."""
         fields = _fields(result.stdout)
         took = _prefixed(fields, "took_over.")
         if took:
             log.warning("%s: took over a stale deploy lock: %s", self.name,
                         LockInfo.parse(took).describe())
+        output = output_tail(result.stderr)
+        if hook_names and output:
+            log.debug("%s: output of the %s hook(s): %s", self.name, hook_names,
+                      " | ".join(output.splitlines()))
         return Step(release=release, previous=_last(fields, "previous") or None,
-                    took_over=LockInfo.parse(took) if took else None, output=result.stderr)
+                    took_over=LockInfo.parse(took) if took else None, output=output)
 
     def _lock_values(self, lock: LockInfo, takeover: str | None) -> dict[str, str]:
         return {"token": lock.token, "lock_content": lock.content(), "takeover": takeover or ""}

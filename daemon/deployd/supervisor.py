@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from deployd import policy
@@ -324,7 +324,8 @@ class AppSupervisor:
             self.name, "deploy.succeeded",
             f"{_short(revision)} live as release {outcome.release} on {_hosts(outcome.hosts)}",
             actor=actor, revision=revision, data={"deploy": record.id,
-                                                  "release": outcome.release})
+                                                  "release": outcome.release,
+                                                  **_output(outcome.output)})
         return record
 
     async def _deploy_failed(self, record: Deploy, exc: DeploydError, took: float) -> Deploy:
@@ -412,7 +413,8 @@ class AppSupervisor:
             f"release {record.release} ({_short(revision)}) live again on "
             f"{_hosts(outcome.hosts)} in {took:.2f}s",
             actor=record.actor, revision=revision,
-            data={"deploy": record.id, "release": record.release, "seconds": round(took, 3)})
+            data={"deploy": record.id, "release": record.release, "seconds": round(took, 3),
+                  **_output(outcome.output)})
         return record
 
     async def _release_revision(self, release: str) -> str | None:
@@ -969,3 +971,8 @@ def _hosts(hosts: object) -> str:
 
 def _short(revision: str | None) -> str:
     return revision[:12] if revision else "none"
+
+
+def _output(output: Mapping[str, Mapping[str, str]]) -> dict[str, object]:
+    """Event data for what hooks printed: {"output": {host: {hook: last lines}}}, if any."""
+    return {"output": {host: dict(hooks) for host, hooks in output.items()}} if output else {}
