@@ -776,6 +776,11 @@ class Releases:
         if status == _E_HOOK and failed:
             hook, _, code = failed.partition(" ")
             timed_out = code in ("124", "137")
+            failure = (f"the {hook} hook timed out after {self.app.hook_timeout:g}s" if timed_out
+                       else f"the {hook} hook failed (exit {code})")
+            # The script's own last line says what `failure` says: keep only the hook's output.
+            output = "".join(line for line in result.stderr.splitlines(keepends=True)
+                             if not line.startswith(f"deployd: the {hook} hook "))
             return CommandError(self.name, f"{hook} hook",
-                                None if timed_out else int(code or -1), result.stderr)
+                                None if timed_out else int(code or -1), output, failure=failure)
         return CommandError(self.name, script, status, result.stderr)
