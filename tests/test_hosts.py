@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import pwd
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 
 from deployd.config import HostConfig
 from deployd.errors import CommandError, ConnectError
-from deployd.hosts import HostPool, LocalHost, SSHHost
+from deployd.hosts import HostPool, LocalHost, SSHHost, privilege_drop
 from deployd.metrics import Metrics
 from deployd.retry import RetryPolicy, instant_retries
 from tests.hostfixtures import (
@@ -29,7 +30,7 @@ from tests.hostfixtures import (
     wait_for_file,
     wait_until,
 )
-from tests.sshd import free_port
+from tests.sshd import TEST_USER, free_port
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 
@@ -234,3 +235,15 @@ async def test_local_script_never_reaches_a_command_line(tmp_path: Path) -> None
     finally:
         (tmp_path / "go").touch()
     assert (await running).stdout == secret
+
+
+def test_privilege_drop_is_setpriv_as_root_and_sudo_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root, run_as drops privileges with setpriv (the user's own groups, a clean
+    environment); as anyone else it needs sudo, without a password prompt."""
+    user = pwd.getpwnam(TEST_USER)
+    assert privilege_drop(TEST_USER) == [
+        "setpriv", f"--reuid={TEST_USER}", f"--regid={user.pw_gid}", "--init-groups",
+        "--reset-env", "--"]
+    monkeypatch.setattr(os, "geteuid", lambda: user.pw_uid)
+    assert privilege_drop(TEST_USER) == ["sudo", "-n", "-u", TEST_USER, "--"]

@@ -734,8 +734,8 @@ class Releases:
         if took:
             log.warning("%s: took over a stale deploy lock: %s", self.name,
                         LockInfo.parse(took).describe())
-        output = output_tail(result.stderr)
-        if hook_names and output:
+        output = output_tail(result.stderr) if hook_names else ""
+        if output:
             log.debug("%s: output of the %s hook(s): %s", self.name, hook_names,
                       " | ".join(output.splitlines()))
         return Step(release=release, previous=_last(fields, "previous") or None,
