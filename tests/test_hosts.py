@@ -247,3 +247,17 @@ def test_privilege_drop_is_setpriv_as_root_and_sudo_otherwise(
         "--reset-env", "--"]
     monkeypatch.setattr(os, "geteuid", lambda: user.pw_uid)
     assert privilege_drop(TEST_USER) == ["sudo", "-n", "-u", TEST_USER, "--"]
+
+
+async def test_local_run_as_refuses_root_or_deployds_own_user(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_as is checked again when commands run (the config may have been checked by
+    another user): never root, never deployd's own user, never an unknown user."""
+    for user in ("root", "no-such-user-here"):
+        host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path), run_as=user))
+        with pytest.raises(ConnectError, match="run_as user"):
+            await host.run("true", timeout=10)
+    monkeypatch.setattr(os, "geteuid", lambda: pwd.getpwnam(TEST_USER).pw_uid)
+    host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path), run_as=TEST_USER))
+    with pytest.raises(ConnectError, match="the user deployd runs as"):
+        await host.run("true", timeout=10)

@@ -351,11 +351,14 @@ class LocalHost(Host):
                 "sh", "-c", BOOTSTRAP]
 
     async def _execute(self, command: str, input: bytes | None, limit: float) -> Result:
+        user = self.config.run_as
         try:
+            if user is not None and pwd.getpwnam(user).pw_uid in (0, os.geteuid()):
+                raise ConnectError(self.name, f"run_as user {user!r} is root or the user "
+                                              "deployd runs as; refusing to run as it")
             argv = self._argv(limit)
         except KeyError:
-            raise ConnectError(self.name, f"run_as user {self.config.run_as!r} does not "
-                                          "exist") from None
+            raise ConnectError(self.name, f"run_as user {user!r} does not exist") from None
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
