@@ -560,8 +560,9 @@ async def test_build_hook_from_the_commit_cannot_touch_the_daemons_files(
 async def test_hook_output_is_kept_in_the_events_also_when_hooks_succeed(
         daemon_lab: WorldFactory) -> None:
     """The last lines of each hook's output (stdout and stderr, in order) are in the
-    deploy.succeeded and rollback.succeeded events, per host and hook, even when every hook
-    exits 0: a hook that half-works is visible."""
+    deploy.succeeded and rollback.succeeded events, per host and hook, and in the latest
+    deploy of GET /apps/{app}, even when every hook exits 0: a hook that half-works is
+    visible."""
     world = daemon_lab(hosts=1, host_vars=[{"health_port": 8080}])
     world.app.hooks["build"] = ("for n in $(seq 1 40); do echo step $n; done; "
                                 "echo \"port $DEPLOYD_VAR_HEALTH_PORT\"; "
@@ -577,6 +578,8 @@ async def test_hook_output_is_kept_in_the_events_also_when_hooks_succeed(
     assert build[-2:] == ["port 8080", "background job: oops"]
     assert build[0] == "step 23" and len(build) == 20
     assert output["restart"] == "restarted"
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["latest"]["output"] == first["data"]["output"]
 
     world.origin.commit({"index.html": "v2\n"}, "second")
     await deployed(daemon, 2)
@@ -585,3 +588,6 @@ async def test_hook_output_is_kept_in_the_events_also_when_hooks_succeed(
     rolled = await daemon.wait_for_event(APP, "rollback.succeeded")
     assert rolled["data"]["output"][label]["rollback"].splitlines() == [
         "rolling back", "restarted"]
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["latest"]["kind"] == "rollback"
+    assert detail["latest"]["output"] == rolled["data"]["output"]

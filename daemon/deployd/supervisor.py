@@ -818,9 +818,19 @@ class AppSupervisor:
                        "at": state.paused_at} if state.paused else None,
             "health": self._health_summary(),
             "busy": self._operation_name,
-            "latest": latest[0].to_json() if latest else None,
+            "latest": await self._latest_json(latest[0]) if latest else None,
             "fetch_error": self.fetch_error,
         }
+
+    async def _latest_json(self, record: Deploy) -> dict[str, Any]:
+        """The latest deploy or rollback, with what its hooks printed when it succeeded."""
+        shown = record.to_json()
+        if record.state == "succeeded" and record.kind in ("deploy", "rollback"):
+            event = await self.store.deploy_event(self.name, record.id,
+                                                  f"{record.kind}.succeeded")
+            if event is not None and "output" in event.data:
+                shown["output"] = event.data["output"]
+        return shown
 
     def _health_summary(self) -> dict[str, Any]:
         if self.health is None:
