@@ -359,6 +359,8 @@ class LocalHost(Host):
             argv = self._argv(limit)
         except KeyError:
             raise ConnectError(self.name, f"run_as user {user!r} does not exist") from None
+        # Before the start: the user's `timeout` may begin counting before this task resumes.
+        started = time.monotonic()
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -369,7 +371,6 @@ class LocalHost(Host):
             )
         except OSError as exc:
             raise ConnectError(self.name, f"cannot start {argv[0]}: {exc}") from exc
-        started = time.monotonic()
         try:
             stdout, stderr = await asyncio.wait_for(
                 process.communicate(frame(command) + (input or b"")), limit)
