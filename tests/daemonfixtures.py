@@ -69,6 +69,8 @@ class AppSpec:
     rescue: dict[str, Any] = field(default_factory=dict)
     host_vars: list[dict[str, Any]] = field(default_factory=list)
     webhook: dict[str, Any] = field(default_factory=dict)
+    # Who runs commands on the local hosts; None: deployd itself (allow_local_as_daemon).
+    local_run_as: str | None = None
 
 
 @dataclass
@@ -110,7 +112,9 @@ class DaemonSpec:
             out += table(f"apps.{app.name}.hooks", app.hooks)
         hosts = [{"address": h.address, "port": h.port, "deploy_to": str(h.home / "app")}
                  for h in app.sshd_hosts]
-        hosts += [{"address": "local", "deploy_to": str(d)} for d in app.local_dirs]
+        identity: dict[str, Any] = ({"run_as": app.local_run_as} if app.local_run_as
+                                    else {"allow_local_as_daemon": True})
+        hosts += [{"address": "local", "deploy_to": str(d), **identity} for d in app.local_dirs]
         for index, host in enumerate(hosts):
             if index < len(app.host_vars):
                 host["vars"] = app.host_vars[index]

@@ -32,6 +32,30 @@ def processes_matching(text: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if text in line and "ps -eo" not in line]
 
 
+def command_lines_holding(*needles: str) -> list[str]:
+    """Every process's command line (all of /proc, any user) that holds one of `needles`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                line = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(needle in line for needle in needles):
+            found.append(f"{entry}: {line[:200]}")
+    return found
+
+
+def wait_for_file(path: Path, timeout: float = 20.0) -> None:
+    """Block until `path` exists; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.02)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll `predicate` until it holds or `timeout` passes."""
     deadline = time.monotonic() + timeout

@@ -28,6 +28,7 @@ from deployd.config import (
 )
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
+from tests.sshd import TEST_USER
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "deployd.example.toml"
@@ -306,6 +307,7 @@ deploy_to = "/srv/blog"
 
 [[apps.blog.hosts]]
 address = "local"
+allow_local_as_daemon = true
 """))
     assert cfg.daemon == config.DaemonConfig(state_dir=tmp_path.resolve() / "state")
     assert (cfg.daemon.listen_host, cfg.daemon.listen_port) == ("127.0.0.1", 8765)
@@ -394,7 +396,8 @@ def test_listen_forms(tmp_path: Path) -> None:
 
 def test_local_only_app_needs_no_ssh_settings(tmp_path: Path) -> None:
     """An app whose hosts are all `local`, with an https repo, needs no known_hosts at all."""
-    text = BASE.replace('address = "web1.example.com"', 'address = "local"').replace(
+    text = BASE.replace('address = "web1.example.com"',
+                        'address = "local"\nallow_local_as_daemon = true').replace(
         'known_hosts = "/etc/deployd/known_hosts"', 'user = "deploy"').replace(
         '"/srv/git/shop.git"', '"https://git.example.com/shop.git"')
     app = load(write(tmp_path, text)).apps["shop"]
@@ -774,6 +777,7 @@ rescue = true
 
 [[apps.shop.hosts]]
 address = "local"
+allow_local_as_daemon = true
 """)
     assert sorted(problems) == [
         "apps.shop.checks: expected an array of tables ([[checks]])",
@@ -896,6 +900,7 @@ colour = "blue"
 
 [[apps."bad name".hosts]]
 address = "local"
+allow_local_as_daemon = true
 """
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
@@ -997,6 +1002,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=env, timeout=60, check=False)
 
 
+def example_text() -> str:
+    """The example config, its `local` host's run_as user (checked to exist on the machine
+    reading the config) swapped for the test user."""
+    text = EXAMPLE.read_text()
+    assert EXAMPLE_RUN_AS in text
+    return text.replace(EXAMPLE_RUN_AS, f'run_as = "{TEST_USER}"')
+
+
+EXAMPLE_RUN_AS = 'run_as = "blog"'
+
+
 # What the example's other /etc/deployd files hold, for tests: a secret, a notify URL.
 _STAND_INS = {".secret": "s3cret-for-tests-0123456789abcdef\n",
               ".url": "https://hooks.example.com/services/T0/B0/token\n"}
@@ -1004,7 +1020,8 @@ _STAND_INS = {".secret": "s3cret-for-tests-0123456789abcdef\n",
 
 def with_ssh_files(tmp_path: Path, source: Path) -> Path:
     """`source` copied into tmp_path with its /etc/deployd/ files made there (key mode 0600)."""
-    text = source.read_text().replace("/etc/deployd/", f"{tmp_path}/")
+    text = (example_text() if source == EXAMPLE else source.read_text()
+            ).replace("/etc/deployd/", f"{tmp_path}/")
     for name in set(re.findall(rf'"{re.escape(str(tmp_path))}/([^"/]+)"', text)):
         file = tmp_path / name
         file.write_text(_STAND_INS.get(Path(name).suffix, "")
@@ -1029,16 +1046,17 @@ def test_cli_check_config_names_the_examples_missing_ssh_files(tmp_path: Path) -
     if Path("/etc/deployd").exists():
         pytest.skip("this machine has an /etc/deployd")
     missing = "No such file or directory"
-    result = _cli("check-config", str(EXAMPLE))
+    shipped = write(tmp_path, example_text(), "shipped.toml")  # run_as: a user that exists
+    result = _cli("check-config", str(shipped))
     assert result.returncode == 2
     # Secrets are read as the file loads, so their problems come first and alone.
     assert sorted(result.stderr.splitlines()) == [
-        f"{EXAMPLE}: apps.shop.webhook.secret_file: cannot read "
+        f"{shipped}: apps.shop.webhook.secret_file: cannot read "
         f"/etc/deployd/shop-webhook.secret: {missing}",
-        f"{EXAMPLE}: notify[0].url_file: cannot read /etc/deployd/oncall-slack.url: {missing}",
-        f"{EXAMPLE}: notify[1].secret_file: cannot read /etc/deployd/audit.secret: {missing}",
+        f"{shipped}: notify[0].url_file: cannot read /etc/deployd/oncall-slack.url: {missing}",
+        f"{shipped}: notify[1].secret_file: cannot read /etc/deployd/audit.secret: {missing}",
     ]
-    text = EXAMPLE.read_text()
+    text = example_text()
     for key in ("secret_file", "url_file"):
         text = re.sub(rf"^{key} = .*\n", "", text, flags=re.MULTILINE)
     text = text.replace('name = "oncall"\n', 'name = "oncall"\nurl = "https://x.example"\n')
@@ -1140,7 +1158,7 @@ def _example_tables(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 # Keys that cannot be set beside their alternative, so the example shows them commented out.
-COMMENTED_ALTERNATIVES = {("_tokens", "token_file")}
+COMMENTED_ALTERNATIVES = {("_tokens", "token_file"), ("_hosts", "allow_local_as_daemon")}
 
 
 def test_example_config_documents_every_accepted_key() -> None:
@@ -1288,6 +1306,7 @@ deploy_to = "/srv/blog"
 
 [[apps.blog.hosts]]
 address = "local"
+allow_local_as_daemon = true
 """
     assert file_problems(load(write(tmp_path, text))) == []
 
@@ -1308,3 +1327,42 @@ def test_public_url_refuses_anything_but_an_http_url(tmp_path: Path, value: str)
     """Anything else is a problem at daemon.public_url."""
     problems = problems_of(tmp_path, with_line("daemon", f'public_url = "{value}"'))
     assert len(problems) == 1 and problems[0].startswith("daemon.public_url: "), problems
+
+
+LOCAL = BASE.replace('address = "web1.example.com"', 'address = "local"')
+
+
+def test_local_host_without_run_as_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """A `local` host runs repository code on this machine: it needs run_as, or the explicit
+    allow_local_as_daemon opt-in; check-config names the key path."""
+    found = problems_of(tmp_path, LOCAL)
+    assert len(found) == 1 and found[0].startswith("apps.shop.hosts[0].run_as: required")
+    assert "allow_local_as_daemon" in found[0]
+    run = subprocess.run([sys.executable, "-m", "deployd.cli", "check-config",
+                          str(write(tmp_path, LOCAL))], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 2 and "apps.shop.hosts[0].run_as: required" in run.stderr
+    assert load(write(tmp_path, with_line("host", "allow_local_as_daemon = true", LOCAL))
+                ).apps["shop"].hosts[0].allow_local_as_daemon
+    host = load(write(tmp_path, with_line("host", 'run_as = "deployd-test"', LOCAL))
+                ).apps["shop"].hosts[0]
+    assert (host.run_as, host.allow_local_as_daemon) == ("deployd-test", False)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (with_line("host", 'run_as = "no-such-user-here"', LOCAL),
+     "apps.shop.hosts[0].run_as: no such user 'no-such-user-here' on this machine"),
+    (with_line("host", 'run_as = "root"', LOCAL),
+     "apps.shop.hosts[0].run_as: must not be root: name an unprivileged user"),
+    (with_line("host", 'run_as = "deployd-test"',
+               with_line("host", "allow_local_as_daemon = true", LOCAL)),
+     "apps.shop.hosts[0]: set run_as or allow_local_as_daemon = true, not both"),
+    (with_line("host", 'run_as = "deployd-test"'),
+     'apps.shop.hosts[0].run_as: only for address = "local" (an SSH host runs commands as '
+     "ssh.user)"),
+    (with_line("host", "allow_local_as_daemon = true"),
+     'apps.shop.hosts[0].allow_local_as_daemon: only for address = "local" (an SSH host runs '
+     "commands as ssh.user)"),
+])
+def test_run_as_mistakes_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    assert problems_of(tmp_path, text) == [expected]

@@ -15,7 +15,10 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.daemonfixtures import RunningDaemon, start_daemon
 from tests.daemonlab import (
@@ -35,7 +38,7 @@ from tests.daemonlab import (
 )
 from tests.gitrepo import OriginRepo
 from tests.hostfixtures import vanish
-from tests.sshd import chown_tree
+from tests.sshd import TEST_USER, chown_tree, shared_dir
 from tests.test_api import APP as API_APP
 from tests.test_api import spec_for
 
@@ -546,3 +549,78 @@ async def test_state_dir_and_its_files_are_private_whatever_the_umask(tmp_path: 
         assert modes[name] == 0o600, (name, oct(modes[name]))
     public = {name: oct(mode) for name, mode in modes.items() if mode & 0o077}
     assert public == {}
+
+
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    """A directory the test user owns, readable by all (not under root's private tmp)."""
+    path = shared_dir("deployd-local-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+STEAL_SCRIPT = """\
+cat "$DEPLOYD_VAR_STATE" "$DEPLOYD_VAR_CONFIG" > stolen 2> denied
+echo forged 2>> denied >> "$DEPLOYD_VAR_STATE"
+id -un > who
+"""
+
+
+async def test_build_hook_from_the_commit_cannot_touch_the_daemons_files(
+        daemon_lab: WorldFactory, user_dir: Path) -> None:
+    """On a `local` host with run_as, a build script from the repository runs as that user:
+    reading deployd's state and config, or rewriting its state, is refused by the OS, and the
+    daemon goes on with its state intact."""
+    world = daemon_lab(hosts=0)
+    state = world.spec.state_dir / "deployd.sqlite3"
+    world.app.local_dirs = [user_dir / "app"]
+    world.app.local_run_as = TEST_USER
+    world.app.host_vars = [{"state": str(state), "config": str(world.config)}]
+    world.app.hooks["build"] = "sh ./build.sh"
+    world.origin.commit({"index.html": "v1\n", "build.sh": STEAL_SCRIPT}, "first")
+    daemon = await world.start()
+    release = (await deployed(daemon, 1))["data"]["release"]
+    built = user_dir / "app" / "releases" / release
+    assert (built / "who").read_text().strip() == TEST_USER
+    assert (built / "stolen").read_text() == ""
+    assert (built / "denied").read_text().count("Permission denied") == 3
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["deployed"]["release"] == release
+
+
+async def test_hook_output_is_kept_in_the_events_also_when_hooks_succeed(
+        daemon_lab: WorldFactory) -> None:
+    """The last lines of each hook's output (stdout and stderr, in order) are in the
+    deploy.succeeded and rollback.succeeded events, per host and hook, and in the latest
+    deploy of GET /apps/{app}, even when every hook exits 0: a hook that half-works is
+    visible."""
+    world = daemon_lab(hosts=1, host_vars=[{"health_port": 8080}])
+    world.app.hooks["build"] = ("for n in $(seq 1 40); do echo step $n; done; "
+                                "echo \"port $DEPLOYD_VAR_HEALTH_PORT\"; "
+                                "echo 'background job: oops' >&2")
+    world.app.hooks["restart"] = "echo restarted"
+    world.app.hooks["rollback"] = "echo rolling back"
+    world.origin.commit({"index.html": "v1\n"}, "first")
+    daemon = await world.start()
+    first = await deployed(daemon, 1)
+    label = host_label(world.hosts[0])
+    output = first["data"]["output"][label]
+    build = output["build"].splitlines()
+    assert build[-2:] == ["port 8080", "background job: oops"]
+    assert build[0] == "step 23" and len(build) == 20
+    assert output["restart"] == "restarted"
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["latest"]["output"] == first["data"]["output"]
+
+    world.origin.commit({"index.html": "v2\n"}, "second")
+    await deployed(daemon, 2)
+    status, _ = await daemon.api.call("POST", f"/api/v1/apps/{APP}/rollback", json_body={})
+    assert status in (200, 202)
+    rolled = await daemon.wait_for_event(APP, "rollback.succeeded")
+    assert rolled["data"]["output"][label]["rollback"].splitlines() == [
+        "rolling back", "restarted"]
+    detail = await daemon.api.get(f"/api/v1/apps/{APP}")
+    assert detail["latest"]["kind"] == "rollback"
+    assert detail["latest"]["output"] == rolled["data"]["output"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from deployd.errors import CommandError, ConnectError, FleetError, LockHeld, Rel
 from deployd.fleet import Fleet, RollbackIncomplete
 from deployd.hosts import HostPool
 from deployd.releases import HostState, LockInfo
+from deployd.retry import instant_retries
 from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, vanish, wait_until
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
@@ -353,3 +355,43 @@ async def test_cancelling_a_deploy_during_the_switch_finishes_the_switch(
     revisions = {(root / "current/REVISION").read_text().strip() for root in roots(app)}
     assert revisions == {sha(2)}
     assert no_locks(app)
+
+
+async def test_errors_name_the_host_once(lab: Lab, pool: HostPool) -> None:
+    """A fleet error names each failing host once, not `host: host: ...`."""
+    missing_key = lab.workdir / "no-such-key"
+    app = lab.app(ssh=replace(lab.ssh(), key=missing_key))
+    with instant_retries(), pytest.raises(FleetError) as caught:
+        await Fleet(app, pool, clock=Clock()).deploy(sha(1), tarball(1), branch="production",
+                                                     actor="alice")
+    message = str(caught.value)
+    for host in app.hosts:
+        assert message.count(host.name) == 1, message
+        assert f"{host.name}: cannot read SSH key files" in message
+
+
+async def test_hook_failure_is_worded_once_with_its_output_in_order(
+        lab: Lab, pool: HostPool) -> None:
+    """A failing hook: `host: the build hook failed (exit 3): <its output, in order>`."""
+    app = lab.app(hosts=[lab.host_config(lab.hosts[0])],
+                  hooks=Hooks(build="echo building on vm; echo oops >&2; exit 3"))
+    with pytest.raises(FleetError) as caught:
+        await Fleet(app, pool, clock=Clock()).deploy(sha(1), tarball(1), branch="production",
+                                                     actor="alice")
+    name = app.hosts[0].name
+    assert str(caught.value.failures[name]) == (
+        f"{name}: the build hook failed (exit 3): building on vm | oops")
+    assert str(caught.value) == (
+        f"prepare failed on 1 host(s): {name}: the build hook failed (exit 3): "
+        "building on vm | oops")
+
+
+async def test_hook_timeout_is_worded_once(lab: Lab, pool: HostPool) -> None:
+    app = lab.app(hosts=[lab.host_config(lab.hosts[0])], hook_timeout=0.5,
+                  hooks=Hooks(build="echo started; sleep 30"))
+    with pytest.raises(FleetError) as caught:
+        await Fleet(app, pool, clock=Clock()).deploy(sha(1), tarball(1), branch="production",
+                                                     actor="alice")
+    name = app.hosts[0].name
+    assert str(caught.value.failures[name]) == (
+        f"{name}: the build hook timed out after 0.5s: started")

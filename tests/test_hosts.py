@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import pwd
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,19 +17,21 @@ import pytest
 
 from deployd.config import HostConfig
 from deployd.errors import CommandError, ConnectError
-from deployd.hosts import HostPool, LocalHost, SSHHost
+from deployd.hosts import HostPool, LocalHost, SSHHost, privilege_drop
 from deployd.metrics import Metrics
 from deployd.retry import RetryPolicy, instant_retries
 from tests.hostfixtures import (
     Lab,
+    command_lines_holding,
     lab_factory,
     make_tarball,
     pool,
     processes_matching,
     vanish,
+    wait_for_file,
     wait_until,
 )
-from tests.sshd import free_port
+from tests.sshd import TEST_USER, free_port
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 
@@ -268,3 +271,45 @@ async def test_local_host_same_contract(tmp_path: Path) -> None:
     assert timed_out.value.exit_status is None
     assert wait_until(lambda: not processes_matching("sleep 876.5"), timeout=3)
     assert host.name == "local"
+
+
+async def test_local_script_never_reaches_a_command_line(tmp_path: Path) -> None:
+    """A local host also gets its script over stdin: a value in the script shows in no
+    process's command line while it runs."""
+    secret = f"secret-{os.urandom(8).hex()}"
+    host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path)))
+    script = (f"value={secret}; touch {tmp_path}/started; "
+              f"while [ ! -e {tmp_path}/go ]; do sleep 0.05; done; printf %s \"$value\"")
+    running = asyncio.create_task(host.run(script, timeout=30))
+    try:
+        await asyncio.to_thread(wait_for_file, tmp_path / "started")
+        assert command_lines_holding(secret) == []
+    finally:
+        (tmp_path / "go").touch()
+    assert (await running).stdout == secret
+
+
+def test_privilege_drop_is_setpriv_as_root_and_sudo_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root, run_as drops privileges with setpriv (the user's own groups, a clean
+    environment); as anyone else it needs sudo, without a password prompt."""
+    user = pwd.getpwnam(TEST_USER)
+    assert privilege_drop(TEST_USER) == [
+        "setpriv", f"--reuid={TEST_USER}", f"--regid={user.pw_gid}", "--init-groups",
+        "--reset-env", "--"]
+    monkeypatch.setattr(os, "geteuid", lambda: user.pw_uid)
+    assert privilege_drop(TEST_USER) == ["sudo", "-n", "-u", TEST_USER, "--"]
+
+
+async def test_local_run_as_refuses_root_or_deployds_own_user(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_as is checked again when commands run (the config may have been checked by
+    another user): never root, never deployd's own user, never an unknown user."""
+    for user in ("root", "no-such-user-here"):
+        host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path), run_as=user))
+        with pytest.raises(ConnectError, match="run_as user"):
+            await host.run("true", timeout=10)
+    monkeypatch.setattr(os, "geteuid", lambda: pwd.getpwnam(TEST_USER).pw_uid)
+    host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path), run_as=TEST_USER))
+    with pytest.raises(ConnectError, match="the user deployd runs as"):
+        await host.run("true", timeout=10)

@@ -343,6 +343,7 @@ deploy_to = "/srv/shop"
 
 [[apps.shop.hosts]]
 address = "local"
+allow_local_as_daemon = true
 """
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,18 @@ from deployd.config import AppConfig, Hooks, HostConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
 from deployd.hosts import Host, HostPool, LocalHost
 from deployd.releases import LockInfo, Releases, _check_name, is_release_name
-from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha
+from tests.hostfixtures import (
+    Lab,
+    command_lines_holding,
+    lab_factory,
+    make_tarball,
+    pool,
+    processes_matching,
+    sha,
+    wait_for_file,
+    wait_until,
+)
+from tests.sshd import TEST_USER, shared_dir
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 
@@ -440,3 +454,130 @@ def test_names_with_a_trailing_newline_are_refused() -> None:
     assert not is_release_name("20240101120000\n")
     with pytest.raises(ReleaseError):
         _check_name("shared\n")
+
+
+async def test_no_secret_reaches_a_command_line_on_the_host(lab: Lab, pool: HostPool) -> None:
+    """While a hook runs, no process on the host shows a host var, the hook's text, the lock
+    token or the lock's content (actor, reason) in its command line (/proc/*/cmdline is
+    readable by every user on the host)."""
+    password = f"pw-{os.urandom(8).hex()}"
+    hook_mark = f"hook-{os.urandom(8).hex()}"
+    actor = f"actor-{os.urandom(8).hex()}"
+    build = (f": {hook_mark}; touch started; "
+             "while [ ! -e go ]; do sleep 0.05; done; "
+             'printf %s "$DEPLOYD_VAR_DB_PASSWORD" > seen.txt')
+    base = lab.host_config(lab.hosts[0])
+    config = HostConfig(address=base.address, port=base.port, deploy_to=base.deploy_to,
+                        vars={"db_password": password})
+    app = lab.app(hooks=Hooks(build=build), hosts=[config])
+    releases = Releases(pool.host(app, config), app)
+    lock = LockInfo.new(actor, "deploy")
+    release = Path(config.deploy_to) / "releases" / R1
+    preparing = asyncio.create_task(
+        releases.prepare(R1, sha(1), TARBALL, branch="production", lock=lock))
+    try:
+        await asyncio.to_thread(wait_for_file, release / "started")
+        assert command_lines_holding(password, hook_mark, lock.token, actor) == []
+    finally:
+        (release / "go").touch()
+        await preparing
+    assert (release / "seen.txt").read_text() == password
+
+
+async def test_large_host_var_and_hook_reach_the_host(lab: Lab, pool: HostPool) -> None:
+    """A host var near the kernel's limit for one environment string and a hook far beyond
+    the limit for one argument (E2BIG for a script on a command line) both work."""
+    big_value = "v" * 100_000
+    filler = "".join(f": filler line {n}\n" for n in range(20_000))
+    build = filler + 'printf %s "$DEPLOYD_VAR_BIG" | wc -c > size.txt\n'
+    assert len(build) > 300_000
+    base = lab.host_config(lab.hosts[0])
+    config = HostConfig(address=base.address, port=base.port, deploy_to=base.deploy_to,
+                        vars={"big": big_value})
+    app = lab.app(hooks=Hooks(build=build), hosts=[config])
+    releases = Releases(pool.host(app, config), app)
+    await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                           lock=LockInfo.new("alice", "deploy"))
+    release = Path(config.deploy_to) / "releases" / R1
+    assert (release / "size.txt").read_text().strip() == "100000"
+    assert (release / "index.html").read_text() == "hello"
+
+
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    """A directory the test user owns, readable by all (not under root's private tmp)."""
+    path = shared_dir("deployd-local-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+STEAL = ('cat "$DEPLOYD_VAR_CONFIG" > stolen.txt 2> denied.txt; '
+         'echo forged 2>> denied.txt >> "$DEPLOYD_VAR_STATE"; id -un > who.txt; true')
+
+
+def daemon_files(top: Path) -> tuple[Path, Path]:
+    """A config and a state file as deployd keeps them: owned by it, 0600, in a directory
+    anyone may enter."""
+    private = top / "daemon"
+    private.mkdir()
+    private.chmod(0o755)
+    config, state = private / "deployd.toml", private / "deployd.sqlite3"
+    for path, text in ((config, "token_sha256 = 'secret'\n"), (state, "state\n")):
+        path.write_text(text)
+        path.chmod(0o600)
+    return config, state
+
+
+def local_app(deploy_to: Path, config: Path, state: Path, **identity: object) -> AppConfig:
+    host = HostConfig(address="local", deploy_to=str(deploy_to),
+                      vars={"config": str(config), "state": str(state)},
+                      **identity)  # type: ignore[arg-type]
+    return AppConfig(name="shop", repo="/nonexistent", branch="main", deploy_to=str(deploy_to),
+                     hosts=(host,), hooks=Hooks(build=STEAL))
+
+
+async def test_local_host_runs_hooks_as_run_as_who_cannot_touch_deployds_files(
+        user_dir: Path) -> None:
+    """On a `local` host with run_as, a build hook runs as that user: reading deployd's config
+    or writing its state is refused by the OS. As deployd itself (the explicit opt-in) the
+    same hook reads and writes both."""
+    config, state = daemon_files(user_dir)
+    app = local_app(user_dir / "app", config, state, run_as=TEST_USER)
+    releases = Releases(LocalHost(app.hosts[0]), app)
+    await deploy(releases, R1, sha(1))
+    release = user_dir / "app" / "releases" / R1
+    assert (release / "who.txt").read_text().strip() == TEST_USER
+    assert (release / "stolen.txt").read_text() == ""
+    assert (release / "denied.txt").read_text().count("Permission denied") == 2
+    assert state.read_text() == "state\n"
+    assert (await releases.state()).current == R1
+
+    exposed = local_app(user_dir / "exposed", config, state, allow_local_as_daemon=True)
+    await deploy(Releases(LocalHost(exposed.hosts[0]), exposed), R1, sha(1))
+    release = user_dir / "exposed" / "releases" / R1
+    assert (release / "who.txt").read_text().strip() == "root"
+    assert (release / "stolen.txt").read_text() == config.read_text()
+    assert state.read_text() == "state\nforged\n"
+
+
+async def test_local_run_as_timeout_stops_the_users_processes(user_dir: Path) -> None:
+    """A command run as run_as past its limit is stopped, with everything it started."""
+    host = LocalHost(HostConfig(address="local", deploy_to=str(user_dir), run_as=TEST_USER))
+    assert (await host.run("id -un", timeout=10)).stdout.strip() == TEST_USER
+    with pytest.raises(CommandError) as caught:
+        await host.run("sleep 765.25 & sleep 765.25; wait", timeout=0.5)
+    assert caught.value.exit_status is None
+    assert wait_until(lambda: not processes_matching("sleep 765.25"), timeout=10)
+
+
+async def test_hook_output_is_kept_in_order_and_logged_at_debug(
+        lab: Lab, pool: HostPool, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook that succeeds still leaves its last lines (stdout and stderr interleaved as
+    printed) in the step, and in the log at debug level."""
+    releases, _, _ = on_host(lab, pool, hooks=Hooks(build="echo one; echo two >&2; echo three"))
+    caplog.set_level(logging.DEBUG, logger="deployd.releases")
+    step = await releases.prepare(R1, sha(1), TARBALL, branch="production",
+                                  lock=LockInfo.new("alice", "deploy"))
+    assert step.output == "one\ntwo\nthree"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
+        f"{releases.name}: output of the build hook(s): one | two | three"]

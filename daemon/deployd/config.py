@@ -10,6 +10,8 @@ network or the hosts.
 from __future__ import annotations
 
 import fnmatch
+import os
+import pwd
 import re
 import stat
 import tomllib
@@ -119,6 +121,10 @@ class HostConfig:
     port: int = 22
     deploy_to: str = ""
     vars: Mapping[str, str] = field(default_factory=dict)
+    # `local` hosts only: the user whose identity commands (and hooks: code from the
+    # repository) run with, or None with `allow_local_as_daemon`, as deployd's own user.
+    run_as: str | None = None
+    allow_local_as_daemon: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -501,6 +507,20 @@ def _vars(value: Any) -> dict[str, str]:
     return result
 
 
+def _user(value: Any) -> str:
+    """An existing user other than root and the user this process runs as."""
+    name = _nonempty(value)
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"no such user {name!r} on this machine") from None
+    if entry.pw_uid == 0:
+        raise ValueError("must not be root: name an unprivileged user")
+    if entry.pw_uid == os.geteuid():
+        raise ValueError(f"{name!r} is the user deployd runs as; name another user")
+    return name
+
+
 def _headers(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise TypeError("expected a table of strings")
@@ -623,13 +643,17 @@ def _hosts(r: _Reader, data: Any, path: str, deploy_to: str) -> tuple[HostConfig
     seen: set[str] = set()
     for index, item in enumerate(data):
         here = f"{path}[{index}]"
-        table = r.table(item, here, {"address", "port", "deploy_to", "vars"})
+        table = r.table(item, here, {"address", "port", "deploy_to", "vars", "run_as",
+                                     "allow_local_as_daemon"})
         host = HostConfig(
             address=r.get(table, here, "address", _nonempty, "", required=True),
             port=r.get(table, here, "port", _int_range(1, 65535), 22),
             deploy_to=r.get(table, here, "deploy_to", _absolute_dir, deploy_to),
             vars=r.get(table, here, "vars", _vars, {}),
+            run_as=r.get(table, here, "run_as", _user, None),
+            allow_local_as_daemon=r.get(table, here, "allow_local_as_daemon", _bool, False),
         )
+        _check_identity(r, table, here, host)
         key = f"{host.name} {host.deploy_to}"
         if host.address and key in seen:
             r.problem(here, f"duplicate host {host.name} with deploy_to {host.deploy_to}")
@@ -638,6 +662,27 @@ def _hosts(r: _Reader, data: Any, path: str, deploy_to: str) -> tuple[HostConfig
             r.problem(here, "no deploy_to: set it on the app or on the host")
         hosts.append(host)
     return tuple(hosts)
+
+
+def _check_identity(r: _Reader, table: dict[str, Any], path: str, host: HostConfig) -> None:
+    """A `local` host runs repository code (hooks) on this machine: as `run_as`, or as deployd
+    itself only when the config says so."""
+    if not host.address:
+        return
+    if not host.is_local:
+        for key in ("run_as", "allow_local_as_daemon"):
+            if key in table:
+                r.problem(f"{path}.{key}", 'only for address = "local" (an SSH host runs '
+                                           "commands as ssh.user)")
+        return
+    if "run_as" in table and host.allow_local_as_daemon:
+        r.problem(path, "set run_as or allow_local_as_daemon = true, not both")
+    elif "run_as" not in table and not host.allow_local_as_daemon:
+        r.problem(f"{path}.run_as", 'required for a "local" host: its hooks run code from the '
+                                    "repository, which must not run as deployd's own user "
+                                    "(which can read its state, config and keys); name an "
+                                    "unprivileged user, or set allow_local_as_daemon = true "
+                                    "to accept that risk")
 
 
 _HTTP_KEYS = {"name", "type", "url", "method", "expect_status", "body_contains", "body_regex",

@@ -124,6 +124,8 @@ restart = "echo restarted $DEPLOYD_RELEASE_PATH >> $DEPLOYD_DEPLOY_TO/shared/log
 
 [[apps.shop.hosts]]
 address = "local"
+# The demo's own throwaway repository: its hooks may run as whoever runs the demo.
+allow_local_as_daemon = true
 vars = {{ health_port = {health_port} }}
 
 [[apps.shop.checks]]

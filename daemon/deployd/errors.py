@@ -93,23 +93,26 @@ class ConnectError(RemoteError):
 class CommandError(RemoteError):
     """Raised when a command ran on a host and exited non-zero, or timed out."""
 
-    def __init__(self, host: str, command: str, exit_status: int | None, stderr: str) -> None:
+    def __init__(self, host: str, command: str, exit_status: int | None, stderr: str, *,
+                 failure: str | None = None) -> None:
+        """`failure` words what failed and how ("the build hook failed (exit 3)"); by default
+        the command's first line and its exit status."""
         self.command = command
         self.exit_status = exit_status
         self.stderr = stderr
-        status = "timed out" if exit_status is None else f"exit {exit_status}"
-        super().__init__(host, f"{command.split(chr(10))[0][:80]!r} failed ({status}): "
-                               f"{_tail(stderr)}")
+        if failure is None:
+            status = "timed out" if exit_status is None else f"exit {exit_status}"
+            failure = f"{command.split(chr(10))[0][:80]!r} failed ({status})"
+        super().__init__(host, f"{failure}: {_tail(stderr)}")
 
 
 def _tail(stderr: str, lines: int = 4, limit: int = 600) -> str:
-    """The last few lines of a command's stderr on one line: deployd's own message comes last,
-    the hook's own output that explains it just before."""
+    """The last few lines of a command's stderr on one line, in the order printed."""
     kept = [line.strip() for line in stderr.strip().splitlines() if line.strip()][-lines:]
     if not kept:
         return "no output"
-    text = " | ".join(reversed(kept))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = " | ".join(kept)
+    return text if len(text) <= limit else "..." + text[3 - limit:]
 
 
 class ReleaseError(DeploydError):
@@ -131,8 +134,21 @@ class FleetError(DeploydError):
     def __init__(self, action: str, failures: Mapping[str, BaseException]) -> None:
         self.action = action
         self.failures = dict(failures)
-        detail = "; ".join(f"{host}: {error}" for host, error in sorted(self.failures.items()))
+        detail = "; ".join(_per_host(host, error)
+                           for host, error in sorted(self.failures.items()))
         super().__init__(f"{action} failed on {len(self.failures)} host(s): {detail}")
+
+
+def _per_host(label: str, error: BaseException) -> str:
+    """`label: message`, without the host's name the message may already start with."""
+    text = str(error)
+    # A label is the host's name, or `name:deploy_to` when hosts share a name.
+    names = (label, getattr(error, "host", None), label.split(":/", 1)[0])
+    for name in names:
+        if name and text.startswith(f"{name}: "):
+            text = text[len(name) + 2:]
+            break
+    return f"{label}: {text}"
 
 
 class NotFound(DeploydError):

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn, TypeVar
 
@@ -57,6 +57,8 @@ class DeployOutcome:
     pruned: Mapping[str, tuple[str, ...]]  # host -> releases removed after the switch
     warnings: Mapping[str, str]  # host -> what went wrong after the switch (prune, unlock)
     seconds: float
+    # host -> hook ("build", "restart") -> the last lines it printed, where it printed any
+    output: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -73,11 +75,26 @@ class RollbackOutcome:
     previous: Mapping[str, str | None]  # host -> release rolled away from
     timings: Mapping[str, float]  # host -> seconds for its rollback step
     seconds: float
+    # host -> "rollback" -> the last lines the rollback and restart hooks printed
+    output: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def hosts(self) -> tuple[str, ...]:
         """The hosts now on the target release."""
         return tuple(self.previous)
+
+
+def _outputs(steps: Mapping[str, Step], hook: str) -> dict[str, dict[str, str]]:
+    """host -> {hook: output} for the steps whose hooks printed something."""
+    return {name: {hook: step.output} for name, step in steps.items() if step.output}
+
+
+def _merge(*outputs: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    merged: dict[str, dict[str, str]] = {}
+    for output in outputs:
+        for name, hooks in output.items():
+            merged.setdefault(name, {}).update(hooks)
+    return merged
 
 
 class RollbackIncomplete(FleetError):
@@ -160,7 +177,8 @@ class Fleet:
         previous = {name: step.previous for name, step in prepared.items()}
         return await _complete(self._switch_all(
             release, revision, branch=branch, actor=actor, lock=lock, previous=previous,
-            protect=protect, timings=timings, started=started))
+            protect=protect, timings=timings, started=started,
+            built=_outputs(prepared, "build")))
 
     def next_release_name(self, states: Iterable[HostState | DeploydError]) -> str:
         """Now in UTC as YYYYmmddHHMMSS, moved past the newest release on any host."""
@@ -211,9 +229,9 @@ class Fleet:
 
     async def _switch_all(self, release: str, revision: str, *, branch: str, actor: str,
                           lock: LockInfo, previous: dict[str, str | None],
-                          protect: Collection[str], timings: Timings,
-                          started: float) -> DeployOutcome:
-        _, failures = await self._each(
+                          protect: Collection[str], timings: Timings, started: float,
+                          built: dict[str, dict[str, str]]) -> DeployOutcome:
+        switched, failures = await self._each(
             self.hosts, "switch",
             lambda m: m.switch(release, revision=revision, branch=branch, actor=actor,
                                lock=lock), timings)
@@ -230,7 +248,8 @@ class Fleet:
             release=release, revision=revision, previous=previous, timings=timings,
             pruned={name: removed for name, removed in pruned.items() if removed},
             warnings={name: f"after the switch: {error}" for name, error in problems.items()},
-            seconds=time.monotonic() - started)
+            seconds=time.monotonic() - started,
+            output=_merge(built, _outputs(switched, "restart")))
 
     async def _undo_switch(self, release: str, lock: LockInfo, actor: str,
                            previous: dict[str, str | None], failures: dict[str, DeploydError],
@@ -287,7 +306,7 @@ class Fleet:
             target=target, revision=expected_revision,
             previous={name: step.previous for name, step in steps.items()},
             timings={name: timings[name].get("rollback", 0.0) for name in steps},
-            seconds=time.monotonic() - started)
+            seconds=time.monotonic() - started, output=_outputs(steps, "rollback"))
         failures.update(unreachable)
         if failures:
             log.error("%s: rollback to %s failed on %s", self.app.name, target,

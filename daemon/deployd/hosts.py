@@ -5,9 +5,13 @@ always checked against the configured known_hosts, one connection per endpoint k
 reopened when it drops, a bounded number of channels on it. `LocalHost` runs the same scripts on
 this machine for one-box setups and the demo. `HostPool` hands out hosts and shares connections.
 
-Every command is a script for `sh -c`. Its time limit is enforced ON the host by wrapping it in
-`timeout`, because closing an SSH channel does not stop the command behind it. A command that ran
-and failed is never retried here: only failing to connect is.
+Every command is a shell script, and no script ever travels on a command line (anyone on a host
+can read every process's arguments in /proc): the only command a host runs is the fixed
+`BOOTSTRAP`, which reads the script from stdin (its length in bytes on a first line, then the
+script) and runs it; the rest of stdin (a release tarball) is left to the script. This also lifts
+the kernel's limit on one argument (E2BIG at 128 KiB). The time limit is enforced ON the host by
+wrapping the bootstrap in `timeout`, because closing an SSH channel does not stop the command
+behind it. A command that ran and failed is never retried here: only failing to connect is.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import shlex
 import signal
 import time
@@ -49,6 +54,18 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
 STDIN_CHUNK = 1 << 20
 # `timeout` exits with 124 after TERM worked, 137 when it had to KILL.
 _TIMEOUT_STATUSES = (124, 137)
+# Reads `<length>\n<script>` from stdin and runs the script in this shell. `head -c` (GNU
+# coreutils) reads no further than asked, so whatever follows the script stays on stdin.
+BOOTSTRAP = ('IFS= read -r _deployd_len || exit 126; '
+             'case $_deployd_len in ""|*[!0-9]*) exit 126 ;; esac; '
+             '_deployd_script=$(head -c "$_deployd_len") || exit 126; '
+             'eval "$_deployd_script"')
+
+
+def frame(script: str) -> bytes:
+    """`script` as BOOTSTRAP reads it from stdin."""
+    data = script.encode()
+    return f"{len(data)}\n".encode() + data
 
 
 class Payload(Protocol):
@@ -87,7 +104,8 @@ class Host(abc.ABC):
     # The limit is enforced on the host (`timeout`), so it cannot be an asyncio.timeout.
     async def run(self, command: str, *, input: Stdin | None = None,
                   timeout: float, check: bool = True) -> Result:  # noqa: ASYNC109
-        """Run `command` with `sh -c`, feeding `input` to its stdin.
+        """Run the shell script `command` (sent over stdin, see BOOTSTRAP), feeding `input`
+        to its stdin after it.
 
         Raises ConnectError when the host cannot be reached or the connection drops during the
         command, CommandError with exit_status None when `timeout` seconds pass (the command is
@@ -113,8 +131,8 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
-        """Run one command for at most `limit` seconds; raise ConnectError, or
-        CommandError(None) when the limit passed."""
+        """Run BOOTSTRAP for at most `limit` seconds with `frame(command)` then `input` on its
+        stdin; raise ConnectError, or CommandError(None) when the limit passed."""
 
     def _count_error(self) -> None:
         if self._metrics is not None and not self.config.is_local:
@@ -264,12 +282,12 @@ class SSHHost(Host):
         await self.connection.close()
 
     async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
-        wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(command)}"
+        wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(BOOTSTRAP)}"
         conn = await self.connection.get()
         async with self.connection.channels:
             started = time.monotonic()
             try:
-                completed = await self._exchange(conn, wrapped, input, limit)
+                completed = await self._exchange(conn, wrapped, frame(command), input, limit)
             except (OSError, asyncssh.Error) as exc:
                 self.connection.discard(conn)
                 raise ConnectError(self.name, f"connection failed during a command: "
@@ -287,11 +305,12 @@ class SSHHost(Host):
             return Result(stdout, stderr, status)
 
     @staticmethod
-    async def _exchange(conn: Any, command: str, input: Stdin | None,
+    async def _exchange(conn: Any, command: str, script: bytes, input: Stdin | None,
                         limit: float) -> tuple[str, str, int | None] | None:
-        """Send one command and its input; None when even the on-host limit was overrun."""
+        """Send one command, its script and input; None when even the on-host limit was
+        overrun."""
         async with conn.create_process(command, encoding=None) as process:
-            feeder = asyncio.create_task(_feed(process.stdin, input,
+            feeder = asyncio.create_task(_feed(process.stdin, script, input,
                                                lambda: _terminate(process)))
             try:
                 stdout, stderr = await asyncio.wait_for(process.communicate(),
@@ -332,15 +351,18 @@ def _terminate(process: Any) -> None:
         process.send_signal("TERM")
 
 
-async def _feed(stdin: Any, data: Stdin | None, abort: Callable[[], object]) -> None:
-    """Stream `data` to a remote stdin in chunks, then EOF. A command may exit without
-    reading it all (a refused lock, say): its exit status tells, so a closed stdin is fine.
-    When the payload cannot be read, `abort` stops the command instead and no EOF is sent:
-    `tar` would take an end of input between two members for the end of the archive."""
+async def _feed(stdin: Any, script: bytes, data: Stdin | None,
+                abort: Callable[[], object]) -> None:
+    """Stream the framed `script`, then `data`, to a remote stdin in chunks, then EOF. A
+    command may exit without reading it all (a refused lock, say): its exit status tells, so
+    a closed stdin is fine. When the payload cannot be read, `abort` stops the command
+    instead and no EOF is sent: `tar` would take an end of input between two members for the
+    end of the archive."""
     try:
-        async for piece in _pieces(data):
-            stdin.write(piece)
-            await stdin.drain()
+        for part in (script, data):
+            async for piece in _pieces(part):
+                stdin.write(piece)
+                await stdin.drain()
         stdin.write_eof()
     except PayloadError:
         log.error("input for a command could not be read; stopping the command")
@@ -359,36 +381,77 @@ def _text(data: bytes | str | None) -> str:
 
 
 class LocalHost(Host):
-    """This machine (host address `local`): the same contract with a local `sh -c`."""
+    """This machine (host address `local`): the same contract and BOOTSTRAP, run locally as
+    the host's `run_as` user (or as deployd itself when the config allows it explicitly)."""
 
     async def close(self) -> None:
         """Nothing to release."""
 
+    def _argv(self, limit: float) -> list[str]:
+        user = self.config.run_as
+        if user is None:
+            return ["sh", "-c", BOOTSTRAP]
+        # `timeout` runs as the user too: it can stop the command's processes even where
+        # deployd cannot signal them (sudo).
+        return [*privilege_drop(user), "timeout", "-k", f"{KILL_GRACE:g}", f"{limit:.3f}",
+                "sh", "-c", BOOTSTRAP]
+
     async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
+        user = self.config.run_as
+        try:
+            if user is not None and pwd.getpwnam(user).pw_uid in (0, os.geteuid()):
+                raise ConnectError(self.name, f"run_as user {user!r} is root or the user "
+                                              "deployd runs as; refusing to run as it")
+            argv = self._argv(limit)
+        except KeyError:
+            raise ConnectError(self.name, f"run_as user {user!r} does not exist") from None
+        # Before the start: the user's `timeout` may begin counting before this task resumes.
+        started = time.monotonic()
         try:
             process = await asyncio.create_subprocess_exec(
-                "sh", "-c", command,
+                *argv,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a timeout kills it all
+                cwd="/" if self.config.run_as else None,
             )
         except OSError as exc:
-            raise ConnectError(self.name, f"cannot start sh: {exc}") from exc
+            raise ConnectError(self.name, f"cannot start {argv[0]}: {exc}") from exc
         try:
-            stdout, stderr = await asyncio.wait_for(_communicate(process, input), limit)
+            stdout, stderr = await asyncio.wait_for(
+                _communicate(process, frame(command), input), limit)
         except TimeoutError:
             await _stop_group(process)
             raise CommandError(self.name, command, None, f"timed out after {limit:g}s") from None
         except BaseException:
             await _stop_group(process)
             raise
-        status = process.returncode
-        return Result(_text(stdout), _text(stderr), -1 if status is None else status)
+        status = -1 if process.returncode is None else process.returncode
+        if (self.config.run_as and status in _TIMEOUT_STATUSES
+                and time.monotonic() - started >= limit):
+            raise CommandError(self.name, command, None, f"timed out after {limit:g}s")
+        return Result(_text(stdout), _text(stderr), status)
 
 
-async def _communicate(process: asyncio.subprocess.Process,
+def privilege_drop(user: str) -> list[str]:
+    """The command prefix that runs what follows as `user`, with that user's groups and a
+    clean environment: `setpriv` when deployd is root, else `sudo -n` (which needs a sudoers
+    rule letting deployd's user run commands as `user` without a password)."""
+    if os.geteuid() == 0:
+        return ["setpriv", f"--reuid={user}", f"--regid={_group_of(user)}", "--init-groups",
+                "--reset-env", "--"]
+    return ["sudo", "-n", "-u", user, "--"]
+
+
+def _group_of(user: str) -> int:
+    """`user`'s primary group; KeyError for an unknown user."""
+    return pwd.getpwnam(user).pw_gid
+
+
+async def _communicate(process: asyncio.subprocess.Process, script: bytes,
                        data: Stdin | None) -> tuple[bytes, bytes]:
-    """Feed `data` to a local command while reading its output; wait for it to exit."""
+    """Feed the framed `script` and `data` to a local command while reading its output;
+    wait for it to exit."""
     assert process.stdin is not None and process.stdout is not None
     assert process.stderr is not None
 
@@ -396,7 +459,7 @@ async def _communicate(process: asyncio.subprocess.Process,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
 
-    feeder = asyncio.create_task(_feed(_LocalStdin(process.stdin), data, kill))
+    feeder = asyncio.create_task(_feed(_LocalStdin(process.stdin), script, data, kill))
     try:
         stdout, stderr, _ = await asyncio.gather(process.stdout.read(), process.stderr.read(),
                                                  process.wait())

@@ -174,7 +174,11 @@ def _schemas() -> dict[str, Any]:
             "health": {"type": "object"}, "links": {"type": "object"}}},
         "Event": {"type": "object", "properties": {
             "id": {"type": "integer"}, "at": string, "kind": string, "actor": string,
-            "revision": nullable, "message": string, "data": {"type": "object"}}},
+            "revision": nullable, "message": string, "data": {
+                "type": "object",
+                "description": "Depends on the kind. deploy.succeeded and rollback.succeeded "
+                               "carry `output`: host -> hook -> the last lines the hook "
+                               "printed, when it printed any."}}},
         "JobState": {"type": "string", "enum": [
             "pending", "approved", "running", "succeeded", "failed", "rejected", "expired",
             "superseded"]},

@@ -11,8 +11,11 @@ Capistrano and deployd can act on the same hosts in turn: Capistrano's cleanup c
 `readlink current` with absolute release paths and skips everything when `releases/` holds names
 that are not 14 digits, so both rules are kept here.
 
-Each operation is one shell script sent in one round trip. Every value in a script is
-`shlex.quote`d into a variable at the top; the script bodies only use those variables. Scripts
+Each operation is one shell script sent in one round trip, over stdin (see `hosts`). Every value
+in a script is `shlex.quote`d into a variable at the top; the script bodies only use those
+variables, and only with shell builtins or as paths: no host var, hook text, lock token or lock
+content ever becomes an argument of a process on the host. A hook reaches its own shell through a
+pipe, with the hook variables exported to it alone. Scripts
 report on stdout as `key=value` lines and fail with these exit statuses: 3 the layout does not
 allow the operation (message on stderr), 4 the lock is held (its content on stdout), 5 a hook
 failed.
@@ -66,6 +69,17 @@ def _iso(epoch: float) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+OUTPUT_LINES = 20
+OUTPUT_LINE_CHARS = 300
+
+
+def output_tail(text: str) -> str:
+    """The last OUTPUT_LINES non-blank lines of `text`, each cut to OUTPUT_LINE_CHARS."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()][-OUTPUT_LINES:]
+    return "\n".join(line if len(line) <= OUTPUT_LINE_CHARS else
+                     line[:OUTPUT_LINE_CHARS - 3] + "..." for line in lines)
 
 
 # -- results --------------------------------------------------------------------------------
@@ -190,7 +204,7 @@ class Step:
     release: str | None
     previous: str | None
     took_over: LockInfo | None = None
-    output: str = ""
+    output: str = ""  # the last lines its hooks printed (stdout and stderr, in order)
     removed: tuple[str, ...] = field(default=())
 
 
@@ -221,7 +235,7 @@ create_lock() {
     return $_s
 }
 take_over() {
-    _st="$lockf.stale.$token"
+    _st="$lockf.stale.$$"
     mv -f "$lockf" "$_st" 2>/dev/null || return 1
     _mine=$held
     held=
@@ -263,14 +277,19 @@ current_name() {
     fi
 }
 switch_to() {
-    _tmp="$dt/.current.$token"
+    _tmp="$dt/.current.$$"
     ln -sfn "$dt/releases/$1" "$_tmp" && mv -fT "$_tmp" "$dt/current" && return 0
     rm -f "$_tmp"
     fail 3 "switching current to release $1 failed"
 }
+# The hook's shell reads the hook from the pipe, then runs it with stdin from /dev/null.
+hook_runner='_deployd_hook=$(cat) || exit 126; exec < /dev/null; eval "$_deployd_hook"'
 run_hook() {
     cd "$2" || fail 3 "cannot enter $2 for the $1 hook"
-    timeout -k 5 "$hook_timeout" sh -c "$3" < /dev/null 1>&2
+    (
+        [ -z "$hook_env" ] || export $hook_env
+        printf '%s\n' "$3" | timeout -k 5 "$hook_timeout" sh -c "$hook_runner" 1>&2
+    )
     _s=$?
     cd "$dt" || fail 3 "cannot enter $dt"
     [ $_s -eq 0 ] && return 0
@@ -613,7 +632,8 @@ class Releases:
         }
         hooks = 1 if self.app.hooks.build else 0
         return await self._locked_step(f"prepare release {release} ({revision[:12]})",
-                                       _PREPARE, values, hooks, tarball)
+                                       _PREPARE, values, hooks, tarball,
+                                       "build" if hooks else None)
 
     async def switch(self, release: str, *, revision: str, branch: str, actor: str,
                      lock: LockInfo) -> Step:
@@ -629,7 +649,7 @@ class Releases:
         hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"switch to release {release}", _SWITCH, values,
                                  limit=self._timeout(hooks))
-        return self._step(result, release)
+        return self._step(result, release, "restart" if hooks else None)
 
     async def revert(self, previous: str | None, *, actor: str, lock: LockInfo) -> Step:
         """Undo a switch: point current back at `previous` (or remove it when there was none)
@@ -642,7 +662,7 @@ class Releases:
         hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"revert to release {previous or '(none)'}", _REVERT, values,
                                  limit=self._timeout(hooks))
-        return self._step(result, previous)
+        return self._step(result, previous, "restart" if hooks else None)
 
     async def rollback(self, target: str, *, from_release: str | None = None, reason: str,
                        actor: str, revision: str | None = None,
@@ -663,7 +683,7 @@ class Releases:
                   **self._lock_values(lock, takeover), **self._env("")}
         hooks = sum(1 for hook in (self.app.hooks.rollback, self.app.hooks.restart) if hook)
         return await self._locked_step(f"roll back to release {target}", _ROLLBACK, values,
-                                       hooks, None)
+                                       hooks, None, "rollback and restart" if hooks else None)
 
     async def prune(self, keep: int, protect: Collection[str] = (), *,
                     unlock: LockInfo | None = None) -> tuple[str, ...]:
@@ -691,7 +711,7 @@ class Releases:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _locked_step(self, title: str, body: str, values: dict[str, str], hooks: int,
-                           tarball: Stdin | None) -> Step:
+                           tarball: Stdin | None, hook_names: str | None) -> Step:
         """Run a script that takes the lock; take a stale lock over (one more round trip)."""
         try:
             result = await self._run(title, body, values, input=tarball,
@@ -705,22 +725,28 @@ class Releases:
             values = {**values, "takeover": stale.token}
             result = await self._run(title, body, values, input=tarball,
                                      limit=self._timeout(hooks))
-        return self._step(result, values["release"])
+        return self._step(result, values["release"], hook_names)
 
-    def _step(self, result: Result, release: str | None) -> Step:
+    def _step(self, result: Result, release: str | None, hook_names: str | None) -> Step:
+        """What a step did; `hook_names` names the hooks it ran (None: it ran none)."""
         fields = _fields(result.stdout)
         took = _prefixed(fields, "took_over.")
         if took:
             log.warning("%s: took over a stale deploy lock: %s", self.name,
                         LockInfo.parse(took).describe())
+        output = output_tail(result.stderr) if hook_names else ""
+        if output:
+            log.debug("%s: output of the %s hook(s): %s", self.name, hook_names,
+                      " | ".join(output.splitlines()))
         return Step(release=release, previous=_last(fields, "previous") or None,
-                    took_over=LockInfo.parse(took) if took else None, output=result.stderr)
+                    took_over=LockInfo.parse(took) if took else None, output=output)
 
     def _lock_values(self, lock: LockInfo, takeover: str | None) -> dict[str, str]:
         return {"token": lock.token, "lock_content": lock.content(), "takeover": takeover or ""}
 
     def _env(self, revision: str) -> dict[str, str]:
-        """Hook variables; the script exports them (sshd drops client-sent environment)."""
+        """Hook variables; the script exports them to hooks alone (sshd drops client-sent
+        environment)."""
         return {"host": self.name, "hook_timeout": f"{self.app.hook_timeout:g}",
                 "DEPLOYD_APP": self.app.name, "DEPLOYD_REVISION": revision,
                 "DEPLOYD_DEPLOY_TO": self.deploy_to, "DEPLOYD_HOST": self.name,
@@ -732,9 +758,8 @@ class Releases:
 
     async def _run(self, title: str, body: str, values: Mapping[str, str], *,
                    limit: float, input: Stdin | None = None) -> Result:
-        exports = " ".join(name for name in values if name.startswith("DEPLOYD_"))
-        script = _script(title, (f"export {exports}\n" if exports else "") + body,
-                         dt=self.deploy_to, **values)
+        hook_env = " ".join(name for name in values if name.startswith("DEPLOYD_"))
+        script = _script(title, body, dt=self.deploy_to, hook_env=hook_env, **values)
         result = await self.host.run(script, input=input, timeout=limit, check=False)
         if result.exit_status != 0:
             raise self._error(script, result)
@@ -751,6 +776,11 @@ class Releases:
         if status == _E_HOOK and failed:
             hook, _, code = failed.partition(" ")
             timed_out = code in ("124", "137")
+            failure = (f"the {hook} hook timed out after {self.app.hook_timeout:g}s" if timed_out
+                       else f"the {hook} hook failed (exit {code})")
+            # The script's own last line says what `failure` says: keep only the hook's output.
+            output = "".join(line for line in result.stderr.splitlines(keepends=True)
+                             if not line.startswith(f"deployd: the {hook} hook "))
             return CommandError(self.name, f"{hook} hook",
-                                None if timed_out else int(code or -1), result.stderr)
+                                None if timed_out else int(code or -1), output, failure=failure)
         return CommandError(self.name, script, status, result.stderr)

@@ -378,6 +378,16 @@ class Store:
             return [_event(row) for row in rows]
         return await self._run(query)
 
+    async def deploy_event(self, app: str, deploy_id: int, kind: str) -> Event | None:
+        """The last event of `kind` about deploy (or rollback) `deploy_id`, if any."""
+        def query() -> Event | None:
+            row = self._conn().execute(
+                "SELECT * FROM events WHERE app = ? AND kind = ? "
+                "AND json_extract(data, '$.deploy') = ? ORDER BY id DESC LIMIT 1",
+                (app, kind, deploy_id)).fetchone()
+            return _event(row) if row else None
+        return await self._run(query)
+
     async def job_events(self, app: str, job_id: int, *, limit: int = 1000) -> list[Event]:
         """The events about one rescue job, oldest first."""
         def query() -> list[Event]:

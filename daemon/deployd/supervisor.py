@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from deployd import policy
@@ -389,7 +389,8 @@ class AppSupervisor:
             self.name, "deploy.succeeded",
             f"{_short(revision)} live as release {outcome.release} on {_hosts(outcome.hosts)}",
             actor=actor, revision=revision, data={"deploy": record.id,
-                                                  "release": outcome.release})
+                                                  "release": outcome.release,
+                                                  **_output(outcome.output)})
         return record
 
     async def _deploy_failed(self, record: Deploy, exc: DeploydError, took: float) -> Deploy:
@@ -477,7 +478,8 @@ class AppSupervisor:
             f"release {record.release} ({_short(revision)}) live again on "
             f"{_hosts(outcome.hosts)} in {took:.2f}s",
             actor=record.actor, revision=revision,
-            data={"deploy": record.id, "release": record.release, "seconds": round(took, 3)})
+            data={"deploy": record.id, "release": record.release, "seconds": round(took, 3),
+                  **_output(outcome.output)})
         return record
 
     async def _release_revision(self, release: str) -> str | None:
@@ -903,9 +905,19 @@ class AppSupervisor:
                        "at": state.paused_at} if state.paused else None,
             "health": self._health_summary(),
             "busy": self._operation_name,
-            "latest": latest[0].to_json() if latest else None,
+            "latest": await self._latest_json(latest[0]) if latest else None,
             "fetch_error": self.fetch_error,
         }
+
+    async def _latest_json(self, record: Deploy) -> dict[str, Any]:
+        """The latest deploy or rollback, with what its hooks printed when it succeeded."""
+        shown = record.to_json()
+        if record.state == "succeeded" and record.kind in ("deploy", "rollback"):
+            event = await self.store.deploy_event(self.name, record.id,
+                                                  f"{record.kind}.succeeded")
+            if event is not None and "output" in event.data:
+                shown["output"] = event.data["output"]
+        return shown
 
     def _health_summary(self) -> dict[str, Any]:
         if self.health is None:
@@ -1058,3 +1070,8 @@ def _hosts(hosts: object) -> str:
 
 def _short(revision: str | None) -> str:
     return revision[:12] if revision else "none"
+
+
+def _output(output: Mapping[str, Mapping[str, str]]) -> dict[str, object]:
+    """Event data for what hooks printed: {"output": {host: {hook: last lines}}}, if any."""
+    return {"output": {host: dict(hooks) for host, hooks in output.items()}} if output else {}
