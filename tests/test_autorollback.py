@@ -101,8 +101,11 @@ async def test_bad_deploy_is_rolled_back_everywhere_quarantined_and_not_redeploy
     for name in named:
         check = failed["data"]["health"]["hosts"][name]["checks"]["http"]
         assert "status 500" in check["last_reason"]
+    # Before the first deploy nothing is live and the probes get 503s: only count from the bad
+    # deploy on.
+    (bad_started,) = await events_of(daemon, "deploy.started", bad)
     unhealthy = [e for e in await events_of(daemon, "health.changed")
-                 if e["data"]["healthy"] is False]
+                 if e["data"]["healthy"] is False and e["id"] > bad_started["id"]]
     assert set(named) <= {e["data"]["subject"] for e in unhealthy}
     assert all("http: status 500" in e["message"] for e in unhealthy)
     (quarantined,) = await events_of(daemon, "quarantine.added")
@@ -259,9 +262,12 @@ async def test_failure_outside_bake_is_reported_not_rolled_back(
     good = lab.commit(GOOD, "good")
     daemon = await daemons(lab.config)
     await deployed_and_baked(daemon, good)
+    # Probes before the first deploy may have reported 503s (nothing live): count from here.
+    since = (await daemon.events(APP))[-1]["id"]
     lab.servers[0].fail(503)
-    await daemon.wait_until(lambda: _unhealthy_reported(daemon), what="health.changed")
-    down = [e for e in await events_of(daemon, "health.changed") if not e["data"]["healthy"]]
+    await daemon.wait_until(lambda: _unhealthy_reported(daemon, since), what="health.changed")
+    down = [e for e in await events_of(daemon, "health.changed")
+            if not e["data"]["healthy"] and e["id"] > since]
     assert len(down) == 1 and "status 503" in down[0]["message"]
     host = down[0]["data"]["subject"]
     assert sample(await scrape(daemon), "deployd_host_healthy", app=APP, host=host) == 0
@@ -275,8 +281,9 @@ async def test_failure_outside_bake_is_reported_not_rolled_back(
         lambda: _host_healthy(daemon, host), what=f"{host} healthy again")
 
 
-async def _unhealthy_reported(daemon: RunningDaemon) -> bool:
-    return any(not e["data"]["healthy"] for e in await events_of(daemon, "health.changed"))
+async def _unhealthy_reported(daemon: RunningDaemon, since: int) -> bool:
+    return any(not e["data"]["healthy"] and e["id"] > since
+               for e in await events_of(daemon, "health.changed"))
 
 
 async def _host_healthy(daemon: RunningDaemon, host: str) -> bool:
