@@ -12,6 +12,7 @@ command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v pkill >/dev/null 2>&1 || need_pkgs+=(procps)
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
+command -v shellcheck >/dev/null 2>&1 || need_pkgs+=(shellcheck)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
