@@ -91,6 +91,7 @@ _TRAILER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*: |\(cherry picked from com
 _SCP_LIKE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?!//)")
 _OPEN_FLAGS = RepositoryOpenFlag.NO_SEARCH | RepositoryOpenFlag.BARE
 _MAX_AUTH_ATTEMPTS = 3
+_RANGES_KEPT = 2  # commits_between results kept (a range of 10,000 commits: ~10 MB)
 DEFAULT_ARCHIVE_CACHE = 256 << 20
 """Bytes of release archives a mirror keeps (on disk, in unlinked files) for reuse."""
 _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.Blob
@@ -620,6 +621,7 @@ class Mirror:
         self._archives = ArchiveCache(archive_cache)
         self.archives_built = 0  # how many archives this mirror made (cache misses)
         self._repo: pygit2.Repository | None = None
+        self._ranges: dict[tuple[str, str], tuple[CommitInfo, ...]] = {}  # most recent last
         self._lock = asyncio.Lock()
         # Held by the worker thread itself: a cancelled caller releases the asyncio lock while
         # its thread still runs, and the next call must still wait for that thread.
@@ -803,9 +805,18 @@ class Mirror:
 
     def _commits_between(self, base: str, head: str) -> list[CommitInfo]:
         old, new = self._commit(base), self._commit(head)
-        walker = self._open().walk(new.id, SortMode.TOPOLOGICAL | SortMode.REVERSE)
-        walker.hide(old.id)
-        return [_info(commit) for commit in walker if len(commit.parent_ids) <= 1]
+        key = (str(old.id), str(new.id))
+        found = self._ranges.pop(key, None)
+        if found is None:
+            # A walk of 10,000 commits costs ~100 ms; every job on the same range (the one
+            # opened after a rollback, those opened by hand) lists the same, immutable commits.
+            walker = self._open().walk(new.id, SortMode.TOPOLOGICAL | SortMode.REVERSE)
+            walker.hide(old.id)
+            found = tuple(_info(commit) for commit in walker if len(commit.parent_ids) <= 1)
+        self._ranges[key] = found
+        while len(self._ranges) > _RANGES_KEPT:
+            del self._ranges[next(iter(self._ranges))]
+        return list(found)
 
     async def list_refs(self, prefix: str = "refs/") -> dict[str, str]:
         """Every ref under `prefix` and the sha it points at."""
