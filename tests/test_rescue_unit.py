@@ -17,7 +17,7 @@ from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
 from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
-from deployd.rescue import Rescue, preselected, trailers
+from deployd.rescue import Rescue, candidates_of, preselected, trailers
 from deployd.store import JobStore, Store
 from tests.gitrepo import OriginRepo
 from tests.rescuelab import RESOLVED
@@ -164,8 +164,8 @@ async def test_open_lists_the_range_and_preselects(world: World) -> None:
     assert job.selection == [p]
     assert job.expires_at == T0 + 86400
     preview = job.preview
-    candidates = by_sha(preview["candidates"])
-    assert [c["selected"] for c in preview["candidates"]] == [False, True, False]
+    candidates = by_sha(candidates_of(job))
+    assert [c["selected"] for c in candidates_of(job)] == [False, True, False]
     assert candidates[p]["applies_cleanly"] is True
     assert candidates[p]["conflicting_paths"] == []
     assert candidates[p]["already_in_base"] is False
@@ -201,7 +201,7 @@ async def test_preview_conflict_names_the_paths(world: World) -> None:
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
                                   reason="")
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[p]["applies_cleanly"] is False
     assert candidates[p]["conflicting_paths"] == ["config.txt"]
     assert "already_in_base" not in candidates[p]
@@ -210,7 +210,7 @@ async def test_preview_conflict_names_the_paths(world: World) -> None:
     # With A before it, P applies: the preview is per selection, oldest first.
     job = await world.rescue.set_selection(job.id, [p, a], actor="alice")
     assert job.selection == [a, p]
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[a]["applies_cleanly"] and candidates[p]["applies_cleanly"]
     assert job.preview["ready"] is True and job.plan is not None
     # Each commit lands as it was made (1 -> 2, then 2 -> 3): nothing adapted.
@@ -225,7 +225,7 @@ async def test_preview_conflict_after_a_clean_commit_is_still_reported(world: Wo
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
                                   reason="", commits=[extra, p])
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[extra]["applies_cleanly"] is True
     assert candidates[p]["applies_cleanly"] is False
     assert job.preview["ready"] is False
@@ -245,7 +245,7 @@ async def test_preview_already_in_base_and_merges_left_out(world: World) -> None
     job = await world.rescue.open(base=good, bad_head=merge, requester="deployd", reason="")
     assert [c["sha"] for c in job.candidates] == [p, b]  # the merge is not a candidate
     assert job.selection == [p]
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[p]["applies_cleanly"] is True
     assert candidates[p]["already_in_base"] is True
     assert candidates[p]["adapted"] is False

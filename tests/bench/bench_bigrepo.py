@@ -319,7 +319,7 @@ async def _daemon_side(spec: dict[str, Any]) -> dict[str, Any]:
                 profiler.disable()
             # Nobody approves: end the job so the next one is opened like the first.
             await rescue.reject(job.id, actor="bench", comment="")
-            picked = next(c for c in body["candidates"] if c["sha"] == sha)
+            picked = _selected(rescue, job, body, sha)
             cases.append({"sha": sha, "seconds": took, "candidates": _count(body),
                           "clean": picked["applies_cleanly"],
                           "paths": picked["conflicting_paths"],
@@ -332,6 +332,16 @@ async def _daemon_side(spec: dict[str, Any]) -> dict[str, Any]:
         return out
     finally:
         await store.close()
+
+
+def _selected(rescue: Any, job: Any, body: dict[str, Any], sha: str) -> dict[str, Any]:
+    """The selected candidate as the job shows it (on whichever page of the list)."""
+    listed = [c for c in body["candidates"] if c["sha"] == sha]
+    if not listed:
+        from deployd.rescue import candidates_of  # the list is paginated
+
+        listed = [c for c in candidates_of(job) if c["sha"] == sha]
+    return dict(listed[0])
 
 
 def _count(body: dict[str, Any]) -> int:
