@@ -15,10 +15,13 @@ import pytest
 
 from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
+from deployd.fleet import Fleet
 from deployd.git import CommitInfo, Mirror
+from deployd.hosts import HostPool
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue, candidates_of, preselected, trailers
 from deployd.store import JobStore, Store
+from deployd.supervisor import AppSupervisor
 from tests.gitrepo import OriginRepo
 from tests.rescuelab import RESOLVED
 
@@ -365,3 +368,70 @@ async def test_approval_of_a_plan_replaced_meanwhile_changes_nothing(world: Worl
     with pytest.raises(Conflict, match="changed meanwhile"):
         await world.rescue.approve(job, plan=job.plan, actor="alice", comment="")
     assert (await world.rescue.jobs.get(job.id)).state == "pending"
+
+
+# -- big ranges: pages of candidates, no fetch per job ------------------------------------------
+
+
+async def test_job_view_lists_candidates_a_page_at_a_time(world: World) -> None:
+    """describe() shows a page of candidates, their total and the next page's link; the
+    selection and the preview of a selected commit do not depend on the page shown."""
+    good, a, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head=b, requester="bob", reason="")
+    first = await world.rescue.describe(job, candidates_offset=0, candidates_limit=1)
+    assert [c["sha"] for c in first["candidates"]] == [a]
+    assert first["candidates_total"] == 3 and first["candidates_offset"] == 0
+    assert first["selection"] == [p]
+    assert first["links"]["candidates_next"] == (
+        f"/api/v1/jobs/{job.id}?candidates_offset=1&candidates_limit=1")
+    second = await world.rescue.describe(job, candidates_offset=1, candidates_limit=1)
+    (shown,) = second["candidates"]
+    assert shown["sha"] == p and shown["selected"] is True and shown["applies_cleanly"] is True
+    assert second["plan"] == first["plan"] == job.plan and second["selection"] == [p]
+    last = await world.rescue.describe(job, candidates_offset=2, candidates_limit=5)
+    assert [c["sha"] for c in last["candidates"]] == [b] and "candidates_next" not in last["links"]
+    whole = await world.rescue.describe(job)
+    assert [c["sha"] for c in whole["candidates"]] == [a, p, b]
+    assert "candidates_next" not in whole["links"]
+
+
+async def test_job_stored_with_a_full_candidate_copy_still_shows(world: World) -> None:
+    """A preview stored before statuses were kept per selected commit reads the same."""
+    good, _, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head=b, requester="bob", reason="")
+    now = candidates_of(job)
+    assert by_sha(now)[p]["applies_cleanly"] is True and by_sha(now)[p]["selected"] is True
+    older = {k: v for k, v in job.preview.items() if k != "statuses"}
+    stored = await world.rescue.jobs.update(job.id, preview={**older, "candidates": now})
+    assert stored is not None and "statuses" not in stored.preview
+    assert candidates_of(stored) == now
+    assert (await world.rescue.describe(stored))["candidates"] == now
+
+
+def supervisor(world: World, poll_interval: float) -> AppSupervisor:
+    app = dataclasses.replace(world.rescue.app, poll_interval=poll_interval)
+    return AppSupervisor(app, store=world.store, mirror=world.mirror,
+                         fleet=Fleet(app, HostPool(), world.metrics), metrics=world.metrics,
+                         rescue=world.rescue)
+
+
+async def test_open_by_hand_fetches_only_when_the_mirror_may_be_stale(world: World) -> None:
+    """A job opened by hand uses the mirror the poll loop keeps fresh; it fetches first when
+    the mirror was never fetched, when a push was announced, or past the poll interval."""
+    good, _, p, b = batch(world.origin)
+    sup = supervisor(world, poll_interval=3600)
+    job = await sup.open_job(commits=[p], base=good, actor="bob")  # never fetched: fetches
+    assert job.bad_head == b
+    newer = world.origin.commit({"later.txt": "1\n"}, "Later")
+    job = await sup.open_job(commits=[p], base=good, actor="bob")
+    assert job.bad_head == b  # fetched moments ago: no round trip
+    sup.request_fetch()  # a webhook announced a push
+    job = await sup.open_job(commits=[p], base=good, actor="bob")
+    assert job.bad_head == newer
+    newest = world.origin.commit({"later.txt": "2\n"}, "Later still")
+    hasty = supervisor(world, poll_interval=1e-9)  # every fetch is already too old
+    await hasty.open_job(commits=[p], base=good, actor="bob")
+    job = await hasty.open_job(commits=[p], base=good, actor="bob")
+    assert job.bad_head == newest
