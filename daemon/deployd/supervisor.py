@@ -65,7 +65,6 @@ class AppSupervisor:
         self.head: str | None = None
         self.fetched = False
         self.fetch_error: str | None = None
-        self._fetched_at: float | None = None  # time.monotonic() when the last good fetch began
         self._operation = asyncio.Lock()
         self._operation_name: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -213,7 +212,6 @@ class AppSupervisor:
             await self.store.add_event(self.name, "git.fetch_recovered", "fetch works again")
         self.fetch_error = None
         self.fetched = True
-        self._fetched_at = started
         return True
 
     async def _maybe_deploy(self, head: str | None) -> None:
@@ -465,7 +463,7 @@ class AppSupervisor:
     async def open_job(self, *, commits: list[str], base: str | None, actor: str) -> Job:
         """Open a rescue job by hand: base (default last good) + the named commits."""
         rescue = self._rescue()
-        if not self._mirror_is_fresh() and not await self._fetch():
+        if not await self._fetch():
             raise Conflict(f"{self.name}: cannot fetch the branch: {self.fetch_error}")
         head = await self.mirror.branch_head(self.app.branch)
         if head is None:
@@ -477,15 +475,6 @@ class AppSupervisor:
                 raise Invalid(f"{self.name}: no last good revision on record; name a base")
         return await rescue.open(base=base, bad_head=head, requester=actor,
                                  reason=f"opened by {actor}", commits=commits)
-
-    def _mirror_is_fresh(self) -> bool:
-        """Whether the mirror is as current as the poll loop keeps it: fetched within the poll
-        interval, with no push announced since. A job opened on it then costs no round trip
-        (over SSH a fetch with nothing new takes ~130 ms); the approval fetches and checks
-        the head again, and a poll that finds the branch moved supersedes the job.
-        """
-        return (self._fetched_at is not None and not self._fetch_requested
-                and time.monotonic() - self._fetched_at < self.app.poll_interval)
 
     async def approve_job(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Approve exactly `plan` and start the transplant; 409 if anything moved."""
