@@ -15,13 +15,10 @@ import pytest
 
 from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
-from deployd.fleet import Fleet
 from deployd.git import CommitInfo, Mirror
-from deployd.hosts import HostPool
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue, candidates_of, preselected, trailers
 from deployd.store import JobStore, Store
-from deployd.supervisor import AppSupervisor
 from tests.gitrepo import OriginRepo
 from tests.rescuelab import RESOLVED
 
@@ -370,7 +367,7 @@ async def test_approval_of_a_plan_replaced_meanwhile_changes_nothing(world: Worl
     assert (await world.rescue.jobs.get(job.id)).state == "pending"
 
 
-# -- big ranges: pages of candidates, no fetch per job ------------------------------------------
+# -- big ranges: candidates a page at a time -----------------------------------------------------
 
 
 async def test_job_view_lists_candidates_a_page_at_a_time(world: World) -> None:
@@ -408,30 +405,3 @@ async def test_job_stored_with_a_full_candidate_copy_still_shows(world: World) -
     assert stored is not None and "statuses" not in stored.preview
     assert candidates_of(stored) == now
     assert (await world.rescue.describe(stored))["candidates"] == now
-
-
-def supervisor(world: World, poll_interval: float) -> AppSupervisor:
-    app = dataclasses.replace(world.rescue.app, poll_interval=poll_interval)
-    return AppSupervisor(app, store=world.store, mirror=world.mirror,
-                         fleet=Fleet(app, HostPool(), world.metrics), metrics=world.metrics,
-                         rescue=world.rescue)
-
-
-async def test_open_by_hand_fetches_only_when_the_mirror_may_be_stale(world: World) -> None:
-    """A job opened by hand uses the mirror the poll loop keeps fresh; it fetches first when
-    the mirror was never fetched, when a push was announced, or past the poll interval."""
-    good, _, p, b = batch(world.origin)
-    sup = supervisor(world, poll_interval=3600)
-    job = await sup.open_job(commits=[p], base=good, actor="bob")  # never fetched: fetches
-    assert job.bad_head == b
-    newer = world.origin.commit({"later.txt": "1\n"}, "Later")
-    job = await sup.open_job(commits=[p], base=good, actor="bob")
-    assert job.bad_head == b  # fetched moments ago: no round trip
-    sup.request_fetch()  # a webhook announced a push
-    job = await sup.open_job(commits=[p], base=good, actor="bob")
-    assert job.bad_head == newer
-    newest = world.origin.commit({"later.txt": "2\n"}, "Later still")
-    hasty = supervisor(world, poll_interval=1e-9)  # every fetch is already too old
-    await hasty.open_job(commits=[p], base=good, actor="bob")
-    job = await hasty.open_job(commits=[p], base=good, actor="bob")
-    assert job.bad_head == newest
