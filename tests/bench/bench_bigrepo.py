@@ -2,6 +2,7 @@
 
     python3 tests/bench/bench_bigrepo.py [--commits 30000] [--files 5000] [--range 10000]
                                          [--cases 40] [--small] [--profile DIR]
+                                         [--code DIR]
 
 Builds a synthetic history with `git fast-import` (a main line of `--commits` commits over
 `--files` files, topic branches merged into it, renames, two release branches that get
@@ -455,6 +456,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true",
                         help="a quick run: 3,000 commits, 800 files, a range of 1,000")
     parser.add_argument("--profile", help="write cProfile files of the daemon side here")
+    parser.add_argument("--code", default=str(ROOT / "daemon"),
+                        help="the daemon/ tree whose deployd package plays the daemon side "
+                             "(e.g. an older one from `git archive OLD daemon | tar -x -C DIR`)")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -504,7 +508,7 @@ def main() -> None:
         spec_path.write_text(json.dumps(spec))
         child = subprocess.run(
             [sys.executable, __file__, "--child", str(spec_path)],
-            env={**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT}"},
+            env={**os.environ, "PYTHONPATH": f"{args.code}:{ROOT}"},
             capture_output=True, text=True, check=False)
         if child.returncode != 0:
             raise SystemExit(f"the daemon side failed:\n{child.stderr[-4000:]}")
