@@ -915,6 +915,36 @@ async def test_cherry_pick_conflict_reports_commit_and_paths(
     assert result.head == result.picked[0][1]
 
 
+@pytest.mark.parametrize("onto_base", [True, False])
+async def test_cherry_pick_tree_is_exactly_the_merge(
+    mirror: Mirror, origin: OriginRepo, onto_base: bool
+) -> None:
+    """The picked tree is byte for byte what the merge index holds (only the directories it
+    touches are rebuilt): edits, new nested directories, a directory emptied, a file that
+    becomes a directory and back, a symlink that becomes a file, an exec bit, a gitlink."""
+    gitlink = "1" * 40
+    base = origin.commit({"keep/a.txt": "a\n", "keep/b.txt": "b\n", "gone/only.txt": "x\n",
+                          "flip": "file\n", "dir2file/x.txt": "x\n", "run.sh": "echo\n"},
+                         "Base", symlinks={"link": "keep/a.txt"})
+    if not onto_base:  # ours differs from the pick's parent elsewhere
+        base = origin.commit({"keep/b.txt": "b2\n", "other/o.txt": "o\n"}, "Elsewhere",
+                             parents=[base], branch="other")
+    pick = origin.commit({"keep/a.txt": "a2\n", "gone/only.txt": None, "flip": None,
+                          "flip/inner.txt": "in\n", "dir2file/x.txt": None,
+                          "dir2file": "now a file\n", "link": "plain\n",
+                          "run.sh": "echo 2\n", "new/deep/er/file.txt": "deep\n"},
+                         "Everything", executable={"run.sh"}, gitlinks={"vendor/lib": gitlink})
+    await mirror.fetch()
+    result = await mirror.cherry_pick(base, [pick], committer_name="d", committer_email="d@x")
+    assert result.clean
+    repo = pygit2.Repository(str(mirror.path))
+    picked = repo[pick].peel(pygit2.Commit)
+    ancestor, ours, theirs = picked.parents[0].tree, repo[base].peel(pygit2.Tree), picked.tree
+    assert result.tree == str(repo.merge_trees(ancestor, ours, theirs).write_tree(repo))
+    if onto_base:
+        assert result.tree == str(theirs.id)
+
+
 async def test_cherry_pick_skips_change_already_in_base(mirror: Mirror, origin: OriginRepo) -> None:
     """A commit whose change the base already has is skipped, not committed empty."""
     fix = origin.commit({"f": "fixed\n"}, "Fix")

@@ -581,6 +581,16 @@ async def test_job_calls_check_auth_input_and_state(rescue_lab: MakeLab) -> None
         assert status == 422 and body["error"]["code"] == "invalid", (bad, body)
     status, body = await call("GET", "/api/v1/jobs?state=bogus", token="reader")
     assert status == 422, body
+    # Candidates a page at a time; a page that is not a number (or too big) is a 422.
+    status, body = await call("GET", f"{path}?candidates_offset=1&candidates_limit=1",
+                              token="reader")
+    assert status == 200 and [c["sha"] for c in body["candidates"]] == [batch.p], body
+    assert body["candidates_total"] == 3 and body["selection"] == [batch.p]
+    assert body["links"]["candidates_next"] == f"{path}?candidates_offset=2&candidates_limit=1"
+    for query in ("candidates_offset=-1", "candidates_offset=x", "candidates_limit=0",
+                  "candidates_limit=5001", "candidates_limit=%C2%B2"):
+        status, body = await call("GET", f"{path}?{query}", token="reader")
+        assert status == 422 and body["error"]["code"] == "invalid", (query, body)
     status, body = await call("GET", "/api/v1/jobs?app=nope", token="reader")
     assert status == 404, body
     status, body = await approve(daemon, job_id, "f" * 32)

@@ -18,7 +18,7 @@ from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
 from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
-from deployd.rescue import Rescue, preselected, trailers
+from deployd.rescue import Rescue, candidates_of, preselected, trailers
 from deployd.store import JobStore, Store
 from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
 from tests.rescuelab import RESOLVED
@@ -165,8 +165,8 @@ async def test_open_lists_the_range_and_preselects(world: World) -> None:
     assert job.selection == [p]
     assert job.expires_at == T0 + 86400
     preview = job.preview
-    candidates = by_sha(preview["candidates"])
-    assert [c["selected"] for c in preview["candidates"]] == [False, True, False]
+    candidates = by_sha(candidates_of(job))
+    assert [c["selected"] for c in candidates_of(job)] == [False, True, False]
     assert candidates[p]["applies_cleanly"] is True
     assert candidates[p]["conflicting_paths"] == []
     assert candidates[p]["already_in_base"] is False
@@ -202,7 +202,7 @@ async def test_preview_conflict_names_the_paths(world: World) -> None:
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
                                   reason="")
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[p]["applies_cleanly"] is False
     assert candidates[p]["conflicting_paths"] == ["config.txt"]
     assert "already_in_base" not in candidates[p]
@@ -211,7 +211,7 @@ async def test_preview_conflict_names_the_paths(world: World) -> None:
     # With A before it, P applies: the preview is per selection, oldest first.
     job = await world.rescue.set_selection(job.id, [p, a], actor="alice")
     assert job.selection == [a, p]
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[a]["applies_cleanly"] and candidates[p]["applies_cleanly"]
     assert job.preview["ready"] is True and job.plan is not None
     # Each commit lands as it was made (1 -> 2, then 2 -> 3): nothing adapted.
@@ -226,7 +226,7 @@ async def test_unselected_candidates_are_tried_alone_on_the_base(world: World) -
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
                                   reason="", commits=[a])
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[a]["selected"] is True and candidates[a]["applies_on"] == "selection"
     assert candidates[a]["applies_cleanly"] is True
     assert candidates[p]["selected"] is False and candidates[p]["applies_on"] == "base"
@@ -236,7 +236,7 @@ async def test_unselected_candidates_are_tried_alone_on_the_base(world: World) -
     assert candidates[b]["conflicting_paths"] == []
     # Selected after A, P applies; B, still unselected, keeps its preview alone.
     job = await world.rescue.set_selection(job.id, [a, p], actor="alice")
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[p]["applies_on"] == "selection" and candidates[p]["applies_cleanly"]
     assert candidates[b]["applies_on"] == "base" and candidates[b]["applies_cleanly"]
 
@@ -249,7 +249,7 @@ async def test_only_the_first_candidates_are_tried_alone(world: World,
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
                                   reason="")
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[a]["applies_on"] == "base" and candidates[p]["applies_on"] == "selection"
     assert "applies_on" not in candidates[b] and "applies_cleanly" not in candidates[b]
 
@@ -261,7 +261,7 @@ async def test_preview_conflict_after_a_clean_commit_is_still_reported(world: Wo
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",
                                   reason="", commits=[extra, p])
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[extra]["applies_cleanly"] is True
     assert candidates[p]["applies_cleanly"] is False
     assert job.preview["ready"] is False
@@ -281,7 +281,7 @@ async def test_preview_already_in_base_and_merges_left_out(world: World) -> None
     job = await world.rescue.open(base=good, bad_head=merge, requester="deployd", reason="")
     assert [c["sha"] for c in job.candidates] == [p, b]  # the merge is not a candidate
     assert job.selection == [p]
-    candidates = by_sha(job.preview["candidates"])
+    candidates = by_sha(candidates_of(job))
     assert candidates[p]["applies_cleanly"] is True
     assert candidates[p]["already_in_base"] is True
     assert candidates[p]["adapted"] is False
@@ -523,3 +523,43 @@ async def test_patch_scope_counts_removed_lines(world: World) -> None:
     dropped = dropped.replace("@@ -1,3 +1,3 @@", "@@ -1,3 +1,2 @@")
     job = await world.rescue.set_resolved_patch(job.id, dropped, actor="mallory")
     assert job.preview["extra_paths"] == [] and job.preview["beyond_commits"] is True
+
+
+# -- big ranges: candidates a page at a time -----------------------------------------------------
+
+
+async def test_job_view_lists_candidates_a_page_at_a_time(world: World) -> None:
+    """describe() shows a page of candidates, their total and the next page's link; the
+    selection and the preview of a selected commit do not depend on the page shown."""
+    good, a, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head=b, requester="bob", reason="")
+    first = await world.rescue.describe(job, candidates_offset=0, candidates_limit=1)
+    assert [c["sha"] for c in first["candidates"]] == [a]
+    assert first["candidates_total"] == 3 and first["candidates_offset"] == 0
+    assert first["selection"] == [p]
+    assert first["links"]["candidates_next"] == (
+        f"/api/v1/jobs/{job.id}?candidates_offset=1&candidates_limit=1")
+    second = await world.rescue.describe(job, candidates_offset=1, candidates_limit=1)
+    (shown,) = second["candidates"]
+    assert shown["sha"] == p and shown["selected"] is True and shown["applies_cleanly"] is True
+    assert second["plan"] == first["plan"] == job.plan and second["selection"] == [p]
+    last = await world.rescue.describe(job, candidates_offset=2, candidates_limit=5)
+    assert [c["sha"] for c in last["candidates"]] == [b] and "candidates_next" not in last["links"]
+    whole = await world.rescue.describe(job)
+    assert [c["sha"] for c in whole["candidates"]] == [a, p, b]
+    assert "candidates_next" not in whole["links"]
+
+
+async def test_job_stored_with_a_full_candidate_copy_still_shows(world: World) -> None:
+    """A preview stored before statuses were kept per selected commit reads the same."""
+    good, _, p, b = batch(world.origin)
+    await world.mirror.fetch()
+    job = await world.rescue.open(base=good, bad_head=b, requester="bob", reason="")
+    now = candidates_of(job)
+    assert by_sha(now)[p]["applies_cleanly"] is True and by_sha(now)[p]["selected"] is True
+    older = {k: v for k, v in job.preview.items() if k != "statuses"}
+    stored = await world.rescue.jobs.update(job.id, preview={**older, "candidates": now})
+    assert stored is not None and "statuses" not in stored.preview
+    assert candidates_of(stored) == now
+    assert (await world.rescue.describe(stored))["candidates"] == now

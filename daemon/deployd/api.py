@@ -39,6 +39,7 @@ from deployd.errors import (
 )
 from deployd.git import check_patch_sizes
 from deployd.metrics import Metrics
+from deployd.rescue import DEFAULT_CANDIDATES_LIMIT, MAX_CANDIDATES_LIMIT
 from deployd.store import JOB_STATES, Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
 
@@ -448,6 +449,32 @@ def string_list(body: Mapping[str, Any], name: str, *, required: bool) -> list[s
     return list(value)
 
 
+def candidate_page(request: web.Request) -> tuple[int, int]:
+    """`?candidates_offset=&candidates_limit=`: which candidates a job's view lists."""
+    offset, limit = 0, DEFAULT_CANDIDATES_LIMIT
+    raw_offset = request.query.get("candidates_offset")
+    if raw_offset is not None:
+        number = decimal(raw_offset)
+        if number is None:
+            raise ApiError(422, "invalid", "candidates_offset must be a number from 0")
+        offset = number
+    raw_limit = request.query.get("candidates_limit")
+    if raw_limit is not None:
+        number = decimal(raw_limit)
+        if number is None or not 1 <= number <= MAX_CANDIDATES_LIMIT:
+            raise ApiError(422, "invalid", "candidates_limit must be a number from 1 to "
+                           f"{MAX_CANDIDATES_LIMIT}")
+        limit = number
+    return offset, limit
+
+
+async def describe_job(request: web.Request, sup: AppSupervisor, job: Job) -> dict[str, Any]:
+    """The job's view, with the page of candidates the query asks for."""
+    assert sup.rescue is not None
+    offset, limit = candidate_page(request)
+    return await sup.rescue.describe(job, candidates_offset=offset, candidates_limit=limit)
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     require(request, "read")
     state = request.query.get("state")
@@ -483,7 +510,7 @@ async def open_job(request: web.Request) -> web.Response:
     base = field_str(body, "base")
     job = await sup.open_job(commits=commits, base=base, actor=token.name)
     assert sup.rescue is not None
-    return web.json_response(await sup.rescue.describe(job), status=201,
+    return web.json_response(await describe_job(request, sup, job), status=201,
                              headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
@@ -491,7 +518,7 @@ async def show_job(request: web.Request) -> web.Response:
     require(request, "read")
     job, sup = await load_job(request)
     assert sup.rescue is not None
-    return web.json_response(await sup.rescue.describe(job))
+    return web.json_response(await describe_job(request, sup, job))
 
 
 async def job_patch(request: web.Request) -> web.Response:
@@ -514,7 +541,7 @@ async def put_job_patch(request: web.Request) -> web.Response:
     if not text.strip():
         raise ApiError(422, "invalid", "send the resolved unified diff as the request body")
     job = await sup.rescue.set_resolved_patch(job.id, text, actor=token.name)
-    return web.json_response(await sup.rescue.describe(job))
+    return web.json_response(await describe_job(request, sup, job))
 
 
 async def put_job_selection(request: web.Request) -> web.Response:
@@ -526,7 +553,7 @@ async def put_job_selection(request: web.Request) -> web.Response:
     commits = string_list(body, "commits", required=True)
     assert commits is not None
     job = await sup.rescue.set_selection(job.id, commits, actor=token.name)
-    return web.json_response(await sup.rescue.describe(job))
+    return web.json_response(await describe_job(request, sup, job))
 
 
 async def approve_job(request: web.Request) -> web.Response:
@@ -539,7 +566,7 @@ async def approve_job(request: web.Request) -> web.Response:
     assert plan is not None
     comment = text_field(body, "comment")
     job = await sup.approve_job(job, plan=plan, actor=token.name, comment=comment)
-    return web.json_response(await sup.rescue.describe(job), status=202)
+    return web.json_response(await describe_job(request, sup, job), status=202)
 
 
 async def reject_job(request: web.Request) -> web.Response:
@@ -550,7 +577,7 @@ async def reject_job(request: web.Request) -> web.Response:
     reject_unknown(body, {"comment"})
     comment = text_field(body, "comment")
     job = await sup.rescue.reject(job.id, actor=token.name, comment=comment)
-    return web.json_response(await sup.rescue.describe(job))
+    return web.json_response(await describe_job(request, sup, job))
 
 
 def add_routes(app: web.Application) -> None:

@@ -73,8 +73,10 @@ import pygit2
 from pygit2.enums import (
     ApplyLocation,
     CredentialType,
+    DeltaStatus,
     DiffOption,
     FetchPrune,
+    FileMode,
     ObjectType,
     RepositoryOpenFlag,
     SortMode,
@@ -101,6 +103,7 @@ MAX_BINARY_BYTES = 8 * 1024 * 1024
 """The largest size a binary patch may declare for one file, and for all of them together:
 libgit2 allocates what a patch declares before it checks the data."""
 _MAX_AUTH_ATTEMPTS = 3
+_RANGES_KEPT = 2  # commits_between results kept (a range of 10,000 commits: ~10 MB)
 DEFAULT_ARCHIVE_CACHE = 256 << 20
 """Bytes of release archives a mirror keeps (on disk, in unlinked files) for reuse."""
 _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.Blob
@@ -617,6 +620,58 @@ def _picked_message(message: str, sha: str, trailer_lines: list[str]) -> str:
     return f"{body}{chr(10) if in_block else chr(10) * 2}{added}\n"
 
 
+def _write_merged(repo: pygit2.Repository, index: pygit2.Index, ours: pygit2.Tree) -> pygit2.Oid:
+    """The tree of a clean merge index, written as `index.write_tree(repo)` would write it.
+
+    write_tree rebuilds every directory, and libgit2 checks each of the (thousands of)
+    entries it inserts against the object database: ~30 ms for 5,000 files. The merge
+    differs from `ours` in a few paths only, so only their directories are rebuilt here,
+    starting from `ours`' trees, and only the entries that change are inserted.
+    """
+    changes: _TreeChanges = {}
+    for delta in index.diff_to_tree(ours).deltas:
+        if delta.status == DeltaStatus.DELETED:
+            path, change = delta.old_file.path, None
+        else:
+            path, change = delta.new_file.path, (delta.new_file.id, int(delta.new_file.mode))
+        *directories, name = path.split("/")
+        node = changes
+        for directory in directories:
+            node = node.setdefault("/" + directory, {})
+        if change is not None or name not in node:  # a type change is a deletion + an addition
+            node[name] = change
+    return _rebuild(repo, ours, changes) or repo.TreeBuilder().write()
+
+
+_TreeChanges = dict[str, Any]
+"""name -> (oid, mode) or None (deleted); "/name" -> the changes inside directory `name`."""
+
+
+def _rebuild(repo: pygit2.Repository, tree: pygit2.Tree | None,
+             changes: _TreeChanges) -> pygit2.Oid | None:
+    """`tree` (None: a new directory) with `changes` applied; None when nothing is left."""
+    builder = repo.TreeBuilder(tree) if tree is not None else repo.TreeBuilder()
+    for name, change in changes.items():
+        if change is None and builder.get(name) is not None:
+            builder.remove(name)
+    for key, inner in changes.items():
+        if key.startswith("/"):
+            name = key[1:]
+            entry = builder.get(name)
+            subtree = repo[entry.id] if entry is not None and entry.type == ObjectType.TREE \
+                else None
+            assert subtree is None or isinstance(subtree, pygit2.Tree)
+            oid = _rebuild(repo, subtree, inner)
+            if oid is not None:
+                builder.insert(name, oid, FileMode.TREE)
+            elif entry is not None:
+                builder.remove(name)
+    for name, change in changes.items():
+        if not name.startswith("/") and change is not None:
+            builder.insert(name, *change)
+    return builder.write() if len(builder) else None
+
+
 def _conflict_paths(index: pygit2.Index) -> tuple[str, ...]:
     paths = set()
     for ancestor, ours, theirs in index.conflicts or ():
@@ -677,6 +732,7 @@ class Mirror:
         self._archives = ArchiveCache(archive_cache)
         self.archives_built = 0  # how many archives this mirror made (cache misses)
         self._repo: pygit2.Repository | None = None
+        self._ranges: dict[tuple[str, str], tuple[CommitInfo, ...]] = {}  # most recent last
         self._lock = asyncio.Lock()
         # Held by the worker thread itself: a cancelled caller releases the asyncio lock while
         # its thread still runs, and the next call must still wait for that thread.
@@ -918,9 +974,18 @@ class Mirror:
 
     def _commits_between(self, base: str, head: str) -> list[CommitInfo]:
         old, new = self._commit(base), self._commit(head)
-        walker = self._open().walk(new.id, SortMode.TOPOLOGICAL | SortMode.REVERSE)
-        walker.hide(old.id)
-        return [_info(commit) for commit in walker if len(commit.parent_ids) <= 1]
+        key = (str(old.id), str(new.id))
+        found = self._ranges.pop(key, None)
+        if found is None:
+            # A walk of 10,000 commits costs ~100 ms; every job on the same range (the one
+            # opened after a rollback, those opened by hand) lists the same, immutable commits.
+            walker = self._open().walk(new.id, SortMode.TOPOLOGICAL | SortMode.REVERSE)
+            walker.hide(old.id)
+            found = tuple(_info(commit) for commit in walker if len(commit.parent_ids) <= 1)
+        self._ranges[key] = found
+        while len(self._ranges) > _RANGES_KEPT:
+            del self._ranges[next(iter(self._ranges))]
+        return list(found)
 
     async def list_refs(self, prefix: str = "refs/") -> dict[str, str]:
         """Every ref under `prefix` and the sha it points at."""
@@ -1039,7 +1104,7 @@ class Mirror:
             index = repo.merge_trees(ancestor, state.head.tree, pick.tree)
             if index.conflicts is not None:
                 return state.result(str(pick.id), _conflict_paths(index))
-            tree = index.write_tree(repo)
+            tree = _write_merged(repo, index, state.head.tree)
             if tree == state.head.tree_id:
                 state.skipped.append(str(pick.id))
                 continue

@@ -52,6 +52,11 @@ def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
 
 _APP = {"name": "app", "in": "path", "required": True, "schema": {"type": "string"}}
 _JOB = {"name": "job", "in": "path", "required": True, "schema": {"type": "integer"}}
+_CANDIDATE_PAGE = [  # the other calls answering with a Job take them too
+    {"name": "candidates_offset", "in": "query", "description": "first candidate listed",
+     "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    {"name": "candidates_limit", "in": "query", "description": "candidates listed at most",
+     "schema": {"type": "integer", "minimum": 1, "maximum": 5000, "default": 500}}]
 _OBJECT = {"type": "object", "additionalProperties": True}
 
 
@@ -132,8 +137,9 @@ def _paths() -> dict[str, Any]:
             401, 403, 404, 422, parameters=[
                 {"name": "state", "in": "query", "schema": _ref("JobState")},
                 {"name": "app", "in": "query", "schema": string}])},
-        "/api/v1/jobs/{job}": {"get": _op("One rescue job", "read", 200, _ref("Job"),
-                                          401, 403, 404, parameters=[_JOB])},
+        "/api/v1/jobs/{job}": {"get": _op(
+            "One rescue job, its candidates a page at a time", "read", 200, _ref("Job"),
+            401, 403, 404, 422, parameters=[_JOB, *_CANDIDATE_PAGE])},
         "/api/v1/jobs/{job}/patch": {
             "get": {"summary": "The combined change that would land, as a unified diff",
                     "x-deployd-role": "read", "parameters": [_JOB],
@@ -186,6 +192,8 @@ def _schemas() -> dict[str, Any]:
             "id": {"type": "integer"}, "app": string, "state": _ref("JobState"),
             "base": {"type": "object"}, "bad_head": string, "plan": nullable,
             "ready": {"type": "boolean"}, "blocked_by": nullable,
+            "candidates_total": {"type": "integer"}, "candidates_offset": {"type": "integer"},
+            "selection": {"type": "array", "items": string},
             "candidates": {"type": "array", "items": {"type": "object", "properties": {
                 "sha": string, "summary": string, "author": string,
                 "selected": {"type": "boolean"}, "applies_cleanly": {"type": "boolean"},

@@ -90,11 +90,20 @@ def _changed_lines(diff: str) -> list[str]:
     return [line for line in diff.splitlines() if line.startswith(("+", "-"))]
 
 
+DEFAULT_CANDIDATES_LIMIT = 500
+"""How many candidates a job's REST view lists per page (`candidates_limit` changes it)."""
+MAX_CANDIDATES_LIMIT = 5000
+
+
 @dataclass(frozen=True)
 class Preview:
-    """What the current selection (or resolved patch) would make of the base."""
+    """What the current selection (or resolved patch) would make of the base.
 
-    candidates: list[dict[str, Any]]
+    `statuses` holds what was found for the selected commits only (keyed by sha): a bad
+    range of 10,000 commits is not copied into every preview; `candidates_of` joins them.
+    """
+
+    statuses: dict[str, dict[str, Any]]
     tree: str | None
     ready: bool
     blocked_by: str | None
@@ -103,7 +112,7 @@ class Preview:
     scope: PatchScope | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"candidates": self.candidates, "tree": self.tree, "ready": self.ready,
+        return {"statuses": self.statuses, "tree": self.tree, "ready": self.ready,
                 "blocked_by": self.blocked_by, "adaptation": self.adaptation,
                 "extra_paths": self.scope.extra_paths if self.scope else [],
                 "beyond_commits": self.scope.beyond_commits if self.scope else False}
@@ -122,6 +131,26 @@ class PatchScope:
 
     extra_paths: list[str]
     beyond_commits: bool
+
+
+def candidates_of(job: Job, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """The job's candidates `offset`.. (at most `limit`), oldest first, each with `selected`
+    and, when selected, what the preview found for it."""
+    selected = set(job.selection)
+    statuses = _statuses(job.preview)
+    end = None if limit is None else offset + limit
+    return [{**c, "selected": c["sha"] in selected, **statuses.get(c["sha"], {})}
+            for c in job.candidates[offset:end]]
+
+
+def _statuses(preview: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a stored preview found per selected commit (also from the older form, which
+    kept a full copy of the candidates)."""
+    if "statuses" in preview:
+        return dict(preview["statuses"])
+    keys = ("applies_cleanly", "conflicting_paths", "applies_on", "already_in_base", "adapted")
+    return {c["sha"]: {k: c[k] for k in keys if k in c}
+            for c in preview.get("candidates", ()) if "applies_cleanly" in c}
 
 
 class Rescue:
@@ -234,7 +263,6 @@ class Rescue:
 
     async def compute_preview(self, job: Job) -> Preview:
         """Try the selection commit by commit on the base, in memory; compute the plan."""
-        selected = set(job.selection)
         head = job.base
         statuses: dict[str, dict[str, Any]] = {}
         original: list[str] = []
@@ -272,15 +300,13 @@ class Rescue:
                            "upload a resolved patch (PUT .../patch) or change the selection")
         if not job.selection:
             blocked = "nothing selected: choose commits with PUT .../selection"
-        candidates = [{**c, "selected": c["sha"] in selected, **statuses.get(c["sha"], {})}
-                      for c in job.candidates]
         adaptation = None
         if landing != original:
             adaptation = "".join(difflib.unified_diff(
                 [line + "\n" for line in original], [line + "\n" for line in landing],
                 "the selected commits' own change", "what would land"))
         plan = None if blocked else _plan(job, tree)
-        return Preview(candidates, tree, blocked is None, blocked, adaptation, plan, scope)
+        return Preview(statuses, tree, blocked is None, blocked, adaptation, plan, scope)
 
     async def patch_scope(self, job: Job, tree: str) -> PatchScope:
         """Compare what the resolved patch (giving `tree`) adds with what the commits add."""
@@ -591,8 +617,13 @@ class Rescue:
 
     # -- what REST shows -------------------------------------------------------------------
 
-    async def describe(self, job: Job) -> dict[str, Any]:
-        """A job as `GET /api/v1/jobs/{id}` shows it, with the next useful calls."""
+    async def describe(self, job: Job, *, candidates_offset: int = 0,
+                       candidates_limit: int = DEFAULT_CANDIDATES_LIMIT) -> dict[str, Any]:
+        """A job as `GET /api/v1/jobs/{id}` shows it, with the next useful calls.
+
+        The candidates come a page at a time (`candidates_offset`, `candidates_limit`);
+        `selection` always names every selected commit, whichever page is shown.
+        """
         approvals = await self.jobs.approvals(job.id)
         log_events = [e.to_json() for e in await self.store.job_events(self.name, job.id)]
         base_info = await _safe_info(self.mirror, job.base)
@@ -602,7 +633,9 @@ class Rescue:
             "reason": job.reason, "created_at": _iso(job.created_at),
             "expires_at": _iso(job.expires_at), "plan": job.plan,
             "ready": bool(job.preview.get("ready")), "blocked_by": job.preview.get("blocked_by"),
-            "candidates": job.preview.get("candidates", job.candidates),
+            "candidates": candidates_of(job, candidates_offset, candidates_limit),
+            "candidates_total": len(job.candidates), "candidates_offset": candidates_offset,
+            "selection": job.selection,
             "resolved_patch": job.resolved_patch is not None,
             "resolved_by": job.resolved_by if job.resolved_patch is not None else None,
             "extra_paths": job.preview.get("extra_paths", []),
@@ -612,7 +645,7 @@ class Rescue:
             "new_head": job.new_head, "backup_branch": job.backup_ref, "step": job.step,
             "deploy": job.deploy_id, "error": job.error,
             "approvals": [a.to_json() for a in approvals], "log": log_events,
-            "links": _links(job),
+            "links": _links(job, candidates_offset, candidates_limit),
         }
         if job.state == "pending" and job.plan:
             body["next"] = {"approve": {"method": "POST", "href": _links(job)["approve"],
@@ -637,11 +670,15 @@ def _candidate(info: CommitInfo) -> dict[str, Any]:
             "author": f"{info.author_name} <{info.author_email}>", "time": info.time}
 
 
-def _links(job: Job) -> dict[str, str]:
+def _links(job: Job, offset: int = 0, limit: int = DEFAULT_CANDIDATES_LIMIT) -> dict[str, str]:
     base = f"/api/v1/jobs/{job.id}"
-    return {"self": base, "patch": f"{base}/patch", "selection": f"{base}/selection",
-            "approve": f"{base}/approve", "reject": f"{base}/reject",
-            "app": f"/api/v1/apps/{job.app}", "events": f"/api/v1/apps/{job.app}/events"}
+    links = {"self": base, "patch": f"{base}/patch", "selection": f"{base}/selection",
+             "approve": f"{base}/approve", "reject": f"{base}/reject",
+             "app": f"/api/v1/apps/{job.app}", "events": f"/api/v1/apps/{job.app}/events"}
+    if offset + limit < len(job.candidates):
+        links["candidates_next"] = (f"{base}?candidates_offset={offset + limit}"
+                                    f"&candidates_limit={limit}")
+    return links
 
 
 async def _safe_info(mirror: Mirror, sha: str) -> dict[str, Any]:
