@@ -206,4 +206,6 @@ class SshdHost:
 
     def cleanup(self) -> None:
         self.stop()
-        shutil.rmtree(self.home, ignore_errors=True)
+        # Path() is the unset default (the current directory): never delete that.
+        if self.home != Path():
+            shutil.rmtree(self.home, ignore_errors=True)
