@@ -378,11 +378,8 @@ class AppSupervisor:
             return await self._deploy_failed(record, exc, time.monotonic() - clock_start)
         await self.store.set_host_results(record.id, {h: ("switched", None)
                                                       for h in outcome.hosts})
-        now = self.clock()
         record = await self.store.update_deploy(
-            record.id, state="succeeded", release=outcome.release, bake_state="grace",
-            bake_started_at=now, bake_until=now + self.app.rollback.grace + self.app.rollback.bake,
-        )
+            record.id, state="succeeded", release=outcome.release, **self._open_bake())
         await self._retire_bakes(record)
         self._after_switch(record, "succeeded", time.monotonic() - clock_start)
         await self.store.add_event(
@@ -415,6 +412,13 @@ class AppSupervisor:
         self.metrics.set_live_revision(self.name, record.revision)
         if self.health is not None:
             self.health.reset()
+
+    def _open_bake(self) -> dict[str, Any]:
+        """The record fields that start a bake now: grace, then the bake window (the one
+        place a bake is opened, for deploys, rollbacks, observed releases and recoveries)."""
+        now = self.clock()
+        return {"bake_state": "grace", "bake_started_at": now,
+                "bake_until": now + self.app.rollback.grace + self.app.rollback.bake}
 
     async def _rollback(self, release: str, *, trigger: str, actor: str, reason: str,
                         started: asyncio.Future[Deploy] | None = None) -> Deploy:
@@ -460,12 +464,9 @@ class AppSupervisor:
         took = time.monotonic() - clock_start
         await self.store.set_host_results(record.id, {h: ("switched", None)
                                                       for h in outcome.hosts})
-        now = self.clock()
         revision = outcome.revision or record.revision
-        record = await self.store.update_deploy(
-            record.id, state="succeeded", bake_state="grace", bake_started_at=now,
-            bake_until=now + self.app.rollback.grace + self.app.rollback.bake,
-        )
+        record = await self.store.update_deploy(record.id, state="succeeded",
+                                                **self._open_bake())
         await self._retire_bakes(record)
         self.metrics.rollbacks_total.labels(app=self.name, trigger=record.trigger).inc()
         self.metrics.rollback_duration_seconds.labels(app=self.name).observe(took)
@@ -624,14 +625,12 @@ class AppSupervisor:
         live = await self.store.last_live(self.name)
         if release is None or (live is not None and live.release == release):
             return
-        now = self.clock()
         record = await self.store.start_deploy(
             self.name, "observed", revision or "unknown", trigger="observed", actor="observed",
             release=release, previous_release=live.release if live else None,
             previous_revision=live.revision if live else None, state="succeeded")
-        record = await self.store.update_deploy(
-            record.id, state="succeeded", bake_state="grace", bake_started_at=now,
-            bake_until=now + self.app.rollback.grace + self.app.rollback.bake)
+        record = await self.store.update_deploy(record.id, state="succeeded",
+                                                **self._open_bake())
         await self._retire_bakes(record)
         self._after_switch(record, "observed", 0.0)
         await self.store.add_event(self.name, "deploy.observed",
@@ -1018,9 +1017,9 @@ class AppSupervisor:
         on_new = {h for h, s in reachable.items() if s.current_revision == record.revision}
         if record.kind == "rollback":
             if reachable and len(on_new) == len(states):
+                # Grace included: the hosts restarted on it just before the crash.
                 await self.store.update_deploy(record.id, state="succeeded",
-                                               bake_state="grace", bake_started_at=self.clock(),
-                                               bake_until=self.clock() + self.app.rollback.bake)
+                                               **self._open_bake())
                 await self.store.add_event(self.name, "rollback.recovered",
                                            "rollback found complete after a restart")
                 return
@@ -1033,11 +1032,8 @@ class AppSupervisor:
             return
         if reachable and len(on_new) == len(states):
             release = next(iter(reachable.values())).current
-            now = self.clock()
             await self.store.update_deploy(record.id, state="succeeded", release=release,
-                                           bake_state="grace", bake_started_at=now,
-                                           bake_until=now + self.app.rollback.grace
-                                           + self.app.rollback.bake)
+                                           **self._open_bake())
             await self.store.add_event(self.name, "deploy.recovered",
                                        f"deploy of {_short(record.revision)} found complete "
                                        "after a restart", revision=record.revision)
