@@ -133,6 +133,27 @@ async def test_a_binary_patch_declaring_a_huge_file_is_422_naming_it(lab: Lab) -
     assert body["resolved_patch"] is True
 
 
+async def test_text_that_cannot_be_stored_is_422_and_changes_nothing(lab: Lab) -> None:
+    """A JSON lone surrogate ("\\udc80") is valid JSON but not storable text: a 422 naming the
+    field, before anything is recorded (it once left a job approved with no approval row)."""
+    job = f"/api/v1/jobs/{lab.job}"
+    plan = (await lab.daemon.api.get(job))["plan"]
+    calls = [
+        ("POST", f"/api/v1/apps/{APP}/rollback", b'{"reason": "\\udc80"}', "deployer",
+         "reason"),
+        ("POST", f"/api/v1/apps/{APP}/pause", b'{"reason": "x\\udc80"}', "deployer", "reason"),
+        ("POST", f"{job}/approve",
+         b'{"plan": "%s", "comment": "\\ud800"}' % plan.encode(), "approver", "comment"),
+    ]
+    for method, path, raw, token, name in calls:
+        status, body = await lab.daemon.api.call(method, path, token=token, data=raw)
+        assert_error(status, body, 422, "invalid")
+        assert repr(name) in body["error"]["message"], (path, body)
+    assert (await lab.daemon.api.get(job))["state"] == "pending"
+    kinds = [e["kind"] for e in await lab.daemon.events(APP)]
+    assert "rollback.started" not in kinds and "app.paused" not in kinds
+
+
 async def test_text_fields_over_1_kib_are_422(lab: Lab) -> None:
     """reason, comment and commit ids longer than the limit are refused by name; a reason
     of exactly the limit is taken."""

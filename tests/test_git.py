@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import io
@@ -12,6 +13,7 @@ import socket
 import tarfile
 import threading
 import time
+import zlib
 from base64 import b64encode
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,14 +182,39 @@ async def test_password_never_appears_in_errors(tmp_path: Path) -> None:
     assert "deploy:***@" in str(caught.value)
 
 
+def binary_hunk(content: bytes) -> bytes:
+    """`content` deflated and written as git writes a binary hunk's lines (no header)."""
+    data = zlib.compress(content)
+    lines = []
+    for offset in range(0, len(data), 52):
+        chunk = data[offset:offset + 52]
+        letter = chr(ord("A") + len(chunk) - 1) if len(chunk) <= 26 else \
+            chr(ord("a") + len(chunk) - 27)
+        lines.append(letter.encode() + base64.b85encode(chunk, pad=True))
+    return b"\n".join(lines) + b"\n\n"
+
+
 def test_declared_binary_sizes_are_read_without_trusting_them() -> None:
     """A size with thousands of digits is refused without building the number; leading
     zeros do not hide a size; small declarations pass."""
     head = b"diff --git a/logo.bin b/logo.bin\nGIT binary patch\n"
-    check_patch_sizes(head + b"literal 0000000000000000000012\nxyz\n")
+    check_patch_sizes(head + b"literal 0000000000000000000012\n" + binary_hunk(b"x" * 12))
     for size in (b"9" * 5000, b"0" * 30 + b"9" * 9, str(MAX_BINARY_BYTES + 1).encode()):
         with pytest.raises(errors.Invalid, match=r"logo\.bin"):
             check_patch_sizes(head + b"literal " + size + b"\r\nxyz\n")
+
+
+def test_a_binary_hunk_inflating_past_its_declared_size_is_refused() -> None:
+    """A small patch declaring 100 bytes whose data inflates to 1 MiB (libgit2 would inflate
+    it whole before comparing) is refused unread by libgit2; broken data is refused too."""
+    head = b"diff --git a/logo.bin b/logo.bin\nGIT binary patch\nliteral 100\n"
+    bomb = binary_hunk(b"\0" * (1 << 20))
+    assert len(bomb) < 2000
+    with pytest.raises(errors.Invalid, match=r"logo\.bin holds more data than the 100 bytes"):
+        check_patch_sizes(head + bomb)
+    check_patch_sizes(head + binary_hunk(b"\0" * 100))
+    with pytest.raises(errors.Invalid, match="not valid"):
+        check_patch_sizes(head + b"zzzz\n\n")
 
 
 def files_holding(root: Path, secret: bytes) -> list[Path]:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from deployd.config import load
 from deployd.errors import ConfigError
+from deployd.notifications import _retry_after, _slack_text
 from tests.judging import (
     APP,
     BAD,
@@ -59,7 +60,7 @@ class Receiver:
     """An HTTP endpoint that records what it is sent; `mode` says how it answers."""
 
     port: int = field(default_factory=free_port)
-    mode: str = "ok"  # ok | fail | hang | busy (429 with Retry-After: 1, then ok)
+    mode: str = "ok"  # ok | fail | hang | busy (429, Retry-After: 1, then ok) | zero (503, 0)
     received: list[Received] = field(default_factory=list)
     _runner: web.AppRunner | None = None
 
@@ -89,6 +90,8 @@ class Receiver:
         if self.mode == "busy":
             self.mode = "ok"
             return web.Response(status=429, headers={"Retry-After": "1"})
+        if self.mode == "zero":
+            return web.Response(status=503, headers={"Retry-After": "0"})
         return web.Response(text="ok")
 
     def kinds(self) -> list[str]:
@@ -308,6 +311,31 @@ async def test_retry_after_is_respected(
     first, second = hook.received[:2]
     assert second.at - first.at >= 0.9
     assert first.json["id"] == second.json["id"] and first.body == second.body
+
+
+async def test_retry_after_zero_is_not_a_busy_loop(
+        make_lab: MakeLab, daemons: Daemons, receivers: Callable[[], Any]) -> None:
+    """503 with Retry-After: 0 forever: retries still back off (a handful in 2 s, not
+    hundreds)."""
+    lab = await make_lab(1)
+    hook = await receivers()
+    hook.mode = "zero"
+    daemon = await daemons(with_targets(lab, target(lab, "hook", hook, events=["app.*"])))
+    await daemon.api.call("POST", f"/api/v1/apps/{APP}/pause", json_body={"reason": "x"})
+    await hook.wait_for(lambda got: len(got) >= 1, what="the first attempt")
+    await asyncio.sleep(2.0)
+    assert 2 <= len(hook.received) <= 5
+
+
+def test_odd_retry_after_values_and_slack_markup_are_harmless() -> None:
+    """Retry-After digits only (a superscript two once crashed every delivery round); text
+    in Slack messages cannot become links or mentions."""
+    assert _retry_after("²", 0.0) is None and _retry_after("", 0.0) is None
+    assert _retry_after("7", 0.0) == 7.0 and _retry_after("99999", 0.0) == 300.0
+    text = _slack_text({"app": "shop", "kind": "deploy.failed", "actor": "<!here>",
+                        "message": "<!channel> <https://evil.example|Approve job 1> & co",
+                        "revision": None})
+    assert "<" not in text and ">" not in text and "&amp; co" in text
 
 
 async def test_no_url_or_secret_reaches_a_log_line_or_an_event(

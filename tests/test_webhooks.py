@@ -109,7 +109,7 @@ async def test_gitlab_token_and_gitea_signature_are_accepted(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("tamper", ["wrong secret", "no signature", "other body",
-                                    "sha1 scheme", "empty signature"])
+                                    "sha1 scheme", "empty signature", "not ascii"])
 async def test_bad_signatures_are_401_and_fetch_nothing(lab: Lab, tamper: str) -> None:
     """Any signature that is not the secret's HMAC of this very body is refused."""
     body = json.dumps({"ref": WATCHED}).encode()
@@ -122,6 +122,8 @@ async def test_bad_signatures_are_401_and_fetch_nothing(lab: Lab, tamper: str) -
         headers = github_headers(json.dumps({"ref": "refs/heads/other"}).encode())
     elif tamper == "sha1 scheme":
         headers["X-Hub-Signature-256"] = headers["X-Hub-Signature-256"].replace("sha256", "sha1")
+    elif tamper == "not ascii":  # compare_digest refuses such a str: once a 500
+        headers["X-Hub-Signature-256"] = "sha256=\u00e9" * 10
     else:
         headers["X-Hub-Signature-256"] = "sha256="
     before = lab.fetches()

@@ -219,10 +219,16 @@ def field_str(body: Mapping[str, Any], name: str, *, required: bool = False,
 
 
 def check_length(name: str, value: str) -> None:
-    """Text fields end up in events, logs and hook environments: 422 beyond the limit."""
+    """Text fields end up in events, logs and hook environments: 422 beyond the limit, or
+    for text that is not Unicode (JSON's "\\udc80" escapes: a lone surrogate cannot be stored)."""
     if len(value) > MAX_TEXT_CHARS:
         raise ApiError(422, "invalid", f"field {name!r} is longer than {MAX_TEXT_CHARS} "
                        "characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid", f"field {name!r} is not valid Unicode text "
+                       "(a lone surrogate)") from None
 
 
 def text_field(body: Mapping[str, Any], name: str) -> str:

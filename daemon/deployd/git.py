@@ -60,14 +60,15 @@ import shutil
 import stat
 import tempfile
 import threading
-from base64 import b64decode
+import zlib
+from base64 import b64decode, b85decode
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pygit2
 from pygit2.enums import (
@@ -114,11 +115,13 @@ _GitObject = pygit2.Object | pygit2.Commit | pygit2.Tree | pygit2.Tag | pygit2.B
 
 def check_patch_sizes(patch: bytes) -> None:
     """`errors.Invalid` naming the file when the patch's binary hunks declare (`literal N`,
-    `delta N`) more than MAX_BINARY_BYTES for one file or all together. Pure text work, so
-    it runs before libgit2 sees the patch."""
+    `delta N`) more than MAX_BINARY_BYTES for one file or all together, or hold data that
+    inflates past what they declare. Pure text work, so it runs before libgit2 sees the
+    patch (libgit2 inflates a hunk whole before it compares it with the declared size)."""
     path = "?"
     total = 0
-    for line in patch.splitlines():
+    lines = patch.splitlines()
+    for index, line in enumerate(lines):
         if (header := _PATCH_FILE.fullmatch(line)) is not None:
             path = header[2].decode("utf-8", "replace")
             continue
@@ -135,6 +138,37 @@ def check_patch_sizes(patch: bytes) -> None:
         if total > MAX_BINARY_BYTES:
             raise errors.Invalid(f"patch: binary changes declare more than {MAX_BINARY_BYTES} "
                                  f"bytes in all (at {path})")
+        if _inflated_size(lines, index + 1, declared) > declared:
+            raise errors.Invalid(f"patch: binary change of {path} holds more data than the "
+                                 f"{declared} bytes it declares")
+
+
+def _inflated_size(lines: list[bytes], start: int, declared: int) -> int:
+    """How many bytes the binary hunk starting at lines[start] inflates to, counting no
+    further than declared + 1. Each line is a length letter and base85 data (git's format);
+    the hunk ends at an empty line."""
+    data = bytearray()
+    for line in lines[start:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        count = _LINE_LENGTHS.get(line[0])
+        try:
+            if count is None:
+                raise ValueError(f"bad length letter {line[:1]!r}")
+            data += b85decode(line[1:])[:count]
+        except ValueError as exc:
+            raise errors.Invalid(f"patch: a binary hunk is not valid base85: {exc}") from None
+    inflater = zlib.decompressobj()
+    try:
+        return len(inflater.decompress(bytes(data), declared + 1))
+    except zlib.error as exc:
+        raise errors.Invalid(f"patch: a binary hunk is not valid zlib data: {exc}") from None
+
+
+# git's binary hunk lines start with their decoded length: A-Z for 1-26, a-z for 27-52.
+_LINE_LENGTHS = {**{ord("A") + n: n + 1 for n in range(26)},
+                 **{ord("a") + n: n + 27 for n in range(26)}}
 
 
 # --------------------------------------------------------------------------- values
@@ -258,8 +292,9 @@ def _parse_url(url: str) -> _RemoteUrl:
         display=display,
         ssh=ssh,
         stored=stored,
-        user=parts.username,
-        password=parts.password,
+        # Percent-decoded, as libgit2 did when the credentials stayed in the URL.
+        user=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
         host=parts.hostname or "",
         port=port,
     )

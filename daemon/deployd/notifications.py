@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ log = logging.getLogger("deployd.notifications")
 FIRST_RETRY = 0.5  # seconds; doubled at each attempt up to MAX_RETRY
 MAX_RETRY = 300.0
 FAILING_KIND = "notify.failing"
+MIN_ATTEMPTS = 3  # tries a delivery gets before it may be given up
 _REMINDER_CHECK = 5.0
 
 
@@ -61,6 +63,7 @@ class Notifications:
         # Look for jobs owed a reminder often enough to send each close to its time.
         self._idle_check = min([_REMINDER_CHECK, *(t.remind / 2 for t in targets
                                                    if t.remind > 0)])
+        self._next_remind = 0.0
 
     def on_event(self, event: Event) -> None:
         """A store listener: look at the new event soon (never blocks the caller)."""
@@ -69,8 +72,15 @@ class Notifications:
     async def run(self) -> None:
         """Scan and deliver until cancelled."""
         for name in self.targets:
-            await self.outbox.start_cursor(name)
             self._init_series(name)
+            while True:
+                try:
+                    await self.outbox.start_cursor(name)
+                    break
+                except Exception:  # the store: keep trying, never end notifications silently
+                    log.exception("notifications to %s: cannot start; retrying in 5 seconds",
+                                  name)
+                    await asyncio.sleep(5.0)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._scan_loop(), name="notifications scan")
             for name in self.targets:
@@ -96,14 +106,19 @@ class Notifications:
             await _wait(self._scan, self._idle_check)
 
     async def scan(self) -> None:
-        """Queue what each target is owed: new events, then reminders of waiting jobs."""
+        """Queue what each target is owed: new events, then (on their own timer, not at every
+        event) reminders of waiting jobs."""
+        remind = self.clock() >= self._next_remind
+        if remind:
+            self._next_remind = self.clock() + self._idle_check
         for target in self.targets.values():
             queued, scanned = 0, SCAN_BATCH
             while scanned == SCAN_BATCH:
                 scanned, wanted = await self.outbox.enqueue_events(target.name,
                                                                    _wanted_by(target))
                 queued += wanted
-            queued += await self._remind(target)
+            if remind:
+                queued += await self._remind(target)
             if queued:
                 self._send[target.name].set()
             await self._publish_queue(target.name)
@@ -170,7 +185,11 @@ class Notifications:
     async def _deliver(self, target: NotifyTarget, delivery: Delivery) -> bool:
         """One attempt; True when the delivery is done with (sent or given up)."""
         body = await self._body(target, delivery)
-        error, retry_after = await self._post(target, delivery.delivery, body)
+        try:
+            error, retry_after = await self._post(target, delivery.delivery, body)
+        except Exception as exc:  # a bug must not block the queue behind this delivery
+            log.exception("notifications to %s: delivery attempt crashed", target.name)
+            error, retry_after = f"delivery attempt crashed ({type(exc).__name__})", None
         if error is None:
             await self.outbox.finish(delivery.id, "sent")
             self.metrics.notifications_total.labels(target=target.name, result="sent").inc()
@@ -178,10 +197,14 @@ class Notifications:
                 self._failing.discard(target.name)
                 log.info("notifications to %s: delivering again", target.name)
             return True
-        if self.clock() - delivery.created_at >= target.give_up_after:
+        # Patience runs from when the delivery was queued, but a few tries are owed whatever
+        # the clock says (a receiver or deployd down past give_up_after left it waiting).
+        if (self.clock() - delivery.created_at >= target.give_up_after
+                and delivery.attempts + 1 >= MIN_ATTEMPTS):
             await self._give_up(target, delivery, error)
             return True
-        wait = retry_after if retry_after is not None else _backoff(delivery.attempts)
+        # Retry-After is honoured as a floor; "0" must not turn retries into a busy loop.
+        wait = max(retry_after or 0.0, _backoff(delivery.attempts))
         await self.outbox.retry_at(delivery.id, self.clock() + wait, error)
         self.metrics.notifications_total.labels(target=target.name, result="retried").inc()
         log.info("notifications to %s: %s; retrying in %.1fs", target.name, error, wait)
@@ -265,15 +288,22 @@ def _wanted_by(target: NotifyTarget) -> Callable[[Event], bool]:
 
 def _slack_text(payload: dict[str, Any]) -> str:
     revision = payload.get("revision")
-    parts = [f"*{payload['app']}* `{payload['kind']}`: {payload['message']}"]
+    parts = [f"*{_slack(payload['app'])}* `{_slack(payload['kind'])}`: "
+             f"{_slack(payload['message'])}"]
     details = []
     if revision:
-        details.append(f"revision `{str(revision)[:12]}`")
+        details.append(f"revision `{_slack(str(revision)[:12])}`")
     if payload.get("actor"):
-        details.append(f"by {payload['actor']}")
+        details.append(f"by {_slack(payload['actor'])}")
     if details:
         parts.append(", ".join(details))
     return "\n".join(parts)
+
+
+def _slack(text: object) -> str:
+    """Text shown as text: messages carry what pushers and token holders wrote, and Slack
+    would render `<https://...|label>` as a link and `<!channel>` as a mention."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _backoff(attempts: int) -> float:
@@ -285,7 +315,7 @@ def _retry_after(value: str | None, now: float) -> float | None:
     """Seconds from a Retry-After header (seconds or an HTTP date), capped at MAX_RETRY."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value.strip()):
         return min(MAX_RETRY, float(value.strip()))
     try:
         when = float(email.utils.parsedate_to_datetime(value).timestamp())

@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
+from deployd.api import ApiError, read_body
 from deployd.config import WebhookConfig
 from deployd.metrics import Metrics
 from deployd.supervisor import AppSupervisor
@@ -31,49 +32,37 @@ log = logging.getLogger("deployd.webhooks")
 
 _EVENT_HEADERS = ("X-GitHub-Event", "X-Gitea-Event", "X-Gogs-Event", "X-Gitlab-Event")
 _PUSH_EVENTS = frozenset({"push", "Push Hook"})
-_CHUNK = 64 * 1024
 
 
 class WebhookRefused(Exception):
     """A request answered with an error; `result` is its label in the metrics."""
 
-    def __init__(self, status: int, code: str, message: str, result: str) -> None:
+    def __init__(self, status: int, code: str, message: str, result: str, *,
+                 close: bool = False) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.result = status, code, message, result
+        self.close = close  # a body left unread: the connection cannot carry on
 
 
 def signature_ok(config: WebhookConfig, headers: Mapping[str, str], body: bytes) -> bool:
     """Whether the request carries a valid signature or token for `body` (constant time)."""
-    digest = hmac.new(config.secret, body, hashlib.sha256).hexdigest()
+    digest = hmac.new(config.secret, body, hashlib.sha256).hexdigest().encode()
     github = headers.get("X-Hub-Signature-256")
     if github is not None:
         scheme, _, given = github.partition("=")
-        return scheme == "sha256" and hmac.compare_digest(given.strip().lower(), digest)
+        return scheme == "sha256" and hmac.compare_digest(_bytes(given.strip().lower()), digest)
     gitea = headers.get("X-Gitea-Signature")
     if gitea is not None:
-        return hmac.compare_digest(gitea.strip().lower(), digest)
+        return hmac.compare_digest(_bytes(gitea.strip().lower()), digest)
     gitlab = headers.get("X-Gitlab-Token")
     if gitlab is not None:
-        return hmac.compare_digest(gitlab.encode(errors="surrogateescape"), config.secret)
+        return hmac.compare_digest(_bytes(gitlab), config.secret)
     return False
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
-    """The body, or a 413 as soon as it is known to exceed `limit` (the rest is never read)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> WebhookRefused:
-    return WebhookRefused(413, "too_large", f"request body over {limit} bytes", "too_large")
+def _bytes(header: str) -> bytes:
+    # compare_digest refuses str with non-ASCII characters; a header may hold any.
+    return header.encode("utf-8", "surrogateescape")
 
 
 def pushed_ref(headers: Mapping[str, str], body: bytes) -> tuple[str | None, str]:
@@ -120,7 +109,10 @@ def handler(supervisors: Mapping[str, AppSupervisor], metrics: Metrics
             metrics.webhooks_total.labels(app=sup.name, result=exc.result).inc()
             if exc.result == "unauthorized":
                 log.warning("%s: webhook refused: %s", sup.name, exc.message)
-            return _error(exc.status, exc.code, exc.message)
+            response = _error(exc.status, exc.code, exc.message)
+            if exc.close:
+                response.force_close()
+            return response
         metrics.webhooks_total.labels(
             app=sup.name, result="accepted" if response.status == 202 else "ignored").inc()
         return response
@@ -130,7 +122,14 @@ def handler(supervisors: Mapping[str, AppSupervisor], metrics: Metrics
 
 async def _receive(request: web.Request, sup: AppSupervisor,
                    config: WebhookConfig) -> web.Response:
-    body = await read_limited(request, config.max_body)
+    try:
+        body = await read_body(request, config.max_body, "webhook body")
+    except ApiError as exc:  # 413 or 408, the connection closed: counted, then answered
+        result = "too_large" if exc.status == 413 else "bad_request"
+        raise WebhookRefused(exc.status, exc.code, exc.message, result, close=True) from None
+    except (ConnectionError, EOFError, ClientPayloadError):
+        raise WebhookRefused(400, "bad_request", "the request body was cut off", "bad_request",
+                             close=True) from None
     if not signature_ok(config, request.headers, body):
         raise WebhookRefused(401, "unauthorized", "bad or missing signature", "unauthorized")
     ref, event = pushed_ref(request.headers, body)
