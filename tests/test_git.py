@@ -217,6 +217,22 @@ def test_a_binary_hunk_inflating_past_its_declared_size_is_refused() -> None:
         check_patch_sizes(head + b"zzzz\n\n")
 
 
+async def test_a_percent_encoded_repo_password_is_decoded(
+    tmp_path: Path, origin: OriginRepo
+) -> None:
+    """A password with URL-special characters is written percent-encoded in the URL, as it
+    must be; the server is given the password itself."""
+    server = GitHttpServer(origin.path.parent, "deploy", "p@ss:w/rd%")
+    await server.start()
+    try:
+        url = server.url(origin.path.name, "deploy:p%40ss%3Aw%2Frd%25@")
+        mirror = Mirror(tmp_path / "m.git", url, name="shop", timeout=5)
+        await mirror.fetch()
+        assert await mirror.branch_head("production") == origin.head("production")
+    finally:
+        await server.stop()
+
+
 def files_holding(root: Path, secret: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
 

@@ -8,6 +8,7 @@ only come from the webhook.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -71,7 +72,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
                    webhook={"secret_file": str(secret_file), "max_body": 4096})
     plain = AppSpec(name="blog", repo=str(origin.path), local_dirs=[tmp_path / "blog"],
                     settings={"poll_interval": "60s"})
-    spec = DaemonSpec(state_dir=tmp_path / "state", apps=[shop, plain])
+    spec = DaemonSpec(state_dir=tmp_path / "state", apps=[shop, plain],
+                      daemon_settings={"client_timeout": "1s"})
     daemon = await start_daemon(spec.write(tmp_path / "deployd.toml"))
     try:
         await daemon.wait_for_event(APP, "deploy.succeeded")
@@ -171,6 +173,30 @@ async def test_bodies_over_the_limit_are_413(lab: Lab) -> None:
                                        headers=github_headers(b"")) as response:
         assert response.status == 413
     assert lab.webhooks("too_large") == 2
+
+
+async def test_a_trickled_body_is_cut_off_at_the_client_timeout(lab: Lab) -> None:
+    """No token needed, so /hooks must not let a client hold a connection by sending its body
+    a byte at a time: 408 and the connection closed once client_timeout (1 s here) passes."""
+    host, port = lab.daemon.base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /hooks/{APP} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                 "X-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\n\r\n".encode())
+    started = asyncio.get_running_loop().time()
+    answer = b""
+    try:
+        async with asyncio.timeout(10):
+            while not answer.endswith(b"}") and not reader.at_eof():
+                with contextlib.suppress(ConnectionError):  # closed while we trickle
+                    writer.write(b"x")
+                    await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        answer += await reader.read(4096)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert asyncio.get_running_loop().time() - started < 5
 
 
 async def test_signed_garbage_is_400(lab: Lab) -> None:
