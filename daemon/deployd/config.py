@@ -293,6 +293,21 @@ class _Reader:
             self.problem(f"{path}.{key}" if path else key, "unknown key")
         return data
 
+    def array(self, data: Any, path: str) -> list[Any]:
+        """An array of tables (`[[path]]`), or [] and a problem."""
+        if not isinstance(data, list):
+            self.problem(path, f"expected an array of tables ([[{path}]])")
+            return []
+        return data
+
+    def unique_name(self, table: dict[str, Any], path: str, seen: set[str], what: str) -> str:
+        """The required `name` of one table in an array, which no earlier one may share."""
+        name = self.get(table, path, "name", _nonempty, "", required=True)
+        if name in seen:
+            self.problem(f"{path}.name", f"duplicate {what} name {name!r}")
+        seen.add(name)
+        return name
+
     def get(self, table: dict[str, Any], path: str, key: str, check: Callable[[Any], T],
             default: T, *, required: bool = False) -> T:
         full = f"{path}.{key}" if path else key
@@ -557,18 +572,12 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 def _tokens(r: _Reader, data: Any) -> tuple[Token, ...]:
-    if not isinstance(data, list):
-        r.problem("tokens", "expected an array of tables ([[tokens]])")
-        return ()
     tokens: list[Token] = []
     names: set[str] = set()
-    for index, item in enumerate(data):
+    for index, item in enumerate(r.array(data, "tokens")):
         path = f"tokens[{index}]"
         table = r.table(item, path, {"name", "token_sha256", "token_file", "roles"})
-        name = r.get(table, path, "name", _nonempty, "", required=True)
-        if name in names:
-            r.problem(f"{path}.name", f"duplicate token name {name!r}")
-        names.add(name)
+        name = r.unique_name(table, path, names, "token")
         digest = _token_digest(r, table, path)
         roles = r.get(table, path, "roles", _roles, frozenset[str](), required=True)
         if digest:
@@ -912,18 +921,12 @@ def _notify_url(r: _Reader, table: dict[str, Any], path: str) -> str:
 
 
 def _notify(r: _Reader, data: Any, app_names: set[str]) -> tuple[NotifyTarget, ...]:
-    if not isinstance(data, list):
-        r.problem("notify", "expected an array of tables ([[notify]])")
-        return ()
     targets: list[NotifyTarget] = []
     names: set[str] = set()
-    for index, item in enumerate(data):
+    for index, item in enumerate(r.array(data, "notify")):
         path = f"notify[{index}]"
         table = r.table(item, path, _NOTIFY_KEYS)
-        name = r.get(table, path, "name", _nonempty, "", required=True)
-        if name in names:
-            r.problem(f"{path}.name", f"duplicate notify name {name!r}")
-        names.add(name)
+        name = r.unique_name(table, path, names, "notify")
         url = _notify_url(r, table, path)
         apps = r.get(table, path, "apps", _strings, None)
         for unknown in sorted(set(apps or ()) - app_names):

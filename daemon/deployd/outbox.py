@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from deployd.store import Event, Store
+from deployd.store import Event, Store, event_from_row
 
 DeliveryState = Literal["queued", "sent", "failed"]
 SCAN_BATCH = 500
@@ -62,7 +62,7 @@ class OutboxStore:
             rows = db.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?",
                               (cursor, SCAN_BATCH)).fetchall()
             queued = 0
-            for event in map(_event_of, rows):
+            for event in map(event_from_row, rows):
                 if wants(event):
                     _insert(db, target, event.app, event.kind, _payload(event), now,
                             event_id=event.id, job_id=_job_id(event))
@@ -148,11 +148,6 @@ def _payload(event: Event) -> dict[str, Any]:
 def _job_id(event: Event) -> int | None:
     job = event.data.get("job")
     return job if isinstance(job, int) and event.kind.startswith("job.") else None
-
-
-def _event_of(row: sqlite3.Row) -> Event:
-    return Event(row["id"], row["app"], row["at"], row["kind"], row["actor"], row["revision"],
-                 row["message"], json.loads(row["data"]))
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:

@@ -375,7 +375,7 @@ class Store:
                 "SELECT * FROM events WHERE app = ? AND id > ? AND at >= ? ORDER BY id LIMIT ?",
                 (app, since_id, since_time or 0.0, limit),
             ).fetchall()
-            return [_event(row) for row in rows]
+            return [event_from_row(row) for row in rows]
         return await self._run(query)
 
     async def deploy_event(self, app: str, deploy_id: int, kind: str) -> Event | None:
@@ -385,7 +385,7 @@ class Store:
                 "SELECT * FROM events WHERE app = ? AND kind = ? "
                 "AND json_extract(data, '$.deploy') = ? ORDER BY id DESC LIMIT 1",
                 (app, kind, deploy_id)).fetchone()
-            return _event(row) if row else None
+            return event_from_row(row) if row else None
         return await self._run(query)
 
     async def job_events(self, app: str, job_id: int, *, limit: int = 1000) -> list[Event]:
@@ -394,7 +394,7 @@ class Store:
             rows = self._conn().execute(
                 "SELECT * FROM events WHERE app = ? AND json_extract(data, '$.job') = ? "
                 "ORDER BY id LIMIT ?", (app, job_id, limit)).fetchall()
-            return [_event(row) for row in rows]
+            return [event_from_row(row) for row in rows]
         return await self._run(query)
 
     # -- deploys and rollbacks -----------------------------------------------------------
@@ -779,7 +779,8 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
-def _event(row: sqlite3.Row) -> Event:
+def event_from_row(row: sqlite3.Row) -> Event:
+    """An `events` row as an Event."""
     return Event(row["id"], row["app"], row["at"], row["kind"], row["actor"], row["revision"],
                  row["message"], json.loads(row["data"]))
 
