@@ -1,4 +1,9 @@
-"""Fixtures shared by the whole suite: real sshd hosts, a client key, known_hosts."""
+"""Fixtures shared by the whole suite: real sshd hosts, a client key, known_hosts.
+
+Tests that need root and the `deployd-test` login (sshd hosts, files handed to that user), and
+modules that run the daemon end to end for seconds a test, are marked `slow`, so that
+`pytest -m "not slow"` is a fast tier that runs anywhere (no root, no sshd).
+"""
 
 from __future__ import annotations
 
@@ -45,3 +50,24 @@ def write_known_hosts(path: Path, hosts: list[SshdHost]) -> Path:
     """A known_hosts file naming exactly these hosts' keys."""
     path.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
     return path
+
+
+# Fixtures that start sshd hosts or hand files to the `deployd-test` login (root only), or a
+# real Prometheus server (seconds to start).
+SLOW_FIXTURES = frozenset({"sshd_factory", "lab_factory", "rescue_lab", "ssh_origin",
+                           "user_dir", "prometheus"})
+# Modules whose tests each run the daemon (or a tool against it) for seconds.
+SLOW_MODULES = frozenset({
+    "tests.test_autorollback", "tests.test_notifications", "tests.test_demo",
+    "tests.test_metrics", "tests.test_slow_clients", "tests.test_fuzz_api",
+    "tests.test_systemd_daemon", "tests.test_ops_live", "tests.test_reload",
+    "tests.test_manual_ops",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or (
+                module is not None and module.__name__ in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)

@@ -28,7 +28,6 @@ from deployd.config import (
 )
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
-from tests.sshd import TEST_USER
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "deployd.example.toml"
@@ -1007,10 +1006,12 @@ def example_text() -> str:
     reading the config) swapped for the test user."""
     text = EXAMPLE.read_text()
     assert EXAMPLE_RUN_AS in text
-    return text.replace(EXAMPLE_RUN_AS, f'run_as = "{TEST_USER}"')
+    return text.replace(EXAMPLE_RUN_AS, f'run_as = "{RUN_AS}"')
 
 
 EXAMPLE_RUN_AS = 'run_as = "blog"'
+# An unprivileged user every Debian machine has, and that nobody runs the tests as.
+RUN_AS = "nobody"
 
 
 # What the example's other /etc/deployd files hold, for tests: a secret, a notify URL.
@@ -1344,9 +1345,9 @@ def test_local_host_without_run_as_is_refused_naming_the_key(tmp_path: Path) -> 
     assert run.returncode == 2 and "apps.shop.hosts[0].run_as: required" in run.stderr
     assert load(write(tmp_path, with_line("host", "allow_local_as_daemon = true", LOCAL))
                 ).apps["shop"].hosts[0].allow_local_as_daemon
-    host = load(write(tmp_path, with_line("host", 'run_as = "deployd-test"', LOCAL))
+    host = load(write(tmp_path, with_line("host", f'run_as = "{RUN_AS}"', LOCAL))
                 ).apps["shop"].hosts[0]
-    assert (host.run_as, host.allow_local_as_daemon) == ("deployd-test", False)
+    assert (host.run_as, host.allow_local_as_daemon) == (RUN_AS, False)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -1354,10 +1355,10 @@ def test_local_host_without_run_as_is_refused_naming_the_key(tmp_path: Path) -> 
      "apps.shop.hosts[0].run_as: no such user 'no-such-user-here' on this machine"),
     (with_line("host", 'run_as = "root"', LOCAL),
      "apps.shop.hosts[0].run_as: must not be root: name an unprivileged user"),
-    (with_line("host", 'run_as = "deployd-test"',
+    (with_line("host", f'run_as = "{RUN_AS}"',
                with_line("host", "allow_local_as_daemon = true", LOCAL)),
      "apps.shop.hosts[0]: set run_as or allow_local_as_daemon = true, not both"),
-    (with_line("host", 'run_as = "deployd-test"'),
+    (with_line("host", f'run_as = "{RUN_AS}"'),
      'apps.shop.hosts[0].run_as: only for address = "local" (an SSH host runs commands as '
      "ssh.user)"),
     (with_line("host", "allow_local_as_daemon = true"),

@@ -294,6 +294,7 @@ def test_privilege_drop_is_setpriv_as_root_and_sudo_otherwise(
     """As root, run_as drops privileges with setpriv (the user's own groups, a clean
     environment); as anyone else it needs sudo, without a password prompt."""
     user = pwd.getpwnam(TEST_USER)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert privilege_drop(TEST_USER) == [
         "setpriv", f"--reuid={TEST_USER}", f"--regid={user.pw_gid}", "--init-groups",
         "--reset-env", "--"]

@@ -206,6 +206,7 @@ async def test_signed_garbage_is_400(lab: Lab) -> None:
     assert status == 400 and answer["error"]["code"] == "bad_json"
 
 
+@pytest.mark.slow
 async def test_a_flood_of_pushes_costs_a_fetch_a_second(lab: Lab) -> None:
     """360 signed pushes over 3 s: every one is accepted, and they cost a handful of fetches."""
     second = lab.origin.commit({"index.html": "v2\n"}, "second")
