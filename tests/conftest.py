@@ -8,11 +8,20 @@ modules that run the daemon end to end for seconds a test, are marked `slow`, so
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.judging import (
+    DaemonProcess,
+    Daemons,
+    Lab,
+    MakeLab,
+    daemon_starter,
+    lab_maker,
+    process_starter,
+)
 from tests.sshd import ClientKey, SshdHost, shared_dir
 
 
@@ -44,6 +53,27 @@ def sshd_factory(client_key: ClientKey) -> Iterator[Callable[[], SshdHost]]:
 def sshd_host(sshd_factory: Callable[[], SshdHost]) -> SshdHost:
     """One real sshd host."""
     return sshd_factory()
+
+
+@pytest.fixture
+async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
+    """Labs of N local hosts, each with its own health server (tests/judging.py)."""
+    async with lab_maker(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[Daemons]:
+    """In-process daemons, stopped after the test."""
+    async with daemon_starter() as start:
+        yield start
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
+    """`deployd run` subprocesses, stopped after the test."""
+    async with process_starter() as make:
+        yield make
 
 
 def write_known_hosts(path: Path, hosts: list[SshdHost]) -> Path:

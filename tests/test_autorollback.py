@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,6 @@ from tests.judging import (
     app_summary,
     current_release,
     current_revision,
-    daemon_starter,
     deployed_and_baked,
     events_of,
     fail_after,
@@ -39,8 +38,6 @@ from tests.judging import (
     hooks_log,
     http_check,
     lab_from,
-    lab_maker,
-    process_starter,
     revisions_log,
     sample,
     scrape,
@@ -48,27 +45,6 @@ from tests.judging import (
     wait_event,
 )
 from tests.sshd import ClientKey, SshdHost
-
-
-@pytest.fixture
-async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
-    """Labs of N local hosts, each with its own health server."""
-    async with lab_maker(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[Daemons]:
-    """In-process daemons, stopped after the test."""
-    async with daemon_starter() as start:
-        yield start
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
-    """`deployd run` subprocesses, stopped after the test."""
-    async with process_starter() as make:
-        yield make
 
 # -- bad deploys ----------------------------------------------------------------------------
 

@@ -8,10 +8,7 @@ every metric DESIGN.md lists (that exists so far) are read back from the text fo
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployd import __version__
@@ -23,9 +20,7 @@ from tests.judging import (
     Daemons,
     Lab,
     MakeLab,
-    daemon_starter,
     deployed_and_baked,
-    lab_maker,
     sample,
     scrape,
     series,
@@ -33,20 +28,6 @@ from tests.judging import (
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
-    """Labs of N local hosts, each with its own health server."""
-    async with lab_maker(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[Daemons]:
-    """In-process daemons, stopped after the test."""
-    async with daemon_starter() as start:
-        yield start
 
 
 def host_ids(lab: Lab) -> list[str]:

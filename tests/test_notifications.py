@@ -32,9 +32,6 @@ from tests.judging import (
     Daemons,
     Lab,
     MakeLab,
-    daemon_starter,
-    lab_maker,
-    process_starter,
     wait_event,
 )
 from tests.sshd import free_port
@@ -121,24 +118,6 @@ async def receivers() -> AsyncIterator[Callable[[], Any]]:
     finally:
         for receiver in made:
             await receiver.stop()
-
-
-@pytest.fixture
-async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
-    async with lab_maker(tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[Daemons]:
-    async with daemon_starter() as start:
-        yield start
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
-    async with process_starter() as make:
-        yield make
 
 
 def target(lab: Lab, name: str, receiver: Receiver, **settings: Any) -> dict[str, Any]:
