@@ -168,15 +168,11 @@ class Notifications:
         In order means the oldest blocks the rest: a receiver never hears of a rollback
         before the bad deploy that caused it.
         """
-        next_at: float | None = None
         for delivery in await self.outbox.oldest(target.name):
             if delivery.next_at > self.clock() or not await self._deliver(target, delivery):
-                next_at = await self._next_at(target.name)
                 break
-        else:
-            next_at = None if not await self.outbox.queued(target.name) else self.clock()
         await self._publish_queue(target.name)
-        return next_at
+        return await self._next_at(target.name)
 
     async def _next_at(self, name: str) -> float | None:
         oldest = await self.outbox.oldest(name, limit=1)
