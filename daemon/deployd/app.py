@@ -20,6 +20,7 @@ from aiohttp import web
 
 from deployd import api, webhooks
 from deployd.config import AppConfig, Config, check_files, load
+from deployd.context import AppContext
 from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.fleet import Fleet
 from deployd.git import GitHome, Mirror
@@ -75,8 +76,8 @@ class Daemon:
                                on_change=lambda change: sup.on_health_change(change))
         rescue = Rescue(app, store=self.store, jobs=JobStore(self.store), mirror=mirror,
                         metrics=self.metrics)
-        sup = AppSupervisor(app, store=self.store, mirror=mirror, fleet=fleet,
-                            metrics=self.metrics, health=health, rescue=rescue)
+        sup = AppSupervisor(AppContext(app, store=self.store, mirror=mirror, fleet=fleet,
+                                       metrics=self.metrics, health=health, rescue=rescue))
         return sup
 
     def start_app(self, app: AppConfig) -> None:
@@ -84,8 +85,7 @@ class Daemon:
         sup = self.build_supervisor(app)
         self.supervisors[app.name] = sup
         tasks = [asyncio.create_task(sup.run(), name=f"supervisor-{app.name}")]
-        if sup.health is not None:
-            tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{app.name}"))
+        tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{app.name}"))
         self.tasks[app.name] = tasks
 
     async def stop_app(self, name: str, *, forget: bool = False) -> None:

@@ -147,3 +147,83 @@ def is_pristine(head: str | None, *, head_quarantined: bool, last_good: str | No
     if head is None or head_quarantined:
         return False
     return head == last_good or not quarantined_ancestor
+
+
+BadAction = Literal["roll_back", "skip", "pause"]
+
+
+@dataclass(frozen=True)
+class BadVerdictResponse:
+    """What to do with a release judged bad: roll back to `target`, leave it (skip), or pause.
+
+    `quarantine` says whether the bad revision is marked so nobody deploys it by itself again;
+    `reason` is the sentence recorded for a skip or a pause.
+    """
+
+    action: BadAction
+    quarantine: bool
+    reason: str = ""
+    target: str | None = None
+
+
+def respond_to_bad(*, kind: str, release: str | None, paused: bool, auto_rollback: bool,
+                   last_good_release: str | None, previous_release: str | None
+                   ) -> BadVerdictResponse:
+    """The one rule for a bad verdict.
+
+    A rollback that is itself bad pauses (rolling back further would walk into releases nobody
+    vouched for). Otherwise the revision is quarantined and, unless the app is paused or
+    automatic rollback is off, rolled back to the last good release (or the one before it when
+    nothing was ever judged good); with no release to go back to, a human is asked.
+    """
+    if kind == "rollback":
+        return BadVerdictResponse("pause", quarantine=False,
+                                  reason=f"still unhealthy after rolling back to {release}; "
+                                         "not rolling back further")
+    if paused or not auto_rollback:
+        why = "paused" if paused else "automatic rollback is off"
+        return BadVerdictResponse("skip", quarantine=True,
+                                  reason=f"not rolling back by itself: {why}")
+    target = last_good_release or previous_release
+    if target is None:
+        return BadVerdictResponse("pause", quarantine=True,
+                                  reason="bad deploy and no earlier release to roll back to")
+    return BadVerdictResponse("roll_back", quarantine=True, target=target)
+
+
+RecoveryAction = Literal["rollback_complete", "finish_rollback", "deploy_complete",
+                         "undo_deploy"]
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """What to do with an operation a killed daemon left `running`.
+
+    `hosts`: for finish_rollback the hosts still to roll back; for undo_deploy the hosts
+    already on the new revision that go back to the previous release (may be empty).
+    """
+
+    action: RecoveryAction
+    hosts: tuple[str, ...] = ()
+
+
+def recover_operation(*, kind: str, hosts: Sequence[str], reachable: Iterable[str],
+                      on_new: Iterable[str], previous_release: str | None) -> RecoveryPlan:
+    """The one rule for a half-done operation found at start-up.
+
+    `hosts` is every host of the app, `reachable` those whose state could be read, `on_new`
+    those whose `current` is the operation's revision. An operation found done on every host
+    is recorded as done (its bake opens now). A rollback is finished on the hosts not yet on
+    its revision (those already there ran their hooks). A deploy is never finished half way:
+    hosts already switched go back to the previous release and the deploy is interrupted.
+    """
+    reached, switched = set(reachable), set(on_new)
+    complete = bool(reached) and len(switched) == len(hosts)
+    if kind == "rollback":
+        if complete:
+            return RecoveryPlan("rollback_complete")
+        return RecoveryPlan("finish_rollback", tuple(h for h in hosts if h not in switched))
+    if complete:
+        return RecoveryPlan("deploy_complete")
+    back = tuple(sorted(switched)) if previous_release else ()
+    return RecoveryPlan("undo_deploy", back)

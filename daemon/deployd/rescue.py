@@ -46,7 +46,7 @@ from deployd.errors import (
 )
 from deployd.git import CommitInfo, Mirror, RefUpdate
 from deployd.metrics import Metrics
-from deployd.store import JOB_STATES, Job, JobStore, Store
+from deployd.store import JOB_STATES, Deploy, Job, JobStore, Store
 
 log = logging.getLogger("deployd.rescue")
 
@@ -576,6 +576,12 @@ class Rescue:
             if job.deploy_id == deploy_id:
                 return job
         return None
+
+    async def job_for_record(self, record: Deploy) -> Job | None:
+        """The running job whose rebuilt head `record` deployed, if it is one."""
+        if record.trigger != "rescue":
+            return None
+        return await self.job_for_deploy(record.id)
 
     async def refresh_metrics(self) -> None:
         counts = await self.jobs.counts(self.name)

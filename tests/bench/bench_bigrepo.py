@@ -266,9 +266,13 @@ def _status(name: str) -> int:
 
 
 async def _daemon_side(spec: dict[str, Any]) -> dict[str, Any]:
+    import aiohttp
+
     from deployd.config import AppConfig
+    from deployd.context import AppContext
     from deployd.fleet import Fleet
     from deployd.git import GitHome, Mirror
+    from deployd.health import HealthMonitor
     from deployd.hosts import HostPool
     from deployd.metrics import Metrics
     from deployd.rescue import Rescue
@@ -287,8 +291,11 @@ async def _daemon_side(spec: dict[str, Any]) -> dict[str, Any]:
     await store.open()
     metrics = Metrics()
     rescue = Rescue(app, store=store, jobs=JobStore(store), mirror=mirror, metrics=metrics)
-    sup = AppSupervisor(app, store=store, mirror=mirror, fleet=Fleet(app, HostPool(), metrics),
-                        metrics=metrics, rescue=rescue)
+    session = aiohttp.ClientSession()
+    health = HealthMonitor(app, session, metrics)
+    sup = AppSupervisor(AppContext(app, store=store, mirror=mirror,
+                                   fleet=Fleet(app, HostPool(), metrics), metrics=metrics,
+                                   health=health, rescue=rescue))
     out: dict[str, Any] = {"rss_start": _status("VmRSS")}
     try:
         profiler = cProfile.Profile() if profile else None
@@ -341,6 +348,7 @@ async def _daemon_side(spec: dict[str, Any]) -> dict[str, Any]:
         out["rss_peak"] = _status("VmHWM")
         return out
     finally:
+        await session.close()
         await store.close()
 
 

@@ -1,0 +1,111 @@
+"""The bake judge: gathers the facts about the live release in its bake window and asks
+`policy.judge_bake` for a verdict. It only keeps the bake's own clock (grace, then baking);
+acting on a verdict is `verdicts.Verdicts`' work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from deployd import policy
+from deployd.context import AppContext
+from deployd.store import Deploy
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A final verdict (good, bad or no_data) on one live release."""
+
+    record: Deploy
+    verdict: policy.BakeVerdict
+
+
+class BakeJudge:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    async def baking(self) -> Deploy | None:
+        """The live release's record while it is in its bake window.
+
+        The live record, not the newest one: a later deploy that failed before switching
+        (or a failed rollback) must not leave what is live unjudged.
+        """
+        live = await self.ctx.store.last_live(self.ctx.name)
+        if live is not None and live.bake_state in ("grace", "baking"):
+            return live
+        return None
+
+    async def next_check(self) -> float:
+        """Seconds until the bake needs looking at again (inf: nothing is baking)."""
+        record = await self.baking()
+        if record is None:
+            return float("inf")
+        if record.bake_state == "grace" and record.bake_started_at is not None:
+            # Start the bake when grace ends, not up to a second later.
+            left = record.bake_started_at + self.ctx.app.rollback.grace - self.ctx.clock()
+            return max(0.0, min(left, 1.0))
+        # Re-judge at least every second while baking: the health monitor wakes us sooner.
+        return 1.0
+
+    async def judge(self) -> Judgement | None:
+        """The verdict on the release in its bake window, or None while it is still open."""
+        ctx = self.ctx
+        record = await self.baking()
+        if record is None:
+            return None
+        assert record.bake_started_at is not None and record.bake_until is not None
+        if record.bake_state == "grace" \
+                and ctx.clock() >= record.bake_started_at + ctx.app.rollback.grace:
+            # Failures during grace do not count: a host made unhealthy by them alone (an app
+            # still starting) must fail `failures` times again in the bake to count.
+            ctx.health.reset()
+            await ctx.store.update_deploy(record.id, bake_state="baking")
+            return None
+        verdict = policy.judge_bake(self.facts(record))
+        if verdict.verdict != "wait":
+            return Judgement(record, verdict)
+        if verdict.reason == "baking" and record.bake_state == "grace":
+            await ctx.store.update_deploy(record.id, bake_state="baking")
+        return None
+
+    def facts(self, record: Deploy) -> policy.BakeFacts:
+        assert record.bake_started_at is not None and record.bake_until is not None
+        health, rollback = self.ctx.health, self.ctx.app.rollback
+        return policy.BakeFacts(
+            now=self.ctx.clock(), bake_started_at=record.bake_started_at,
+            grace=rollback.grace, bake_until=record.bake_until,
+            unhealthy_hosts=health.unhealthy_hosts(), total_hosts=len(self.ctx.app.hosts),
+            failing_metrics=health.metric_failing(),
+            no_data_metrics=self._silent_through_bake(record),
+            threshold=rollback.unhealthy_hosts, evidence_since=health.evidence_since,
+            observation=self.observation_time())
+
+    def observation_time(self) -> float:
+        """How long the slowest check takes to call a failing host unhealthy."""
+        spans = [check.interval * check.failures + check.timeout for check in self.ctx.app.checks]
+        return max(spans, default=0.0)
+
+    def _silent_through_bake(self, record: Deploy) -> list[str]:
+        """Metric checks with no data since the bake began (not a blip at its end)."""
+        assert record.bake_started_at is not None
+        bake_start = record.bake_started_at + self.ctx.app.rollback.grace
+        silent = []
+        metrics = self.ctx.health.snapshot().metrics
+        for check in self.ctx.app.checks:
+            state = metrics.get(check.name)
+            if state is None or state.no_data_since is None:
+                continue
+            # The first probe after the bake began may come one interval (and timeout) later.
+            if state.no_data_since <= bake_start + check.interval + check.timeout + 1.0:
+                silent.append(check.name)
+        return silent
+
+    def failing_checks(self) -> str:
+        """`; failing: web1 http (status 500 ...)` for the event a human reads first."""
+        failing = [f"{host.name} {check.name} ({check.last_reason})"
+                   for host in self.ctx.health.snapshot().hosts.values() if host.healthy is False
+                   for check in host.checks.values() if check.state == "unhealthy"]
+        return "; failing: " + ", ".join(failing) if failing else ""
+
+    def health_detail(self) -> dict[str, Any]:
+        return self.ctx.health.snapshot().to_json()
