@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
+from deployd.rollout_plan import ALL_HOSTS, StepSpec, parse_step, problems
 
 ROLES = frozenset({"read", "deploy", "approve"})
 Mode = Literal["deploy", "observe"]
@@ -184,6 +185,16 @@ class RollbackConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """`[apps.X.rollout]`: the steps of a deploy (see `deployd.rollout_plan`); without the
+    table, one step of every host."""
+
+    steps: tuple[StepSpec, ...] = (ALL_HOSTS,)
+    step_bake: float = 120.0
+    compare: bool = False
+
+
+@dataclass(frozen=True)
 class RescueConfig:
     select_kind: Literal["trailer", "message", "none"] = "trailer"
     select_value: str = "Rescue"
@@ -223,6 +234,7 @@ class AppConfig:
     hook_timeout: float = 600.0
     checks: tuple[Check, ...] = ()
     rollback: RollbackConfig = RollbackConfig()
+    rollout: RolloutConfig = RolloutConfig()
     rescue: RescueConfig = RescueConfig()
     webhook: WebhookConfig | None = None
 
@@ -802,6 +814,36 @@ def _rollback(r: _Reader, data: Any, path: str) -> RollbackConfig:
     )
 
 
+def _rollout(r: _Reader, data: Any, path: str, hosts: int) -> RolloutConfig:
+    table = r.table(data, path, {"steps", "step_bake", "compare"})
+    steps = (_rollout_steps(r, table["steps"], f"{path}.steps", hosts) if "steps" in table
+             else (ALL_HOSTS,))
+    return RolloutConfig(
+        steps=steps,
+        step_bake=r.get(table, path, "step_bake", _positive_duration, 120.0),
+        compare=r.get(table, path, "compare", _bool, False),
+    )
+
+
+def _rollout_steps(r: _Reader, data: Any, path: str, hosts: int) -> tuple[StepSpec, ...]:
+    """The steps, checked against the app's host count (skipped when the hosts are wrong)."""
+    if not isinstance(data, list):
+        r.problem(path, f'expected an array like ["1", "25%", "pause", "100%"], got {_kind(data)}')
+        return (ALL_HOSTS,)
+    steps: list[StepSpec] = []
+    for index, item in enumerate(data):
+        try:
+            steps.append(parse_step(item))
+        except ValueError as exc:
+            r.problem(f"{path}[{index}]", str(exc))
+    if len(steps) != len(data):
+        return (ALL_HOSTS,)
+    if hosts:
+        for step, message in problems(steps, hosts):
+            r.problem(path if step is None else f"{path}[{step}]", message)
+    return tuple(steps)
+
+
 def _rescue(r: _Reader, data: Any, path: str) -> RescueConfig:
     table = r.table(data, path, {"select", "backup_prefix", "expire", "distinct_approver"})
     default: tuple[Literal["trailer", "message", "none"], str] = ("trailer", "Rescue")
@@ -843,7 +885,7 @@ def _webhook(r: _Reader, data: Any, path: str) -> WebhookConfig | None:
 _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_interval",
              "deploy_to", "keep_releases", "linked_dirs", "linked_files", "parallel",
              "lock_stale_after", "max_release_size", "max_release_files", "ssh", "hooks",
-             "hosts", "checks", "rollback", "rescue", "webhook"}
+             "hosts", "checks", "rollback", "rollout", "rescue", "webhook"}
 
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
@@ -879,6 +921,7 @@ def _app(r: _Reader, name: str, data: Any) -> AppConfig:
         hosts=hosts,
         checks=_checks(r, table.get("checks", []), f"{path}.checks", hosts),
         rollback=_rollback(r, table.get("rollback", {}), f"{path}.rollback"),
+        rollout=_rollout(r, table.get("rollout", {}), f"{path}.rollout", len(hosts)),
         rescue=_rescue(r, table.get("rescue", {}), f"{path}.rescue"),
         webhook=(_webhook(r, table["webhook"], f"{path}.webhook") if "webhook" in table
                  else None),
