@@ -32,6 +32,13 @@ tick late.
 keeping the last outcome and reason, and drops results of probes that were in flight; the
 `host_healthy` gauge keeps its last value until a new verdict replaces it.
 
+Samples
+    Each (HTTP check, host) also keeps its last `SAMPLES_KEPT` probes (when each started on
+    the monitor's clock, success or failure, how long it took), whatever `reset()` does, so a
+    rollout can compare the hosts on a new release with the others over the same window:
+    `samples(hosts, since)` sums them into an `analysis.GroupSamples`. At the default 5 s
+    interval, 600 probes are the last 50 minutes.
+
 HTTP probes do not follow redirects (a 301 is judged against `expect_status`), read at most
 `BODY_LIMIT` bytes of a body (matchers see that much), and never put header values or the
 body itself in a reason.
@@ -50,16 +57,17 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import aiohttp
 from prometheus_client.metrics import Counter, Gauge, Histogram
 from yarl import URL
 
+from deployd.analysis import GroupSamples
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck, render_template
 from deployd.metrics import Metrics
 
@@ -70,6 +78,7 @@ PROMETHEUS_BODY_LIMIT: Final = 256 * 1024
 INITIAL_JITTER: Final = 1.0
 TICK: Final = 0.01
 _SHOWN: Final = 60
+SAMPLES_KEPT: Final = 600
 _REASON_LIMIT: Final = 200
 # Timeouts are enforced around the whole probe (connect, send, read) by `_Ticks`;
 # this keeps aiohttp from arming a timer of its own per request.
@@ -172,6 +181,15 @@ def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
 OnChange = Callable[[HealthChange], Awaitable[None]]
 
 
+class ProbeSample(NamedTuple):
+    """One HTTP probe: when it started (the monitor's clock), whether it succeeded, and how
+    long it took (seconds)."""
+
+    at: float
+    ok: bool
+    latency: float
+
+
 class _Streak:
     """Consecutive outcomes of one check and the verdict they give."""
 
@@ -252,7 +270,7 @@ class _HttpProbe:
     """Everything one (HTTP check, host) probe needs, prepared once."""
 
     __slots__ = ("check", "counters", "expect_text", "headers", "host", "label", "matcher",
-                 "setup_error", "ssl", "streak", "timeout_reason", "url")
+                 "recent", "setup_error", "ssl", "streak", "timeout_reason", "url")
 
     def __init__(self, check: HttpCheck, host: _Host, config: HostConfig,
                  tls: bool | ssl.SSLContext | str, counters: Mapping[ProbeOutcome, Counter]
@@ -265,6 +283,7 @@ class _HttpProbe:
         self.timeout_reason = f"timeout after {check.timeout:g}s"
         self.matcher = _body_matcher(check)
         self.streak = _Streak(check.successes, check.failures)
+        self.recent: deque[ProbeSample] = deque(maxlen=SAMPLES_KEPT)
         self.counters = counters
         self.ssl: bool | ssl.SSLContext = True if isinstance(tls, str) else tls
         self.setup_error: str | None = tls if isinstance(tls, str) else None
@@ -500,6 +519,30 @@ class HealthMonitor:
         """Metric checks whose latest probe gave no data."""
         return [name for name, probe in self._metric_probes.items() if probe.streak.no_data]
 
+    def samples(self, hosts: Iterable[str], since: float, *,
+                check: str | None = None) -> GroupSamples:
+        """The kept HTTP probes of `hosts` (host labels) that started at or after `since` (the
+        monitor's clock), summed: successes, failures and the times of the successes. Every
+        HTTP check counts, or only the one named `check`. ValueError for an unknown host."""
+        ok = failed = 0
+        latencies: list[float] = []
+        for name in hosts:
+            host = self._hosts.get(name)
+            if host is None:
+                raise ValueError(f"{self.app.name} has no host {name!r}")
+            for probe in host.probes:
+                if check is not None and probe.check.name != check:
+                    continue
+                for sample in probe.recent:
+                    if sample.at < since:
+                        continue
+                    if sample.ok:
+                        ok += 1
+                        latencies.append(sample.latency)
+                    else:
+                        failed += 1
+        return GroupSamples(ok=ok, failed=failed, latencies=tuple(latencies))
+
     def snapshot(self) -> AppHealth:
         """A copy of every verdict, count and last outcome."""
         return AppHealth(
@@ -530,9 +573,12 @@ class HealthMonitor:
 
     async def _probe_http(self, probe: _HttpProbe) -> None:
         generation = self._generation
+        started_at = self._clock()
         started = time.perf_counter()
         outcome, reason = await _probe_http_once(self._session, self._ticks, probe)
-        self._duration.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self._duration.observe(took)
+        probe.recent.append(ProbeSample(started_at, outcome is SUCCESS, took))
         probe.counters[outcome].inc()
         if generation != self._generation:
             return  # started before reset(): it judged what ran before
