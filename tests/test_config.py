@@ -643,6 +643,19 @@ def test_prometheus_check_required_keys(tmp_path: Path) -> None:
     assert len(problems) == 3
 
 
+def test_prometheus_query_hosts_placeholder(tmp_path: Path) -> None:
+    """{hosts} is the one placeholder of a query; PromQL's own braces are no placeholder."""
+    query = "query = 'sum(rate(errors_total{instance=~\"({hosts}):9100\",job=\"shop\"}[1m]))'"
+    check = load(write(tmp_path, with_line("prometheus check", query))).apps["shop"].checks[1]
+    assert isinstance(check, PrometheusCheck) and "{hosts}" in check.query
+    bad = with_line("prometheus check", "query = 'up{instance=~\"{host}|{address}\"}'")
+    assert problems_of(tmp_path, bad) == [
+        "apps.shop.checks[1].query: unknown placeholder {address}: only {hosts} is replaced "
+        "(a regex of the hosts' addresses)",
+        "apps.shop.checks[1].query: unknown placeholder {host}: only {hosts} is replaced "
+        "(a regex of the hosts' addresses)"]
+
+
 def test_no_deploy_to_anywhere(tmp_path: Path) -> None:
     """A host with no deploy_to of its own in an app without one is reported."""
     problems = problems_of(tmp_path, BASE.replace('deploy_to = "/srv/shop"\n', ""))

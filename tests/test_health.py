@@ -13,11 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import Gauge
 
 from deployd import health
 from deployd.analysis import Verdict, compare
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck
-from deployd.health import HealthChange, HealthMonitor
+from deployd.health import GroupValue, HealthChange, HealthMonitor, ProbeOutcome, hosts_regex
 from deployd.metrics import Metrics
 from tests import healthservers
 from tests.healthservers import (
@@ -714,6 +715,48 @@ async def test_prometheus_under_and_over_max(prometheus: PrometheusServer,
     assert changes.seen[1].reasons == ["value 0.2 above max 0.05"]
     assert sample(metrics, "deployd_health_checks_total", app="shop", host="",
                   result="failure") == 1
+
+
+def test_hosts_regex_escapes_for_a_promql_string() -> None:
+    """{hosts}: each address once, in order, regex-escaped, backslashes doubled for PromQL."""
+    assert hosts_regex(["web1.example.com", "db+1", "web1.example.com"]) == (
+        "web1\\\\.example\\\\.com|db\\\\+1")
+    assert hosts_regex([]) == ""
+
+
+async def test_prometheus_query_per_group_of_hosts(prometheus: PrometheusServer,
+                                                   session: aiohttp.ClientSession,
+                                                   metrics: Metrics) -> None:
+    """query_group runs the query with {hosts} standing for the group's addresses (a dot
+    matches only a dot); the app-wide probe's {hosts} is every host."""
+    gauge = Gauge("deployd_test_host_errors", "Test gauge per host.", ["host"],
+                  registry=prometheus.registry)
+    try:
+        for host, value in [("web1.example.com", 1), ("web2.example.com", 10),
+                            ("web3.example.com", 100), ("web1xexample.com", 1000)]:
+            gauge.labels(host=host).set(value)
+        await asyncio.to_thread(prometheus.wait_until, "count(deployd_test_host_errors)",
+                                lambda result: bool(result) and result[0]["value"][1] == "4")
+        hosts = tuple(HostConfig(address=f"web{n}.example.com", deploy_to="/srv/shop")
+                      for n in (1, 2, 3))
+        check = prom_check(prometheus.url, 'sum(deployd_test_host_errors{host=~"{hosts}"})',
+                           max=50)
+        monitor = HealthMonitor(make_app([], check, hosts=hosts), session, metrics)
+        canary = await monitor.query_group("errors", ["web1.example.com"])
+        assert canary == GroupValue(ProbeOutcome.SUCCESS, 1.0, "value 1")
+        baseline = await monitor.query_group("errors", ["web2.example.com", "web3.example.com"])
+        assert baseline == GroupValue(ProbeOutcome.FAILURE, 110.0, "value 110 above max 50")
+        empty = await monitor.query_group("errors", [])
+        assert empty == GroupValue(ProbeOutcome.NO_DATA, None, "query returned no series")
+        assert monitor.snapshot().metrics["errors"].last_outcome is None  # untouched
+        await monitor.probe_now()
+        assert monitor.snapshot().metrics["errors"].value == 111.0
+        with pytest.raises(ValueError, match="shop has no host 'web9'"):
+            await monitor.query_group("errors", ["web9"])
+        with pytest.raises(ValueError, match="shop has no prometheus check 'latency'"):
+            await monitor.query_group("latency", ["web1.example.com"])
+    finally:
+        prometheus.registry.unregister(gauge)
 
 
 async def test_prometheus_min_and_scalar(prometheus: PrometheusServer,

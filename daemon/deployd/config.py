@@ -34,6 +34,8 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Names are checked with fullmatch: `$` would also accept a trailing newline.
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `{name}` in a PromQL query; PromQL's own braces always hold a matcher (`{job="x"}`).
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?")
@@ -779,6 +781,11 @@ def _prometheus_check(r: _Reader, data: Any, path: str) -> PrometheusCheck | Non
     table = r.table(data, path, _PROM_KEYS)
     if "max" not in table and "min" not in table:
         r.problem(path, "a prometheus check needs max, min or both")
+    query = table.get("query")
+    for name in sorted(set(_PLACEHOLDER.findall(query if isinstance(query, str) else ""))
+                       - {"hosts"}):
+        r.problem(f"{path}.query", f"unknown placeholder {{{name}}}: only {{hosts}} is "
+                                   "replaced (a regex of the hosts' addresses)")
     return PrometheusCheck(
         name=r.get(table, path, "name", _nonempty, "", required=True),
         server=r.get(table, path, "server", _nonempty, "", required=True),
