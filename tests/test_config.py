@@ -1200,6 +1200,13 @@ def test_rollout_not_a_table(tmp_path: Path) -> None:
     assert_problem(problems_of(tmp_path, text), "apps.shop.rollout", "expected a table")
 
 
+def test_rollout_only_in_deploy_mode(tmp_path: Path) -> None:
+    """An observed app is never deployed by deployd: a rollout table there is a mistake."""
+    text = with_line("app", 'mode = "observe"', with_rollout('steps = ["1", "100%"]'))
+    assert problems_of(tmp_path, text) == [
+        'apps.shop.rollout: only for mode = "deploy": deployd does not deploy an observed app']
+
+
 def test_cli_check_config_reports_rollout_problems(tmp_path: Path) -> None:
     """`deployd check-config` reports a rollout that never reaches every host, exit 2."""
     path = write(tmp_path, with_rollout('steps = ["1", "2"]', hosts=3))

@@ -28,8 +28,9 @@ def test_parse_step_forms() -> None:
     assert parse_step("25%") == StepSpec(share=Fraction(1, 4))
     assert parse_step("12.5%") == StepSpec(share=Fraction(1, 8))
     assert parse_step(" pause ") == StepSpec(pause=True)
-    assert [str(parse_step(v)) for v in ("3", 3, "25%", "12.5%", "pause", "100%")] == [
-        "3", "3", "25%", "12.5%", "pause", "100%"]
+    assert [str(parse_step(v)) for v in ("3", 3, "25%", "12.5%", "pause", "100%", "0.125%",
+                                         "33.333333333%", "050%")] == [
+        "3", "3", "25%", "12.5%", "pause", "100%", "0.125%", "33.333333333%", "50%"]
 
 
 @pytest.mark.parametrize("value", ["0", 0, -1, "0%", "100.1%", "x", "", "1.5", 1.5, True,
@@ -107,6 +108,8 @@ def test_problems_of_a_valid_plan_are_none() -> None:
     (("2", "50%", "3"), 3, [(1, "50% is 2 hosts of 3, not more than the 2 the step before "
                                "reaches: steps are cumulative")]),
     (("1", "4"), 3, [(1, "4 hosts, but the app has 3")]),
+    # Out of range is reported once; the next step is compared with the step before it.
+    (("1", "9", "100%"), 3, [(1, "9 hosts, but the app has 3")]),
     (("1", "2"), 3, [(1, 'the last step must reach every host (3 or "100%"), got 2')]),
     # A pause last still has its own message, besides the last real step's.
     (("1", "pause"), 3, [(1, "a rollout cannot end with a pause: every host is on the new "

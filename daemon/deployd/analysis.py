@@ -44,6 +44,12 @@ Both failing
     database is down): the comparison is `inconclusive` with `both_failing` set, and the
     engine pauses instead of rolling back. A canary that is significantly worse still fails.
 
+Groups
+    `GroupSamples` sums a group's probes that started at or after the same moment (the
+    step's switch), e.g. from `HealthMonitor.samples`. At the last step no host is left on
+    last good: there is no baseline to compare with (too few probes: inconclusive), so a
+    rollout judges that step with the absolute checks alone.
+
 Overall: `fail` if any comparison fails; else `inconclusive` if any is; else `pass`.
 `Judgement.both_failing` is set when any comparison flagged it.
 """

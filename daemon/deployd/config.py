@@ -933,6 +933,9 @@ def _app(r: _Reader, name: str, data: Any) -> AppConfig:
         webhook=(_webhook(r, table["webhook"], f"{path}.webhook") if "webhook" in table
                  else None),
     )
+    if app.mode == "observe" and "rollout" in table:
+        r.problem(f"{path}.rollout", 'only for mode = "deploy": deployd does not deploy an '
+                                     "observed app")
     if repo.startswith("ssh://") and app.repo_known_hosts is None:
         r.problem(f"{path}.repo_known_hosts",
                   "required for an ssh:// repo (host keys are verified)")

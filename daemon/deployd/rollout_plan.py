@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -43,7 +44,9 @@ class StepSpec:
         if self.pause:
             return PAUSE
         if self.share is not None:
-            return f"{float(self.share * 100):g}%"
+            # Exact: a share is read from a decimal, so its percentage is a finite decimal.
+            percent = Decimal(self.share.numerator * 100) / Decimal(self.share.denominator)
+            return f"{percent.normalize():f}%"
         return str(self.count)
 
     def hosts(self, total: int) -> int | None:
@@ -93,13 +96,14 @@ def problems(steps: Sequence[StepSpec], total: int) -> list[tuple[int | None, st
             continue
         hosts = step.hosts(total)
         assert hosts is not None
+        last_real = index
         if hosts > total:
             found.append((index, f"{hosts} hosts, but the app has {total}"))
-        elif hosts <= reached:
+            continue  # reported; the next steps are compared with the last possible one
+        if hosts <= reached:
             found.append((index, f"{step} is {_hosts(hosts)} of {total}, not more than the "
                                  f"{reached} the step before reaches: steps are cumulative"))
         reached = max(reached, hosts)
-        last_real = index
     if last_real is not None:
         hosts = steps[last_real].hosts(total)
         if hosts is not None and hosts < total:
