@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from deployd.config import (
 )
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
+from deployd.rollout_plan import ALL_HOSTS, StepSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "deployd.example.toml"
@@ -330,6 +332,8 @@ allow_local_as_daemon = true
     assert app.rescue == config.RescueConfig(select_kind="trailer", select_value="Rescue",
                                              backup_prefix="deployd/backup", expire=86400.0,
                                              distinct_approver=False)
+    assert app.rollout == config.RolloutConfig(steps=(ALL_HOSTS,), step_bake=120.0,
+                                               compare=False)
     (host,) = app.hosts
     assert (host.address, host.is_local, host.port, host.deploy_to, host.name) == (
         "local", True, 22, "/srv/blog", "local")
@@ -637,6 +641,19 @@ def test_prometheus_check_required_keys(tmp_path: Path) -> None:
     assert_problem(problems, "apps.shop.checks[1].query", "missing (required)")
     assert_problem(problems, "apps.shop.checks[1]", "needs max, min or both")
     assert len(problems) == 3
+
+
+def test_prometheus_query_hosts_placeholder(tmp_path: Path) -> None:
+    """{hosts} is the one placeholder of a query; PromQL's own braces are no placeholder."""
+    query = "query = 'sum(rate(errors_total{instance=~\"({hosts}):9100\",job=\"shop\"}[1m]))'"
+    check = load(write(tmp_path, with_line("prometheus check", query))).apps["shop"].checks[1]
+    assert isinstance(check, PrometheusCheck) and "{hosts}" in check.query
+    bad = with_line("prometheus check", "query = 'up{instance=~\"{host}|{address}\"}'")
+    assert problems_of(tmp_path, bad) == [
+        "apps.shop.checks[1].query: unknown placeholder {address}: only {hosts} is replaced "
+        "(a regex of the hosts' addresses)",
+        "apps.shop.checks[1].query: unknown placeholder {host}: only {hosts} is replaced "
+        "(a regex of the hosts' addresses)"]
 
 
 def test_no_deploy_to_anywhere(tmp_path: Path) -> None:
@@ -1107,6 +1124,99 @@ def test_cli_main_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert capsys.readouterr().out == f"{path}: ok (1 app(s), 1 host(s), 1 token(s))\n"
 
 
+# -- [apps.X.rollout] --------------------------------------------------------------------------
+
+
+def with_rollout(lines: str, hosts: int = 6) -> str:
+    """BASE with `hosts` SSH hosts (web1..webN) and a [apps.shop.rollout] table of `lines`."""
+    more = "".join(f'[[apps.shop.hosts]]\naddress = "web{n}.example.com"\n\n'
+                   for n in range(2, hosts + 1))
+    text = BASE.replace("[[apps.shop.checks]]", more + "[[apps.shop.checks]]", 1)
+    return text + "\n[apps.shop.rollout]\n" + lines + "\n"
+
+
+def test_rollout_reads_counts_shares_and_pauses(tmp_path: Path) -> None:
+    """steps mixes counts (string or integer), shares and pauses; step_bake and compare read."""
+    text = with_rollout('steps = ["1", 2, "50%", "pause", "100%"]\nstep_bake = "30s"\n'
+                        "compare = true")
+    rollout = load(write(tmp_path, text)).apps["shop"].rollout
+    assert rollout.steps == (StepSpec(count=1), StepSpec(count=2),
+                             StepSpec(share=Fraction(1, 2)), StepSpec(pause=True), ALL_HOSTS)
+    assert [str(step) for step in rollout.steps] == ["1", "2", "50%", "pause", "100%"]
+    assert (rollout.step_bake, rollout.compare) == (30.0, True)
+
+
+def test_rollout_last_step_may_be_a_count_of_every_host(tmp_path: Path) -> None:
+    """A count equal to the number of hosts reaches every host, like "100%"."""
+    rollout = load(write(tmp_path, with_rollout('steps = ["1", "3"]', hosts=3))
+                   ).apps["shop"].rollout
+    assert rollout.steps == (StepSpec(count=1), StepSpec(count=3))
+
+
+@pytest.mark.parametrize(("steps", "key", "fragment"), [
+    ('["0", "100%"]', "steps[0]", 'expected a host count like "1"'),
+    ("[0, 6]", "steps[0]", "got 0"),
+    ('["1", "0%", "100%"]', "steps[1]", "above 0% and at most 100%"),
+    ('["1", "120%"]', "steps[1]", "above 0% and at most 100%"),
+    ('["1", "-5%", "100%"]', "steps[1]", 'a share like "25%"'),
+    ('["1", "half", "100%"]', "steps[1]", "got 'half'"),
+    ('["1", true, "100%"]', "steps[1]", "got True"),
+    ('["1", 2.5, "100%"]', "steps[1]", "got 2.5"),
+    ('["1", "7"]', "steps[1]", "7 hosts, but the app has 6"),
+    ('["1", "50%"]', "steps[1]", 'the last step must reach every host (6 or "100%"), got 50%'),
+    ('["1", "pause", "5", "pause"]', "steps[3]", "cannot end with a pause"),
+    ('["1", "pause", "5"]', "steps[2]", "the last step must reach every host"),
+    ('["pause", "100%"]', "steps[0]", "cannot start with a pause"),
+    ('["1", "pause", "pause", "100%"]', "steps[2]", "two pauses in a row"),
+    ('["2", "2", "100%"]', "steps[1]", "not more than the 2 the step before reaches"),
+    # 10% of 6 hosts rounds up to 1: no more than the step before.
+    ('["1", "10%", "100%"]', "steps[1]", "10% is 1 host of 6"),
+    ('["3", "25%", "100%"]', "steps[1]", "25% is 2 hosts of 6, not more than the 3"),
+    ("[]", "steps", "at least one step"),
+    ('"100%"', "steps", "expected an array"),
+    ("step_bake = 1", "step_bake", "duration"),
+    ('step_bake = "0s"', "step_bake", "above zero"),
+    ('compare = "yes"', "compare", "expected true or false"),
+    ("colour = 1", "colour", "unknown key"),
+])
+def test_rollout_problems_name_the_step(tmp_path: Path, steps: str, key: str,
+                                        fragment: str) -> None:
+    """Each bad steps entry (or other rollout key) is reported with its key path."""
+    line = steps if "=" in steps else f"steps = {steps}"
+    problems = problems_of(tmp_path, with_rollout(line))
+    assert_problem(problems, f"apps.shop.rollout.{key}", fragment)
+
+
+def test_rollout_reports_every_bad_step_at_once(tmp_path: Path) -> None:
+    """Several bad steps: one problem each, in order."""
+    problems = problems_of(tmp_path, with_rollout('steps = ["pause", "x", "200%"]'))
+    assert [p.split(":")[0] for p in problems] == [
+        "apps.shop.rollout.steps[1]", "apps.shop.rollout.steps[2]"]
+
+
+def test_rollout_not_a_table(tmp_path: Path) -> None:
+    """rollout must be a table."""
+    text = BASE.replace('deploy_to = "/srv/shop"\n', 'deploy_to = "/srv/shop"\nrollout = 1\n', 1)
+    assert_problem(problems_of(tmp_path, text), "apps.shop.rollout", "expected a table")
+
+
+def test_rollout_only_in_deploy_mode(tmp_path: Path) -> None:
+    """An observed app is never deployed by deployd: a rollout table there is a mistake."""
+    text = with_line("app", 'mode = "observe"', with_rollout('steps = ["1", "100%"]'))
+    assert problems_of(tmp_path, text) == [
+        'apps.shop.rollout: only for mode = "deploy": deployd does not deploy an observed app']
+
+
+def test_cli_check_config_reports_rollout_problems(tmp_path: Path) -> None:
+    """`deployd check-config` reports a rollout that never reaches every host, exit 2."""
+    path = write(tmp_path, with_rollout('steps = ["1", "2"]', hosts=3))
+    result = _cli("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f'{path}: apps.shop.rollout.steps[1]: the last step must reach every host (3 or '
+        '"100%"), got 2']
+
+
 # -- the example config -----------------------------------------------------------------------
 
 def test_example_config_validates(tmp_path: Path) -> None:
@@ -1152,6 +1262,7 @@ def _example_tables(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         "_http_check": [c for c in checks if c.get("type", "http") == "http"],
         "_prometheus_check": [c for c in checks if c.get("type") == "prometheus"],
         "_rollback": [app["rollback"] for app in apps if "rollback" in app],
+        "_rollout": [app["rollout"] for app in apps if "rollout" in app],
         "_rescue": [app["rescue"] for app in apps if "rescue" in app],
         "_webhook": [app["webhook"] for app in apps if "webhook" in app],
         "_notify": doc.get("notify", []),
@@ -1183,7 +1294,7 @@ def test_example_config_comments_every_key() -> None:
     """Each key set in the example has a comment line naming it, with its type or default."""
     text = EXAMPLE.read_text()
     tables = {"daemon", "tokens", "apps", "ssh", "hooks", "hosts", "checks", "rollback",
-              "rescue", "webhook", "notify"}
+              "rollout", "rescue", "webhook", "notify"}
     accepted = set().union(*_accepted_keys().values()) - tables
     for key in sorted(accepted):
         assert re.search(rf"^#\s*{key} \(", text, re.MULTILINE), f"no comment for {key}"

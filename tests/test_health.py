@@ -13,9 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import Gauge
 
+from deployd import health
+from deployd.analysis import Verdict, compare
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck
-from deployd.health import HealthChange, HealthMonitor
+from deployd.health import GroupValue, HealthChange, HealthMonitor, ProbeOutcome, hosts_regex
 from deployd.metrics import Metrics
 from tests import healthservers
 from tests.healthservers import (
@@ -510,6 +513,88 @@ async def test_app_without_checks_is_healthy(health_servers: StartServers,
     assert monitor.snapshot().hosts[name_of(server)].healthy is True
 
 
+# -- samples for comparing groups of hosts ------------------------------------------------
+
+
+class Clock:
+    """A monitor clock the test moves by hand."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_samples_record_slow_latencies_and_failures(health_servers: StartServers,
+                                                          session: aiohttp.ClientSession,
+                                                          metrics: Metrics) -> None:
+    """A slow host's answers are kept with their times, a failing host's probes as failures;
+    compared with healthy hosts, the judge fails both."""
+    slow, failing, fast1, fast2 = await health_servers(4)
+    slow.slow(0.06)
+    failing.fail(500)
+    monitor = HealthMonitor(make_app([slow, failing, fast1, fast2], http_check(timeout=2.0)),
+                            session, metrics)
+    for _ in range(10):
+        await monitor.probe_now()
+    slow_samples = monitor.samples([name_of(slow)], since=0)
+    assert (slow_samples.ok, slow_samples.failed, len(slow_samples.latencies)) == (10, 0, 10)
+    assert min(slow_samples.latencies) >= 0.06
+    failing_samples = monitor.samples([name_of(failing)], since=0)
+    assert (failing_samples.ok, failing_samples.failed, failing_samples.latencies) == (0, 10, ())
+    baseline = monitor.samples([name_of(fast1), name_of(fast2)], since=0)
+    assert (baseline.ok, baseline.failed, len(baseline.latencies)) == (20, 0, 20)
+    assert sorted(baseline.latencies)[10] < sorted(slow_samples.latencies)[5]
+
+    slow_latency = compare("http", slow_samples, baseline)[1]
+    assert (slow_latency.metric, slow_latency.verdict) == ("latency", Verdict.FAIL)
+    failing_ratio = compare("http", failing_samples, baseline)[0]
+    assert (failing_ratio.metric, failing_ratio.verdict) == ("failure_ratio", Verdict.FAIL)
+
+
+async def test_samples_since_check_and_reset(health_servers: StartServers,
+                                             session: aiohttp.ClientSession,
+                                             metrics: Metrics) -> None:
+    """samples() counts probes started at or after `since` (the monitor's clock), of every
+    check or the one named; reset() keeps them; an unknown host is an error."""
+    [server] = await health_servers(1)
+    clock = Clock(100.0)
+    monitor = HealthMonitor(make_app([server], http_check(), http_check(name="ready")),
+                            session, metrics, clock=clock)
+    host = name_of(server)
+    await monitor.probe_now()
+    clock.now = 200.0
+    server.fail(503)
+    await monitor.probe_now()
+    monitor.reset()
+    assert monitor.samples([host], since=0).probes == 4
+    recent = monitor.samples([host], since=200.0)
+    assert (recent.ok, recent.failed) == (0, 2)
+    early = monitor.samples([host], since=100.0, check="ready")
+    assert (early.ok, early.failed, len(early.latencies)) == (1, 1, 1)
+    assert monitor.samples([host], since=200.5).probes == 0
+    assert monitor.samples([], since=0).probes == 0
+    with pytest.raises(ValueError, match="shop has no host 'web9'"):
+        monitor.samples(["web9"], since=0)
+
+
+async def test_samples_keep_the_last_probes_only(health_servers: StartServers,
+                                                 session: aiohttp.ClientSession,
+                                                 metrics: Metrics,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each (check, host) keeps a bounded ring of its latest probes: the oldest go first."""
+    monkeypatch.setattr(health, "SAMPLES_KEPT", 4)
+    [server] = await health_servers(1)
+    clock = Clock(0.0)
+    monitor = HealthMonitor(make_app([server], http_check()), session, metrics, clock=clock)
+    for second in range(7):
+        clock.now = float(second)
+        await monitor.probe_now()
+    assert monitor.samples([name_of(server)], since=0).probes == 4
+    assert monitor.samples([name_of(server)], since=3.0).probes == 4
+
+
 # -- scheduling ---------------------------------------------------------------------------
 
 
@@ -630,6 +715,48 @@ async def test_prometheus_under_and_over_max(prometheus: PrometheusServer,
     assert changes.seen[1].reasons == ["value 0.2 above max 0.05"]
     assert sample(metrics, "deployd_health_checks_total", app="shop", host="",
                   result="failure") == 1
+
+
+def test_hosts_regex_escapes_for_a_promql_string() -> None:
+    """{hosts}: each address once, in order, regex-escaped, backslashes doubled for PromQL."""
+    assert hosts_regex(["web1.example.com", "db+1", "web1.example.com"]) == (
+        "web1\\\\.example\\\\.com|db\\\\+1")
+    assert hosts_regex([]) == ""
+
+
+async def test_prometheus_query_per_group_of_hosts(prometheus: PrometheusServer,
+                                                   session: aiohttp.ClientSession,
+                                                   metrics: Metrics) -> None:
+    """query_group runs the query with {hosts} standing for the group's addresses (a dot
+    matches only a dot); the app-wide probe's {hosts} is every host."""
+    gauge = Gauge("deployd_test_host_errors", "Test gauge per host.", ["host"],
+                  registry=prometheus.registry)
+    try:
+        for host, value in [("web1.example.com", 1), ("web2.example.com", 10),
+                            ("web3.example.com", 100), ("web1xexample.com", 1000)]:
+            gauge.labels(host=host).set(value)
+        await asyncio.to_thread(prometheus.wait_until, "count(deployd_test_host_errors)",
+                                lambda result: bool(result) and result[0]["value"][1] == "4")
+        hosts = tuple(HostConfig(address=f"web{n}.example.com", deploy_to="/srv/shop")
+                      for n in (1, 2, 3))
+        check = prom_check(prometheus.url, 'sum(deployd_test_host_errors{host=~"{hosts}"})',
+                           max=50)
+        monitor = HealthMonitor(make_app([], check, hosts=hosts), session, metrics)
+        canary = await monitor.query_group("errors", ["web1.example.com"])
+        assert canary == GroupValue(ProbeOutcome.SUCCESS, 1.0, "value 1")
+        baseline = await monitor.query_group("errors", ["web2.example.com", "web3.example.com"])
+        assert baseline == GroupValue(ProbeOutcome.FAILURE, 110.0, "value 110 above max 50")
+        empty = await monitor.query_group("errors", [])
+        assert empty == GroupValue(ProbeOutcome.NO_DATA, None, "query returned no series")
+        assert monitor.snapshot().metrics["errors"].last_outcome is None  # untouched
+        await monitor.probe_now()
+        assert monitor.snapshot().metrics["errors"].value == 111.0
+        with pytest.raises(ValueError, match="shop has no host 'web9'"):
+            await monitor.query_group("errors", ["web9"])
+        with pytest.raises(ValueError, match="shop has no prometheus check 'latency'"):
+            await monitor.query_group("latency", ["web1.example.com"])
+    finally:
+        prometheus.registry.unregister(gauge)
 
 
 async def test_prometheus_min_and_scalar(prometheus: PrometheusServer,

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
+from deployd.rollout_plan import ALL_HOSTS, StepSpec, parse_step, problems
 
 ROLES = frozenset({"read", "deploy", "approve"})
 Mode = Literal["deploy", "observe"]
@@ -33,6 +34,8 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Names are checked with fullmatch: `$` would also accept a trailing newline.
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `{name}` in a PromQL query; PromQL's own braces always hold a matcher (`{job="x"}`).
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HTTP_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?")
@@ -184,6 +187,16 @@ class RollbackConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """`[apps.X.rollout]`: the steps of a deploy (see `deployd.rollout_plan`); without the
+    table, one step of every host."""
+
+    steps: tuple[StepSpec, ...] = (ALL_HOSTS,)
+    step_bake: float = 120.0
+    compare: bool = False
+
+
+@dataclass(frozen=True)
 class RescueConfig:
     select_kind: Literal["trailer", "message", "none"] = "trailer"
     select_value: str = "Rescue"
@@ -223,6 +236,7 @@ class AppConfig:
     hook_timeout: float = 600.0
     checks: tuple[Check, ...] = ()
     rollback: RollbackConfig = RollbackConfig()
+    rollout: RolloutConfig = RolloutConfig()
     rescue: RescueConfig = RescueConfig()
     webhook: WebhookConfig | None = None
 
@@ -767,6 +781,11 @@ def _prometheus_check(r: _Reader, data: Any, path: str) -> PrometheusCheck | Non
     table = r.table(data, path, _PROM_KEYS)
     if "max" not in table and "min" not in table:
         r.problem(path, "a prometheus check needs max, min or both")
+    query = table.get("query")
+    for name in sorted(set(_PLACEHOLDER.findall(query if isinstance(query, str) else ""))
+                       - {"hosts"}):
+        r.problem(f"{path}.query", f"unknown placeholder {{{name}}}: only {{hosts}} is "
+                                   "replaced (a regex of the hosts' addresses)")
     return PrometheusCheck(
         name=r.get(table, path, "name", _nonempty, "", required=True),
         server=r.get(table, path, "server", _nonempty, "", required=True),
@@ -800,6 +819,36 @@ def _rollback(r: _Reader, data: Any, path: str) -> RollbackConfig:
         bake=r.get(table, path, "bake", _duration, 600.0),
         unhealthy_hosts=r.get(table, path, "unhealthy_hosts", _threshold, Threshold(count=1)),
     )
+
+
+def _rollout(r: _Reader, data: Any, path: str, hosts: int) -> RolloutConfig:
+    table = r.table(data, path, {"steps", "step_bake", "compare"})
+    steps = (_rollout_steps(r, table["steps"], f"{path}.steps", hosts) if "steps" in table
+             else (ALL_HOSTS,))
+    return RolloutConfig(
+        steps=steps,
+        step_bake=r.get(table, path, "step_bake", _positive_duration, 120.0),
+        compare=r.get(table, path, "compare", _bool, False),
+    )
+
+
+def _rollout_steps(r: _Reader, data: Any, path: str, hosts: int) -> tuple[StepSpec, ...]:
+    """The steps, checked against the app's host count (skipped when the hosts are wrong)."""
+    if not isinstance(data, list):
+        r.problem(path, f'expected an array like ["1", "25%", "pause", "100%"], got {_kind(data)}')
+        return (ALL_HOSTS,)
+    steps: list[StepSpec] = []
+    for index, item in enumerate(data):
+        try:
+            steps.append(parse_step(item))
+        except ValueError as exc:
+            r.problem(f"{path}[{index}]", str(exc))
+    if len(steps) != len(data):
+        return (ALL_HOSTS,)
+    if hosts:
+        for step, message in problems(steps, hosts):
+            r.problem(path if step is None else f"{path}[{step}]", message)
+    return tuple(steps)
 
 
 def _rescue(r: _Reader, data: Any, path: str) -> RescueConfig:
@@ -843,7 +892,7 @@ def _webhook(r: _Reader, data: Any, path: str) -> WebhookConfig | None:
 _APP_KEYS = {"repo", "repo_key", "repo_known_hosts", "branch", "mode", "poll_interval",
              "deploy_to", "keep_releases", "linked_dirs", "linked_files", "parallel",
              "lock_stale_after", "max_release_size", "max_release_files", "ssh", "hooks",
-             "hosts", "checks", "rollback", "rescue", "webhook"}
+             "hosts", "checks", "rollback", "rollout", "rescue", "webhook"}
 
 
 def _app(r: _Reader, name: str, data: Any) -> AppConfig:
@@ -879,10 +928,14 @@ def _app(r: _Reader, name: str, data: Any) -> AppConfig:
         hosts=hosts,
         checks=_checks(r, table.get("checks", []), f"{path}.checks", hosts),
         rollback=_rollback(r, table.get("rollback", {}), f"{path}.rollback"),
+        rollout=_rollout(r, table.get("rollout", {}), f"{path}.rollout", len(hosts)),
         rescue=_rescue(r, table.get("rescue", {}), f"{path}.rescue"),
         webhook=(_webhook(r, table["webhook"], f"{path}.webhook") if "webhook" in table
                  else None),
     )
+    if app.mode == "observe" and "rollout" in table:
+        r.problem(f"{path}.rollout", 'only for mode = "deploy": deployd does not deploy an '
+                                     "observed app")
     if repo.startswith("ssh://") and app.repo_known_hosts is None:
         r.problem(f"{path}.repo_known_hosts",
                   "required for an ssh:// repo (host keys are verified)")

@@ -32,6 +32,18 @@ tick late.
 keeping the last outcome and reason, and drops results of probes that were in flight; the
 `host_healthy` gauge keeps its last value until a new verdict replaces it.
 
+Samples
+    Each (HTTP check, host) also keeps its last `SAMPLES_KEPT` probes (when each started on
+    the monitor's clock, success or failure, how long it took), whatever `reset()` does, so a
+    rollout can compare the hosts on a new release with the others over the same window:
+    `samples(hosts, since)` sums them into an `analysis.GroupSamples`. At the default 5 s
+    interval, 600 probes are the last 50 minutes.
+
+Groups in PromQL
+    In a Prometheus check's query, `{hosts}` stands for a regex of host addresses (see
+    `hosts_regex`): every host of the app in the app-wide probe, and a group's hosts in
+    `query_group(check, hosts)`, which a rollout runs for its canary and its baseline.
+
 HTTP probes do not follow redirects (a 301 is judged against `expect_status`), read at most
 `BODY_LIMIT` bytes of a body (matchers see that much), and never put header values or the
 body itself in a reason.
@@ -50,16 +62,17 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import aiohttp
 from prometheus_client.metrics import Counter, Gauge, Histogram
 from yarl import URL
 
+from deployd.analysis import GroupSamples
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck, render_template
 from deployd.metrics import Metrics
 
@@ -70,6 +83,8 @@ PROMETHEUS_BODY_LIMIT: Final = 256 * 1024
 INITIAL_JITTER: Final = 1.0
 TICK: Final = 0.01
 _SHOWN: Final = 60
+SAMPLES_KEPT: Final = 600
+HOSTS_PLACEHOLDER: Final = "{hosts}"
 _REASON_LIMIT: Final = 200
 # Timeouts are enforced around the whole probe (connect, send, read) by `_Ticks`;
 # this keeps aiohttp from arming a timer of its own per request.
@@ -172,6 +187,23 @@ def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
 OnChange = Callable[[HealthChange], Awaitable[None]]
 
 
+class GroupValue(NamedTuple):
+    """A Prometheus check run once for a group of hosts, judged against its max and min."""
+
+    outcome: ProbeOutcome
+    value: float | None
+    reason: str
+
+
+class ProbeSample(NamedTuple):
+    """One HTTP probe: when it started (the monitor's clock), whether it succeeded, and how
+    long it took (seconds)."""
+
+    at: float
+    ok: bool
+    latency: float
+
+
 class _Streak:
     """Consecutive outcomes of one check and the verdict they give."""
 
@@ -252,7 +284,7 @@ class _HttpProbe:
     """Everything one (HTTP check, host) probe needs, prepared once."""
 
     __slots__ = ("check", "counters", "expect_text", "headers", "host", "label", "matcher",
-                 "setup_error", "ssl", "streak", "timeout_reason", "url")
+                 "recent", "setup_error", "ssl", "streak", "timeout_reason", "url")
 
     def __init__(self, check: HttpCheck, host: _Host, config: HostConfig,
                  tls: bool | ssl.SSLContext | str, counters: Mapping[ProbeOutcome, Counter]
@@ -265,6 +297,7 @@ class _HttpProbe:
         self.timeout_reason = f"timeout after {check.timeout:g}s"
         self.matcher = _body_matcher(check)
         self.streak = _Streak(check.successes, check.failures)
+        self.recent: deque[ProbeSample] = deque(maxlen=SAMPLES_KEPT)
         self.counters = counters
         self.ssl: bool | ssl.SSLContext = True if isinstance(tls, str) else tls
         self.setup_error: str | None = tls if isinstance(tls, str) else None
@@ -280,20 +313,20 @@ class _HttpProbe:
 
 
 class _MetricProbe:
-    """One Prometheus check, prepared once."""
+    """One Prometheus check, prepared once; `{hosts}` in its query means every host."""
 
-    __slots__ = ("announced", "check", "counters", "label", "setup_error", "streak",
+    __slots__ = ("announced", "base", "check", "counters", "label", "setup_error", "streak",
                  "timeout_reason", "url", "value")
 
-    def __init__(self, check: PrometheusCheck, counters: Mapping[ProbeOutcome, Counter]
-                 ) -> None:
+    def __init__(self, check: PrometheusCheck, counters: Mapping[ProbeOutcome, Counter],
+                 addresses: Iterable[str]) -> None:
         self.check = check
         self.label = f"{check.name} (prometheus)"
         self.setup_error: str | None = None
-        self.url = URL()
+        self.base = self.url = URL()
         try:
-            base = _http_url(check.server.rstrip("/") + "/api/v1/query")
-            self.url = base.with_query(query=check.query)
+            self.base = _http_url(check.server.rstrip("/") + "/api/v1/query")
+            self.url = self.query_url(addresses)
         except ValueError as exc:
             self.setup_error = f"bad prometheus server: {_url_problem(exc)}"
         self.timeout_reason = f"prometheus: timeout after {check.timeout:g}s"
@@ -305,6 +338,11 @@ class _MetricProbe:
     @property
     def interval(self) -> float:
         return self.check.interval
+
+    def query_url(self, addresses: Iterable[str]) -> URL:
+        """The query's URL with `{hosts}` standing for these hosts."""
+        query = self.check.query.replace(HOSTS_PLACEHOLDER, hosts_regex(addresses))
+        return self.base.with_query(query=query)
 
     def judge(self, value: float) -> tuple[ProbeOutcome, str]:
         """Compare a measured number with the check's bounds."""
@@ -422,8 +460,11 @@ class HealthMonitor:
         self._running = False
         self._ticks = _Ticks(TICK)
         self._hosts = self._build_hosts(metrics)
+        self._addresses = dict(zip(app.host_labels, (host.address for host in app.hosts),
+                                   strict=True))
         self._metric_probes = {
-            check.name: _MetricProbe(check, _counters(metrics, app.name, "", with_no_data=True))
+            check.name: _MetricProbe(check, _counters(metrics, app.name, "", with_no_data=True),
+                                     self._addresses.values())
             for check in app.checks if isinstance(check, PrometheusCheck)
         }
         self._probes: list[_Probe] = [
@@ -500,6 +541,47 @@ class HealthMonitor:
         """Metric checks whose latest probe gave no data."""
         return [name for name, probe in self._metric_probes.items() if probe.streak.no_data]
 
+    def samples(self, hosts: Iterable[str], since: float, *,
+                check: str | None = None) -> GroupSamples:
+        """The kept HTTP probes of `hosts` (host labels) that started at or after `since` (the
+        monitor's clock), summed: successes, failures and the times of the successes. Every
+        HTTP check counts, or only the one named `check`. ValueError for an unknown host."""
+        ok = failed = 0
+        latencies: list[float] = []
+        for name in hosts:
+            host = self._hosts.get(name)
+            if host is None:
+                raise ValueError(f"{self.app.name} has no host {name!r}")
+            for probe in host.probes:
+                if check is not None and probe.check.name != check:
+                    continue
+                for sample in probe.recent:
+                    if sample.at < since:
+                        continue
+                    if sample.ok:
+                        ok += 1
+                        latencies.append(sample.latency)
+                    else:
+                        failed += 1
+        return GroupSamples(ok=ok, failed=failed, latencies=tuple(latencies))
+
+    async def query_group(self, check: str, hosts: Iterable[str]) -> GroupValue:
+        """Run the Prometheus check named `check` once for a group of hosts (host labels):
+        `{hosts}` in its query stands for their addresses. The app-wide verdicts are not
+        touched. ValueError for an unknown check or host."""
+        probe = self._metric_probes.get(check)
+        if probe is None:
+            raise ValueError(f"{self.app.name} has no prometheus check {check!r}")
+        addresses = []
+        for name in hosts:
+            if name not in self._addresses:
+                raise ValueError(f"{self.app.name} has no host {name!r}")
+            addresses.append(self._addresses[name])
+        url = probe.url if probe.setup_error else probe.query_url(addresses)
+        outcome, value, reason = await _probe_prometheus_once(self._session, self._ticks,
+                                                              probe, url)
+        return GroupValue(outcome, value, reason)
+
     def snapshot(self) -> AppHealth:
         """A copy of every verdict, count and last outcome."""
         return AppHealth(
@@ -530,9 +612,12 @@ class HealthMonitor:
 
     async def _probe_http(self, probe: _HttpProbe) -> None:
         generation = self._generation
+        started_at = self._clock()
         started = time.perf_counter()
         outcome, reason = await _probe_http_once(self._session, self._ticks, probe)
-        self._duration.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self._duration.observe(took)
+        probe.recent.append(ProbeSample(started_at, outcome is SUCCESS, took))
         probe.counters[outcome].inc()
         if generation != self._generation:
             return  # started before reset(): it judged what ran before
@@ -621,13 +706,15 @@ async def _probe_http_once(session: aiohttp.ClientSession, ticks: _Ticks, probe:
 
 
 async def _probe_prometheus_once(session: aiohttp.ClientSession, ticks: _Ticks,
-                                 probe: _MetricProbe) -> tuple[ProbeOutcome, float | None, str]:
-    """Run one Prometheus check once: (outcome, the number or None, short reason)."""
+                                 probe: _MetricProbe, url: URL | None = None
+                                 ) -> tuple[ProbeOutcome, float | None, str]:
+    """Run one Prometheus check once (its own URL, or `url`): (outcome, the number or None,
+    short reason)."""
     if probe.setup_error is not None:
         return NO_DATA, None, probe.setup_error
     try:
         async with ticks.timeout(probe.check.timeout):
-            async with session.get(probe.url, allow_redirects=False,
+            async with session.get(url or probe.url, allow_redirects=False,
                                    timeout=_NO_CLIENT_TIMEOUT) as response:
                 body = await _read_body(response, PROMETHEUS_BODY_LIMIT)
                 status = response.status
@@ -816,6 +903,14 @@ def _describe_statuses(codes: frozenset[int]) -> str:
         previous = code
     runs.append((start, previous))
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def hosts_regex(addresses: Iterable[str]) -> str:
+    """What `{hosts}` stands for in a PromQL query: the addresses regex-escaped, joined with
+    `|`, in order, each once; its backslashes doubled, for a double- or single-quoted PromQL
+    string (`instance=~"({hosts}):9100"`). Prometheus anchors regex matchers at both ends."""
+    unique = dict.fromkeys(addresses)
+    return "|".join(re.escape(address) for address in unique).replace("\\", "\\\\")
 
 
 def _http_url(text: str) -> URL:
