@@ -1,14 +1,23 @@
 """The bake judge: gathers the facts about the live release in its bake window and asks
 `policy.judge_bake` for a verdict. It only keeps the bake's own clock (grace, then baking);
-acting on a verdict is `verdicts.Verdicts`' work."""
+acting on a verdict is `verdicts.Verdicts`' work.
+
+During a rollout step the facts are the hosts on the new release (the canary group), with the
+hosts still on last good (the baseline) beside them; with `compare`, a step whose window ran
+out healthy is also judged canary against baseline (`analysis`) before it passes. While a
+rollout is paused only a bad verdict counts: the absolute checks keep watching the canaries.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from deployd import policy
+from deployd import analysis, policy
+from deployd.config import HttpCheck
 from deployd.context import AppContext
+from deployd.progressive import Steps
+from deployd.rollout_store import Rollout, RolloutState
 from deployd.store import Deploy
 
 
@@ -18,11 +27,13 @@ class Judgement:
 
     record: Deploy
     verdict: policy.BakeVerdict
+    rollout: Rollout | None = None
 
 
 class BakeJudge:
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, steps: Steps) -> None:
         self.ctx = ctx
+        self.steps = steps
 
     async def baking(self) -> Deploy | None:
         """The live release's record while it is in its bake window.
@@ -61,24 +72,75 @@ class BakeJudge:
             ctx.health.reset()
             await ctx.store.update_deploy(record.id, bake_state="baking")
             return None
-        verdict = policy.judge_bake(self.facts(record))
+        rollout = await self.steps.of(record)
+        verdict = policy.judge_bake(self.facts(record, rollout))
+        if rollout is not None:
+            verdict = await self._rollout_verdict(record, rollout, verdict)
         if verdict.verdict != "wait":
-            return Judgement(record, verdict)
+            return Judgement(record, verdict, rollout)
         if verdict.reason == "baking" and record.bake_state == "grace":
             await ctx.store.update_deploy(record.id, bake_state="baking")
         return None
 
-    def facts(self, record: Deploy) -> policy.BakeFacts:
+    def facts(self, record: Deploy, rollout: Rollout | None = None) -> policy.BakeFacts:
         assert record.bake_started_at is not None and record.bake_until is not None
         health, rollback = self.ctx.health, self.ctx.app.rollback
+        unhealthy = health.unhealthy_hosts()
+        canary, baseline = self.groups(rollout)
         return policy.BakeFacts(
             now=self.ctx.clock(), bake_started_at=record.bake_started_at,
             grace=rollback.grace, bake_until=record.bake_until,
-            unhealthy_hosts=health.unhealthy_hosts(), total_hosts=len(self.ctx.app.hosts),
+            unhealthy_hosts=[h for h in unhealthy if h in canary], total_hosts=len(canary),
             failing_metrics=health.metric_failing(),
             no_data_metrics=self._silent_through_bake(record),
             threshold=rollback.unhealthy_hosts, evidence_since=health.evidence_since,
-            observation=self.observation_time())
+            observation=self.observation_time(),
+            baseline_unhealthy=[h for h in unhealthy if h in baseline],
+            baseline_total=len(baseline))
+
+    def groups(self, rollout: Rollout | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(hosts on the new release, hosts on last good): every host and none, unless a
+        rollout is part way."""
+        hosts = tuple(self.ctx.app.host_labels)
+        if rollout is None:
+            return hosts, ()
+        return rollout.on_new, rollout.baseline(hosts)
+
+    async def _rollout_verdict(self, record: Deploy, rollout: Rollout,
+                               verdict: policy.BakeVerdict) -> policy.BakeVerdict:
+        """A step's verdict: while paused only bad counts; a healthy step is compared with
+        the baseline (with `compare`) before it passes."""
+        if rollout.state is RolloutState.PAUSED:
+            return verdict if verdict.verdict == "bad" else policy.BakeVerdict("wait", "paused")
+        if verdict.verdict != "good" or not self.comparing(rollout):
+            return verdict
+        judgement = self.compare(record, rollout)
+        self.ctx.metrics.analysis_verdicts_total.labels(
+            app=self.ctx.name, verdict=judgement.verdict.value).inc()
+        await self.steps.store.update(record.id, analysis=judgement.to_json())
+        if judgement.verdict is analysis.Verdict.FAIL:
+            return policy.BakeVerdict("bad", f"worse than the hosts on last good: "
+                                             f"{judgement.reason}")
+        if judgement.verdict is analysis.Verdict.INCONCLUSIVE:
+            why = "the hosts on last good fail too" if judgement.both_failing \
+                else "the comparison with last good could not tell"
+            return policy.BakeVerdict("inconclusive", f"{why}: {judgement.reason}")
+        return verdict
+
+    def comparing(self, rollout: Rollout) -> bool:
+        """Whether the step is judged against a baseline (`compare`, and hosts left on it)."""
+        return self.ctx.app.rollout.compare and bool(self.groups(rollout)[1])
+
+    def compare(self, record: Deploy, rollout: Rollout) -> analysis.Judgement:
+        """The canary group against the baseline over the step's window so far."""
+        assert record.bake_started_at is not None
+        since = record.bake_started_at + self.ctx.app.rollback.grace
+        canary, baseline = self.groups(rollout)
+        health = self.ctx.health
+        return analysis.judge_groups({
+            check.name: (health.samples(canary, since, check=check.name),
+                         health.samples(baseline, since, check=check.name))
+            for check in self.ctx.app.checks if isinstance(check, HttpCheck)})
 
     def observation_time(self) -> float:
         """How long the slowest check takes to call a failing host unhealthy."""

@@ -9,6 +9,8 @@ series per app at a time.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from deployd import __version__
@@ -83,6 +85,23 @@ class Metrics:
             "notifications", "Notification attempts by target and result (sent, retried, "
             "failed: given up).", ["target", "result"], namespace=PREFIX, registry=r,
         )
+        self.rollout_step = Gauge(
+            "rollout_step", "The step (1-based) the app's rollout is at; 0 when none runs.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.rollout_hosts = Gauge(
+            "rollout_hosts", "Hosts per group of the app's rollout: canary (on the new "
+            "release), baseline (still on last good); 0 when none runs.",
+            ["app", "group"], namespace=PREFIX, registry=r,
+        )
+        self.rollout_paused_timestamp_seconds = Gauge(
+            "rollout_paused_timestamp_seconds", "When the app's rollout paused (absent "
+            "unless it waits for a promote).", ["app"], namespace=PREFIX, registry=r,
+        )
+        self.analysis_verdicts_total = Counter(
+            "analysis_verdicts", "Rollout steps judged canary against baseline, by verdict "
+            "(pass, fail, inconclusive).", ["app", "verdict"], namespace=PREFIX, registry=r,
+        )
         self.notifications_queued = Gauge(
             "notifications_queued", "Notifications waiting in the outbox, by target.",
             ["target"], namespace=PREFIX, registry=r,
@@ -139,12 +158,18 @@ class Metrics:
     def forget_app(self, app: str) -> None:
         """Drop an app's per-app series (after it left the config)."""
         for metric in (self.branch_pristine, self.paused, self.last_deploy_timestamp_seconds,
-                       self.last_rollback_timestamp_seconds,
+                       self.last_rollback_timestamp_seconds, self.rollout_step,
+                       self.rollout_paused_timestamp_seconds,
                        self.rescue_job_oldest_pending_timestamp_seconds):
-            try:
-                metric.remove(app)
-            except KeyError:
-                pass
+            drop_series(metric, app)
+        for group in ("canary", "baseline"):
+            drop_series(self.rollout_hosts, app, group)
         previous = self._live_revision.pop(app, None)
         if previous is not None:
             self.release_info.remove(app, previous)
+
+
+def drop_series(metric: Gauge, *labels: str) -> None:
+    """Remove one series, if it exists."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

@@ -51,12 +51,18 @@ class DeployDecision:
 
 
 def should_deploy(head: str | None, *, paused: bool, quarantined: bool, live: str | None,
-                  attempted: str | None) -> DeployDecision:
-    """Whether a branch head should be deployed automatically, and why (not)."""
+                  attempted: str | None, rolling_out: bool = False) -> DeployDecision:
+    """Whether a branch head should be deployed automatically, and why (not).
+
+    A head that lands while a rollout is in progress waits for it to end: starting another
+    over it would leave three releases on the fleet.
+    """
     if head is None:
         return DeployDecision(False, "branch not found")
     if head == live:
         return DeployDecision(False, "already live")
+    if rolling_out:
+        return DeployDecision(False, "a rollout is in progress")
     if head == attempted:
         return DeployDecision(False, "already attempted; waiting for a new head")
     if quarantined:
@@ -66,7 +72,7 @@ def should_deploy(head: str | None, *, paused: bool, quarantined: bool, live: st
     return DeployDecision(True, "new head")
 
 
-Verdict = Literal["wait", "good", "bad", "no_data"]
+Verdict = Literal["wait", "good", "bad", "no_data", "inconclusive"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,10 @@ class BakeFacts:
     # a daemon restart); `observation` is how long a failing check takes to be called so.
     evidence_since: float = float("-inf")
     observation: float = 0.0
+    # During a rollout step `unhealthy_hosts`/`total_hosts` are the hosts on the new release;
+    # these are the hosts still on the last good one, judged over the same window.
+    baseline_unhealthy: Sequence[str] = ()
+    baseline_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,12 +112,19 @@ def judge_bake(facts: BakeFacts) -> BakeVerdict:
     good, unless a metric check had no data throughout: then a human must decide. Nothing is
     called good on evidence younger than `observation`: a bake whose window ran out while
     nobody was watching (a daemon restart) waits until a failing host would have shown.
+    During a rollout step, new-release hosts failing no more often than the hosts still on
+    last good is `inconclusive` (a shared dependency is down), not bad.
     """
     if facts.now < facts.bake_started_at + facts.grace:
         return BakeVerdict("wait", "grace period")
     unhealthy = len(facts.unhealthy_hosts)
     if facts.threshold.reached(unhealthy, facts.total_hosts):
         hosts = ", ".join(sorted(facts.unhealthy_hosts))
+        if _baseline_as_bad(facts):
+            return BakeVerdict(
+                "inconclusive", f"the hosts on the new release ({hosts}) and those on last "
+                f"good ({', '.join(sorted(facts.baseline_unhealthy))}) are unhealthy alike: "
+                "not the release's fault")
         return BakeVerdict(
             "bad", f"{unhealthy} of {facts.total_hosts} hosts unhealthy ({hosts}); "
                    f"threshold {facts.threshold}")
@@ -121,6 +138,14 @@ def judge_bake(facts: BakeFacts) -> BakeVerdict:
         return BakeVerdict("no_data", "no data through the bake window from: "
                            + ", ".join(facts.no_data_metrics))
     return BakeVerdict("good", "healthy through the bake window")
+
+
+def _baseline_as_bad(facts: BakeFacts) -> bool:
+    """Whether the hosts still on last good fail at least as often as the new release's."""
+    bad = len(facts.baseline_unhealthy)
+    if not bad or facts.baseline_total <= 0:
+        return False
+    return bad * facts.total_hosts >= len(facts.unhealthy_hosts) * facts.baseline_total
 
 
 def previous_release(history: Iterable[DeployRecord], current: str | None) -> str | None:

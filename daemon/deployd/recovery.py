@@ -12,7 +12,9 @@ from deployd.context import AppContext, short
 from deployd.errors import DeploydError
 from deployd.judge import BakeJudge
 from deployd.operations import OperationSlot
+from deployd.progressive import Steps, step_label
 from deployd.rescue_flow import RescueFlow
+from deployd.rollout_store import Rollout, RolloutState
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
 from deployd.verdicts import Verdicts
@@ -20,10 +22,12 @@ from deployd.verdicts import Verdicts
 
 class Recovery:
     def __init__(self, ctx: AppContext, *, slot: OperationSlot, rollouts: Rollouts,
-                 judge: BakeJudge, verdicts: Verdicts, rescue_flow: RescueFlow) -> None:
+                 steps: Steps, judge: BakeJudge, verdicts: Verdicts,
+                 rescue_flow: RescueFlow) -> None:
         self.ctx = ctx
         self.slot = slot
         self.rollouts = rollouts
+        self.steps = steps
         self.judge = judge
         self.verdicts = verdicts
         self.rescue_flow = rescue_flow
@@ -43,6 +47,11 @@ class Recovery:
             async with self.slot.hold("recovery"):
                 for record in running:
                     await self._recover_operation(record)
+        rollout = await self.steps.active()
+        if rollout is not None and rollout.state is RolloutState.RUNNING:
+            async with self.slot.hold("recovery"):
+                await self._recover_step(rollout)
+        self.steps.publish(await self.steps.active())
         # The last head deployd tried by itself: a later manual deploy or rollback must not
         # make a restart deploy that head again over what the operator chose.
         self.rollouts.attempted = next((record.revision for record in await ctx.store.deploys(
@@ -91,9 +100,13 @@ class Recovery:
     async def _recover_operation(self, record: Deploy) -> None:
         ctx = self.ctx
         states = await ctx.fleet.state()
-        reachable = {h: s for h, s in states.items() if not isinstance(s, DeploydError)}
+        rollout = await self.steps.of(record)
+        # A rollout's first step switches only its own hosts: the others are not its to judge.
+        hosts = list(rollout.steps[0].hosts) if rollout is not None else list(states)
+        reachable = {h: s for h, s in states.items()
+                     if h in hosts and not isinstance(s, DeploydError)}
         plan = policy.recover_operation(
-            kind=record.kind, hosts=list(states), reachable=reachable,
+            kind=record.kind, hosts=hosts, reachable=reachable,
             on_new=[h for h, s in reachable.items() if s.current_revision == record.revision],
             previous_release=record.previous_release)
         if plan.action == "rollback_complete":
@@ -109,12 +122,38 @@ class Recovery:
                                              hosts=list(plan.hosts))
         elif plan.action == "deploy_complete":
             release = next(iter(reachable.values())).current
-            await ctx.store.update_deploy(record.id, state="succeeded", release=release,
-                                          **self.rollouts.open_bake())
+            bake = rollout.steps[0].bake if rollout is not None else None
+            record = await ctx.store.update_deploy(record.id, state="succeeded", release=release,
+                                                   **self.rollouts.open_bake(bake))
             await ctx.event("deploy.recovered", f"deploy of {short(record.revision)} found "
                             "complete after a restart", revision=record.revision)
+            if rollout is not None:
+                await self.steps.switched(record, rollout)
         else:
             await self._interrupted(record, list(plan.hosts))
+            if rollout is not None:
+                await self.steps.end(record, rollout, RolloutState.ABORTED,
+                                     "interrupted by a daemon restart")
+
+    async def _recover_step(self, rollout: Rollout) -> None:
+        """A later step was switching when the daemon died: its bake opens if every one of
+        its hosts switched; otherwise every host on the new release goes back."""
+        ctx = self.ctx
+        record = await ctx.store.deploy(rollout.deploy_id)
+        step = rollout.steps[rollout.step]
+        states = await ctx.fleet.state()
+        on_new = [h for h, s in states.items()
+                  if not isinstance(s, DeploydError) and s.current_revision == record.revision]
+        if set(step.hosts) <= set(on_new):
+            record = await ctx.store.update_deploy(record.id,
+                                                   **self.rollouts.open_bake(step.bake))
+            await ctx.event("rollout.recovered", f"{step_label(rollout)} found switched after "
+                            "a restart", revision=record.revision, data={"deploy": record.id})
+            await self.steps.switched(record, rollout)
+            return
+        await self._interrupted(record, on_new)
+        await self.steps.end(record, rollout, RolloutState.ABORTED,
+                             "interrupted by a daemon restart while switching hosts")
 
     async def _interrupted(self, record: Deploy, switched: list[str]) -> None:
         """A deploy cut short: hosts it switched go back, and it is recorded interrupted."""

@@ -16,6 +16,8 @@ from typing import Any
 from deployd.archive import Limits
 from deployd.context import SYSTEM_ACTOR, AppContext, count_hosts, hook_output, short
 from deployd.errors import DeploydError, FleetError, NotFound
+from deployd.progressive import Steps, plan_of
+from deployd.rollout_store import RolloutState
 from deployd.store import Deploy, DeployKind
 
 log = logging.getLogger("deployd.supervisor")
@@ -24,9 +26,10 @@ log = logging.getLogger("deployd.supervisor")
 class Rollouts:
     """Carries out deploys and rollbacks for one app (the caller holds the operation slot)."""
 
-    def __init__(self, ctx: AppContext, *,
+    def __init__(self, ctx: AppContext, *, steps: Steps,
                  on_quarantined: Callable[[], Awaitable[None]]) -> None:
         self.ctx = ctx
+        self.steps = steps
         self._on_quarantined = on_quarantined
         self.attempted: str | None = None
         """The last head deployd tried by itself; it is not tried again until it changes."""
@@ -42,12 +45,17 @@ class Rollouts:
             # A manual deploy is not an attempt at the branch head: remembering it would make
             # the next poll deploy the head again over what the operator chose.
             self.attempted = revision
+        plan = plan_of(ctx)
         record = await self._start(revision, "deploy", trigger=trigger, actor=actor,
                                    forced=forced)
+        # One step of every host is a plain deploy; more steps are recorded as a rollout.
+        rollout = await self.steps.begin(record, plan) if len(plan) > 1 else None
         resolve(started, record)
         if on_start is not None:
             await on_start(record)
         how = trigger if forced is None else f"{trigger}, forced: {forced}"
+        if rollout is not None:
+            how += f", in {len(plan)} steps: {', '.join(step.spec for step in plan)}"
         await ctx.event("deploy.started", f"deploying {short(revision)} ({how})", actor=actor,
                         revision=revision,
                         data={"deploy": record.id, **({"forced": forced} if forced else {})})
@@ -56,22 +64,29 @@ class Rollouts:
             tarball = await ctx.mirror.archive(revision, Limits(
                 max_bytes=ctx.app.max_release_size, max_files=ctx.app.max_release_files))
             outcome = await ctx.fleet.deploy(revision, tarball, branch=ctx.app.branch,
-                                             actor=actor, protect=await ctx.protected_releases())
+                                             actor=actor, protect=await ctx.protected_releases(),
+                                             hosts=plan[0].added if rollout else None)
         except DeploydError as exc:
             took = time.monotonic() - clock_start
             ctx.metrics.deploys_total.labels(app=ctx.name, result="failed").inc()
             ctx.metrics.deploy_duration_seconds.labels(app=ctx.name).observe(took)
+            if rollout is not None:
+                await self.steps.end(record, rollout, RolloutState.ABORTED,
+                                     f"the first step failed: {exc}")
             return await self._failed(record, exc, f"deploy of {short(revision)} failed")
         await ctx.store.set_host_results(record.id, {h: ("switched", None)
                                                      for h in outcome.hosts})
         record = await ctx.store.update_deploy(
-            record.id, state="succeeded", release=outcome.release, **self.open_bake())
+            record.id, state="succeeded", release=outcome.release,
+            **self.open_bake(plan[0].bake))
         await self.went_live(record, "succeeded", time.monotonic() - clock_start)
         await ctx.event(
             "deploy.succeeded",
             f"{short(revision)} live as release {outcome.release} on {count_hosts(outcome.hosts)}",
             actor=actor, revision=revision,
             data={"deploy": record.id, "release": outcome.release, **hook_output(outcome.output)})
+        if rollout is not None:
+            await self.steps.switched(record, rollout)
         return record
 
     async def _start(self, revision: str, kind: DeployKind, *, trigger: str, actor: str,
@@ -95,13 +110,15 @@ class Rollouts:
         log.error("%s: %s: %s", self.ctx.name, what, exc)
         return record
 
-    def open_bake(self) -> dict[str, Any]:
+    def open_bake(self, bake: float | None = None) -> dict[str, Any]:
         """The record fields that start a bake now: grace, then the bake window (the one
-        place a bake is opened, for deploys, rollbacks, observed releases and recoveries)."""
+        place a bake is opened, for deploys, rollbacks, observed releases and recoveries).
+        `bake` is the window's length: `rollback.bake` unless a rollout step says less."""
         now = self.ctx.clock()
         rollback = self.ctx.app.rollback
+        length = rollback.bake if bake is None else bake
         return {"bake_state": "grace", "bake_started_at": now,
-                "bake_until": now + rollback.grace + rollback.bake}
+                "bake_until": now + rollback.grace + length}
 
     async def went_live(self, record: Deploy, result: str, took: float) -> None:
         """A deploy or observed release is live: older bakes end, metrics and health follow."""
@@ -119,6 +136,10 @@ class Rollouts:
             if record.id == live.id or record.bake_state not in ("grace", "baking"):
                 continue
             await self.ctx.store.update_deploy(record.id, bake_state="skipped")
+            rollout = await self.steps.of(record)
+            if rollout is not None:
+                await self.steps.end(record, rollout, RolloutState.ABORTED,
+                                     f"replaced by release {live.release}")
             job = await self.ctx.rescue.job_for_record(record)
             if job is not None:
                 await self.ctx.rescue.fail(job, f"release {record.release} was replaced by "
@@ -137,7 +158,9 @@ class Rollouts:
     # -- rollback ------------------------------------------------------------------------
 
     async def rollback(self, release: str, *, trigger: str, actor: str, reason: str,
-                       started: asyncio.Future[Deploy] | None = None) -> Deploy:
+                       started: asyncio.Future[Deploy] | None = None,
+                       hosts: list[str] | None = None) -> Deploy:
+        """Roll every host (or only `hosts`: a rollout's new hosts) back to `release`."""
         live = await self.ctx.store.last_live(self.ctx.name)
         revision = await self.release_revision(release)
         record = await self._start(revision or "unknown", "rollback", trigger=trigger,
@@ -149,7 +172,7 @@ class Rollouts:
         if trigger == "manual" and live is not None and live.revision != revision:
             # A revision a human rolled back is not deployed again by deployd itself.
             await self.quarantine(live.revision, f"rolled back by {actor}: {reason}", actor)
-        return await self.run_rollback(record, reason=reason)
+        return await self.run_rollback(record, reason=reason, hosts=hosts)
 
     async def run_rollback(self, record: Deploy, *, reason: str,
                            hosts: list[str] | None = None) -> Deploy:

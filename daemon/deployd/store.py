@@ -158,6 +158,24 @@ MIGRATIONS: tuple[str, ...] = (
         event_id INTEGER NOT NULL
     );
     """,
+    # Progressive rollouts: one row per deploy that goes out in steps (see rollout_store).
+    """
+    CREATE TABLE rollouts (
+        deploy_id INTEGER PRIMARY KEY REFERENCES deploys(id),
+        app TEXT NOT NULL,
+        steps TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        on_new TEXT NOT NULL,
+        baseline_release TEXT,
+        baseline_revision TEXT,
+        reason TEXT,
+        analysis TEXT NOT NULL DEFAULT '{}',
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX rollouts_app ON rollouts(app, deploy_id);
+    """,
 )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from deployd import policy
 from deployd.config import AppConfig
@@ -32,9 +32,11 @@ from deployd.health import HealthChange, HealthMonitor
 from deployd.judge import BakeJudge
 from deployd.observer import ReleaseObserver
 from deployd.operations import OperationSlot
+from deployd.progressive import Steps, step_label
 from deployd.recovery import Recovery
 from deployd.rescue import Rescue
 from deployd.rescue_flow import RescueFlow
+from deployd.rollout_store import RolloutStore
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
 from deployd.verdicts import Verdicts
@@ -54,17 +56,20 @@ class AppSupervisor:
         self._recheck = False
         self.slot = OperationSlot(ctx.name, on_done=self._operation_done)
         self.watcher = BranchWatcher(ctx)
-        self.rollouts = Rollouts(ctx, on_quarantined=self.watcher.update_pristine)
+        self.steps = Steps(ctx, RolloutStore(ctx.store))
+        self.rollouts = Rollouts(ctx, steps=self.steps,
+                                 on_quarantined=self.watcher.update_pristine)
         self.observer = ReleaseObserver(ctx, slot=self.slot, rollouts=self.rollouts)
-        self.judge = BakeJudge(ctx)
+        self.judge = BakeJudge(ctx, self.steps)
         self.rescue_flow = RescueFlow(ctx, slot=self.slot, watcher=self.watcher,
                                       rollouts=self.rollouts)
         self.verdicts = Verdicts(ctx, slot=self.slot, watcher=self.watcher,
-                                 rollouts=self.rollouts, judge=self.judge,
+                                 rollouts=self.rollouts, steps=self.steps, judge=self.judge,
                                  rescue_flow=self.rescue_flow)
-        self.recovery = Recovery(ctx, slot=self.slot, rollouts=self.rollouts, judge=self.judge,
-                                 verdicts=self.verdicts, rescue_flow=self.rescue_flow)
-        self.views = AppViews(ctx, slot=self.slot, watcher=self.watcher)
+        self.recovery = Recovery(ctx, slot=self.slot, rollouts=self.rollouts, steps=self.steps,
+                                 judge=self.judge, verdicts=self.verdicts,
+                                 rescue_flow=self.rescue_flow)
+        self.views = AppViews(ctx, slot=self.slot, watcher=self.watcher, judge=self.judge)
         self.summary = self.views.summary
         self.detail = self.views.detail
         self.open_job = self.rescue_flow.open_job
@@ -194,7 +199,8 @@ class AppSupervisor:
         decision = policy.should_deploy(
             head, paused=state.paused,
             quarantined=head is not None and await ctx.store.is_quarantined(ctx.name, head),
-            live=live.revision if live else None, attempted=self.rollouts.attempted)
+            live=live.revision if live else None, attempted=self.rollouts.attempted,
+            rolling_out=await self.steps.active() is not None)
         if not decision.deploy or head is None or self.slot.held:
             return
         await self.slot.spawn(self.rollouts.deploy(head, trigger="branch", actor=SYSTEM_ACTOR),
@@ -218,6 +224,10 @@ class AppSupervisor:
         if self.ctx.app.mode == "observe":
             raise Conflict(f"{self.name} is in observe mode: another tool deploys it "
                            "(rollbacks still work)")
+        rollout = await self.steps.active()
+        if rollout is not None:
+            raise Conflict(f"{self.name}: a rollout is in progress ({step_label(rollout)}, "
+                           f"{rollout.state.value}); promote or abort it first")
         sha = await self.ctx.mirror.resolve_strict(revision)
         reasons = await self.rollouts.needs_force(sha)
         if reasons and not force:
@@ -247,6 +257,17 @@ class AppSupervisor:
                                    started=started),
             "rollback", started)
         return await started
+
+    async def promote(self, actor: str) -> dict[str, Any]:
+        """Continue the rollout (REST): past a pause, or end the step's bake early."""
+        await self.verdicts.promote(actor)
+        self.wake()
+        return await self.views.summary()
+
+    async def abort(self, actor: str, reason: str = "") -> dict[str, Any]:
+        """Roll the rollout's new hosts back now and quarantine its revision (REST)."""
+        await self.verdicts.abort(actor, reason)
+        return await self.views.summary()
 
     async def pause(self, actor: str, reason: str) -> None:
         await self.ctx.pause(actor, reason)

@@ -6,16 +6,21 @@ from typing import Any
 
 from deployd.context import AppContext
 from deployd.errors import DeploydError
+from deployd.judge import BakeJudge
 from deployd.operations import OperationSlot
+from deployd.rollout_store import RolloutState
 from deployd.store import Deploy
+from deployd.store import _iso as iso
 from deployd.watcher import BranchWatcher
 
 
 class AppViews:
-    def __init__(self, ctx: AppContext, *, slot: OperationSlot, watcher: BranchWatcher) -> None:
+    def __init__(self, ctx: AppContext, *, slot: OperationSlot, watcher: BranchWatcher,
+                 judge: BakeJudge) -> None:
         self.ctx = ctx
         self.slot = slot
         self.watcher = watcher
+        self.judge = judge
 
     async def summary(self) -> dict[str, Any]:
         """The app as `GET /api/v1/apps` shows it."""
@@ -38,6 +43,29 @@ class AppViews:
             "busy": self.slot.busy,
             "latest": await self._latest(latest[0]) if latest else None,
             "fetch_error": self.watcher.fetch_error,
+            "rollout": await self.rollout(),
+        }
+
+    async def rollout(self) -> dict[str, Any] | None:
+        """The app's latest rollout, with the judge's figures (live while a step bakes)."""
+        rollout = await self.judge.steps.store.latest(self.ctx.name)
+        if rollout is None:
+            return None
+        record = await self.ctx.store.deploy(rollout.deploy_id)
+        canary, baseline = self.judge.groups(rollout) if rollout.active else ((), ())
+        figures = rollout.analysis
+        if rollout.state is RolloutState.BAKING and self.judge.comparing(rollout) \
+                and record.bake_started_at is not None:
+            figures = self.judge.compare(record, rollout).to_json()
+        return {
+            "deploy": rollout.deploy_id, "revision": record.revision, "release": record.release,
+            "step": rollout.step + 1, "steps": len(rollout.steps), "state": rollout.state.value,
+            "reason": rollout.reason,
+            "hosts": {"canary": list(canary), "baseline": list(baseline)},
+            "plan": [{"step": s.index + 1, "spec": s.spec, "hosts": list(s.hosts),
+                      "bake_seconds": s.bake} for s in rollout.steps],
+            "analysis": figures or None, "compare": self.ctx.app.rollout.compare,
+            "started_at": iso(rollout.started_at), "updated_at": iso(rollout.updated_at),
         }
 
     async def detail(self) -> dict[str, Any]:
