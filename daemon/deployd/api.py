@@ -421,6 +421,24 @@ async def resume(request: web.Request) -> web.Response:
     return web.json_response(await sup.summary())
 
 
+async def promote(request: web.Request) -> web.Response:
+    """Continue a rollout: past a pause, a step's bake ended early, a failed step retried."""
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    reject_unknown(await read_json(request), set())
+    return web.json_response(await sup.promote(token.name))
+
+
+async def abort(request: web.Request) -> web.Response:
+    """Roll a rollout's new hosts back now and quarantine its revision."""
+    token = require(request, "deploy")
+    sup = supervisor(request)
+    body = await read_json(request)
+    reject_unknown(body, {"reason"})
+    return web.json_response(await sup.abort(token.name, field_str(body, "reason") or ""),
+                             status=202)
+
+
 # -- rescue jobs --------------------------------------------------------------------------
 
 def job_id(request: web.Request) -> int:
@@ -598,6 +616,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/apps/{app}/rollback", rollback)
     app.router.add_post("/api/v1/apps/{app}/pause", pause)
     app.router.add_post("/api/v1/apps/{app}/resume", resume)
+    app.router.add_post("/api/v1/apps/{app}/promote", promote)
+    app.router.add_post("/api/v1/apps/{app}/abort", abort)
     app.router.add_post("/api/v1/apps/{app}/jobs", open_job)
     app.router.add_get("/api/v1/jobs", list_jobs)
     app.router.add_get("/api/v1/jobs/{job}", show_job)

@@ -126,6 +126,15 @@ def _paths() -> dict[str, Any]:
         "/api/v1/apps/{app}/resume": {"post": _op(
             "Restart automatic deploys and rollbacks", "deploy", 200, _ref("App"),
             400, 401, 403, 404, 422, body=_json_body({"reason": optional}), parameters=[_APP])},
+        "/api/v1/apps/{app}/promote": {"post": _op(
+            "Continue the rollout: past a pause step, or end the step's bake early (a step "
+            "that failed to switch is retried)", "deploy", 200, _ref("App"),
+            400, 401, 403, 404, 409, 422, body=_json_body({}), parameters=[_APP])},
+        "/api/v1/apps/{app}/abort": {"post": _op(
+            "Stop the rollout: its new hosts go back to last good, the revision is "
+            "quarantined", "deploy", 202, _ref("App"),
+            400, 401, 403, 404, 409, 422, body=_json_body({"reason": optional}),
+            parameters=[_APP])},
         "/api/v1/apps/{app}/jobs": {"post": _op(
             "Open a rescue job by hand", "deploy", 201, _ref("Job"), 400, 401, 403, 404, 409,
             422, body=_json_body({"commits": {**commits, "minItems": 1}, "base": optional},
@@ -177,7 +186,23 @@ def _schemas() -> dict[str, Any]:
             "branch": string, "head": nullable, "pristine": {"type": "boolean"},
             "deployed": {"type": "object", "nullable": True},
             "last_good": {"type": "object"}, "paused": {"type": "object", "nullable": True},
-            "health": {"type": "object"}, "links": {"type": "object"}}},
+            "health": {"type": "object"}, "links": {"type": "object"},
+            "rollout": {**_ref("Rollout"), "nullable": True}}},
+        "Rollout": {"type": "object", "additionalProperties": True, "properties": {
+            "deploy": {"type": "integer"}, "revision": string, "release": nullable,
+            "step": {"type": "integer", "description": "1-based"},
+            "steps": {"type": "integer"},
+            "state": {"type": "string", "enum": ["running", "paused", "baking", "done",
+                                                 "aborted", "rolled_back"]},
+            "reason": nullable,
+            "hosts": {"type": "object", "description": "canary: on the new release; "
+                      "baseline: still on last good (both empty once it is over)"},
+            "plan": {"type": "array", "items": {"type": "object"}},
+            "analysis": {"type": "object", "nullable": True, "description":
+                         "the compare judge's work: per check and measure the two groups' "
+                         "figures, the test, its p-value and verdict (pass, fail, "
+                         "inconclusive)"},
+            "compare": {"type": "boolean"}}},
         "Event": {"type": "object", "properties": {
             "id": {"type": "integer"}, "at": string, "kind": string, "actor": string,
             "revision": nullable, "message": string, "data": {

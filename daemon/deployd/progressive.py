@@ -24,6 +24,7 @@ from deployd.metrics import drop_series
 from deployd.rollout_plan import PlannedStep
 from deployd.rollout_store import Rollout, RolloutState, RolloutStore
 from deployd.store import Deploy
+from deployd.vocabulary import BakeState, EventKind
 
 log = logging.getLogger("deployd.supervisor")
 
@@ -68,7 +69,7 @@ class Steps:
                                           on_new=step.hosts)
         self.publish(rollout)
         await self.ctx.event(
-            "rollout.step", f"{step_label(rollout)} ({step.spec}): release {record.release} "
+            EventKind.ROLLOUT_STEP, f"{step_label(rollout)} ({step.spec}): release {record.release} "
             f"now on {', '.join(step.added)}; {len(step.hosts)} of {len(self.ctx.app.hosts)} "
             "hosts on the new release", revision=record.revision,
             data={"deploy": record.id, "step": rollout.step + 1, "hosts": list(step.added),
@@ -100,7 +101,7 @@ class Steps:
                                                      for h in outcome.hosts})
         now = ctx.clock()
         record = await ctx.store.update_deploy(
-            record.id, bake_state="grace", bake_started_at=now,
+            record.id, bake_state=BakeState.GRACE, bake_started_at=now,
             bake_until=now + ctx.app.rollback.grace + step.bake)
         ctx.health.reset()
         await self.switched(record, rollout)
@@ -109,7 +110,8 @@ class Steps:
     async def pause(self, record: Deploy, rollout: Rollout, reason: str) -> Rollout:
         rollout = await self.store.update(record.id, state=RolloutState.PAUSED, reason=reason)
         self.publish(rollout)
-        await self.ctx.event("rollout.paused", f"rollout of {short(record.revision)} paused at "
+        await self.ctx.event(EventKind.ROLLOUT_PAUSED,
+                             f"rollout of {short(record.revision)} paused at "
                              f"{step_label(rollout)}: {reason}; promote or abort it",
                              revision=record.revision,
                              data={"deploy": record.id, "step": rollout.step + 1})
@@ -119,7 +121,7 @@ class Steps:
     async def passed(self, record: Deploy, rollout: Rollout, how: str) -> int | None:
         """A step is done (baked well, or promoted): the next step to switch now, or None
         when the rollout waits at a pause step."""
-        await self.ctx.event("rollout.step_passed", f"{step_label(rollout)} of "
+        await self.ctx.event(EventKind.ROLLOUT_STEP_PASSED, f"{step_label(rollout)} of "
                              f"{short(record.revision)}: {how}", revision=record.revision,
                              data={"deploy": record.id, "step": rollout.step + 1})
         following = rollout.step + 1

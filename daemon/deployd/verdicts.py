@@ -21,6 +21,7 @@ from deployd.rescue_flow import RescueFlow
 from deployd.rollout_store import Rollout, RolloutState
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
+from deployd.vocabulary import BakeState, DeployState, EventKind, Trigger
 from deployd.watcher import BranchWatcher
 
 
@@ -73,7 +74,7 @@ class Verdicts:
         record = await self.ctx.store.deploy(rollout.deploy_id)
         await self.slot.reserve("rollout step")
         try:
-            await self.ctx.event("rollout.promoted", f"{step_label(rollout)} of "
+            await self.ctx.event(EventKind.ROLLOUT_PROMOTED, f"{step_label(rollout)} of "
                                  f"{short(record.revision)} promoted by {actor}", actor=actor,
                                  revision=record.revision, data={"deploy": record.id})
             index = next_step(rollout)
@@ -110,7 +111,7 @@ class Verdicts:
             why = f"aborted by {actor}" + (f": {reason}" if reason else "")
             rollout = await self.steps.end(record, rollout, RolloutState.ABORTED, why,
                                            actor=actor)
-            await self.ctx.store.update_deploy(record.id, bake_state="bad")
+            await self.ctx.store.update_deploy(record.id, bake_state=BakeState.BAD)
             await self.rollouts.quarantine(record.revision, why, actor)
         except BaseException:
             self.slot.release()
@@ -118,18 +119,19 @@ class Verdicts:
         if target is None:
             self.slot.release()
             return rollout
-        await self.slot.spawn(self.rollouts.rollback(target, trigger="manual", actor=actor,
+        await self.slot.spawn(self.rollouts.rollback(target, trigger=Trigger.MANUAL, actor=actor,
                                                      reason=why, hosts=list(rollout.on_new)),
                               "rollback", reserved=True)
         return rollout
 
     async def _good(self, record: Deploy) -> None:
         ctx = self.ctx
-        await ctx.store.update_deploy(record.id, bake_state="good")
+        await ctx.store.update_deploy(record.id, bake_state=BakeState.GOOD)
         # A rollback that bakes healthy makes its release the newest good one: an operator
         # who rolled away from a release should not be sent back to it automatically.
         await ctx.store.set_last_good(ctx.name, record.revision, record.release)
-        await ctx.event("bake.healthy", f"{short(record.revision)} healthy through its bake "
+        await ctx.event(EventKind.BAKE_HEALTHY,
+                        f"{short(record.revision)} healthy through its bake "
                         "window", revision=record.revision, data={"deploy": record.id})
         job = await ctx.rescue.job_for_record(record)
         if job is not None:
@@ -138,7 +140,7 @@ class Verdicts:
 
     async def _no_data(self, record: Deploy, reason: str) -> None:
         ctx = self.ctx
-        await ctx.store.update_deploy(record.id, bake_state="bad")
+        await ctx.store.update_deploy(record.id, bake_state=BakeState.BAD)
         job = await ctx.rescue.job_for_record(record)
         if job is not None:
             await ctx.rescue.fail(job, f"cannot judge the rebuilt head: {reason}")
@@ -146,9 +148,10 @@ class Verdicts:
                         "a human must decide")
 
     async def _bad(self, record: Deploy, reason: str, rollout: Rollout | None) -> None:
-        await self.ctx.store.update_deploy(record.id, bake_state="bad")
+        await self.ctx.store.update_deploy(record.id, bake_state=BakeState.BAD)
         where = f" at {step_label(rollout)}" if rollout is not None else ""
-        await self.ctx.event("bake.failed", f"{short(record.revision)} is unhealthy{where}: "
+        await self.ctx.event(EventKind.BAKE_FAILED,
+                             f"{short(record.revision)} is unhealthy{where}: "
                              f"{reason}" + self.judge.failing_checks(), revision=record.revision,
                              data={"deploy": record.id, "health": self.judge.health_detail(),
                                    **_step_data(rollout)})
@@ -175,7 +178,7 @@ class Verdicts:
         if response.action == "pause":
             await ctx.pause(SYSTEM_ACTOR, response.reason)
         elif response.action == "skip":
-            await ctx.event("rollback.skipped", response.reason, revision=record.revision)
+            await ctx.event(EventKind.ROLLBACK_SKIPPED, response.reason, revision=record.revision)
         else:
             assert response.target is not None
             try:
@@ -186,19 +189,19 @@ class Verdicts:
                                       "rollback")
                 return
             except Conflict as exc:
-                await ctx.event("rollback.skipped", f"not rolling back by itself: {exc}",
+                await ctx.event(EventKind.ROLLBACK_SKIPPED, f"not rolling back by itself: {exc}",
                                 revision=record.revision)
         await self._fail_job(record, reason)
 
     async def _roll_back(self, record: Deploy, target: str, reason: str,
                          hosts: list[str] | None) -> None:
         try:
-            rollback = await self.rollouts.rollback(target, trigger="health",
+            rollback = await self.rollouts.rollback(target, trigger=Trigger.HEALTH,
                                                     actor=SYSTEM_ACTOR, reason=reason,
                                                     hosts=hosts)
         finally:
             job_failed = await self._fail_job(record, reason)
-        if rollback.state != "succeeded":
+        if rollback.state != DeployState.SUCCEEDED:
             # Some hosts may still run the bad release: a human must look now.
             await self.ctx.pause(SYSTEM_ACTOR, f"automatic rollback to {target} failed: "
                                  f"{rollback.error}")

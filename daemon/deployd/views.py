@@ -11,6 +11,7 @@ from deployd.operations import OperationSlot
 from deployd.rollout_store import RolloutState
 from deployd.store import Deploy
 from deployd.store import _iso as iso
+from deployd.vocabulary import DeployKind, DeployState
 from deployd.watcher import BranchWatcher
 
 
@@ -94,7 +95,7 @@ class AppViews:
     async def _latest(self, record: Deploy) -> dict[str, Any]:
         """The latest deploy or rollback, with what its hooks printed when it succeeded."""
         shown = record.to_json()
-        if record.state == "succeeded" and record.kind in ("deploy", "rollback"):
+        if record.state == DeployState.SUCCEEDED and record.kind in (DeployKind.DEPLOY, DeployKind.ROLLBACK):
             event = await self.ctx.store.deploy_event(self.ctx.name, record.id,
                                                       f"{record.kind}.succeeded")
             if event is not None and "output" in event.data:
