@@ -61,6 +61,7 @@ class CherryPickResult:
         """True when every commit applied."""
         return self.conflict is None
 
+
 # --------------------------------------------------------------------------- the work
 
 
