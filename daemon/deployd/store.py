@@ -503,8 +503,9 @@ class Store:
     async def last_live(self, app: str) -> Deploy | None:
         """The newest deploy, rollback or observation that left a release live."""
         rows = await self._run(lambda: self._conn().execute(
-            "SELECT * FROM deploys WHERE app = ? AND state = 'succeeded' "
-            "AND release IS NOT NULL ORDER BY id DESC LIMIT 1", (app,)).fetchall())
+            "SELECT * FROM deploys WHERE app = ? AND state = ? "
+            "AND release IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (app, DeployState.SUCCEEDED)).fetchall())
         return _deploy(rows[0]) if rows else None
 
     async def set_host_results(self, deploy_id: int, results: dict[str, tuple[str, str | None]]
@@ -668,9 +669,10 @@ class JobStore:
             cursor = db.execute(
                 "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
                 "requester, reason, created_at, updated_at, expires_at, preview, plan) "
-                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app, base, bad_head, json.dumps(candidates), json.dumps(selection),
-                 requester, reason, now, now, expires_at, json.dumps(preview or {}), plan))
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app, JobState.PENDING, base, bad_head, json.dumps(candidates),
+                 json.dumps(selection), requester, reason, now, now, expires_at,
+                 json.dumps(preview or {}), plan))
             return int(cursor.lastrowid or 0)
 
         return await self.get(await self.store._run(self.store._write(insert)))
@@ -776,8 +778,8 @@ class JobStore:
 
     async def oldest_pending(self, app: str) -> float | None:
         row = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT MIN(created_at) FROM jobs WHERE app = ? AND state = 'pending'",
-            (app,)).fetchone())
+            "SELECT MIN(created_at) FROM jobs WHERE app = ? AND state = ?",
+            (app, JobState.PENDING)).fetchone())
         return None if row is None or row[0] is None else float(row[0])
 
 
