@@ -17,8 +17,8 @@ import pytest
 
 from deployd import store as store_module
 from deployd.errors import NotFound, StoreError
-from deployd.store import MIGRATIONS, AppState, Store
-from deployd.vocabulary import DeployState
+from deployd.store import MIGRATIONS, AppState, JobStore, Store
+from deployd.vocabulary import DeployState, JobState, JobStep
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -325,6 +325,25 @@ async def test_update_deploy_leaves_unset_columns_and_sets_null(store: Store) ->
     cleared = await store.update_deploy(deploy.id, error=None)
     assert (cleared.state, cleared.release, cleared.error) == ("failed", "r1", None)
     assert cleared.state is DeployState.FAILED
+
+
+async def test_job_update_sets_only_what_it_is_given(store: Store) -> None:
+    """JobStore.update changes the fields given (None writes NULL) and leaves the others; with
+    `expect`, a job in another state is left alone (None); the states read back as JobState."""
+    jobs = JobStore(store)
+    job = await jobs.create("shop", base="b", bad_head="h", candidates=[{"sha": "p"}],
+                            selection=["p"], requester="ann", reason="why", expires_at=T0 + 60,
+                            preview={"ready": True}, plan="plan-1")
+    assert job.state is JobState.PENDING and job.step is None
+    stepped = await jobs.update(job.id, step=JobStep.COMMITTED, new_head="n")
+    assert stepped is not None and stepped.step is JobStep.COMMITTED
+    assert (stepped.new_head, stepped.plan, stepped.selection, stepped.preview) == (
+        "n", "plan-1", ["p"], {"ready": True})
+    assert await jobs.update(job.id, expect=(JobState.APPROVED,), state=JobState.RUNNING) \
+        is None
+    cleared = await jobs.update(job.id, expect=(JobState.PENDING,), plan=None, error="x")
+    assert cleared is not None and (cleared.plan, cleared.error, cleared.state) == (
+        None, "x", "pending")
 
 
 async def test_unknown_deploy_is_not_found(store: Store) -> None:

@@ -551,13 +551,23 @@ class Store:
 
     async def set_paused(self, app: str, paused: bool, *, actor: str, reason: str) -> None:
         if paused:
-            await self._upsert_app(app, paused=1, paused_by=actor, paused_reason=reason,
+            await self._upsert_app(app, paused=True, paused_by=actor, paused_reason=reason,
                                    paused_at=self.clock())
         else:
-            await self._upsert_app(app, paused=0, paused_by=None, paused_reason=None,
+            await self._upsert_app(app, paused=False, paused_by=None, paused_reason=None,
                                    paused_at=None)
 
-    async def _upsert_app(self, app: str, **fields: Any) -> None:
+    async def _upsert_app(self, app: str, *, last_good_revision: str | Unset = UNSET,
+                          last_good_release: str | Unset | None = UNSET,
+                          paused: bool | Unset = UNSET, paused_by: str | Unset | None = UNSET,
+                          paused_reason: str | Unset | None = UNSET,
+                          paused_at: float | Unset | None = UNSET) -> None:
+        """Create the app's row or set the given columns of it; the others stay."""
+        given = {"last_good_revision": last_good_revision,
+                 "last_good_release": last_good_release,
+                 "paused": paused if isinstance(paused, Unset) else int(paused),
+                 "paused_by": paused_by, "paused_reason": paused_reason, "paused_at": paused_at}
+        fields = {name: value for name, value in given.items() if value is not UNSET}
         columns = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
