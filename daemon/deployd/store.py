@@ -187,7 +187,7 @@ class Event:
     id: int
     app: str
     at: float
-    kind: str
+    kind: str  # an EventKind value when written; read back as the bare word it was stored as
     actor: str
     revision: str | None
     message: str
