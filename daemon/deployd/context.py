@@ -20,6 +20,7 @@ from deployd.health import HealthMonitor
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue
 from deployd.store import Event, Store
+from deployd.vocabulary import EventKind
 
 log = logging.getLogger("deployd.supervisor")
 
@@ -41,7 +42,7 @@ class AppContext:
     def name(self) -> str:
         return self.app.name
 
-    async def event(self, kind: str, message: str, *, actor: str = SYSTEM_ACTOR,
+    async def event(self, kind: EventKind, message: str, *, actor: str = SYSTEM_ACTOR,
                     revision: str | None = None, data: dict[str, Any] | None = None) -> Event:
         """Record one event on this app's timeline."""
         return await self.store.add_event(self.name, kind, message, actor=actor,
@@ -51,7 +52,7 @@ class AppContext:
         """Stop deploying by itself until a human resumes."""
         await self.store.set_paused(self.name, True, actor=actor, reason=reason)
         self.metrics.paused.labels(app=self.name).set(1)
-        await self.event("app.paused", f"paused by {actor}: {reason}", actor=actor)
+        await self.event(EventKind.APP_PAUSED, f"paused by {actor}: {reason}", actor=actor)
         log.warning("%s: paused by %s: %s", self.name, actor, reason)
 
     async def protected_releases(self) -> set[str]:

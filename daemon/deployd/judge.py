@@ -10,6 +10,7 @@ from typing import Any
 from deployd import policy
 from deployd.context import AppContext
 from deployd.store import Deploy
+from deployd.vocabulary import BakeState
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class BakeJudge:
         (or a failed rollback) must not leave what is live unjudged.
         """
         live = await self.ctx.store.last_live(self.ctx.name)
-        if live is not None and live.bake_state in ("grace", "baking"):
+        if live is not None and live.bake_state in (BakeState.GRACE, BakeState.BAKING):
             return live
         return None
 
@@ -40,7 +41,7 @@ class BakeJudge:
         record = await self.baking()
         if record is None:
             return float("inf")
-        if record.bake_state == "grace" and record.bake_started_at is not None:
+        if record.bake_state == BakeState.GRACE and record.bake_started_at is not None:
             # Start the bake when grace ends, not up to a second later.
             left = record.bake_started_at + self.ctx.app.rollback.grace - self.ctx.clock()
             return max(0.0, min(left, 1.0))
@@ -54,18 +55,18 @@ class BakeJudge:
         if record is None:
             return None
         assert record.bake_started_at is not None and record.bake_until is not None
-        if record.bake_state == "grace" \
+        if record.bake_state == BakeState.GRACE \
                 and ctx.clock() >= record.bake_started_at + ctx.app.rollback.grace:
             # Failures during grace do not count: a host made unhealthy by them alone (an app
             # still starting) must fail `failures` times again in the bake to count.
             ctx.health.reset()
-            await ctx.store.update_deploy(record.id, bake_state="baking")
+            await ctx.store.update_deploy(record.id, bake_state=BakeState.BAKING)
             return None
         verdict = policy.judge_bake(self.facts(record))
         if verdict.verdict != "wait":
             return Judgement(record, verdict)
-        if verdict.reason == "baking" and record.bake_state == "grace":
-            await ctx.store.update_deploy(record.id, bake_state="baking")
+        if verdict.reason == "baking" and record.bake_state == BakeState.GRACE:
+            await ctx.store.update_deploy(record.id, bake_state=BakeState.BAKING)
         return None
 
     def facts(self, record: Deploy) -> policy.BakeFacts:

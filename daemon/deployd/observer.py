@@ -11,6 +11,7 @@ from deployd.context import AppContext, short
 from deployd.errors import DeploydError
 from deployd.operations import OperationSlot
 from deployd.rollouts import Rollouts
+from deployd.vocabulary import DeployKind, DeployState, EventKind, Trigger
 
 
 class ReleaseObserver:
@@ -33,7 +34,7 @@ class ReleaseObserver:
             split = frozenset(f"{h}={c[0]}" for h, c in currents.items())
             if split != self._split:
                 self._split = split
-                await ctx.event("observe.split", "hosts disagree about the live release: "
+                await ctx.event(EventKind.OBSERVE_SPLIT, "hosts disagree about the live release: "
                                 + ", ".join(sorted(split)))
             return
         self._split = None
@@ -42,12 +43,14 @@ class ReleaseObserver:
         if release is None or (live is not None and live.release == release):
             return
         record = await ctx.store.start_deploy(
-            ctx.name, "observed", revision or "unknown", trigger="observed", actor="observed",
+            ctx.name, DeployKind.OBSERVED, revision or "unknown", trigger=Trigger.OBSERVED,
+            actor="observed",
             release=release, previous_release=live.release if live else None,
-            previous_revision=live.revision if live else None, state="succeeded")
-        record = await ctx.store.update_deploy(record.id, state="succeeded",
+            previous_revision=live.revision if live else None, state=DeployState.SUCCEEDED)
+        record = await ctx.store.update_deploy(record.id, state=DeployState.SUCCEEDED,
                                                **self.rollouts.open_bake())
         await self.rollouts.went_live(record, "observed", 0.0)
-        await ctx.event("deploy.observed", f"release {release} ({short(revision)}) made live by "
+        await ctx.event(EventKind.DEPLOY_OBSERVED,
+                        f"release {release} ({short(revision)}) made live by "
                         "another tool", revision=revision,
                         data={"deploy": record.id, "release": release})

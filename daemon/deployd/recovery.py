@@ -16,6 +16,7 @@ from deployd.rescue_flow import RescueFlow
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
 from deployd.verdicts import Verdicts
+from deployd.vocabulary import BakeState, DeployKind, DeployState, EventKind, Trigger
 
 
 class Recovery:
@@ -37,7 +38,7 @@ class Recovery:
         live = await ctx.store.last_live(ctx.name)
         if live is not None:
             ctx.metrics.set_live_revision(ctx.name, live.revision)
-        running = await ctx.store.deploys(ctx.name, state="running", limit=20)
+        running = await ctx.store.deploys(ctx.name, state=DeployState.RUNNING, limit=20)
         if running:
             # Held like any operation: a REST deploy meanwhile is a 409, not a race on hosts.
             async with self.slot.hold("recovery"):
@@ -46,7 +47,7 @@ class Recovery:
         # The last head deployd tried by itself: a later manual deploy or rollback must not
         # make a restart deploy that head again over what the operator chose.
         self.rollouts.attempted = next((record.revision for record in await ctx.store.deploys(
-            ctx.name, kind="deploy", limit=200) if record.trigger != "manual"), None)
+            ctx.name, kind="deploy", limit=200) if record.trigger != Trigger.MANUAL), None)
         await self._resume_bake()
         await self._roll_back_unfinished_verdict()
         await self.rescue_flow.resume_jobs()
@@ -71,7 +72,8 @@ class Recovery:
         floor = ctx.clock() + ctx.app.rollback.grace + self.judge.observation_time()
         if baking.bake_until < floor:
             await ctx.store.update_deploy(baking.id, bake_until=floor)
-        await ctx.event("bake.resumed", f"resuming the bake of {short(baking.revision)} after "
+        await ctx.event(EventKind.BAKE_RESUMED,
+                        f"resuming the bake of {short(baking.revision)} after "
                         "a restart", revision=baking.revision)
 
     async def _roll_back_unfinished_verdict(self) -> None:
@@ -79,12 +81,13 @@ class Recovery:
         ctx = self.ctx
         live = await ctx.store.last_live(ctx.name)
         newest = await ctx.store.deploys(ctx.name, limit=1)
-        if live is None or live.bake_state != "bad" or live.kind == "rollback" \
-                or not newest or newest[0].id != live.id:
+        if live is None or live.bake_state != BakeState.BAD \
+                or live.kind == DeployKind.ROLLBACK or not newest or newest[0].id != live.id:
             return
         if (await ctx.store.app_state(ctx.name)).paused:
             return  # the verdict already asked a human (no data, nothing to roll back to)
-        await ctx.event("bake.resumed", f"{short(live.revision)} was judged unhealthy before a "
+        await ctx.event(EventKind.BAKE_RESUMED,
+                        f"{short(live.revision)} was judged unhealthy before a "
                         "restart and not rolled back yet", revision=live.revision)
         await self.verdicts.act_on_bad(live, "judged unhealthy before a restart")
 
@@ -98,20 +101,21 @@ class Recovery:
             previous_release=record.previous_release)
         if plan.action == "rollback_complete":
             # Grace included: the hosts restarted on it just before the crash.
-            await ctx.store.update_deploy(record.id, state="succeeded",
+            await ctx.store.update_deploy(record.id, state=DeployState.SUCCEEDED,
                                           **self.rollouts.open_bake())
-            await ctx.event("rollback.recovered", "rollback found complete after a restart")
+            await ctx.event(EventKind.ROLLBACK_RECOVERED, "rollback found complete after a restart")
         elif plan.action == "finish_rollback":
             # Hosts already rolled back ran their hooks and logged it: do only the others.
-            await ctx.event("rollback.resumed", f"finishing rollback to {record.release} after "
+            await ctx.event(EventKind.ROLLBACK_RESUMED,
+                            f"finishing rollback to {record.release} after "
                             f"a restart on {', '.join(plan.hosts)}")
             await self.rollouts.run_rollback(record, reason="resumed after a restart",
                                              hosts=list(plan.hosts))
         elif plan.action == "deploy_complete":
             release = next(iter(reachable.values())).current
-            await ctx.store.update_deploy(record.id, state="succeeded", release=release,
+            await ctx.store.update_deploy(record.id, state=DeployState.SUCCEEDED, release=release,
                                           **self.rollouts.open_bake())
-            await ctx.event("deploy.recovered", f"deploy of {short(record.revision)} found "
+            await ctx.event(EventKind.DEPLOY_RECOVERED, f"deploy of {short(record.revision)} found "
                             "complete after a restart", revision=record.revision)
         else:
             await self._interrupted(record, list(plan.hosts))
@@ -121,10 +125,10 @@ class Recovery:
         ctx = self.ctx
         error = "interrupted by a daemon restart"
         if switched:
-            await ctx.event("deploy.interrupted", f"hosts split after a restart "
+            await ctx.event(EventKind.DEPLOY_INTERRUPTED, f"hosts split after a restart "
                             f"({', '.join(switched)} on {short(record.revision)}); "
                             "switching them back")
             error = await self.rollouts.switch_back(record, switched, error)
-        await ctx.store.update_deploy(record.id, state="interrupted", error=error)
-        await ctx.event("deploy.failed", f"deploy of {short(record.revision)}: {error}",
+        await ctx.store.update_deploy(record.id, state=DeployState.INTERRUPTED, error=error)
+        await ctx.event(EventKind.DEPLOY_FAILED, f"deploy of {short(record.revision)}: {error}",
                         revision=record.revision)

@@ -13,6 +13,7 @@ from deployd.errors import Conflict, DeploydError, Invalid
 from deployd.operations import OperationSlot
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy, Job
+from deployd.vocabulary import BakeState, DeployState, EventKind, Trigger
 from deployd.watcher import BranchWatcher
 
 
@@ -49,7 +50,8 @@ class RescueFlow:
             await self.ctx.rescue.open(base=rollback.revision, bad_head=head,
                                        requester=SYSTEM_ACTOR, reason=reason)
         except DeploydError as exc:
-            await self.ctx.event("job.not_opened", f"no rescue job opened: {exc}", revision=head)
+            await self.ctx.event(EventKind.JOB_NOT_OPENED,
+                                 f"no rescue job opened: {exc}", revision=head)
 
     async def approve_job(self, job: Job, *, plan: str, actor: str, comment: str) -> Job:
         """Approve exactly `plan` and start the transplant; 409 if anything moved."""
@@ -88,7 +90,7 @@ class RescueFlow:
             return
         self.watcher.head = new_head
         record = await self.rollouts.deploy(
-            new_head, trigger="rescue", actor=approver,
+            new_head, trigger=Trigger.RESCUE, actor=approver,
             on_start=lambda r: rescue.jobs.update(job.id, deploy_id=r.id))
         if record.state != "succeeded":
             await rescue.fail(job, f"deploy of {short(new_head)} failed: {record.error}")
@@ -103,7 +105,7 @@ class RescueFlow:
             approvals = [a for a in await rescue.jobs.approvals(job.id)
                          if a.decision == "approve"]
             approver = approvals[-1].actor if approvals else SYSTEM_ACTOR
-            await ctx.event("job.resumed", f"job {job.id}: resuming the transplant after a "
+            await ctx.event(EventKind.JOB_RESUMED, f"job {job.id}: resuming the transplant after a "
                             "restart", data={"job": job.id})
             await self.slot.spawn(self._transplant_and_deploy(job, approver), "transplant")
             return  # one operation at a time; the next poll picks up any other
@@ -111,11 +113,11 @@ class RescueFlow:
     async def _settle(self, job: Job, record: Deploy) -> None:
         """End a job whose deploy ended while the daemon was down (a bake still open waits)."""
         rescue = self.ctx.rescue
-        if record.state in ("failed", "interrupted"):
+        if record.state in (DeployState.FAILED, DeployState.INTERRUPTED):
             await rescue.fail(job, f"deploy of {short(record.revision)} {record.state}: "
                               f"{record.error}")
-        elif record.bake_state == "good":
+        elif record.bake_state == BakeState.GOOD:
             await rescue.finish(job, healthy=True, reason="")
-        elif record.bake_state in ("bad", "skipped"):
-            what = "unhealthy" if record.bake_state == "bad" else "replaced"
+        elif record.bake_state in (BakeState.BAD, BakeState.SKIPPED):
+            what = "unhealthy" if record.bake_state == BakeState.BAD else "replaced"
             await rescue.fail(job, f"deploy of {short(record.revision)} was {what}")

@@ -16,7 +16,8 @@ from typing import Any
 from deployd.archive import Limits
 from deployd.context import SYSTEM_ACTOR, AppContext, count_hosts, hook_output, short
 from deployd.errors import DeploydError, FleetError, NotFound
-from deployd.store import Deploy, DeployKind
+from deployd.store import Deploy
+from deployd.vocabulary import BakeState, DeployKind, DeployState, EventKind, Trigger
 
 log = logging.getLogger("deployd.supervisor")
 
@@ -33,22 +34,23 @@ class Rollouts:
 
     # -- deploy --------------------------------------------------------------------------
 
-    async def deploy(self, revision: str, *, trigger: str, actor: str,
+    async def deploy(self, revision: str, *, trigger: Trigger, actor: str,
                      started: asyncio.Future[Deploy] | None = None,
                      on_start: Callable[[Deploy], Awaitable[object]] | None = None,
                      forced: str | None = None) -> Deploy:
         ctx = self.ctx
-        if trigger != "manual":
+        if trigger != Trigger.MANUAL:
             # A manual deploy is not an attempt at the branch head: remembering it would make
             # the next poll deploy the head again over what the operator chose.
             self.attempted = revision
-        record = await self._start(revision, "deploy", trigger=trigger, actor=actor,
+        record = await self._start(revision, DeployKind.DEPLOY, trigger=trigger, actor=actor,
                                    forced=forced)
         resolve(started, record)
         if on_start is not None:
             await on_start(record)
         how = trigger if forced is None else f"{trigger}, forced: {forced}"
-        await ctx.event("deploy.started", f"deploying {short(revision)} ({how})", actor=actor,
+        await ctx.event(EventKind.DEPLOY_STARTED,
+                        f"deploying {short(revision)} ({how})", actor=actor,
                         revision=revision,
                         data={"deploy": record.id, **({"forced": forced} if forced else {})})
         clock_start = time.monotonic()
@@ -65,16 +67,16 @@ class Rollouts:
         await ctx.store.set_host_results(record.id, {h: ("switched", None)
                                                      for h in outcome.hosts})
         record = await ctx.store.update_deploy(
-            record.id, state="succeeded", release=outcome.release, **self.open_bake())
+            record.id, state=DeployState.SUCCEEDED, release=outcome.release, **self.open_bake())
         await self.went_live(record, "succeeded", time.monotonic() - clock_start)
         await ctx.event(
-            "deploy.succeeded",
+            EventKind.DEPLOY_SUCCEEDED,
             f"{short(revision)} live as release {outcome.release} on {count_hosts(outcome.hosts)}",
             actor=actor, revision=revision,
             data={"deploy": record.id, "release": outcome.release, **hook_output(outcome.output)})
         return record
 
-    async def _start(self, revision: str, kind: DeployKind, *, trigger: str, actor: str,
+    async def _start(self, revision: str, kind: DeployKind, *, trigger: Trigger, actor: str,
                      release: str | None = None, forced: str | None = None) -> Deploy:
         live = await self.ctx.store.last_live(self.ctx.name)
         return await self.ctx.store.start_deploy(
@@ -87,8 +89,10 @@ class Rollouts:
         failures = exc.failures if isinstance(exc, FleetError) else {}
         await self.ctx.store.set_host_results(record.id, {h: ("failed", str(e))
                                                           for h, e in failures.items()})
-        record = await self.ctx.store.update_deploy(record.id, state="failed", error=str(exc))
-        await self.ctx.event(f"{record.kind}.failed", f"{what}: {exc}", actor=record.actor,
+        record = await self.ctx.store.update_deploy(record.id, state=DeployState.FAILED,
+                                                    error=str(exc))
+        await self.ctx.event(EventKind(f"{record.kind}.failed"),
+                             f"{what}: {exc}", actor=record.actor,
                              revision=record.revision,
                              data={"deploy": record.id,
                                    "hosts": {h: str(e) for h, e in failures.items()}})
@@ -116,9 +120,9 @@ class Rollouts:
     async def retire_bakes(self, live: Deploy) -> None:
         """A new release went live: older bakes end unjudged, and their rescue jobs fail."""
         for record in await self.ctx.store.deploys(self.ctx.name, limit=50):
-            if record.id == live.id or record.bake_state not in ("grace", "baking"):
+            if record.id == live.id or record.bake_state not in (BakeState.GRACE, BakeState.BAKING):
                 continue
-            await self.ctx.store.update_deploy(record.id, bake_state="skipped")
+            await self.ctx.store.update_deploy(record.id, bake_state=BakeState.SKIPPED)
             job = await self.ctx.rescue.job_for_record(record)
             if job is not None:
                 await self.ctx.rescue.fail(job, f"release {record.release} was replaced by "
@@ -136,17 +140,18 @@ class Rollouts:
 
     # -- rollback ------------------------------------------------------------------------
 
-    async def rollback(self, release: str, *, trigger: str, actor: str, reason: str,
+    async def rollback(self, release: str, *, trigger: Trigger, actor: str, reason: str,
                        started: asyncio.Future[Deploy] | None = None) -> Deploy:
         live = await self.ctx.store.last_live(self.ctx.name)
         revision = await self.release_revision(release)
-        record = await self._start(revision or "unknown", "rollback", trigger=trigger,
+        record = await self._start(revision or "unknown", DeployKind.ROLLBACK, trigger=trigger,
                                    actor=actor, release=release)
         resolve(started, record)
-        await self.ctx.event("rollback.started", f"rolling back to release {release}: {reason}",
+        await self.ctx.event(EventKind.ROLLBACK_STARTED,
+                             f"rolling back to release {release}: {reason}",
                              actor=actor, revision=revision,
                              data={"deploy": record.id, "release": release})
-        if trigger == "manual" and live is not None and live.revision != revision:
+        if trigger == Trigger.MANUAL and live is not None and live.revision != revision:
             # A revision a human rolled back is not deployed again by deployd itself.
             await self.quarantine(live.revision, f"rolled back by {actor}: {reason}", actor)
         return await self.run_rollback(record, reason=reason)
@@ -168,7 +173,8 @@ class Rollouts:
         await ctx.store.set_host_results(record.id, {h: ("switched", None)
                                                      for h in outcome.hosts})
         revision = outcome.revision or record.revision
-        record = await ctx.store.update_deploy(record.id, state="succeeded", **self.open_bake())
+        record = await ctx.store.update_deploy(record.id, state=DeployState.SUCCEEDED,
+                                               **self.open_bake())
         await self.retire_bakes(record)
         ctx.metrics.rollbacks_total.labels(app=ctx.name, trigger=record.trigger).inc()
         ctx.metrics.rollback_duration_seconds.labels(app=ctx.name).observe(took)
@@ -176,7 +182,7 @@ class Rollouts:
         ctx.metrics.set_live_revision(ctx.name, revision)
         ctx.health.reset()
         await ctx.event(
-            "rollback.succeeded",
+            EventKind.ROLLBACK_SUCCEEDED,
             f"release {record.release} ({short(revision)}) live again on "
             f"{count_hosts(outcome.hosts)} in {took:.2f}s",
             actor=record.actor, revision=revision,
@@ -187,7 +193,7 @@ class Rollouts:
     async def release_revision(self, release: str) -> str | None:
         """The revision of a release, by deployd's records or else by the hosts' logs."""
         for record in await self.ctx.store.deploys(self.ctx.name, limit=500):
-            if record.release == release and record.state == "succeeded":
+            if record.release == release and record.state == DeployState.SUCCEEDED:
                 return record.revision
         states = await self.ctx.fleet.state()
         for state in states.values():
@@ -200,7 +206,8 @@ class Rollouts:
 
     async def quarantine(self, revision: str, reason: str, actor: str) -> None:
         if await self.ctx.store.quarantine(self.ctx.name, revision, reason=reason, actor=actor):
-            await self.ctx.event("quarantine.added", f"{short(revision)} quarantined: {reason}",
+            await self.ctx.event(EventKind.QUARANTINE_ADDED,
+                                 f"{short(revision)} quarantined: {reason}",
                                  actor=actor, revision=revision)
         await self._on_quarantined()  # not only at the next poll: it may be minutes away
 

@@ -39,6 +39,7 @@ from deployd.rollouts import Rollouts
 from deployd.store import Deploy
 from deployd.verdicts import Verdicts
 from deployd.views import AppViews
+from deployd.vocabulary import EventKind, Trigger
 from deployd.watcher import BranchWatcher
 
 log = logging.getLogger("deployd.supervisor")
@@ -197,8 +198,8 @@ class AppSupervisor:
             live=live.revision if live else None, attempted=self.rollouts.attempted)
         if not decision.deploy or head is None or self.slot.held:
             return
-        await self.slot.spawn(self.rollouts.deploy(head, trigger="branch", actor=SYSTEM_ACTOR),
-                              "deploy")
+        await self.slot.spawn(
+            self.rollouts.deploy(head, trigger=Trigger.BRANCH, actor=SYSTEM_ACTOR), "deploy")
 
     async def _judge(self) -> None:
         if self.slot.held:
@@ -224,7 +225,7 @@ class AppSupervisor:
             raise Invalid(f"{self.name}: {revision} ({short(sha)}) is {' and '.join(reasons)}; "
                           'deploy it anyway with "force": true')
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
-        await self.slot.spawn(self.rollouts.deploy(sha, trigger="manual", actor=actor,
+        await self.slot.spawn(self.rollouts.deploy(sha, trigger=Trigger.MANUAL, actor=actor,
                                                    started=started,
                                                    forced="; ".join(reasons) or None),
                               "deploy", started)
@@ -243,7 +244,7 @@ class AppSupervisor:
         await self.rollouts.release_revision(release)  # NotFound before anything starts
         started: asyncio.Future[Deploy] = asyncio.get_running_loop().create_future()
         await self.slot.spawn(
-            self.rollouts.rollback(release, trigger="manual", actor=actor, reason=reason,
+            self.rollouts.rollback(release, trigger=Trigger.MANUAL, actor=actor, reason=reason,
                                    started=started),
             "rollback", started)
         return await started
@@ -255,14 +256,14 @@ class AppSupervisor:
         await self.ctx.store.set_paused(self.name, False, actor=actor, reason=reason)
         self.ctx.metrics.paused.labels(app=self.name).set(0)
         self.rollouts.attempted = None
-        await self.ctx.event("app.resumed", f"resumed by {actor}"
+        await self.ctx.event(EventKind.APP_RESUMED, f"resumed by {actor}"
                              + (f": {reason}" if reason else ""), actor=actor)
         self.wake()
 
     async def on_health_change(self, change: HealthChange) -> None:
         """Record a host's (or metric check's) health turning, and re-judge at once."""
         word = "healthy" if change.healthy else "unhealthy"
-        await self.ctx.event("health.changed", f"{change.subject} is {word}"
+        await self.ctx.event(EventKind.HEALTH_CHANGED, f"{change.subject} is {word}"
                              + (": " + "; ".join(change.reasons) if change.reasons else ""),
                              data={"subject": change.subject, "healthy": change.healthy})
         self.wake()

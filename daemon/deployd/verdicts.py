@@ -17,6 +17,7 @@ from deployd.operations import OperationSlot
 from deployd.rescue_flow import RescueFlow
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
+from deployd.vocabulary import BakeState, DeployState, EventKind, Trigger
 from deployd.watcher import BranchWatcher
 
 
@@ -43,11 +44,12 @@ class Verdicts:
 
     async def _good(self, record: Deploy) -> None:
         ctx = self.ctx
-        await ctx.store.update_deploy(record.id, bake_state="good")
+        await ctx.store.update_deploy(record.id, bake_state=BakeState.GOOD)
         # A rollback that bakes healthy makes its release the newest good one: an operator
         # who rolled away from a release should not be sent back to it automatically.
         await ctx.store.set_last_good(ctx.name, record.revision, record.release)
-        await ctx.event("bake.healthy", f"{short(record.revision)} healthy through its bake "
+        await ctx.event(EventKind.BAKE_HEALTHY,
+                        f"{short(record.revision)} healthy through its bake "
                         "window", revision=record.revision, data={"deploy": record.id})
         job = await ctx.rescue.job_for_record(record)
         if job is not None:
@@ -56,7 +58,7 @@ class Verdicts:
 
     async def _no_data(self, record: Deploy, reason: str) -> None:
         ctx = self.ctx
-        await ctx.store.update_deploy(record.id, bake_state="bad")
+        await ctx.store.update_deploy(record.id, bake_state=BakeState.BAD)
         job = await ctx.rescue.job_for_record(record)
         if job is not None:
             await ctx.rescue.fail(job, f"cannot judge the rebuilt head: {reason}")
@@ -64,8 +66,9 @@ class Verdicts:
                         "a human must decide")
 
     async def _bad(self, record: Deploy, reason: str) -> None:
-        await self.ctx.store.update_deploy(record.id, bake_state="bad")
-        await self.ctx.event("bake.failed", f"{short(record.revision)} is unhealthy: {reason}"
+        await self.ctx.store.update_deploy(record.id, bake_state=BakeState.BAD)
+        await self.ctx.event(EventKind.BAKE_FAILED,
+                             f"{short(record.revision)} is unhealthy: {reason}"
                              + self.judge.failing_checks(), revision=record.revision,
                              data={"deploy": record.id, "health": self.judge.health_detail()})
         await self.act_on_bad(record, reason)
@@ -86,7 +89,7 @@ class Verdicts:
         if response.action == "pause":
             await ctx.pause(SYSTEM_ACTOR, response.reason)
         elif response.action == "skip":
-            await ctx.event("rollback.skipped", response.reason, revision=record.revision)
+            await ctx.event(EventKind.ROLLBACK_SKIPPED, response.reason, revision=record.revision)
         else:
             assert response.target is not None
             try:
@@ -96,17 +99,17 @@ class Verdicts:
                                       "rollback")
                 return
             except Conflict as exc:
-                await ctx.event("rollback.skipped", f"not rolling back by itself: {exc}",
+                await ctx.event(EventKind.ROLLBACK_SKIPPED, f"not rolling back by itself: {exc}",
                                 revision=record.revision)
         await self._fail_job(record, reason)
 
     async def _roll_back(self, record: Deploy, target: str, reason: str) -> None:
         try:
-            rollback = await self.rollouts.rollback(target, trigger="health",
+            rollback = await self.rollouts.rollback(target, trigger=Trigger.HEALTH,
                                                     actor=SYSTEM_ACTOR, reason=reason)
         finally:
             job_failed = await self._fail_job(record, reason)
-        if rollback.state != "succeeded":
+        if rollback.state != DeployState.SUCCEEDED:
             # Some hosts may still run the bad release: a human must look now.
             await self.ctx.pause(SYSTEM_ACTOR, f"automatic rollback to {target} failed: "
                                  f"{rollback.error}")

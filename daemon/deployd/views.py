@@ -8,6 +8,7 @@ from deployd.context import AppContext
 from deployd.errors import DeploydError
 from deployd.operations import OperationSlot
 from deployd.store import Deploy
+from deployd.vocabulary import DeployKind, DeployState
 from deployd.watcher import BranchWatcher
 
 
@@ -66,7 +67,8 @@ class AppViews:
     async def _latest(self, record: Deploy) -> dict[str, Any]:
         """The latest deploy or rollback, with what its hooks printed when it succeeded."""
         shown = record.to_json()
-        if record.state == "succeeded" and record.kind in ("deploy", "rollback"):
+        if record.state == DeployState.SUCCEEDED \
+                and record.kind in (DeployKind.DEPLOY, DeployKind.ROLLBACK):
             event = await self.ctx.store.deploy_event(self.ctx.name, record.id,
                                                       f"{record.kind}.succeeded")
             if event is not None and "output" in event.data:

@@ -10,6 +10,7 @@ import time
 from deployd import policy
 from deployd.context import AppContext, short
 from deployd.errors import Conflict, DeploydError
+from deployd.vocabulary import EventKind
 
 log = logging.getLogger("deployd.supervisor")
 
@@ -68,7 +69,7 @@ class BranchWatcher:
         except DeploydError as exc:
             ctx.metrics.git_fetch_errors_total.labels(app=ctx.name).inc()
             if self.fetch_error != str(exc):
-                await ctx.event("git.fetch_failed", str(exc))
+                await ctx.event(EventKind.GIT_FETCH_FAILED, str(exc))
                 log.warning("%s: fetch failed: %s", ctx.name, exc)
             self.fetch_error = str(exc)
             return False
@@ -76,7 +77,7 @@ class BranchWatcher:
             ctx.metrics.git_fetch_duration_seconds.labels(app=ctx.name).observe(
                 time.monotonic() - started)
         if self.fetch_error is not None:
-            await ctx.event("git.fetch_recovered", "fetch works again")
+            await ctx.event(EventKind.GIT_FETCH_RECOVERED, "fetch works again")
         self.fetch_error = None
         self.fetched = True
         return True
@@ -103,7 +104,7 @@ class BranchWatcher:
         head = await self.ctx.mirror.branch_head(self.ctx.app.branch)
         if head != self.head:
             if self.head is not None or head is not None:
-                await self.ctx.event("branch.moved",
+                await self.ctx.event(EventKind.BRANCH_MOVED,
                                      f"{self.ctx.app.branch} is now {short(head)}",
                                      revision=head, data={"previous": self.head})
             self.head = head
