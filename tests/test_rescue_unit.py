@@ -8,6 +8,8 @@ approval goes through.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -549,6 +551,20 @@ async def test_job_view_lists_candidates_a_page_at_a_time(world: World) -> None:
     whole = await world.rescue.describe(job)
     assert [c["sha"] for c in whole["candidates"]] == [a, p, b]
     assert "candidates_next" not in whole["links"]
+
+
+async def test_job_view_writes_times_like_every_rest_time(world: World) -> None:
+    """A job's created_at and expires_at are UTC with milliseconds, like events and deploys
+    (and like the job's own approvals and log), and its state is the bare word."""
+    good, _, _, b = batch(world.origin)
+    await world.mirror.fetch()
+    world.clock.now = T0 + 0.25
+    job = await world.rescue.open(base=good, bad_head=b, requester="bob", reason="")
+    view = await world.rescue.describe(job)
+    assert view["expires_at"] == "2023-11-15T22:13:20.250Z"
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+    assert stamp.fullmatch(view["created_at"]) and stamp.fullmatch(view["log"][0]["at"])
+    assert json.dumps(view["state"]) == '"pending"'
 
 
 async def test_job_stored_with_a_full_candidate_copy_still_shows(world: World) -> None:

@@ -17,7 +17,8 @@ import pytest
 
 from deployd import store as store_module
 from deployd.errors import NotFound, StoreError
-from deployd.store import MIGRATIONS, AppState, Store
+from deployd.store import MIGRATIONS, AppState, JobStore, Store
+from deployd.vocabulary import DeployState, JobState, JobStep
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -84,7 +85,7 @@ async def test_reopen_keeps_everything(tmp_path: Path, clock: Clock) -> None:
     await first.open()
     event = await first.add_event("shop", "deploy.started", "deploying abc", actor="alice",
                                   revision="abc", data={"hosts": 2})
-    deploy = await first.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd",
+    deploy = await first.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd",
                                       previous_release="20240101000000",
                                       previous_revision="old")
     await first.set_host_result(deploy.id, "web1", "switched")
@@ -248,12 +249,12 @@ async def test_event_data_that_is_not_json_is_stored_as_text(store: Store) -> No
 
 async def test_deploy_lifecycle(store: Store, clock: Clock) -> None:
     """start_deploy records a running deploy; a terminal state sets finished_at."""
-    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd",
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd",
                                       previous_release="r0", previous_revision="old")
     assert (deploy.app, deploy.kind, deploy.revision, deploy.state) == (
         "shop", "deploy", "abc", "running")
     assert (deploy.trigger, deploy.actor, deploy.started_at, deploy.finished_at) == (
-        "push", "deployd", T0, None)
+        "branch", "deployd", T0, None)
     assert (deploy.release, deploy.previous_release, deploy.previous_revision) == (
         None, "r0", "old")
     assert (deploy.error, deploy.bake_state, deploy.bake_started_at, deploy.bake_until) == (
@@ -280,21 +281,69 @@ async def test_deploy_lifecycle(store: Store, clock: Clock) -> None:
 async def test_every_terminal_state_sets_finished_at(store: Store, clock: Clock,
                                                      state: str) -> None:
     """succeeded, failed and interrupted all stamp finished_at; an explicit one is kept."""
-    deploy = await store.start_deploy("shop", "rollback", "abc", trigger="api", actor="alice")
+    deploy = await store.start_deploy("shop", "rollback", "abc", trigger="manual", actor="alice")
     clock.tick(2)
     done = await store.update_deploy(deploy.id, state=state, error="why")
     assert (done.state, done.finished_at, done.error) == (state, T0 + 2, "why")
-    other = await store.start_deploy("shop", "deploy", "def", trigger="api", actor="alice")
+    other = await store.start_deploy("shop", "deploy", "def", trigger="manual", actor="alice")
     done = await store.update_deploy(other.id, state=state, finished_at=T0 - 1)
     assert done.finished_at == T0 - 1
 
 
 async def test_update_deploy_rejects_unknown_fields(store: Store) -> None:
-    """An unknown field is a ValueError and changes nothing (no SQL built from it)."""
-    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd")
-    with pytest.raises(ValueError, match=r"unknown deploy fields \['app', 'revision'\]"):
-        await store.update_deploy(deploy.id, state="failed", revision="evil", app="blog")
+    """A column that is not an update's parameter is a TypeError and changes nothing (no SQL
+    is built from a caller's names)."""
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd")
+    with pytest.raises(TypeError, match="revision"):
+        await store.update_deploy(deploy.id, state="failed", revision="evil")
     assert await store.deploy(deploy.id) == deploy
+
+
+async def test_update_deploy_rejects_unknown_words(store: Store) -> None:
+    """A state, bake state, kind or trigger that is not one of deployd's words is a ValueError
+    before anything is written."""
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd")
+    with pytest.raises(ValueError, match="'done' is not a valid DeployState"):
+        await store.update_deploy(deploy.id, state="done")
+    with pytest.raises(ValueError, match="'fine' is not a valid BakeState"):
+        await store.update_deploy(deploy.id, bake_state="fine")
+    with pytest.raises(ValueError, match="'push' is not a valid Trigger"):
+        await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd")
+    with pytest.raises(ValueError, match="'deploys' is not a valid DeployKind"):
+        await store.start_deploy("shop", "deploys", "abc",
+                                 trigger="branch", actor="deployd")
+    assert await store.deploys("shop") == [deploy]
+
+
+async def test_update_deploy_leaves_unset_columns_and_sets_null(store: Store) -> None:
+    """Only the columns given change; None writes NULL (an error cleared), unlike leaving a
+    column out."""
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd")
+    failed = await store.update_deploy(deploy.id, state="failed", error="boom", release="r1")
+    same = await store.update_deploy(deploy.id)
+    assert same == failed
+    cleared = await store.update_deploy(deploy.id, error=None)
+    assert (cleared.state, cleared.release, cleared.error) == ("failed", "r1", None)
+    assert cleared.state is DeployState.FAILED
+
+
+async def test_job_update_sets_only_what_it_is_given(store: Store) -> None:
+    """JobStore.update changes the fields given (None writes NULL) and leaves the others; with
+    `expect`, a job in another state is left alone (None); the states read back as JobState."""
+    jobs = JobStore(store)
+    job = await jobs.create("shop", base="b", bad_head="h", candidates=[{"sha": "p"}],
+                            selection=["p"], requester="ann", reason="why", expires_at=T0 + 60,
+                            preview={"ready": True}, plan="plan-1")
+    assert job.state is JobState.PENDING and job.step is None
+    stepped = await jobs.update(job.id, step=JobStep.COMMITTED, new_head="n")
+    assert stepped is not None and stepped.step is JobStep.COMMITTED
+    assert (stepped.new_head, stepped.plan, stepped.selection, stepped.preview) == (
+        "n", "plan-1", ["p"], {"ready": True})
+    assert await jobs.update(job.id, expect=(JobState.APPROVED,), state=JobState.RUNNING) \
+        is None
+    cleared = await jobs.update(job.id, expect=(JobState.PENDING,), plan=None, error="x")
+    assert cleared is not None and (cleared.plan, cleared.error, cleared.state) == (
+        None, "x", "pending")
 
 
 async def test_unknown_deploy_is_not_found(store: Store) -> None:
@@ -307,11 +356,11 @@ async def test_unknown_deploy_is_not_found(store: Store) -> None:
 
 async def test_deploys_newest_first_with_filters(store: Store) -> None:
     """deploys() lists newest first and filters by kind, state and limit, per app."""
-    a = await store.start_deploy("shop", "deploy", "a", trigger="push", actor="deployd")
-    b = await store.start_deploy("shop", "rollback", "b", trigger="auto", actor="deployd")
-    c = await store.start_deploy("shop", "deploy", "c", trigger="push", actor="deployd",
+    a = await store.start_deploy("shop", "deploy", "a", trigger="branch", actor="deployd")
+    b = await store.start_deploy("shop", "rollback", "b", trigger="health", actor="deployd")
+    c = await store.start_deploy("shop", "deploy", "c", trigger="branch", actor="deployd",
                                  state="failed")
-    await store.start_deploy("blog", "deploy", "x", trigger="push", actor="deployd")
+    await store.start_deploy("blog", "deploy", "x", trigger="branch", actor="deployd")
     assert [d.id for d in await store.deploys("shop")] == [c.id, b.id, a.id]
     assert [d.id for d in await store.deploys("shop", kind="deploy")] == [c.id, a.id]
     assert [d.id for d in await store.deploys("shop", state="running")] == [b.id, a.id]
@@ -321,12 +370,12 @@ async def test_deploys_newest_first_with_filters(store: Store) -> None:
 
 async def test_deploy_to_json(store: Store, clock: Clock) -> None:
     """A deploy's JSON form has ISO times and None where unset."""
-    deploy = await store.start_deploy("shop", "observed", "abc", trigger="observe",
+    deploy = await store.start_deploy("shop", "observed", "abc", trigger="observed",
                                       actor="capistrano", release="r1", state="succeeded")
     assert deploy.to_json() == {
         "id": deploy.id, "kind": "observed", "revision": "abc", "release": "r1",
         "previous_release": None, "previous_revision": None, "state": "succeeded",
-        "trigger": "observe", "actor": "capistrano", "started_at": "2023-11-14T22:13:20.000Z",
+        "trigger": "observed", "actor": "capistrano", "started_at": "2023-11-14T22:13:20.000Z",
         "finished_at": None, "error": None, "bake_state": None, "bake_until": None,
         "forced": None}
     forced = await store.start_deploy("shop", "deploy", "abc", trigger="manual", actor="ann",
@@ -337,35 +386,35 @@ async def test_deploy_to_json(store: Store, clock: Clock) -> None:
 async def test_last_live_ignores_failed_running_and_release_less(store: Store) -> None:
     """last_live is the newest succeeded record that has a release, of that app only."""
     assert await store.last_live("shop") is None
-    good = await store.start_deploy("shop", "deploy", "a", trigger="push", actor="deployd",
+    good = await store.start_deploy("shop", "deploy", "a", trigger="branch", actor="deployd",
                                     release="r1", state="succeeded")
-    await store.start_deploy("shop", "deploy", "b", trigger="push", actor="deployd",
+    await store.start_deploy("shop", "deploy", "b", trigger="branch", actor="deployd",
                              release="r2", state="failed")
-    await store.start_deploy("shop", "deploy", "c", trigger="push", actor="deployd",
+    await store.start_deploy("shop", "deploy", "c", trigger="branch", actor="deployd",
                              release="r3")
-    await store.start_deploy("shop", "deploy", "d", trigger="push", actor="deployd",
+    await store.start_deploy("shop", "deploy", "d", trigger="branch", actor="deployd",
                              state="succeeded")
-    await store.start_deploy("shop", "rollback", "e", trigger="auto", actor="deployd",
+    await store.start_deploy("shop", "rollback", "e", trigger="health", actor="deployd",
                              release="r0", state="interrupted")
-    await store.start_deploy("blog", "deploy", "x", trigger="push", actor="deployd",
+    await store.start_deploy("blog", "deploy", "x", trigger="branch", actor="deployd",
                              release="b1", state="succeeded")
     assert await store.last_live("shop") == good
 
-    rollback = await store.start_deploy("shop", "rollback", "z", trigger="auto",
+    rollback = await store.start_deploy("shop", "rollback", "z", trigger="health",
                                         actor="deployd", release="r0")
     assert await store.last_live("shop") == good
     rollback = await store.update_deploy(rollback.id, state="succeeded")
     assert await store.last_live("shop") == rollback
 
-    observed = await store.start_deploy("shop", "observed", "y", trigger="observe",
+    observed = await store.start_deploy("shop", "observed", "y", trigger="observed",
                                         actor="capistrano", release="r9", state="succeeded")
     assert await store.last_live("shop") == observed
 
 
 async def test_host_results_upsert(store: Store, clock: Clock) -> None:
     """One row per deploy and host: a later result replaces state, error and time."""
-    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="push", actor="deployd")
-    other = await store.start_deploy("shop", "deploy", "def", trigger="push", actor="deployd")
+    deploy = await store.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd")
+    other = await store.start_deploy("shop", "deploy", "def", trigger="branch", actor="deployd")
     await store.set_host_result(deploy.id, "web2", "preparing")
     await store.set_host_result(deploy.id, "web1", "failed", "connection refused")
     await store.set_host_result(other.id, "web1", "prepared")
@@ -450,7 +499,7 @@ async def writer(store, name):
         n += 1
         event = await store.add_event("shop", "tick", f"{name} {n}", data={"n": n})
         if n % 7 == 0:
-            deploy = await store.start_deploy("shop", "deploy", f"{name}-{n}", trigger="t",
+            deploy = await store.start_deploy("shop", "deploy", f"{name}-{n}", trigger="branch",
                                               actor=name)
             await store.set_host_result(deploy.id, "web1", "switched")
         sys.stdout.write(f"{event.id} {name} {n}\\n")
@@ -537,7 +586,7 @@ async def test_concurrent_writers_all_land(store: Store) -> None:
             ids.append(event.id)
             if n % 10 == 0:
                 deploy = await store.start_deploy("shop", "deploy", f"{name}-{n}",
-                                                  trigger="t", actor=name)
+                                                  trigger="branch", actor=name)
                 await store.update_deploy(deploy.id, state="succeeded", release=f"r-{name}")
         return ids
 

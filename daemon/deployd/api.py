@@ -40,8 +40,9 @@ from deployd.errors import (
 from deployd.git import check_patch_sizes
 from deployd.metrics import Metrics
 from deployd.rescue import DEFAULT_CANDIDATES_LIMIT, MAX_CANDIDATES_LIMIT
-from deployd.store import JOB_STATES, Job, JobStore, Store
+from deployd.store import Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
+from deployd.vocabulary import JobState
 
 log = logging.getLogger("deployd.api")
 
@@ -501,9 +502,7 @@ async def describe_job(request: web.Request, sup: AppSupervisor, job: Job) -> di
 
 async def list_jobs(request: web.Request) -> web.Response:
     require(request, "read")
-    state = request.query.get("state")
-    if state is not None and state not in JOB_STATES:
-        raise ApiError(422, "invalid", f"state must be one of {', '.join(JOB_STATES)}")
+    state = parse_job_state(request.query.get("state"))
     app_name = request.query.get("app")
     context = request.app[CONTEXT]
     if app_name is not None and app_name not in context.supervisors:
@@ -520,6 +519,17 @@ async def list_jobs(request: web.Request) -> web.Response:
                        "links": {"self": f"/api/v1/jobs/{job.id}",
                                  "patch": f"/api/v1/jobs/{job.id}/patch"}})
     return web.json_response({"jobs": listed})
+
+
+def parse_job_state(value: str | None) -> JobState | None:
+    """`?state=` names one job state, or is absent."""
+    if value is None:
+        return None
+    try:
+        return JobState(value)
+    except ValueError:
+        raise ApiError(422, "invalid",
+                       f"state must be one of {', '.join(JobState)}") from None
 
 
 async def open_job(request: web.Request) -> web.Response:

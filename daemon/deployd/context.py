@@ -42,7 +42,7 @@ class AppContext:
     def name(self) -> str:
         return self.app.name
 
-    async def event(self, kind: str, message: str, *, actor: str = SYSTEM_ACTOR,
+    async def event(self, kind: EventKind, message: str, *, actor: str = SYSTEM_ACTOR,
                     revision: str | None = None, data: dict[str, Any] | None = None) -> Event:
         """Record one event on this app's timeline."""
         return await self.store.add_event(self.name, kind, message, actor=actor,

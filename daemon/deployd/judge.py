@@ -17,9 +17,9 @@ from deployd import analysis, policy
 from deployd.config import HttpCheck
 from deployd.context import AppContext
 from deployd.progressive import Steps
-from deployd.rollout_store import Rollout, RolloutState
+from deployd.rollout_store import Rollout
 from deployd.store import Deploy
-from deployd.vocabulary import BakeState
+from deployd.vocabulary import BakeState, RolloutState
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,13 @@ from deployd.config import NotifyTarget
 from deployd.metrics import Metrics
 from deployd.outbox import SCAN_BATCH, Delivery, OutboxStore
 from deployd.store import Event, JobStore, Store
-from deployd.store import _iso as _iso
+from deployd.timefmt import iso_time
+from deployd.vocabulary import EventKind, JobState
 
 log = logging.getLogger("deployd.notifications")
 
 FIRST_RETRY = 0.5  # seconds; doubled at each attempt up to MAX_RETRY
 MAX_RETRY = 300.0
-FAILING_KIND = "notify.failing"
 MIN_ATTEMPTS = 3  # tries a delivery gets before it may be given up
 _REMINDER_CHECK = 5.0
 
@@ -128,16 +128,16 @@ class Notifications:
             return 0
         sent = 0
         now = self.clock()
-        for job in await self.jobs.find(state="pending"):
-            if not target.wants(job.app, "job.pending"):
+        for job in await self.jobs.find(state=JobState.PENDING):
+            if not target.wants(job.app, EventKind.JOB_PENDING):
                 continue
             last = await self.outbox.last_about_job(target.name, job.id) or job.created_at
             if now - last < target.remind:
                 continue
             waited = _duration(now - job.created_at)
-            await self.outbox.enqueue(target.name, job.app, "job.pending", {
-                "event": None, "app": job.app, "kind": "job.pending", "actor": "deployd",
-                "at": _iso(now), "revision": job.bad_head,
+            await self.outbox.enqueue(target.name, job.app, EventKind.JOB_PENDING, {
+                "event": None, "app": job.app, "kind": EventKind.JOB_PENDING, "actor": "deployd",
+                "at": iso_time(now), "revision": job.bad_head,
                 "message": f"job {job.id}: still waiting for approval after {waited}",
                 "data": {"job": job.id, "plan": job.plan, "reminder": True},
             }, job_id=job.id)
@@ -215,7 +215,7 @@ class Notifications:
             # Once per failing spell, told to the other targets (never to this one).
             self._failing.add(target.name)
             await self.store.add_event(
-                delivery.app, FAILING_KIND,
+                delivery.app, EventKind.NOTIFY_FAILING,
                 f"notifications to {target.name} failing for {_duration(target.give_up_after)}"
                 f": {error}", data={"target": target.name})
 
@@ -246,13 +246,14 @@ class Notifications:
         if target.format == "json":
             return json.dumps(delivery.payload, sort_keys=True).encode()
         text = _slack_text(delivery.payload)
-        if delivery.job_id is not None and delivery.kind in ("job.opened", "job.pending"):
+        if delivery.job_id is not None \
+                and delivery.kind in (EventKind.JOB_OPENED, EventKind.JOB_PENDING):
             text += "\n" + await self._approve_hint(delivery.job_id)
         return json.dumps({"text": text}).encode()
 
     async def _approve_hint(self, job_id: int) -> str:
         job = await self.jobs.get(job_id)
-        if job.state != "pending":
+        if job.state is not JobState.PENDING:
             return f"(job {job_id} is {job.state} now)"
         if job.plan is None:
             return f"Job {job_id} is not ready to approve: {self.base_url}/api/v1/jobs/{job_id}"
@@ -276,7 +277,7 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
 
 def _wanted_by(target: NotifyTarget) -> Callable[[Event], bool]:
     def wants(event: Event) -> bool:
-        if event.kind == FAILING_KIND and event.data.get("target") == target.name:
+        if event.kind == EventKind.NOTIFY_FAILING and event.data.get("target") == target.name:
             return False  # a target is not told that it is failing: it would not hear it
         return target.wants(event.app, event.kind)
     return wants

@@ -1,14 +1,34 @@
 """The OpenAPI 3 description of deployd's REST API, served at `/api/v1/openapi.json`.
 
 A test checks that every route the server registers is described here and nothing else, so
-the document cannot drift from the code.
+the document cannot drift from the code; the closed sets of words (event kinds, job and
+deploy states...) are listed from `deployd.vocabulary`, for the same reason.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from deployd import __version__
+from deployd.vocabulary import (
+    BakeState,
+    DeployKind,
+    DeployState,
+    EventKind,
+    JobState,
+    JobStep,
+    Trigger,
+)
+
+
+def _words(words: type[enum.StrEnum], *, nullable: bool = False) -> dict[str, Any]:
+    """A string schema allowing exactly `words` (and null, if `nullable`)."""
+    values: list[str | None] = [word.value for word in words]
+    if nullable:
+        # OpenAPI 3.0.3: with `nullable`, an `enum` must list null itself to allow it.
+        return {"type": "string", "nullable": True, "enum": [*values, None]}
+    return {"type": "string", "enum": values}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -105,7 +125,8 @@ def _paths() -> dict[str, Any]:
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": 5000}}])},
         "/api/v1/apps/{app}/deploy": {"post": _op(
-            "Deploy a revision now", "deploy", 202, _OBJECT, 400, 401, 403, 404, 409, 422,
+            "Deploy a revision now", "deploy", 202, _started("deploy"),
+            400, 401, 403, 404, 409, 422,
             body=_json_body({
                 "revision": {**revision, "description":
                              "a full sha, an unambiguous abbreviation (4+ hex digits, never a "
@@ -115,8 +136,8 @@ def _paths() -> dict[str, Any]:
                           "watched branch; recorded on the deploy as `forced`"}},
                 ["revision"]), parameters=[_APP])},
         "/api/v1/apps/{app}/rollback": {"post": _op(
-            "Roll back to the previous (or a named) release", "deploy", 202, _OBJECT,
-            400, 401, 403, 404, 409, 422,
+            "Roll back to the previous (or a named) release", "deploy", 202,
+            _started("rollback"), 400, 401, 403, 404, 409, 422,
             body=_json_body({"release": {"type": "string", "pattern": "^[0-9]{14}$",
                                          "nullable": True},
                              "reason": optional}), parameters=[_APP])},
@@ -142,7 +163,9 @@ def _paths() -> dict[str, Any]:
             parameters=[_APP])},
         "/api/v1/jobs": {"get": _op(
             "Rescue jobs", "read", 200,
-            {"type": "object", "properties": {"jobs": {"type": "array", "items": _OBJECT}}},
+            {"type": "object", "properties": {"jobs": {"type": "array", "items": {
+                "type": "object", "additionalProperties": True,
+                "properties": {"state": _ref("JobState")}}}}},
             401, 403, 404, 422, parameters=[
                 {"name": "state", "in": "query", "schema": _ref("JobState")},
                 {"name": "app", "in": "query", "schema": string}])},
@@ -175,6 +198,25 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _started(name: str) -> dict[str, Any]:
+    """The answer to a deploy or rollback request: the record just started, and links."""
+    return {"type": "object", "properties": {name: _ref("Deploy"), "links": _OBJECT}}
+
+
+def _deploy(*, nullable: bool = False) -> dict[str, Any]:
+    """A deploy record (a deploy, a rollback or an observed release)."""
+    string, text = {"type": "string"}, {"type": "string", "nullable": True}
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": True, "properties": {
+        "id": {"type": "integer"}, "kind": _words(DeployKind), "revision": string,
+        "release": text, "previous_release": text, "previous_revision": text,
+        "state": _words(DeployState), "trigger": _words(Trigger), "actor": string,
+        "started_at": string, "finished_at": text, "error": text,
+        "bake_state": _words(BakeState, nullable=True), "bake_until": text, "forced": text}}
+    if nullable:
+        schema["nullable"] = True
+    return schema
+
+
 def _schemas() -> dict[str, Any]:
     string, nullable = {"type": "string"}, {"type": "string", "nullable": True}
     return {
@@ -186,8 +228,10 @@ def _schemas() -> dict[str, Any]:
             "branch": string, "head": nullable, "pristine": {"type": "boolean"},
             "deployed": {"type": "object", "nullable": True},
             "last_good": {"type": "object"}, "paused": {"type": "object", "nullable": True},
-            "health": {"type": "object"}, "links": {"type": "object"},
+            "health": {"type": "object"}, "latest": _deploy(nullable=True),
+            "links": {"type": "object"},
             "rollout": {**_ref("Rollout"), "nullable": True}}},
+        "Deploy": _deploy(),
         "Rollout": {"type": "object", "additionalProperties": True, "properties": {
             "deploy": {"type": "integer"}, "revision": string, "release": nullable,
             "step": {"type": "integer", "description": "1-based"},
@@ -204,15 +248,15 @@ def _schemas() -> dict[str, Any]:
                          "inconclusive)"},
             "compare": {"type": "boolean"}}},
         "Event": {"type": "object", "properties": {
-            "id": {"type": "integer"}, "at": string, "kind": string, "actor": string,
+            "id": {"type": "integer"}, "at": string, "actor": string,
+            "kind": {**_words(EventKind), "description": "what happened; `[[notify]] events` "
+                     "patterns match these"},
             "revision": nullable, "message": string, "data": {
                 "type": "object",
                 "description": "Depends on the kind. deploy.succeeded and rollback.succeeded "
                                "carry `output`: host -> hook -> the last lines the hook "
                                "printed, when it printed any."}}},
-        "JobState": {"type": "string", "enum": [
-            "pending", "approved", "running", "succeeded", "failed", "rejected", "expired",
-            "superseded"]},
+        "JobState": _words(JobState),
         "Job": {"type": "object", "additionalProperties": True, "properties": {
             "id": {"type": "integer"}, "app": string, "state": _ref("JobState"),
             "base": {"type": "object"}, "bad_head": string, "plan": nullable,
@@ -227,6 +271,8 @@ def _schemas() -> dict[str, Any]:
                                "description": "base: tried alone on the base (unselected); "
                                               "selection: after the selected commits before "
                                               "it"}}}},
+            "step": {**_words(JobStep, nullable=True),
+                     "description": "how far an approved job's transplant got"},
             "requester": string, "changed_by": string, "resolved_patch": {"type": "boolean"},
             "resolved_by": nullable,
             "extra_paths": {"type": "array", "items": string,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, Protocol
 
+from deployd.vocabulary import DeployKind, DeployState
+
 
 @dataclass(frozen=True)
 class Threshold:
@@ -35,9 +37,9 @@ class DeployRecord(Protocol):
     """The facts of one recorded deploy, rollback or observation that policy reads."""
 
     @property
-    def kind(self) -> str: ...
+    def kind(self) -> DeployKind: ...
     @property
-    def state(self) -> str: ...
+    def state(self) -> DeployState: ...
     @property
     def release(self) -> str | None: ...
     @property
@@ -156,9 +158,10 @@ def previous_release(history: Iterable[DeployRecord], current: str | None) -> st
     """
     records = list(history)
     rolled_away = {d.previous_release for d in records
-                   if d.kind == "rollback" and d.state == "succeeded" and d.previous_release}
+                   if d.kind == DeployKind.ROLLBACK and d.state == DeployState.SUCCEEDED
+                   and d.previous_release}
     for record in records:
-        if record.state != "succeeded" or record.release is None:
+        if record.state != DeployState.SUCCEEDED or record.release is None:
             continue
         if record.release == current or record.release in rolled_away:
             continue

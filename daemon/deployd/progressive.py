@@ -22,9 +22,9 @@ from deployd.context import SYSTEM_ACTOR, AppContext, short
 from deployd.errors import Conflict
 from deployd.metrics import drop_series
 from deployd.rollout_plan import PlannedStep
-from deployd.rollout_store import Rollout, RolloutState, RolloutStore
+from deployd.rollout_store import Rollout, RolloutStore
 from deployd.store import Deploy
-from deployd.vocabulary import BakeState, EventKind
+from deployd.vocabulary import BakeState, EventKind, RolloutState
 
 log = logging.getLogger("deployd.supervisor")
 
@@ -69,9 +69,10 @@ class Steps:
                                           on_new=step.hosts)
         self.publish(rollout)
         await self.ctx.event(
-            EventKind.ROLLOUT_STEP, f"{step_label(rollout)} ({step.spec}): release {record.release} "
-            f"now on {', '.join(step.added)}; {len(step.hosts)} of {len(self.ctx.app.hosts)} "
-            "hosts on the new release", revision=record.revision,
+            EventKind.ROLLOUT_STEP,
+            f"{step_label(rollout)} ({step.spec}): release {record.release} now on "
+            f"{', '.join(step.added)}; {len(step.hosts)} of {len(self.ctx.app.hosts)} hosts on "
+            "the new release", revision=record.revision,
             data={"deploy": record.id, "step": rollout.step + 1, "hosts": list(step.added),
                   "canary": list(step.hosts)})
         return rollout
@@ -137,8 +138,8 @@ class Steps:
         rollout = await self.store.update(record.id, state=state, reason=reason)
         self.publish(rollout)
         word = state.value.replace("_", " ")
-        await self.ctx.event(f"rollout.{state.value}", f"rollout of {short(record.revision)} "
-                             f"{word} at {step_label(rollout)}: {reason}", actor=actor,
+        await self.ctx.event(EventKind(f"rollout.{state.value}"),
+                             f"rollout of {short(record.revision)} {word} at {step_label(rollout)}: {reason}", actor=actor,
                              revision=record.revision,
                              data={"deploy": record.id, "step": rollout.step + 1,
                                    "hosts": list(rollout.on_new)})

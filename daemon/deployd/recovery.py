@@ -14,11 +14,11 @@ from deployd.judge import BakeJudge
 from deployd.operations import OperationSlot
 from deployd.progressive import Steps, step_label
 from deployd.rescue_flow import RescueFlow
-from deployd.rollout_store import Rollout, RolloutState
+from deployd.rollout_store import Rollout
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
 from deployd.verdicts import Verdicts
-from deployd.vocabulary import BakeState, DeployKind, DeployState, EventKind, Trigger
+from deployd.vocabulary import BakeState, DeployKind, DeployState, EventKind, RolloutState, Trigger
 
 
 class Recovery:
@@ -90,8 +90,8 @@ class Recovery:
         ctx = self.ctx
         live = await ctx.store.last_live(ctx.name)
         newest = await ctx.store.deploys(ctx.name, limit=1)
-        if live is None or live.bake_state != BakeState.BAD or live.kind == DeployKind.ROLLBACK \
-                or not newest or newest[0].id != live.id:
+        if live is None or live.bake_state != BakeState.BAD \
+                or live.kind == DeployKind.ROLLBACK or not newest or newest[0].id != live.id:
             return
         if (await ctx.store.app_state(ctx.name)).paused:
             return  # the verdict already asked a human (no data, nothing to roll back to)
@@ -127,7 +127,8 @@ class Recovery:
         elif plan.action == "deploy_complete":
             release = next(iter(reachable.values())).current
             bake = rollout.steps[0].bake if rollout is not None else None
-            record = await ctx.store.update_deploy(record.id, state=DeployState.SUCCEEDED, release=release,
+            record = await ctx.store.update_deploy(record.id, state=DeployState.SUCCEEDED,
+                                                   release=release,
                                                    **self.rollouts.open_bake(bake))
             await ctx.event(EventKind.DEPLOY_RECOVERED, f"deploy of {short(record.revision)} found "
                             "complete after a restart", revision=record.revision)

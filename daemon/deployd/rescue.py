@@ -46,7 +46,9 @@ from deployd.errors import (
 )
 from deployd.git import CommitInfo, Mirror, RefUpdate
 from deployd.metrics import Metrics
-from deployd.store import JOB_STATES, Deploy, Job, JobStore, Store
+from deployd.store import UNSET, Deploy, Job, JobStore, Store, Unset
+from deployd.timefmt import iso_time
+from deployd.vocabulary import EventKind, JobState, JobStep
 
 log = logging.getLogger("deployd.rescue")
 
@@ -194,7 +196,7 @@ class Rescue:
         else:
             selection = await self._validate_selection(candidates, commits)
         now = self.clock()
-        draft = Job(id=0, app=self.name, state="pending", base=base, bad_head=bad_head,
+        draft = Job(id=0, app=self.name, state=JobState.PENDING, base=base, bad_head=bad_head,
                     candidates=candidates, selection=selection, resolved_patch=None,
                     preview={}, plan=None, requester=requester, reason=reason,
                     created_at=now, updated_at=now, expires_at=now + self.app.rescue.expire,
@@ -209,7 +211,7 @@ class Rescue:
                                      plan=preview.plan)
         picked = ", ".join(s[:12] for s in selection) or "nothing yet"
         await self.store.add_event(
-            self.name, "job.opened",
+            self.name, EventKind.JOB_OPENED,
             f"rescue job {job.id} waits for approval: {base[:12]} + {picked} "
             f"({len(candidates)} candidate(s))", actor=requester, revision=bad_head,
             data={"job": job.id, "plan": job.plan})
@@ -336,7 +338,7 @@ class Rescue:
         selection = await self._validate_selection(job.candidates, commits)
         updated = await self._replace_plan(job, selection=selection, resolved_patch=None,
                                            actor=actor)
-        await self._job_event(updated, "job.selection",
+        await self._job_event(updated, EventKind.JOB_SELECTION,
                               f"selection set to {', '.join(s[:12] for s in selection) or 'none'}"
                               " (any resolved patch dropped)", actor)
         return updated
@@ -349,7 +351,7 @@ class Rescue:
         await self.mirror.apply_patch(job.base, patch)  # Invalid when it does not apply
         updated = await self._replace_plan(job, selection=job.selection, resolved_patch=patch,
                                            actor=actor)
-        await self._job_event(updated, "job.patch",
+        await self._job_event(updated, EventKind.JOB_PATCH,
                               f"resolved patch uploaded ({len(patch)} bytes)", actor)
         return updated
 
@@ -366,7 +368,7 @@ class Rescue:
                            resolved_by=resolved_by, changed_by=actor)
         preview = await self.compute_preview(proposed)
         updated = await self.jobs.update(
-            job.id, expect=("pending",), expect_plan=job.plan, selection=selection,
+            job.id, expect=(JobState.PENDING,), expect_plan=job.plan, selection=selection,
             resolved_patch=resolved_patch, preview=preview.to_json(), plan=preview.plan,
             changed_by=actor, resolved_by=resolved_by)
         if updated is None:
@@ -376,10 +378,10 @@ class Rescue:
 
     async def check_approval(self, job: Job, *, plan: str, actor: str) -> None:
         """Raise unless `actor` may approve exactly `plan` of this pending job now."""
-        if job.state != "pending":
+        if job.state is not JobState.PENDING:
             raise Conflict(f"rescue job {job.id} is {job.state}, not pending")
         if self.clock() >= job.expires_at:
-            await self._end(job, "expired", "expired before approval")
+            await self._end(job, JobState.EXPIRED, "expired before approval")
             raise Conflict(f"rescue job {job.id} expired")
         if not job.preview.get("ready"):
             raise Invalid(f"rescue job {job.id} cannot be approved yet: "
@@ -402,13 +404,13 @@ class Rescue:
         """Move the job from pending to approved; exactly one racing approval wins."""
         # The last changer too: an identical re-upload by the approver between the check
         # and this update must not slip through distinct_approver.
-        updated = await self.jobs.update(job.id, expect=("pending",), expect_plan=plan,
-                                         expect_changed_by=job.changed_by, state="approved")
+        updated = await self.jobs.update(job.id, expect=(JobState.PENDING,), expect_plan=plan,
+                                         expect_changed_by=job.changed_by, state=JobState.APPROVED)
         if updated is None:
             raise Conflict(f"rescue job {job.id} was decided or changed meanwhile; read it again")
         await self.jobs.add_approval(job.id, decision="approve", actor=actor, plan=plan,
                                      comment=comment)
-        await self._job_event(updated, "job.approved",
+        await self._job_event(updated, EventKind.JOB_APPROVED,
                               f"approved by {actor}" + (f": {comment}" if comment else ""),
                               actor)
         await self.refresh_metrics()
@@ -416,19 +418,20 @@ class Rescue:
 
     async def reject(self, job_id: int, *, actor: str, comment: str) -> Job:
         job = await self._pending(job_id)
-        updated = await self.jobs.update(job.id, expect=("pending",), state="rejected")
+        updated = await self.jobs.update(job.id, expect=(JobState.PENDING,),
+                                         state=JobState.REJECTED)
         if updated is None:
             raise Conflict(f"rescue job {job_id} was already decided")
         await self.jobs.add_approval(job.id, decision="reject", actor=actor, plan=job.plan,
                                      comment=comment)
-        await self._job_event(updated, "job.rejected",
+        await self._job_event(updated, EventKind.JOB_REJECTED,
                               f"rejected by {actor}" + (f": {comment}" if comment else ""), actor)
         await self.refresh_metrics()
         return updated
 
     async def _pending(self, job_id: int) -> Job:
         job = await self.jobs.get(job_id)
-        if job.state != "pending":
+        if job.state is not JobState.PENDING:
             raise Conflict(f"rescue job {job_id} is {job.state}, not pending")
         return job
 
@@ -437,8 +440,8 @@ class Rescue:
     async def transplant(self, job: Job, *, approver: str) -> str:
         """Rebuild, back up and push; return the new head for the supervisor to deploy."""
         started = time.monotonic()
-        was_pushed = job.step == "pushed"
-        job = await self._set(job, state="running", step="started")
+        was_pushed = job.step is JobStep.PUSHED
+        job = await self._set(job, state=JobState.RUNNING, step=JobStep.STARTED)
         await self.mirror.fetch()
         head = await self.mirror.branch_head(self.app.branch)
         if job.new_head is not None and head == job.new_head:
@@ -447,16 +450,16 @@ class Rescue:
             return await self._pushed(job, job.new_head, approver, started,
                                       record=not was_pushed)
         if head != job.bad_head:
-            await self._end(job, "superseded", f"{self.app.branch} moved to "
+            await self._end(job, JobState.SUPERSEDED, f"{self.app.branch} moved to "
                             f"{(head or 'nothing')[:12]} since the job was built; "
                             "nothing was overwritten")
             raise Conflict(f"rescue job {job.id} superseded: the branch moved")
         # After a restart, push the very commit made before it: a push of it still in flight
         # then lands the same head, and is recognised below.
         new_head = await self._made_before(job) or await self._rebuild(job, approver)
-        job = await self._set(job, step="committed", new_head=new_head)
+        job = await self._set(job, step=JobStep.COMMITTED, new_head=new_head)
         await self._backup(job)
-        job = await self._set(job, step="backed_up", backup_ref=self.backup_ref(job))
+        job = await self._set(job, step=JobStep.BACKED_UP, backup_ref=self.backup_ref(job))
         try:
             await self.mirror.push([RefUpdate(new_head, f"refs/heads/{self.app.branch}",
                                               expected=job.bad_head)])
@@ -464,7 +467,8 @@ class Rescue:
             await self.mirror.fetch()
             now_at = await self.mirror.branch_head(self.app.branch)
             if now_at != new_head and now_at != job.bad_head:
-                await self._end(job, "superseded", f"push refused, nothing overwritten: {exc}")
+                await self._end(job, JobState.SUPERSEDED,
+                                f"push refused, nothing overwritten: {exc}")
                 raise Conflict(f"rescue job {job.id} superseded: {exc}") from exc
             if now_at != new_head:
                 raise  # a hook, permissions or the network: the job fails, branch untouched
@@ -482,11 +486,11 @@ class Rescue:
 
     async def _pushed(self, job: Job, new_head: str, approver: str, started: float, *,
                       record: bool) -> str:
-        job = await self._set(job, step="pushed")
+        job = await self._set(job, step=JobStep.PUSHED)
         if record:
             self.metrics.transplant_duration_seconds.labels(app=self.name).observe(
                 time.monotonic() - started)
-            await self._job_event(job, "job.pushed",
+            await self._job_event(job, EventKind.JOB_PUSHED,
                                   f"{self.app.branch} rebuilt as {new_head[:12]} (old head "
                                   f"{job.bad_head[:12]} kept at {self.backup_ref(job)})",
                                   approver)
@@ -544,35 +548,35 @@ class Rescue:
     async def finish(self, job: Job, *, healthy: bool, reason: str) -> None:
         """The deploy of the rebuilt head baked: the job succeeded or failed."""
         if healthy:
-            await self._end(job, "succeeded", f"{(job.new_head or '')[:12]} healthy through "
+            await self._end(job, JobState.SUCCEEDED, f"{(job.new_head or '')[:12]} healthy through "
                             "its bake window; the branch is pristine again")
         else:
-            await self._end(job, "failed", reason)
+            await self._end(job, JobState.FAILED, reason)
 
     async def fail(self, job: Job, reason: str) -> None:
-        await self._end(job, "failed", reason)
+        await self._end(job, JobState.FAILED, reason)
 
     # -- housekeeping ----------------------------------------------------------------------
 
     async def housekeeping(self, head: str | None) -> None:
         """Expire old pending jobs and supersede those whose branch moved."""
-        for job in await self.jobs.find(app=self.name, state="pending"):
+        for job in await self.jobs.find(app=self.name, state=JobState.PENDING):
             if self.clock() >= job.expires_at:
-                await self._end(job, "expired", "nobody approved it in time")
+                await self._end(job, JobState.EXPIRED, "nobody approved it in time")
             elif head is not None and head != job.bad_head:
-                await self._end(job, "superseded",
+                await self._end(job, JobState.SUPERSEDED,
                                 f"{self.app.branch} moved to {head[:12]} since the job was built")
         await self.refresh_metrics()
 
     async def in_flight(self) -> list[Job]:
         """Approved or running jobs (to resume after a restart)."""
         found = []
-        for state in ("approved", "running"):
+        for state in (JobState.APPROVED, JobState.RUNNING):
             found += await self.jobs.find(app=self.name, state=state)
         return sorted(found, key=lambda j: j.id)
 
     async def job_for_deploy(self, deploy_id: int) -> Job | None:
-        for job in await self.jobs.find(app=self.name, state="running"):
+        for job in await self.jobs.find(app=self.name, state=JobState.RUNNING):
             if job.deploy_id == deploy_id:
                 return job
         return None
@@ -585,7 +589,7 @@ class Rescue:
 
     async def refresh_metrics(self) -> None:
         counts = await self.jobs.counts(self.name)
-        for state in JOB_STATES:
+        for state in JobState:
             self.metrics.rescue_jobs.labels(app=self.name, state=state).set(counts.get(state, 0))
         oldest = await self.jobs.oldest_pending(self.name)
         gauge = self.metrics.rescue_job_oldest_pending_timestamp_seconds
@@ -597,26 +601,30 @@ class Rescue:
         else:
             gauge.labels(app=self.name).set(oldest)
 
-    async def _set(self, job: Job, **fields: Any) -> Job:
-        updated = await self.jobs.update(job.id, **fields)
+    async def _set(self, job: Job, *, step: JobStep, state: JobState | Unset = UNSET,
+                   new_head: str | Unset = UNSET, backup_ref: str | Unset = UNSET) -> Job:
+        """Record the transplant's next step (with what it made)."""
+        updated = await self.jobs.update(job.id, step=step, state=state, new_head=new_head,
+                                         backup_ref=backup_ref)
         assert updated is not None
         return updated
 
-    async def _end(self, job: Job, state: str, reason: str) -> None:
+    async def _end(self, job: Job, state: JobState, reason: str) -> None:
         """End a job, only from the states that can lead there (a racing approval wins)."""
-        origins = ("pending",) if state in ("expired", "superseded", "rejected") \
-            else ("approved", "running")
-        if state == "superseded" and job.state in ("approved", "running"):
-            origins = ("approved", "running")  # the transplant found the branch moved
-        error = None if state == "succeeded" else reason
+        in_flight = (JobState.APPROVED, JobState.RUNNING)
+        origins = (JobState.PENDING,) if state in (
+            JobState.EXPIRED, JobState.SUPERSEDED, JobState.REJECTED) else in_flight
+        if state is JobState.SUPERSEDED and job.state.in_flight:
+            origins = in_flight  # the transplant found the branch moved
+        error = None if state is JobState.SUCCEEDED else reason
         updated = await self.jobs.update(job.id, expect=origins, state=state, error=error)
         if updated is None:
             return
-        await self._job_event(updated, f"job.{state}", reason, "deployd")
+        await self._job_event(updated, EventKind.job_ended(state), reason, "deployd")
         log.info("%s: rescue job %d %s: %s", self.name, job.id, state, reason)
         await self.refresh_metrics()
 
-    async def _job_event(self, job: Job, kind: str, message: str, actor: str) -> None:
+    async def _job_event(self, job: Job, kind: EventKind, message: str, actor: str) -> None:
         await self.store.add_event(self.name, kind, f"job {job.id}: {message}", actor=actor,
                                    revision=job.new_head or job.bad_head,
                                    data={"job": job.id, "state": job.state})
@@ -636,8 +644,8 @@ class Rescue:
         body: dict[str, Any] = {
             "id": job.id, "app": job.app, "state": job.state,
             "base": base_info, "bad_head": job.bad_head, "requester": job.requester,
-            "reason": job.reason, "created_at": _iso(job.created_at),
-            "expires_at": _iso(job.expires_at), "plan": job.plan,
+            "reason": job.reason, "created_at": iso_time(job.created_at),
+            "expires_at": iso_time(job.expires_at), "plan": job.plan,
             "ready": bool(job.preview.get("ready")), "blocked_by": job.preview.get("blocked_by"),
             "candidates": candidates_of(job, candidates_offset, candidates_limit),
             "candidates_total": len(job.candidates), "candidates_offset": candidates_offset,
@@ -653,7 +661,7 @@ class Rescue:
             "approvals": [a.to_json() for a in approvals], "log": log_events,
             "links": _links(job, candidates_offset, candidates_limit),
         }
-        if job.state == "pending" and job.plan:
+        if job.state is JobState.PENDING and job.plan:
             body["next"] = {"approve": {"method": "POST", "href": _links(job)["approve"],
                                         "body": {"plan": job.plan, "comment": "..."}}}
         return body
@@ -693,8 +701,4 @@ async def _safe_info(mirror: Mirror, sha: str) -> dict[str, Any]:
     except (GitError, NotFound):
         return {"sha": sha}
     return {"sha": sha, "summary": info.summary}
-
-
-def _iso(at: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 

@@ -12,23 +12,11 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from deployd.rollout_plan import PlannedStep
 from deployd.store import Store
-
-
-class RolloutState(StrEnum):
-    RUNNING = "running"  # a step's hosts are being switched
-    BAKING = "baking"  # the step's hosts switched; its bake window is open
-    PAUSED = "paused"  # waiting for a promote: a pause step, or a verdict that could not tell
-    DONE = "done"  # every step passed: the release is the last good
-    ABORTED = "aborted"  # stopped by a human, or cut short: the new hosts went back
-    ROLLED_BACK = "rolled_back"  # a step was judged bad: the new hosts went back
-
-
-ACTIVE = (RolloutState.RUNNING, RolloutState.BAKING, RolloutState.PAUSED)
+from deployd.vocabulary import RolloutState
 
 
 @dataclass(frozen=True)
@@ -48,7 +36,7 @@ class Rollout:
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE
+        return self.state.active
 
     @property
     def last_step(self) -> bool:

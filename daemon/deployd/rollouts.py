@@ -17,9 +17,8 @@ from deployd.archive import Limits
 from deployd.context import SYSTEM_ACTOR, AppContext, count_hosts, hook_output, short
 from deployd.errors import DeploydError, FleetError, NotFound
 from deployd.progressive import Steps, plan_of
-from deployd.rollout_store import RolloutState
-from deployd.store import Deploy, DeployKind
-from deployd.vocabulary import BakeState, DeployState, EventKind, Trigger
+from deployd.store import Deploy
+from deployd.vocabulary import BakeState, DeployKind, DeployState, EventKind, RolloutState, Trigger
 
 log = logging.getLogger("deployd.supervisor")
 
@@ -37,7 +36,7 @@ class Rollouts:
 
     # -- deploy --------------------------------------------------------------------------
 
-    async def deploy(self, revision: str, *, trigger: str, actor: str,
+    async def deploy(self, revision: str, *, trigger: Trigger, actor: str,
                      started: asyncio.Future[Deploy] | None = None,
                      on_start: Callable[[Deploy], Awaitable[object]] | None = None,
                      forced: str | None = None) -> Deploy:
@@ -47,7 +46,7 @@ class Rollouts:
             # the next poll deploy the head again over what the operator chose.
             self.attempted = revision
         plan = plan_of(ctx)
-        record = await self._start(revision, "deploy", trigger=trigger, actor=actor,
+        record = await self._start(revision, DeployKind.DEPLOY, trigger=trigger, actor=actor,
                                    forced=forced)
         # One step of every host is a plain deploy; more steps are recorded as a rollout.
         rollout = await self.steps.begin(record, plan) if len(plan) > 1 else None
@@ -91,7 +90,7 @@ class Rollouts:
             await self.steps.switched(record, rollout)
         return record
 
-    async def _start(self, revision: str, kind: DeployKind, *, trigger: str, actor: str,
+    async def _start(self, revision: str, kind: DeployKind, *, trigger: Trigger, actor: str,
                      release: str | None = None, forced: str | None = None) -> Deploy:
         live = await self.ctx.store.last_live(self.ctx.name)
         return await self.ctx.store.start_deploy(
@@ -106,7 +105,8 @@ class Rollouts:
                                                           for h, e in failures.items()})
         record = await self.ctx.store.update_deploy(record.id, state=DeployState.FAILED,
                                                     error=str(exc))
-        await self.ctx.event(f"{record.kind}.failed", f"{what}: {exc}", actor=record.actor,
+        await self.ctx.event(EventKind(f"{record.kind}.failed"),
+                             f"{what}: {exc}", actor=record.actor,
                              revision=record.revision,
                              data={"deploy": record.id,
                                    "hosts": {h: str(e) for h, e in failures.items()}})
@@ -160,13 +160,13 @@ class Rollouts:
 
     # -- rollback ------------------------------------------------------------------------
 
-    async def rollback(self, release: str, *, trigger: str, actor: str, reason: str,
+    async def rollback(self, release: str, *, trigger: Trigger, actor: str, reason: str,
                        started: asyncio.Future[Deploy] | None = None,
                        hosts: list[str] | None = None) -> Deploy:
         """Roll every host (or only `hosts`: a rollout's new hosts) back to `release`."""
         live = await self.ctx.store.last_live(self.ctx.name)
         revision = await self.release_revision(release)
-        record = await self._start(revision or "unknown", "rollback", trigger=trigger,
+        record = await self._start(revision or "unknown", DeployKind.ROLLBACK, trigger=trigger,
                                    actor=actor, release=release)
         resolve(started, record)
         await self.ctx.event(EventKind.ROLLBACK_STARTED,

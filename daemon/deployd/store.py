@@ -9,6 +9,7 @@ thread that owns the connection; coroutines await it and the event loop never to
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import os
@@ -18,16 +19,36 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
 from deployd.errors import NotFound, StoreError
+from deployd.timefmt import iso_time
+from deployd.vocabulary import (
+    BakeState,
+    BakeStateName,
+    DeployKind,
+    DeployKindName,
+    DeployState,
+    DeployStateName,
+    EventKind,
+    EventKindName,
+    JobState,
+    JobStep,
+    Trigger,
+)
 
 T = TypeVar("T")
 events_log = logging.getLogger("deployd.events")
 
-DeployKind = Literal["deploy", "rollback", "observed"]
-DeployState = Literal["running", "succeeded", "failed", "interrupted"]
-BakeState = Literal["grace", "baking", "good", "bad", "skipped"]
+
+
+class Unset(enum.Enum):
+    """The default of an update's fields: leave the column as it is (None sets NULL)."""
+
+    UNSET = enum.auto()
+
+
+UNSET: Final = Unset.UNSET
 
 # Each entry migrates the schema from version N to N+1; never edit a shipped one.
 MIGRATIONS: tuple[str, ...] = (
@@ -184,14 +205,14 @@ class Event:
     id: int
     app: str
     at: float
-    kind: str
+    kind: str  # an EventKind value when written; read back as the bare word it was stored as
     actor: str
     revision: str | None
     message: str
     data: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "app": self.app, "at": _iso(self.at), "kind": self.kind,
+        return {"id": self.id, "app": self.app, "at": iso_time(self.at), "kind": self.kind,
                 "actor": self.actor, "revision": self.revision, "message": self.message,
                 "data": self.data}
 
@@ -206,7 +227,7 @@ class Deploy:
     previous_release: str | None
     previous_revision: str | None
     state: DeployState
-    trigger: str
+    trigger: Trigger
     actor: str
     started_at: float
     finished_at: float | None
@@ -222,9 +243,9 @@ class Deploy:
             "release": self.release, "previous_release": self.previous_release,
             "previous_revision": self.previous_revision, "state": self.state,
             "trigger": self.trigger, "actor": self.actor,
-            "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at),
+            "started_at": iso_time(self.started_at), "finished_at": iso_time(self.finished_at),
             "error": self.error, "bake_state": self.bake_state,
-            "bake_until": _iso(self.bake_until), "forced": self.forced,
+            "bake_until": iso_time(self.bake_until), "forced": self.forced,
         }
 
 
@@ -255,12 +276,6 @@ class Quarantined:
     reason: str
     actor: str
     at: float
-
-
-def _iso(at: float | None) -> str | None:
-    if at is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
 
 
 class Store:
@@ -361,8 +376,9 @@ class Store:
 
     # -- events --------------------------------------------------------------------------
 
-    async def add_event(self, app: str, kind: str, message: str, *, actor: str = "deployd",
-                        revision: str | None = None, data: dict[str, Any] | None = None) -> Event:
+    async def add_event(self, app: str, kind: EventKind | EventKindName, message: str, *,
+                        actor: str = "deployd", revision: str | None = None,
+                        data: dict[str, Any] | None = None) -> Event:
         """Append one event to the app's timeline."""
         at = self.clock()
         payload = json.dumps(data or {}, sort_keys=True, default=str)
@@ -417,15 +433,18 @@ class Store:
 
     # -- deploys and rollbacks -----------------------------------------------------------
 
-    async def start_deploy(self, app: str, kind: DeployKind, revision: str, *, trigger: str,
-                           actor: str, release: str | None = None,
+    async def start_deploy(self, app: str, kind: DeployKind | DeployKindName, revision: str, *,
+                           trigger: Trigger | str, actor: str, release: str | None = None,
                            previous_release: str | None = None,
                            previous_revision: str | None = None,
-                           state: DeployState = "running", forced: str | None = None) -> Deploy:
+                           state: DeployState | DeployStateName = DeployState.RUNNING,
+                           forced: str | None = None) -> Deploy:
         """Record a deploy or rollback about to start (or an observed one).
 
-        `forced` says what a forced deploy overrode (see `deploys.forced`).
+        `forced` says what a forced deploy overrode (see `deploys.forced`). The words are
+        checked here (ValueError): `trigger` is typed `str` only while callers pass one on.
         """
+        kind, state, trigger = DeployKind(kind), DeployState(state), Trigger(trigger)
         now = self.clock()
 
         def insert(db: sqlite3.Connection) -> int:
@@ -441,15 +460,32 @@ class Store:
         deploy_id = await self._run(self._write(insert))
         return await self.deploy(deploy_id)
 
-    async def update_deploy(self, deploy_id: int, **fields: Any) -> Deploy:
-        """Set some columns of a deploy record (state, release, error, bake fields...)."""
-        allowed = {"release", "previous_release", "previous_revision", "state", "finished_at",
-                   "error", "bake_state", "bake_started_at", "bake_until"}
-        unknown = set(fields) - allowed
-        if unknown:
-            raise ValueError(f"unknown deploy fields {sorted(unknown)}")
-        if fields.get("state") in ("succeeded", "failed", "interrupted"):
-            fields.setdefault("finished_at", self.clock())
+    async def update_deploy(
+        self, deploy_id: int, *,
+        state: DeployState | DeployStateName | Unset = UNSET,
+        release: str | Unset | None = UNSET,
+        error: str | Unset | None = UNSET,
+        finished_at: float | Unset | None = UNSET,
+        bake_state: BakeState | BakeStateName | Unset | None = UNSET,
+        bake_started_at: float | Unset | None = UNSET,
+        bake_until: float | Unset | None = UNSET,
+    ) -> Deploy:
+        """Set the given columns of a deploy record; the others stay as they are.
+
+        A final `state` sets `finished_at` to now unless it is given too.
+        """
+        if state is not UNSET:
+            state = DeployState(state)
+            if state.finished and finished_at is UNSET:
+                finished_at = self.clock()
+        if bake_state is not UNSET and bake_state is not None:
+            bake_state = BakeState(bake_state)
+        given = {"state": state, "release": release, "error": error, "finished_at": finished_at,
+                 "bake_state": bake_state, "bake_started_at": bake_started_at,
+                 "bake_until": bake_until}
+        fields = {name: value for name, value in given.items() if value is not UNSET}
+        if not fields:
+            return await self.deploy(deploy_id)
         columns = ", ".join(f"{name} = ?" for name in fields)
 
         def update(db: sqlite3.Connection) -> None:
@@ -465,8 +501,9 @@ class Store:
             raise NotFound(f"no deploy {deploy_id}")
         return _deploy(row)
 
-    async def deploys(self, app: str, *, limit: int = 50, kind: DeployKind | None = None,
-                      state: DeployState | None = None) -> list[Deploy]:
+    async def deploys(self, app: str, *, limit: int = 50,
+                      kind: DeployKind | DeployKindName | None = None,
+                      state: DeployState | DeployStateName | None = None) -> list[Deploy]:
         """The app's deploys and rollbacks, newest first."""
         sql = "SELECT * FROM deploys WHERE app = ?"
         args: list[Any] = [app]
@@ -484,8 +521,9 @@ class Store:
     async def last_live(self, app: str) -> Deploy | None:
         """The newest deploy, rollback or observation that left a release live."""
         rows = await self._run(lambda: self._conn().execute(
-            "SELECT * FROM deploys WHERE app = ? AND state = 'succeeded' "
-            "AND release IS NOT NULL ORDER BY id DESC LIMIT 1", (app,)).fetchall())
+            "SELECT * FROM deploys WHERE app = ? AND state = ? "
+            "AND release IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (app, DeployState.SUCCEEDED)).fetchall())
         return _deploy(rows[0]) if rows else None
 
     async def set_host_results(self, deploy_id: int, results: dict[str, tuple[str, str | None]]
@@ -531,13 +569,23 @@ class Store:
 
     async def set_paused(self, app: str, paused: bool, *, actor: str, reason: str) -> None:
         if paused:
-            await self._upsert_app(app, paused=1, paused_by=actor, paused_reason=reason,
+            await self._upsert_app(app, paused=True, paused_by=actor, paused_reason=reason,
                                    paused_at=self.clock())
         else:
-            await self._upsert_app(app, paused=0, paused_by=None, paused_reason=None,
+            await self._upsert_app(app, paused=False, paused_by=None, paused_reason=None,
                                    paused_at=None)
 
-    async def _upsert_app(self, app: str, **fields: Any) -> None:
+    async def _upsert_app(self, app: str, *, last_good_revision: str | Unset = UNSET,
+                          last_good_release: str | Unset | None = UNSET,
+                          paused: bool | Unset = UNSET, paused_by: str | Unset | None = UNSET,
+                          paused_reason: str | Unset | None = UNSET,
+                          paused_at: float | Unset | None = UNSET) -> None:
+        """Create the app's row or set the given columns of it; the others stay."""
+        given = {"last_good_revision": last_good_revision,
+                 "last_good_release": last_good_release,
+                 "paused": paused if isinstance(paused, Unset) else int(paused),
+                 "paused_by": paused_by, "paused_reason": paused_reason, "paused_at": paused_at}
+        fields = {name: value for name, value in given.items() if value is not UNSET}
         columns = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
@@ -578,12 +626,6 @@ class Store:
         return row is not None
 
 
-JobState = Literal["pending", "approved", "running", "succeeded", "failed", "rejected",
-                   "expired", "superseded"]
-JOB_STATES: tuple[JobState, ...] = ("pending", "approved", "running", "succeeded", "failed",
-                                    "rejected", "expired", "superseded")
-
-
 @dataclass(frozen=True)
 class Job:
     """A rescue job as stored; `candidates` and `preview` are JSON documents."""
@@ -603,7 +645,7 @@ class Job:
     created_at: float
     updated_at: float
     expires_at: float
-    step: str | None
+    step: JobStep | None
     new_head: str | None
     backup_ref: str | None
     deploy_id: int | None
@@ -629,7 +671,7 @@ class Approval:
 
     def to_json(self) -> dict[str, Any]:
         return {"decision": self.decision, "by": self.actor, "plan": self.plan,
-                "comment": self.comment, "at": _iso(self.at)}
+                "comment": self.comment, "at": iso_time(self.at)}
 
 
 class _Any:
@@ -637,11 +679,6 @@ class _Any:
 
 
 _ANY = _Any()
-
-_JOB_FIELDS = {"state", "candidates", "selection", "resolved_patch", "preview", "plan", "step",
-               "new_head", "backup_ref", "deploy_id", "error", "expires_at", "changed_by",
-               "resolved_by"}
-
 
 class JobStore:
     """Rescue jobs and their approvals, on the same file and thread as the `Store`."""
@@ -660,9 +697,10 @@ class JobStore:
             cursor = db.execute(
                 "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
                 "requester, reason, created_at, updated_at, expires_at, preview, plan) "
-                "VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app, base, bad_head, json.dumps(candidates), json.dumps(selection),
-                 requester, reason, now, now, expires_at, json.dumps(preview or {}), plan))
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app, JobState.PENDING, base, bad_head, json.dumps(candidates),
+                 json.dumps(selection), requester, reason, now, now, expires_at,
+                 json.dumps(preview or {}), plan))
             return int(cursor.lastrowid or 0)
 
         return await self.get(await self.store._run(self.store._write(insert)))
@@ -674,7 +712,7 @@ class JobStore:
             raise NotFound(f"no rescue job {job_id}")
         return _job(row)
 
-    async def find(self, *, app: str | None = None, state: str | None = None,
+    async def find(self, *, app: str | None = None, state: JobState | None = None,
                    limit: int = 200) -> list[Job]:
         """Jobs, newest first, optionally of one app and one state."""
         sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
@@ -689,24 +727,45 @@ class JobStore:
             lambda: self.store._conn().execute(sql, [*args, limit]).fetchall())
         return [_job(row) for row in rows]
 
-    async def update(self, job_id: int, *, expect: tuple[str, ...] | None = None,
-                     expect_plan: str | _Any | None = _ANY,
-                     expect_changed_by: str | _Any | None = _ANY, **fields: Any) -> Job | None:
-        """Set fields; with `expect`, only if the job is in one of those states (else None).
+    async def update(
+        self, job_id: int, *,
+        expect: tuple[JobState, ...] | None = None,
+        expect_plan: str | _Any | None = _ANY,
+        expect_changed_by: str | _Any | None = _ANY,
+        state: JobState | Unset = UNSET,
+        selection: list[str] | Unset = UNSET,
+        resolved_patch: str | Unset | None = UNSET,
+        preview: dict[str, Any] | Unset = UNSET,
+        plan: str | Unset | None = UNSET,
+        step: JobStep | Unset = UNSET,
+        new_head: str | Unset = UNSET,
+        backup_ref: str | Unset = UNSET,
+        deploy_id: int | Unset = UNSET,
+        error: str | Unset | None = UNSET,
+        changed_by: str | Unset = UNSET,
+        resolved_by: str | Unset | None = UNSET,
+    ) -> Job | None:
+        """Set the given fields (the others stay); with `expect`, only if the job is in one
+        of those states (else None).
 
         The conditional form is what makes two racing approvals safe: exactly one of them
         moves the job out of `pending`. `expect_plan` and `expect_changed_by` likewise
         require the plan and last changer the caller read.
         """
-        unknown = set(fields) - _JOB_FIELDS
-        if unknown:
-            raise ValueError(f"unknown job fields {sorted(unknown)}")
-        values = [json.dumps(v) if k in ("candidates", "selection", "preview")
-                  else _patch_column(v) if k == "resolved_patch" else v
-                  for k, v in fields.items()]
-        columns = ", ".join(f"{name} = ?" for name in fields)
-        sql = f"UPDATE jobs SET {columns}, updated_at = ? WHERE id = ?"
-        args: list[Any] = [*values, self.store.clock(), job_id]
+        given: dict[str, object] = {
+            "state": state,
+            "selection": selection if isinstance(selection, Unset) else json.dumps(selection),
+            "resolved_patch": resolved_patch if isinstance(resolved_patch, Unset)
+            else _patch_column(resolved_patch),
+            "preview": preview if isinstance(preview, Unset) else json.dumps(preview),
+            "plan": plan, "step": step, "new_head": new_head, "backup_ref": backup_ref,
+            "deploy_id": deploy_id, "error": error, "changed_by": changed_by,
+            "resolved_by": resolved_by,
+        }
+        fields = {name: value for name, value in given.items() if value is not UNSET}
+        columns = "".join(f"{name} = ?, " for name in fields)
+        sql = f"UPDATE jobs SET {columns}updated_at = ? WHERE id = ?"
+        args: list[Any] = [*fields.values(), self.store.clock(), job_id]
         if expect is not None:
             sql += f" AND state IN ({', '.join('?' for _ in expect)})"
             args.extend(expect)
@@ -739,16 +798,16 @@ class JobStore:
         return [Approval(r["id"], r["job_id"], r["decision"], r["actor"], r["plan"],
                          r["comment"], r["at"]) for r in rows]
 
-    async def counts(self, app: str) -> dict[str, int]:
+    async def counts(self, app: str) -> dict[JobState, int]:
         rows = await self.store._run(lambda: self.store._conn().execute(
             "SELECT state, COUNT(*) AS n FROM jobs WHERE app = ? GROUP BY state",
             (app,)).fetchall())
-        return {row["state"]: int(row["n"]) for row in rows}
+        return {JobState(row["state"]): int(row["n"]) for row in rows}
 
     async def oldest_pending(self, app: str) -> float | None:
         row = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT MIN(created_at) FROM jobs WHERE app = ? AND state = 'pending'",
-            (app,)).fetchone())
+            "SELECT MIN(created_at) FROM jobs WHERE app = ? AND state = ?",
+            (app, JobState.PENDING)).fetchone())
         return None if row is None or row[0] is None else float(row[0])
 
 
@@ -785,13 +844,14 @@ def _patch_text(value: str | bytes | None) -> str | None:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], app=row["app"], state=row["state"], base=row["base"],
+        id=row["id"], app=row["app"], state=JobState(row["state"]), base=row["base"],
         bad_head=row["bad_head"], candidates=json.loads(row["candidates"]),
         selection=json.loads(row["selection"]),
         resolved_patch=_patch_text(row["resolved_patch"]),
         preview=json.loads(row["preview"]), plan=row["plan"], requester=row["requester"],
         reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
-        expires_at=row["expires_at"], step=row["step"], new_head=row["new_head"],
+        expires_at=row["expires_at"], step=_optional(JobStep, row["step"]),
+        new_head=row["new_head"],
         backup_ref=row["backup_ref"], deploy_id=row["deploy_id"], error=row["error"],
         changed_by=row["changed_by"], resolved_by=row["resolved_by"],
     )
@@ -805,11 +865,20 @@ def event_from_row(row: sqlite3.Row) -> Event:
 
 def _deploy(row: sqlite3.Row) -> Deploy:
     return Deploy(
-        id=row["id"], app=row["app"], kind=row["kind"], revision=row["revision"],
+        id=row["id"], app=row["app"], kind=DeployKind(row["kind"]), revision=row["revision"],
         release=row["release"], previous_release=row["previous_release"],
-        previous_revision=row["previous_revision"], state=row["state"],
-        trigger=row["trigger"], actor=row["actor"], started_at=row["started_at"],
-        finished_at=row["finished_at"], error=row["error"], bake_state=row["bake_state"],
+        previous_revision=row["previous_revision"], state=DeployState(row["state"]),
+        trigger=Trigger(row["trigger"]), actor=row["actor"], started_at=row["started_at"],
+        finished_at=row["finished_at"], error=row["error"],
+        bake_state=_optional(BakeState, row["bake_state"]),
         bake_started_at=row["bake_started_at"], bake_until=row["bake_until"],
         forced=row["forced"],
     )
+
+
+W = TypeVar("W", bound=enum.StrEnum)
+
+
+def _optional(words: type[W], value: str | None) -> W | None:
+    """A nullable column read as one of `words`."""
+    return None if value is None else words(value)

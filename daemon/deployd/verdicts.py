@@ -18,10 +18,10 @@ from deployd.judge import BakeJudge, Judgement
 from deployd.operations import OperationSlot
 from deployd.progressive import Steps, next_step, step_label
 from deployd.rescue_flow import RescueFlow
-from deployd.rollout_store import Rollout, RolloutState
+from deployd.rollout_store import Rollout
 from deployd.rollouts import Rollouts
 from deployd.store import Deploy
-from deployd.vocabulary import BakeState, DeployState, EventKind, Trigger
+from deployd.vocabulary import BakeState, DeployState, EventKind, RolloutState, Trigger
 from deployd.watcher import BranchWatcher
 
 

@@ -8,10 +8,9 @@ from deployd.context import AppContext
 from deployd.errors import DeploydError
 from deployd.judge import BakeJudge
 from deployd.operations import OperationSlot
-from deployd.rollout_store import RolloutState
 from deployd.store import Deploy
-from deployd.store import _iso as iso
-from deployd.vocabulary import DeployKind, DeployState
+from deployd.timefmt import iso_time
+from deployd.vocabulary import DeployKind, DeployState, RolloutState
 from deployd.watcher import BranchWatcher
 
 
@@ -66,7 +65,8 @@ class AppViews:
             "plan": [{"step": s.index + 1, "spec": s.spec, "hosts": list(s.hosts),
                       "bake_seconds": s.bake} for s in rollout.steps],
             "analysis": figures or None, "compare": self.ctx.app.rollout.compare,
-            "started_at": iso(rollout.started_at), "updated_at": iso(rollout.updated_at),
+            "started_at": iso_time(rollout.started_at),
+            "updated_at": iso_time(rollout.updated_at),
         }
 
     async def detail(self) -> dict[str, Any]:
@@ -95,7 +95,8 @@ class AppViews:
     async def _latest(self, record: Deploy) -> dict[str, Any]:
         """The latest deploy or rollback, with what its hooks printed when it succeeded."""
         shown = record.to_json()
-        if record.state == DeployState.SUCCEEDED and record.kind in (DeployKind.DEPLOY, DeployKind.ROLLBACK):
+        if record.state == DeployState.SUCCEEDED \
+                and record.kind in (DeployKind.DEPLOY, DeployKind.ROLLBACK):
             event = await self.ctx.store.deploy_event(self.ctx.name, record.id,
                                                       f"{record.kind}.succeeded")
             if event is not None and "output" in event.data:
