@@ -139,7 +139,8 @@ class Steps:
         self.publish(rollout)
         word = state.value.replace("_", " ")
         await self.ctx.event(EventKind(f"rollout.{state.value}"),
-                             f"rollout of {short(record.revision)} {word} at {step_label(rollout)}: {reason}", actor=actor,
+                             f"rollout of {short(record.revision)} {word} at "
+                             f"{step_label(rollout)}: {reason}", actor=actor,
                              revision=record.revision,
                              data={"deploy": record.id, "step": rollout.step + 1,
                                    "hosts": list(rollout.on_new)})
