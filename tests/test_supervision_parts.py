@@ -20,7 +20,7 @@ import pytest
 
 from deployd.config import AppConfig, HostConfig, RollbackConfig
 from deployd.context import AppContext
-from deployd.errors import DeploydError
+from deployd.errors import ConnectError, DeploydError, FleetError
 from deployd.fleet import DeployOutcome, Fleet, RollbackOutcome
 from deployd.git import Mirror
 from deployd.health import HealthMonitor
@@ -31,7 +31,7 @@ from deployd.releases import HostState, Release
 from deployd.rescue import Rescue
 from deployd.store import Deploy, JobStore, Store
 from deployd.supervisor import AppSupervisor
-from tests.gitrepo import OriginRepo
+from tests.support.gitrepo import OriginRepo
 
 HOSTS = ("web1", "web2", "web3")
 FIX = "Fix tax rounding\n\nRescue: yes\n"
@@ -44,6 +44,7 @@ class MemoryFleet:
         self.current: dict[str, str | None] = dict.fromkeys(hosts)
         self.revisions: dict[str, str] = {}
         self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+        self.unreachable: set[str] = set()  # deploys touching these fail, switching nothing
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -60,12 +61,18 @@ class MemoryFleet:
                 for host, current in self.current.items()}
 
     async def deploy(self, revision: str, tarball: object, *, branch: str, actor: str,
-                     protect: Collection[str] = (), **_: Any) -> DeployOutcome:
-        release = f"r{len(self.revisions) + 1}"
+                     protect: Collection[str] = (), hosts: Iterable[str] | None = None,
+                     release: str | None = None, **_: Any) -> DeployOutcome:
+        chosen = tuple(hosts) if hosts is not None else self.hosts
+        if self.unreachable & set(chosen):
+            raise FleetError("prepare", {h: ConnectError(h, "connection refused")
+                                         for h in sorted(self.unreachable & set(chosen))})
+        release = release or f"r{len(self.revisions) + 1}"
         self.revisions[release] = revision
-        previous = dict(self.current)
-        self.current = dict.fromkeys(self.current, release)
-        self.calls.append(("deploy", release, self.hosts))
+        previous = {host: self.current[host] for host in chosen}
+        for host in chosen:
+            self.current[host] = release
+        self.calls.append(("deploy", release, chosen))
         return DeployOutcome(release=release, revision=revision, previous=previous, timings={},
                              pruned={}, warnings={}, seconds=0.0)
 
