@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.judging import (
+from tests.support.judging import (
     DaemonProcess,
     Daemons,
     Lab,
@@ -22,7 +22,7 @@ from tests.judging import (
     lab_maker,
     process_starter,
 )
-from tests.sshd import ClientKey, SshdHost, shared_dir
+from tests.support.sshd import ClientKey, SshdHost, shared_dir
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def sshd_host(sshd_factory: Callable[[], SshdHost]) -> SshdHost:
 
 @pytest.fixture
 async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
-    """Labs of N local hosts, each with its own health server (tests/judging.py)."""
+    """Labs of N local hosts, each with its own health server (tests/support/judging.py)."""
     async with lab_maker(tmp_path) as make:
         yield make
 
@@ -74,12 +74,6 @@ async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
     """`deployd run` subprocesses, stopped after the test."""
     async with process_starter() as make:
         yield make
-
-
-def write_known_hosts(path: Path, hosts: list[SshdHost]) -> Path:
-    """A known_hosts file naming exactly these hosts' keys."""
-    path.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
-    return path
 
 
 # Fixtures that start sshd hosts or hand files to the `deployd-test` login (root only), or a

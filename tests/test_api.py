@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from deployd.config import load
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
 
 APP = "shop"
 WRONG_TOKEN = "not-a-real-token-4f9a1c"

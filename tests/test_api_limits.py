@@ -17,8 +17,8 @@ from pygit2.enums import DiffOption
 
 from deployd.api import MAX_JSON_BYTES, MAX_PATCH_BYTES, MAX_TEXT_CHARS
 from deployd.git import MAX_BINARY_BYTES
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
 from tests.test_api import APP, assert_error
 
 APPROVER = {"Authorization": f"Bearer {TOKENS['approver'][0]}"}

@@ -1,9 +1,9 @@
 """Judging deploys end to end: the real daemon, real hosts, real health servers.
 
 Each host's health endpoint is a real aiohttp server that answers as the live release says
-(its health.txt; see tests/judging.py), so most tests only commit good or bad releases and
-deployd deploys them, watches their health, bakes, rolls back, quarantines and pauses by
-itself. Tests that need a fault not tied to a release switch a server to 500 directly.
+(its health.txt; see tests/support/healthservers.py), so most tests only commit good or bad
+releases and deployd deploys them, watches their health, bakes, rolls back, quarantines and
+pauses by itself. Tests that need a fault not tied to a release switch a server to 500 directly.
 """
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_known_hosts
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon
-from tests.gitrepo import OriginRepo
-from tests.healthservers import PrometheusServer, prometheus  # noqa: F401 - a fixture
-from tests.judging import (
-    APP,
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon
+from tests.support.gitrepo import OriginRepo
+from tests.support.healthservers import (  # noqa: F401 - a fixture
     BAD,
     GOOD,
+    PrometheusServer,
+    fail_after,
+    fail_for,
+    prometheus,
+    start_servers,
+)
+from tests.support.judging import (
+    APP,
     HOOKS,
     DaemonProcess,
     Daemons,
@@ -33,18 +38,14 @@ from tests.judging import (
     current_revision,
     deployed_and_baked,
     events_of,
-    fail_after,
-    fail_for,
     hooks_log,
     http_check,
     lab_from,
     revisions_log,
-    sample,
-    scrape,
-    start_servers,
     wait_event,
 )
-from tests.sshd import ClientKey, SshdHost
+from tests.support.metrics import sample, scrape
+from tests.support.sshd import ClientKey, SshdHost, write_known_hosts
 
 # -- bad deploys ----------------------------------------------------------------------------
 

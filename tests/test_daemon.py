@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonfixtures import RunningDaemon, start_daemon
-from tests.daemonlab import (
+from tests.support.daemonfixtures import RunningDaemon, start_daemon
+from tests.support.daemonlab import (
     APP,
     RELEASE,
     World,
@@ -36,9 +36,9 @@ from tests.daemonlab import (
     revision_of,
     revisions_log,
 )
-from tests.gitrepo import OriginRepo
-from tests.hostfixtures import vanish
-from tests.sshd import TEST_USER, chown_tree, shared_dir
+from tests.support.gitrepo import OriginRepo
+from tests.support.hostfixtures import vanish
+from tests.support.sshd import TEST_USER, chown_tree, shared_dir
 from tests.test_api import APP as API_APP
 from tests.test_api import spec_for
 

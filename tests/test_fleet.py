@@ -17,7 +17,7 @@ from deployd.fleet import Fleet, RollbackIncomplete
 from deployd.hosts import HostPool
 from deployd.releases import HostState, LockInfo
 from deployd.retry import instant_retries
-from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, vanish, wait_until
+from tests.support.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, vanish, wait_until
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from deployd import openapi
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec, start_daemon
+from tests.support.gitrepo import OriginRepo
 
 APP = "shop"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")

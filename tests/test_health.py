@@ -17,14 +17,14 @@ import pytest
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck
 from deployd.health import HealthChange, HealthMonitor
 from deployd.metrics import Metrics
-from tests import healthservers
-from tests.healthservers import (
+from tests.support import healthservers
+from tests.support.healthservers import (
     HealthServer,
     PrometheusServer,
     StartServers,
-    free_port,
     self_signed_tls,
 )
+from tests.support.net import free_port
 
 health_servers = healthservers.health_servers
 prometheus = healthservers.prometheus

@@ -20,7 +20,7 @@ from deployd.errors import CommandError, ConnectError
 from deployd.hosts import HostPool, LocalHost, SSHHost, privilege_drop
 from deployd.metrics import Metrics
 from deployd.retry import RetryPolicy, instant_retries
-from tests.hostfixtures import (
+from tests.support.hostfixtures import (
     Lab,
     command_lines_holding,
     lab_factory,
@@ -31,7 +31,8 @@ from tests.hostfixtures import (
     wait_for_file,
     wait_until,
 )
-from tests.sshd import TEST_USER, free_port
+from tests.support.net import free_port
+from tests.support.sshd import TEST_USER
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 

@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 
 from deployd.cli import TextFormatter
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec
-from tests.gitrepo import OriginRepo
-from tests.sshd import free_port
+from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec
+from tests.support.gitrepo import OriginRepo
+from tests.support.net import free_port
 from tests.test_reload import wait_http
 
 ROOT = Path(__file__).resolve().parents[1]

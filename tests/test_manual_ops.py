@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from deployd.git import CherryPickResult
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
 
 
 def spec_for(tmp_path: Path, **settings: object) -> tuple[DaemonSpec, OriginRepo]:

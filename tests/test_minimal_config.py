@@ -19,7 +19,7 @@ import pytest
 from deployd.config import Hooks
 from deployd.fleet import Fleet
 from deployd.hosts import HostPool
-from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, wait_until
+from tests.support.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, wait_until
 from tests.test_config import ROOT, with_ssh_files
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name

@@ -24,17 +24,16 @@ from aiohttp import web
 from deployd.config import load
 from deployd.errors import ConfigError
 from deployd.notifications import _retry_after, _slack_text
-from tests.judging import (
+from tests.support.healthservers import BAD, GOOD
+from tests.support.judging import (
     APP,
-    BAD,
-    GOOD,
     DaemonProcess,
     Daemons,
     Lab,
     MakeLab,
     wait_event,
 )
-from tests.sshd import free_port
+from tests.support.net import free_port
 
 SECRET = b"notify-secret-8e2f4a6c1b3d"
 URL_TOKEN = "T0001/B0002/very-secret-path-token"

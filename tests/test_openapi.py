@@ -9,8 +9,8 @@ from aiohttp import web
 
 from deployd import api
 from deployd.openapi import document
-from tests.daemonfixtures import AppSpec, DaemonSpec, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, start_daemon
+from tests.support.gitrepo import OriginRepo
 
 
 def server_routes() -> set[tuple[str, str]]:

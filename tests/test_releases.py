@@ -17,7 +17,7 @@ from deployd.config import AppConfig, Hooks, HostConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
 from deployd.hosts import Host, HostPool, LocalHost
 from deployd.releases import LockInfo, Releases, _check_name, is_release_name
-from tests.hostfixtures import (
+from tests.support.hostfixtures import (
     Lab,
     command_lines_holding,
     lab_factory,
@@ -28,7 +28,7 @@ from tests.hostfixtures import (
     wait_for_file,
     wait_until,
 )
-from tests.sshd import TEST_USER, shared_dir
+from tests.support.sshd import TEST_USER, shared_dir
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 

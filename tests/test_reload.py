@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 from deployd.app import reload_config
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
-from tests.sshd import free_port
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
+from tests.support.net import free_port
 
 
 def two_app_spec(tmp_path: Path) -> tuple[DaemonSpec, OriginRepo]:

@@ -17,12 +17,12 @@ from typing import Any
 import pygit2
 import pytest
 
-from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
+from tests.support.healthservers import BAD, GOOD
+from tests.support.metrics import sample, scrape
+from tests.support.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
     APP,
-    BAD,
     CONFLICT_CONFIG,
     FIX_AUTHOR,
-    GOOD,
     RESOLVED,
     Batch,
     Daemonish,
@@ -31,12 +31,10 @@ from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture 
     events,
     in_order,
     rescue_lab_fixture,
-    sample,
-    scrape,
     wait_event,
     wait_job,
 )
-from tests.sshd import chown_tree, shared_dir
+from tests.support.sshd import chown_tree, shared_dir
 
 CONFIG = "setting = 1\n"
 

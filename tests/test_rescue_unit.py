@@ -20,8 +20,8 @@ from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue, candidates_of, preselected, trailers
 from deployd.store import JobStore, Store
-from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
-from tests.rescuelab import RESOLVED
+from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
+from tests.support.rescuelab import RESOLVED
 
 T0 = 1_700_000_000.0
 FIX = "Fix tax rounding\n\nThe rate was rounded twice.\n\nRescue: yes\n"

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from deployd.listener import ClientLimitedServer
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
 from tests.test_api import APP
 
 ATTACKER, CLIENT = "127.0.0.3", "127.0.0.2"

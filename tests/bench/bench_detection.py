@@ -2,8 +2,8 @@
 
     python3 tests/bench/bench_detection.py [--hosts 1 10 50] [--runs 3] [--profile DIR]
 
-For each N: N real sshd hosts (one `sshd` each, as tests/sshd.py starts them), one real aiohttp
-health server per host, an origin repository and the real daemon as a subprocess
+For each N: N real sshd hosts (one `sshd` each, as tests/support/sshd.py starts them), one
+real aiohttp health server per host, an origin repository and the real daemon as a subprocess
 (`deployd run`). Each run deploys a good release and lets it bake, then a bad one; once its
 grace period is over every health server answers 500. Measured with this process's monotonic
 clock:
@@ -43,12 +43,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 
-from tests.conftest import write_known_hosts  # noqa: E402
-from tests.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
-from tests.gitrepo import OriginRepo  # noqa: E402
-from tests.healthservers import HealthServer  # noqa: E402
-from tests.judging import DaemonProcess, current_release, kinds  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
+from tests.support.gitrepo import OriginRepo  # noqa: E402
+from tests.support.healthservers import HealthServer  # noqa: E402
+from tests.support.judging import DaemonProcess, current_release, kinds  # noqa: E402
+from tests.support.sshd import (  # noqa: E402
+    ClientKey,
+    SshdHost,
+    shared_dir,
+    write_known_hosts,
+)
 
 APP = "bench"
 INTERVAL = 0.2  # seconds between probes of one host

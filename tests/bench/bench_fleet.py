@@ -2,7 +2,7 @@
 
     python3 tests/bench/bench_fleet.py [--hosts 1 10 50] [--repeat 7] [--files 40]
 
-Each host is its own OpenSSH sshd on loopback (tests/sshd.py; run as root, logging in as the
+Each host is its own OpenSSH sshd on loopback (tests/support/sshd.py; run as root, logging in as the
 unprivileged test user), with its own deploy directory. Connections are opened first (a daemon
 keeps them open), then each repetition times one `Fleet.deploy` of a small app (a tar of
 `--files` files, restart hook `touch tmp/restart.txt`) and one `Fleet.rollback` to the release
@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 
-from tests.hostfixtures import make_tarball, sha  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.hostfixtures import make_tarball, sha  # noqa: E402
+from tests.support.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
 
 from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig  # noqa: E402
 from deployd.fleet import Fleet  # noqa: E402

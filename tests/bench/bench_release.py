@@ -100,7 +100,7 @@ def _child(spec_path: str) -> None:
 
 
 def _origin(path: Path, files: dict[str, bytes]) -> str:
-    from tests.gitrepo import OriginRepo
+    from tests.support.gitrepo import OriginRepo
 
     origin = OriginRepo(path)
     return origin.commit(files, "release")  # type: ignore[arg-type]
@@ -137,7 +137,7 @@ def main() -> None:
         _child(args.child)
         return
     sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
-    from tests.sshd import ClientKey, SshdHost, shared_dir
+    from tests.support.sshd import ClientKey, SshdHost, shared_dir
 
     workdir = Path(tempfile.mkdtemp(prefix="deployd-bench-release-"))
     key = ClientKey.create(workdir)

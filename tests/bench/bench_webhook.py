@@ -36,11 +36,15 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 
-from tests.conftest import write_known_hosts  # noqa: E402
-from tests.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
-from tests.gitrepo import OriginRepo  # noqa: E402
-from tests.judging import DaemonProcess, current_release  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
+from tests.support.gitrepo import OriginRepo  # noqa: E402
+from tests.support.judging import DaemonProcess, current_release  # noqa: E402
+from tests.support.sshd import (  # noqa: E402
+    ClientKey,
+    SshdHost,
+    shared_dir,
+    write_known_hosts,
+)
 
 APP = "bench"
 SECRET = b"bench-webhook-secret-0123456789"

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from tests.support.net import free_port
+from tests.support.sshd import SshdHost
+from tests.support.waiting import eventually, wait_event
 
 from deployd.app import DAEMON, Daemon, create_application
 from deployd.config import load
 from deployd.listener import make_runner
-from tests.sshd import SshdHost, free_port
 
 TOKENS = {
     "reader": ("read-secret-0123456789", ["read"]),
@@ -188,23 +189,11 @@ class RunningDaemon:
     async def wait_for_event(self, app: str, kind: str, *, timeout: float = 20.0,
                              count: int = 1) -> dict[str, Any]:
         """Wait until the app's timeline holds `count` events of `kind`; return the last."""
-        deadline = time.monotonic() + timeout
-        while True:
-            matching = [e for e in await self.events(app) if e["kind"] == kind]
-            if len(matching) >= count:
-                return matching[count - 1]
-            if time.monotonic() > deadline:
-                kinds = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
-                raise AssertionError(f"no {kind!r} event after {timeout}s; timeline: {kinds}")
-            await asyncio.sleep(0.05)
+        return await wait_event(self, app, kind, count=count, within=timeout)
 
     async def wait_until(self, predicate: Callable[[], Awaitable[bool]], *,
                          timeout: float = 20.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not await predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.05)
+        await eventually(predicate, within=timeout, what=what)
 
 
 async def start_daemon(config_path: Path) -> RunningDaemon:
@@ -224,7 +213,7 @@ async def start_daemon(config_path: Path) -> RunningDaemon:
                          session=session)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class DaemonProcess:
@@ -257,18 +246,20 @@ class DaemonProcess:
         if self.session is None:
             self.session = aiohttp.ClientSession()
             self.api = Api(self.base, self.session)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
-            try:
-                status, _ = await self.api.call("GET", "/readyz", token=None)
-                if status == 200:
-                    return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"deployd not ready after {wait}s: {self.log.read_text()[-3000:]}")
+        async def log_tail() -> str:
+            return self.log.read_text()[-3000:]
+
+        await eventually(self._ready, within=wait, what="deployd ready", explain=log_tail)
+
+    async def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
+        try:
+            status, _ = await self.api.call("GET", "/readyz", token=None)
+        except aiohttp.ClientError:
+            return False
+        return bool(status == 200)
 
     def kill9(self) -> None:
         """SIGKILL the daemon, as a crash would."""
@@ -297,13 +288,5 @@ class DaemonProcess:
     async def wait_for_event(self, app: str, kind: str, *, within: float = 20.0,
                              count: int = 1, revision: str | None = None) -> dict[str, Any]:
         """Wait for the `count`-th event of `kind` (about `revision`, if given)."""
-        deadline = time.monotonic() + within
-        while True:
-            matching = [e for e in await self.events(app) if e["kind"] == kind
-                        and (revision is None or e["revision"] == revision)]
-            if len(matching) >= count:
-                return matching[count - 1]
-            if time.monotonic() > deadline:
-                timeline = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
-                raise AssertionError(f"no {kind!r} event after {within}s; timeline: {timeline}")
-            await asyncio.sleep(0.02)
+        return await wait_event(self, app, kind, revision, count=count, within=within,
+                                every=0.02)

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.support.sshd import ClientKey, SshdHost, descendants, shared_dir, write_known_hosts
 
 from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig
 from deployd.hosts import HostPool
 from deployd.retry import instant_retries
-from tests.conftest import write_known_hosts
-from tests.sshd import ClientKey, SshdHost, descendants, shared_dir
 
 
 def vanish(host: SshdHost) -> None:
