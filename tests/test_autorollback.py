@@ -46,6 +46,7 @@ from tests.support.judging import (
 )
 from tests.support.metrics import sample, scrape
 from tests.support.sshd import ClientKey, SshdHost, write_known_hosts
+from tests.support.waiting import wait_until
 
 # -- bad deploys ----------------------------------------------------------------------------
 
@@ -511,10 +512,8 @@ async def test_kill_after_some_hosts_rolled_back_finishes_only_the_others(
     lab.commit(BAD, "bad")
     await wait_event(daemon, "rollback.started")
     first, second = lab.deploy_dirs
-    deadline = time.monotonic() + 10
-    while current_release(first) != good_release and current_release(second) != good_release:
-        assert time.monotonic() < deadline, "no host was rolled back"
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: good_release in (current_release(first), current_release(second)),
+                     within=10, every=0.005, what="a host rolled back")
     daemon.kill9()
     switched = [d for d in lab.deploy_dirs if current_release(d) == good_release]
     assert len(switched) == 1, "both hosts switched before the kill; the test needs one"

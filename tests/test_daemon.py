@@ -39,6 +39,7 @@ from tests.support.daemonlab import (
 from tests.support.gitrepo import OriginRepo
 from tests.support.hostfixtures import vanish
 from tests.support.sshd import TEST_USER, chown_tree, shared_dir
+from tests.support.waiting import eventually, wait_until
 from tests.test_api import APP as API_APP
 from tests.test_api import spec_for
 
@@ -201,10 +202,9 @@ async def test_sshd_killed_mid_deploy_leaves_fleet_on_previous_release(
 
     world.origin.commit({"index.html": "v2\n", "SLOW": ""}, "second")
     victim = world.hosts[2]
-    deadline = time.monotonic() + 10
-    while len(releases(victim)) < 2:  # the new release is being prepared there
-        assert time.monotonic() < deadline, "the deploy never reached the host"
-        await asyncio.sleep(0.02)
+    # The new release is being prepared there.
+    await wait_until(lambda: len(releases(victim)) >= 2, within=10, every=0.02,
+                     what="the deploy reaching the host")
     await asyncio.sleep(0.3)
     vanish(victim)
 
@@ -492,11 +492,11 @@ async def test_sigterm_mid_deploy_finishes_the_deploy_and_exits_0(
         sys.executable, "-m", "deployd.cli", "run", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT)
     try:
-        deadline = time.monotonic() + 20
-        while not all(releases(host) for host in world.hosts):  # build hooks running
+        async def building() -> bool:  # build hooks running on every host
             assert process.returncode is None, await process.communicate()
-            assert time.monotonic() < deadline, "the deploy never reached the hosts"
-            await asyncio.sleep(0.02)
+            return all(releases(host) for host in world.hosts)
+
+        await eventually(building, within=20, every=0.02, what="the deploy reaching the hosts")
         assert all(current_link(host) is None for host in world.hosts)
         signalled = time.time()
         process.send_signal(signal.SIGTERM)

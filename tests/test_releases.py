@@ -25,10 +25,9 @@ from tests.support.hostfixtures import (
     pool,
     processes_matching,
     sha,
-    wait_for_file,
-    wait_until,
 )
 from tests.support.sshd import TEST_USER, shared_dir
+from tests.support.waiting import wait_until
 
 __all__ = ["lab_factory", "pool"]  # fixtures used by name
 
@@ -476,7 +475,7 @@ async def test_no_secret_reaches_a_command_line_on_the_host(lab: Lab, pool: Host
     preparing = asyncio.create_task(
         releases.prepare(R1, sha(1), TARBALL, branch="production", lock=lock))
     try:
-        await asyncio.to_thread(wait_for_file, release / "started")
+        await wait_until((release / "started").exists, every=0.02, what="the hook started")
         assert command_lines_holding(password, hook_mark, lock.token, actor) == []
     finally:
         (release / "go").touch()
@@ -567,7 +566,8 @@ async def test_local_run_as_timeout_stops_the_users_processes(user_dir: Path) ->
     with pytest.raises(CommandError) as caught:
         await host.run("sleep 765.25 & sleep 765.25; wait", timeout=0.5)
     assert caught.value.exit_status is None
-    assert wait_until(lambda: not processes_matching("sleep 765.25"), timeout=10)
+    await wait_until(lambda: not processes_matching("sleep 765.25"), within=10,
+                     what="the user's processes gone")
 
 
 async def test_hook_output_is_kept_in_order_and_logged_at_debug(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from tests.support.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the 
     wait_job,
 )
 from tests.support.sshd import chown_tree, shared_dir
+from tests.support.waiting import wait_until
 
 CONFIG = "setting = 1\n"
 
@@ -783,19 +783,16 @@ exit 0
 
 
 async def wait_file(path: Path, within: float = 30.0) -> str:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(path.exists):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        await asyncio.sleep(0.05)
+    await wait_until(path.exists, within=within, what=f"{path} appearing")
     return (await asyncio.to_thread(path.read_text)).strip()
 
 
 async def wait_remote(lab: RescueLab, sha: str, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while lab.remote_head() != sha:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
+    """Whether production reaches `sha` within `within` seconds (it may not: no failure)."""
+    try:
+        await wait_until(lambda: lab.remote_head() == sha, within=within)
+    except AssertionError:
+        return False
     return True
 
 

@@ -46,13 +46,14 @@ sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 from tests.support.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
 from tests.support.gitrepo import OriginRepo  # noqa: E402
 from tests.support.healthservers import HealthServer  # noqa: E402
-from tests.support.judging import DaemonProcess, current_release, kinds  # noqa: E402
+from tests.support.judging import DaemonProcess, current_release  # noqa: E402
 from tests.support.sshd import (  # noqa: E402
     ClientKey,
     SshdHost,
     shared_dir,
     write_known_hosts,
 )
+from tests.support.waiting import eventually, matching, timeline  # noqa: E402
 
 APP = "bench"
 INTERVAL = 0.2  # seconds between probes of one host
@@ -151,16 +152,16 @@ class Bench:
 
     async def wait_event(self, kind: str, revision: str | None = None, count: int = 1,
                          within: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + within
-        while True:
-            found = [e for e in kinds(await self.events(), kind)
-                     if revision is None or e["revision"] == revision]
-            if len(found) >= count:
-                return found[count - 1]
-            if time.monotonic() > deadline:
-                tail = [f"{e['kind']}: {e['message'][:120]}" for e in (await self.events())[-8:]]
-                raise RuntimeError(f"no {kind} after {within}s; last events: {tail}")
-            await asyncio.sleep(0.05)
+        async def found() -> list[dict[str, Any]]:
+            events = matching(await self.events(), kind, revision)
+            return events if len(events) >= count else []
+
+        async def tail() -> str:
+            return "last events: " + timeline((await self.events())[-8:])
+
+        events = await eventually(found, within=within, what=f"{count} {kind} event(s)",
+                                  explain=tail)
+        return events[count - 1]
 
     def commit(self, label: str) -> str:
         assert self.origin is not None

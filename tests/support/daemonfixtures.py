@@ -20,13 +20,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from tests.support.net import free_port
-from tests.support.sshd import SshdHost
-from tests.support.waiting import eventually, wait_event
 
 from deployd.app import DAEMON, Daemon, create_application
 from deployd.config import load
 from deployd.listener import make_runner
+from tests.support.net import free_port
+from tests.support.processes import stop_process
+from tests.support.sshd import SshdHost
+from tests.support.waiting import eventually, wait_event
 
 TOKENS = {
     "reader": ("read-secret-0123456789", ["read"]),
@@ -204,9 +205,7 @@ async def start_daemon(config_path: Path) -> RunningDaemon:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     base = f"http://127.0.0.1:{port}"
     session = aiohttp.ClientSession()
     return RunningDaemon(app=app, runner=runner, base=base, api=Api(base, session),
@@ -270,12 +269,7 @@ class DaemonProcess:
 
     async def close(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            await asyncio.to_thread(stop_process, self.process, 15)
             self.process = None
         if self.session is not None:
             await self.session.close()

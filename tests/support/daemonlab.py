@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
 from tests.support.gitrepo import OriginRepo
 from tests.support.sshd import ClientKey, SshdHost, chown_tree, write_known_hosts

@@ -12,6 +12,7 @@ import base64
 from pathlib import Path
 
 from aiohttp import web
+
 from tests.support.net import free_port
 
 HTTP_BACKEND = "/usr/lib/git-core/git-http-backend"

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
 from tests.support.net import answers_200, free_port
 from tests.support.processes import stop_process
 from tests.support.waiting import wait_until_blocking

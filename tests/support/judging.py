@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,10 +103,6 @@ def hooks_log(deploy_to: Path) -> list[str]:
         return (deploy_to / "shared" / "hooks.log").read_text().splitlines()
     except OSError:
         return []
-
-
-def kinds(events: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return matching(list(events), kind)
 
 
 # -- fixtures and waiting ----------------------------------------------------------------------

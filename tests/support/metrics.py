@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support.daemonfixtures import Api
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

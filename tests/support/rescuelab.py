@@ -21,6 +21,7 @@ from typing import Any
 
 import pygit2
 import pytest
+
 from tests.support import waiting
 from tests.support.daemonfixtures import (
     AppSpec,

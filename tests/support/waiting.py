@@ -20,6 +20,12 @@ def _timed_out(what: str, within: float, detail: str = "") -> AssertionError:
     return AssertionError(f"{what}: not within {within}s" + (f"; {detail}" if detail else ""))
 
 
+def _give_up_after(deadline: float, within: float, what: str,
+                   explain: Callable[[], str] | None) -> None:
+    if time.monotonic() > deadline:
+        raise _timed_out(what, within, explain() if explain else "")
+
+
 async def eventually(probe: Callable[[], Awaitable[T]], *, within: float = 20.0,
                      every: float = 0.05, what: str = "the condition",
                      explain: Callable[[], Awaitable[str]] | None = None) -> T:
@@ -28,13 +34,11 @@ async def eventually(probe: Callable[[], Awaitable[T]], *, within: float = 20.0,
     After `within` seconds the test fails with `what` (and `await explain()`, if given).
     """
     deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
+    while not (value := await probe()):
         if time.monotonic() > deadline:
             raise _timed_out(what, within, await explain() if explain else "")
         await asyncio.sleep(every)
+    return value
 
 
 async def wait_until(check: Callable[[], T], *, within: float = 20.0, every: float = 0.05,
@@ -42,13 +46,10 @@ async def wait_until(check: Callable[[], T], *, within: float = 20.0, every: flo
                      explain: Callable[[], str] | None = None) -> T:
     """`eventually` for a plain (non-async) check, sleeping without blocking the loop."""
     deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise _timed_out(what, within, explain() if explain else "")
+    while not (value := check()):
+        _give_up_after(deadline, within, what, explain)
         await asyncio.sleep(every)
+    return value
 
 
 def wait_until_blocking(check: Callable[[], T], *, within: float = 20.0, every: float = 0.05,
@@ -56,13 +57,10 @@ def wait_until_blocking(check: Callable[[], T], *, within: float = 20.0, every: 
                         explain: Callable[[], str] | None = None) -> T:
     """`wait_until` for plain code: sleeps the thread between checks."""
     deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise _timed_out(what, within, explain() if explain else "")
+    while not (value := check()):
+        _give_up_after(deadline, within, what, explain)
         time.sleep(every)
+    return value
 
 
 class HasEvents(Protocol):
