@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.judging import (
+# Before the support modules are first imported: their asserts explain themselves too.
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support.judging import (  # noqa: E402
     DaemonProcess,
     Daemons,
     Lab,
@@ -22,7 +25,15 @@ from tests.support.judging import (
     lab_maker,
     process_starter,
 )
-from tests.support.sshd import ClientKey, SshdHost, shared_dir
+from tests.support.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+
+# Fixtures defined next to the labs and servers they make, usable by name in every test.
+pytest_plugins = [
+    "tests.support.daemonlab",
+    "tests.support.healthservers",
+    "tests.support.hostfixtures",
+    "tests.support.rescuelab",
+]
 
 
 @pytest.fixture(scope="session")

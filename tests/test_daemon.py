@@ -29,7 +29,6 @@ from tests.support.daemonlab import (
     app_dir,
     current_link,
     current_release,
-    daemon_lab,
     host_label,
     lay_out_capistrano_release,
     releases,
@@ -42,8 +41,6 @@ from tests.support.sshd import TEST_USER, chown_tree, shared_dir
 from tests.support.waiting import eventually, wait_until
 from tests.test_api import APP as API_APP
 from tests.test_api import spec_for
-
-__all__ = ["daemon_lab"]  # fixture used by name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

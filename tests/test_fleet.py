@@ -17,10 +17,8 @@ from deployd.fleet import Fleet, RollbackIncomplete
 from deployd.hosts import HostPool
 from deployd.releases import HostState, LockInfo
 from deployd.retry import instant_retries
-from tests.support.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, vanish
+from tests.support.hostfixtures import Lab, make_tarball, sha, vanish
 from tests.support.waiting import wait_until
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
 
 START = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 

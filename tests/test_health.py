@@ -17,7 +17,6 @@ import pytest
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck
 from deployd.health import HealthChange, HealthMonitor
 from deployd.metrics import Metrics
-from tests.support import healthservers
 from tests.support.healthservers import (
     HealthServer,
     PrometheusServer,
@@ -25,9 +24,6 @@ from tests.support.healthservers import (
     self_signed_tls,
 )
 from tests.support.net import free_port
-
-health_servers = healthservers.health_servers
-prometheus = healthservers.prometheus
 
 URL = "http://{address}:{health_port}/healthz"
 

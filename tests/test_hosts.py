@@ -23,17 +23,13 @@ from deployd.retry import RetryPolicy, instant_retries
 from tests.support.hostfixtures import (
     Lab,
     command_lines_holding,
-    lab_factory,
     make_tarball,
-    pool,
     processes_matching,
     vanish,
 )
 from tests.support.net import free_port
 from tests.support.sshd import TEST_USER
 from tests.support.waiting import wait_until
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
 
 
 def _connections(listener_pid: int) -> int:

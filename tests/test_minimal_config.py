@@ -19,11 +19,9 @@ import pytest
 from deployd.config import Hooks
 from deployd.fleet import Fleet
 from deployd.hosts import HostPool
-from tests.support.hostfixtures import Lab, lab_factory, make_tarball, pool, sha
+from tests.support.hostfixtures import Lab, make_tarball, sha
 from tests.support.waiting import wait_until
 from tests.test_config import ROOT, with_ssh_files
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
 
 MINIMAL = ROOT / "config" / "minimal.toml"
 

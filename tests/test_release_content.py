@@ -11,11 +11,9 @@ import os
 from pathlib import Path
 
 from tests.support.daemonfixtures import RunningDaemon
-from tests.support.daemonlab import APP, WorldFactory, app_dir, daemon_lab, releases
+from tests.support.daemonlab import APP, WorldFactory, app_dir, releases
 from tests.support.gitrepo import OriginRepo
 from tests.support.sshd import SshdHost
-
-__all__ = ["daemon_lab"]  # fixture used by name
 
 FILE, EXEC, DIR, LINK = b"100644", b"100755", b"40000", b"120000"
 

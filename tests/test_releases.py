@@ -20,16 +20,12 @@ from deployd.releases import LockInfo, Releases, _check_name, is_release_name
 from tests.support.hostfixtures import (
     Lab,
     command_lines_holding,
-    lab_factory,
     make_tarball,
-    pool,
     processes_matching,
     sha,
 )
 from tests.support.sshd import TEST_USER, shared_dir
 from tests.support.waiting import wait_until
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
 
 R1, R2, R3 = "20240101000001", "20240101000002", "20240101000003"
 TARBALL = make_tarball({"index.html": "hello", "log/ignored.txt": "x", "bin/run": "#!/bin/sh\n"},

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.healthservers import BAD, GOOD
 from tests.support.metrics import sample, scrape
-from tests.support.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
+from tests.support.rescuelab import (
     APP,
     CONFLICT_CONFIG,
     FIX_AUTHOR,
@@ -27,9 +27,10 @@ from tests.support.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the 
     Daemonish,
     MakeLab,
     RescueLab,
+    backdoor_patch,
     events,
     in_order,
-    rescue_lab_fixture,
+    new_file_patch,
     wait_event,
     wait_job,
 )
@@ -653,21 +654,8 @@ async def test_distinct_approver_refuses_who_opened_the_job(rescue_lab: MakeLab)
     assert done["requester"] == "admin" and done["approvals"][0]["by"] == "approver"
 
 
-BACKDOOR = """\
-diff --git a/backdoor.sh b/backdoor.sh
-new file mode 100755
---- /dev/null
-+++ b/backdoor.sh
-@@ -0,0 +1,2 @@
-+#!/bin/sh
-+echo owned > /tmp/never-written
-diff --git a/tax.txt b/tax.txt
-new file mode 100644
---- /dev/null
-+++ b/tax.txt
-@@ -0,0 +1 @@
-+rate 0.2
-"""
+BACKDOOR = (backdoor_patch("echo owned > /tmp/never-written")
+            + new_file_patch("tax.txt", ["rate 0.2"]))
 
 
 async def test_one_approver_cannot_ship_their_own_patch(rescue_lab: MakeLab) -> None:

@@ -39,12 +39,7 @@ sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 from tests.support.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
 from tests.support.gitrepo import OriginRepo  # noqa: E402
 from tests.support.judging import DaemonProcess, current_release  # noqa: E402
-from tests.support.sshd import (  # noqa: E402
-    ClientKey,
-    SshdHost,
-    shared_dir,
-    write_known_hosts,
-)
+from tests.support.sshd import ClientKey, SshdHost, shared_dir, write_known_hosts  # noqa: E402
 
 APP = "bench"
 SECRET = b"bench-webhook-secret-0123456789"

@@ -25,7 +25,7 @@ from tests.support.daemonfixtures import (
     start_daemon,
 )
 from tests.support.gitrepo import OriginRepo
-from tests.support.healthservers import HealthServer, start_servers
+from tests.support.healthservers import GOOD, HealthServer, start_servers
 from tests.support.waiting import matching
 
 # Hooks append to a file in shared/ on each host, so tests can count what ran where.
@@ -214,3 +214,13 @@ async def deployed_and_baked(daemon: Waiter, revision: str) -> None:
     """Wait until `revision` was deployed and baked healthy."""
     await wait_event(daemon, "deploy.succeeded", revision)
     await wait_event(daemon, "bake.healthy", revision)
+
+
+async def process_with_good_live(lab: Lab, processes: Callable[[Lab], DaemonProcess]
+                                 ) -> tuple[DaemonProcess, str]:
+    """`deployd run` on the lab with a good release deployed and baked; that revision."""
+    good = lab.commit(GOOD, "good")
+    daemon = processes(lab)
+    await daemon.start()
+    await wait_event(daemon, "bake.healthy", good)
+    return daemon, good

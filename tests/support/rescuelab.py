@@ -39,6 +39,20 @@ from tests.support.waiting import eventually, matching, timeline
 APP = "shop"
 FIX_AUTHOR = ("Pat Fixer", "pat@example.com")
 
+
+
+def new_file_patch(path: str, lines: list[str], mode: str = "100644") -> str:
+    """A git patch that adds the file `path` holding `lines`."""
+    count = "" if len(lines) == 1 else f",{len(lines)}"
+    return (f"diff --git a/{path} b/{path}\nnew file mode {mode}\n--- /dev/null\n"
+            f"+++ b/{path}\n@@ -0,0 +1{count} @@\n" + "".join(f"+{line}\n" for line in lines))
+
+
+def backdoor_patch(command: str) -> str:
+    """A patch adding an executable backdoor.sh that runs `command`."""
+    return new_file_patch("backdoor.sh", ["#!/bin/sh", command], mode="100755")
+
+
 # A commit P edits config.txt after A changed it: P conflicts on the base; this is the
 # hand-resolved patch for it (and for the file P adds).
 CONFLICT_CONFIG = "# shop\nsetting = 1\ncurrency = EUR\n"
@@ -51,13 +65,7 @@ diff --git a/config.txt b/config.txt
 -setting = 1
 +setting = 3
  currency = EUR
-diff --git a/tax.txt b/tax.txt
-new file mode 100644
---- /dev/null
-+++ b/tax.txt
-@@ -0,0 +1 @@
-+rate 0.2
-"""
+""" + new_file_patch("tax.txt", ["rate 0.2"])
 
 
 # -- a daemon as a subprocess ------------------------------------------------------------------
