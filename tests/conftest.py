@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: real sshd hosts, a client key, known_hosts.
+"""Fixtures shared by the whole suite: real sshd hosts, a client key, labs and daemons; the
+fixtures of tests/support/ modules are plugged in here too (pytest_plugins).
 
 Tests that need root and the `deployd-test` login (sshd hosts, files handed to that user), and
 modules that run the daemon end to end for seconds a test, are marked `slow`, so that

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemonfixtures import RunningDaemon, start_daemon
+from tests.support.daemonfixtures import QUICK_BAKE, RunningDaemon, one_local_app, start_daemon
 from tests.support.daemonlab import (
     APP,
     RELEASE,
@@ -39,8 +39,6 @@ from tests.support.gitrepo import OriginRepo
 from tests.support.hostfixtures import vanish
 from tests.support.sshd import TEST_USER, chown_tree, shared_dir
 from tests.support.waiting import eventually, wait_until
-from tests.test_api import APP as API_APP
-from tests.test_api import spec_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -528,19 +526,19 @@ async def test_state_dir_and_its_files_are_private_whatever_the_umask(tmp_path: 
     state.chmod(0o755)
     (state / "deployd.sqlite3").touch()
     (state / "deployd.sqlite3").chmod(0o644)
-    config = spec_for(tmp_path, origin.path).write(tmp_path / "d.toml")
+    config = one_local_app(tmp_path, origin.path, rollback=QUICK_BAKE).write(tmp_path / "d.toml")
     old_umask = os.umask(0)
     try:
         daemon = await start_daemon(config)
         try:
-            await daemon.wait_for_event(API_APP, "deploy.succeeded")
+            await daemon.wait_for_event(APP, "deploy.succeeded")
             modes = {path.relative_to(state).as_posix(): path.lstat().st_mode & 0o777
                      for path in [state, *state.rglob("*")] if not path.is_symlink()}
         finally:
             await daemon.stop()
     finally:
         os.umask(old_umask)
-    for name in (".", "mirrors", "git-home", f"mirrors/{API_APP}.git"):
+    for name in (".", "mirrors", "git-home", f"mirrors/{APP}.git"):
         assert modes[name] == 0o700, (name, oct(modes[name]))
     for name in ("deployd.sqlite3", "deployd.sqlite3-wal", "deployd.sqlite3-shm"):
         assert modes[name] == 0o600, (name, oct(modes[name]))

@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from deployd.git import CherryPickResult
-from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.daemonfixtures import (
+    DaemonSpec,
+    RunningDaemon,
+    one_local_app,
+    start_daemon,
+)
 from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
 from tests.support.metrics import sample, scrape
 
@@ -17,9 +22,8 @@ from tests.support.metrics import sample, scrape
 def spec_for(tmp_path: Path, **settings: object) -> tuple[DaemonSpec, OriginRepo]:
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "v1")
-    app = AppSpec(name="shop", repo=origin.url, local_dirs=[tmp_path / "host"],
-                  rollback={"grace": "0s", "bake": "100ms"}, settings=dict(settings))
-    return DaemonSpec(state_dir=tmp_path / "state", apps=[app]), origin
+    return one_local_app(tmp_path, origin.path, rollback={"grace": "0s", "bake": "100ms"},
+                         settings=dict(settings)), origin
 
 
 async def test_manual_rollback_quarantines_the_revision_it_leaves(tmp_path: Path) -> None:

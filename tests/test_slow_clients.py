@@ -17,7 +17,12 @@ import aiohttp
 import pytest
 
 from deployd.listener import ClientLimitedServer
-from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.daemonfixtures import (
+    TOKENS,
+    RunningDaemon,
+    one_local_app,
+    start_daemon,
+)
 from tests.support.gitrepo import OriginRepo
 from tests.support.waiting import wait_until
 from tests.test_api import APP
@@ -77,8 +82,7 @@ async def close_all(clients: list[SlowClient]) -> None:
 async def daemon_with(tmp_path: Path, **settings: object) -> AsyncIterator[RunningDaemon]:
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "first")
-    app = AppSpec(name=APP, repo=str(origin.path), local_dirs=[tmp_path / "host"])
-    spec = DaemonSpec(state_dir=tmp_path / "state", apps=[app], daemon_settings=settings)
+    spec = one_local_app(tmp_path, origin.path, name=APP, daemon_settings=settings)
     daemon = await start_daemon(spec.write(tmp_path / "d.toml"))
     try:
         yield daemon

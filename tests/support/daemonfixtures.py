@@ -136,6 +136,21 @@ class DaemonSpec:
         return path
 
 
+# Rollback settings that judge a deploy in a blink: no grace, a 200 ms bake.
+QUICK_BAKE = {"grace": "0s", "bake": "200ms"}
+
+
+def one_local_app(tmp_path: Path, repo: str | Path, *, name: str = "shop",
+                  rollback: dict[str, Any] | None = None,
+                  settings: dict[str, Any] | None = None,
+                  daemon_settings: dict[str, Any] | None = None) -> DaemonSpec:
+    """A config for one app on one local host (`tmp_path/host`), state in `tmp_path/state`."""
+    app = AppSpec(name=name, repo=str(repo), local_dirs=[tmp_path / "host"],
+                  rollback=dict(rollback or {}), settings=dict(settings or {}))
+    return DaemonSpec(state_dir=tmp_path / "state", apps=[app],
+                      daemon_settings=dict(daemon_settings or {}))
+
+
 class Api:
     """An HTTP client for the daemon under test, one bearer token at a time."""
 
