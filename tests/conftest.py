@@ -8,7 +8,6 @@ modules that run the daemon end to end for seconds a test, are marked `slow`, so
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tests.support.judging import (  # noqa: E402
     lab_maker,
     process_starter,
 )
-from tests.support.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.sshd import ClientKey, SshdHost, remove_hosts, start_hosts  # noqa: E402
 
 # Fixtures defined next to the labs and servers they make, usable by name in every test.
 pytest_plugins = [
@@ -49,16 +48,11 @@ def sshd_factory(client_key: ClientKey) -> Iterator[Callable[[], SshdHost]]:
     started: list[SshdHost] = []
 
     def start() -> SshdHost:
-        # sshd reads authorized_keys as the login user: keep it out of root's private tmp.
-        host = SshdHost(workdir=shared_dir("deployd-sshd-"), client_key=client_key)
-        host.start()
-        started.append(host)
-        return host
+        started.extend(start_hosts(1, client_key))
+        return started[-1]
 
     yield start
-    for host in started:
-        host.cleanup()
-        shutil.rmtree(host.workdir, ignore_errors=True)
+    remove_hosts(started)
 
 
 @pytest.fixture

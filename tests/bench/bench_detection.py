@@ -47,7 +47,13 @@ from tests.support.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
 from tests.support.gitrepo import OriginRepo  # noqa: E402
 from tests.support.healthservers import HealthServer  # noqa: E402
 from tests.support.judging import DaemonProcess, current_release  # noqa: E402
-from tests.support.sshd import ClientKey, SshdHost, shared_dir, write_known_hosts  # noqa: E402
+from tests.support.sshd import (  # noqa: E402
+    ClientKey,
+    SshdHost,
+    remove_hosts,
+    start_hosts,
+    write_known_hosts,
+)
 from tests.support.waiting import eventually, matching, timeline  # noqa: E402
 
 APP = "bench"
@@ -98,10 +104,7 @@ class Bench:
 
     async def start(self) -> None:
         key = ClientKey.create(self.workdir)
-        for _ in range(self.count):
-            host = SshdHost(workdir=shared_dir("deployd-bench-sshd-"), client_key=key)
-            host.start()
-            self.hosts.append(host)
+        self.hosts = start_hosts(self.count, key, "deployd-bench-sshd-")
         for _ in range(self.count):
             server = HealthServer()
             await server.start()
@@ -131,9 +134,7 @@ class Bench:
             await self.daemon.close()
         for server in self.servers:
             await server.stop()
-        for host in self.hosts:
-            host.cleanup()
-            shutil.rmtree(host.workdir, ignore_errors=True)
+        remove_hosts(self.hosts)
 
     async def events(self) -> list[dict[str, Any]]:
         """Every event so far (read page by page: each host's health changes add up)."""

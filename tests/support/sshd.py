@@ -207,3 +207,22 @@ def write_known_hosts(path: Path, hosts: list[SshdHost]) -> Path:
     """A known_hosts file naming exactly these hosts' keys."""
     path.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
     return path
+
+
+def start_hosts(count: int, client_key: ClientKey, prefix: str = "deployd-sshd-"
+                ) -> list[SshdHost]:
+    """`count` started sshd hosts. sshd reads authorized_keys as the login user, so each
+    host's files sit in a `shared_dir`, out of root's private tmp."""
+    hosts = []
+    for _ in range(count):
+        host = SshdHost(workdir=shared_dir(prefix), client_key=client_key)
+        host.start()
+        hosts.append(host)
+    return hosts
+
+
+def remove_hosts(hosts: list[SshdHost]) -> None:
+    """Stop these hosts and delete their files."""
+    for host in hosts:
+        host.cleanup()
+        shutil.rmtree(host.workdir, ignore_errors=True)
