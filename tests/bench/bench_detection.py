@@ -40,21 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The imports after sys.path is set up stand below it.
+# ruff: noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 
-from tests.support.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
-from tests.support.gitrepo import OriginRepo  # noqa: E402
-from tests.support.healthservers import HealthServer  # noqa: E402
-from tests.support.judging import DaemonProcess, current_release  # noqa: E402
-from tests.support.sshd import (  # noqa: E402
-    ClientKey,
-    SshdHost,
-    remove_hosts,
-    start_hosts,
-    write_known_hosts,
-)
-from tests.support.waiting import eventually, matching, timeline  # noqa: E402
+from tests.support.daemonfixtures import AppSpec, DaemonSpec
+from tests.support.gitrepo import OriginRepo
+from tests.support.healthservers import HealthServer
+from tests.support.judging import DaemonProcess, current_release
+from tests.support.sshd import ClientKey, SshdHost, remove_hosts, start_hosts, write_known_hosts
+from tests.support.waiting import eventually, matching, timeline
 
 APP = "bench"
 INTERVAL = 0.2  # seconds between probes of one host

@@ -25,11 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# The imports after sys.path is set up stand below it.
+# ruff: noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 
-from tests.support.hostfixtures import make_tarball, sha  # noqa: E402
-from tests.support.sshd import (  # noqa: E402
+from tests.support.hostfixtures import make_tarball, sha
+from tests.support.sshd import (
     ClientKey,
     SshdHost,
     remove_hosts,
@@ -38,9 +40,9 @@ from tests.support.sshd import (  # noqa: E402
     write_known_hosts,
 )
 
-from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig  # noqa: E402
-from deployd.fleet import Fleet  # noqa: E402
-from deployd.hosts import HostPool  # noqa: E402
+from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig
+from deployd.fleet import Fleet
+from deployd.hosts import HostPool
 
 ROLLBACK_TARGET = 0.6  # seconds, 50 hosts, warm connections
 DEPLOY_TARGET = 3.0
