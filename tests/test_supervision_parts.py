@@ -31,7 +31,7 @@ from deployd.releases import HostState, Release
 from deployd.rescue import Rescue
 from deployd.store import Deploy, JobStore, Store
 from deployd.supervisor import AppSupervisor
-from tests.gitrepo import OriginRepo
+from tests.support.gitrepo import OriginRepo
 
 HOSTS = ("web1", "web2", "web3")
 FIX = "Fix tax rounding\n\nRescue: yes\n"
