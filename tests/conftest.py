@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: real sshd hosts, a client key, known_hosts.
+"""Fixtures shared by the whole suite: real sshd hosts, a client key, labs and daemons; the
+fixtures of tests/support/ modules are plugged in here too (pytest_plugins).
 
 Tests that need root and the `deployd-test` login (sshd hosts, files handed to that user), and
 modules that run the daemon end to end for seconds a test, are marked `slow`, so that
@@ -7,13 +8,15 @@ modules that run the daemon end to end for seconds a test, are marked `slow`, so
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.judging import (
+# Before the support modules are first imported: their asserts explain themselves too.
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support.judging import (  # noqa: E402
     DaemonProcess,
     Daemons,
     Lab,
@@ -22,7 +25,15 @@ from tests.judging import (
     lab_maker,
     process_starter,
 )
-from tests.sshd import ClientKey, SshdHost, shared_dir
+from tests.support.sshd import ClientKey, SshdHost, remove_hosts, start_hosts  # noqa: E402
+
+# Fixtures defined next to the labs and servers they make, usable by name in every test.
+pytest_plugins = [
+    "tests.support.daemonlab",
+    "tests.support.healthservers",
+    "tests.support.hostfixtures",
+    "tests.support.rescuelab",
+]
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +48,11 @@ def sshd_factory(client_key: ClientKey) -> Iterator[Callable[[], SshdHost]]:
     started: list[SshdHost] = []
 
     def start() -> SshdHost:
-        # sshd reads authorized_keys as the login user: keep it out of root's private tmp.
-        host = SshdHost(workdir=shared_dir("deployd-sshd-"), client_key=client_key)
-        host.start()
-        started.append(host)
-        return host
+        started.extend(start_hosts(1, client_key))
+        return started[-1]
 
     yield start
-    for host in started:
-        host.cleanup()
-        shutil.rmtree(host.workdir, ignore_errors=True)
+    remove_hosts(started)
 
 
 @pytest.fixture
@@ -57,7 +63,7 @@ def sshd_host(sshd_factory: Callable[[], SshdHost]) -> SshdHost:
 
 @pytest.fixture
 async def make_lab(tmp_path: Path) -> AsyncIterator[MakeLab]:
-    """Labs of N local hosts, each with its own health server (tests/judging.py)."""
+    """Labs of N local hosts, each with its own health server (tests/support/judging.py)."""
     async with lab_maker(tmp_path) as make:
         yield make
 
@@ -74,12 +80,6 @@ async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
     """`deployd run` subprocesses, stopped after the test."""
     async with process_starter() as make:
         yield make
-
-
-def write_known_hosts(path: Path, hosts: list[SshdHost]) -> Path:
-    """A known_hosts file naming exactly these hosts' keys."""
-    path.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
-    return path
 
 
 # Fixtures that start sshd hosts or hand files to the `deployd-test` login (root only), or a

@@ -17,8 +17,15 @@ import aiohttp
 import pytest
 
 from deployd.config import load
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import (
+    QUICK_BAKE,
+    TOKENS,
+    DaemonSpec,
+    RunningDaemon,
+    one_local_app,
+    start_daemon,
+)
+from tests.support.gitrepo import OriginRepo
 
 APP = "shop"
 WRONG_TOKEN = "not-a-real-token-4f9a1c"
@@ -26,9 +33,7 @@ SECRETS = [secret for secret, _ in TOKENS.values()] + [WRONG_TOKEN]
 
 
 def spec_for(tmp_path: Path, repo: Path) -> DaemonSpec:
-    app = AppSpec(name=APP, repo=str(repo), local_dirs=[tmp_path / "host"],
-                  rollback={"grace": "0s", "bake": "200ms"})
-    return DaemonSpec(state_dir=tmp_path / "state", apps=[app])
+    return one_local_app(tmp_path, repo, name=APP, rollback=QUICK_BAKE)
 
 
 @pytest.fixture

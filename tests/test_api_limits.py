@@ -17,8 +17,14 @@ from pygit2.enums import DiffOption
 
 from deployd.api import MAX_JSON_BYTES, MAX_PATCH_BYTES, MAX_TEXT_CHARS
 from deployd.git import MAX_BINARY_BYTES
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import (
+    QUICK_BAKE,
+    TOKENS,
+    RunningDaemon,
+    one_local_app,
+    start_daemon,
+)
+from tests.support.gitrepo import OriginRepo
 from tests.test_api import APP, assert_error
 
 APPROVER = {"Authorization": f"Bearer {TOKENS['approver'][0]}"}
@@ -37,9 +43,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     """The daemon with one app and a pending rescue job (base: first commit)."""
     origin = OriginRepo(tmp_path / "origin.git")
     base = origin.commit({"index.html": "v1\n", "logo.bin": b"\x00\x01logo"}, "first")
-    app = AppSpec(name=APP, repo=str(origin.path), local_dirs=[tmp_path / "host"],
-                  rollback={"grace": "0s", "bake": "200ms"})
-    config = DaemonSpec(state_dir=tmp_path / "state", apps=[app]).write(tmp_path / "d.toml")
+    config = one_local_app(tmp_path, origin.path, name=APP, rollback=QUICK_BAKE).write(
+        tmp_path / "d.toml")
     daemon = await start_daemon(config)
     try:
         await daemon.wait_for_event(APP, "deploy.succeeded")

@@ -1,9 +1,9 @@
 """Judging deploys end to end: the real daemon, real hosts, real health servers.
 
 Each host's health endpoint is a real aiohttp server that answers as the live release says
-(its health.txt; see tests/judging.py), so most tests only commit good or bad releases and
-deployd deploys them, watches their health, bakes, rolls back, quarantines and pauses by
-itself. Tests that need a fault not tied to a release switch a server to 500 directly.
+(its health.txt; see tests/support/healthservers.py), so most tests only commit good or bad
+releases and deployd deploys them, watches their health, bakes, rolls back, quarantines and
+pauses by itself. Tests that need a fault not tied to a release switch a server to 500 directly.
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_known_hosts
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon
-from tests.gitrepo import OriginRepo
-from tests.healthservers import PrometheusServer, prometheus  # noqa: F401 - a fixture
-from tests.judging import (
-    APP,
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon
+from tests.support.gitrepo import OriginRepo
+from tests.support.healthservers import (
     BAD,
     GOOD,
+    PrometheusServer,
+    fail_after,
+    fail_for,
+    start_servers,
+)
+from tests.support.judging import (
+    APP,
     HOOKS,
     DaemonProcess,
     Daemons,
@@ -33,18 +37,16 @@ from tests.judging import (
     current_revision,
     deployed_and_baked,
     events_of,
-    fail_after,
-    fail_for,
     hooks_log,
     http_check,
     lab_from,
+    process_with_good_live,
     revisions_log,
-    sample,
-    scrape,
-    start_servers,
     wait_event,
 )
-from tests.sshd import ClientKey, SshdHost
+from tests.support.metrics import sample, scrape
+from tests.support.sshd import ClientKey, SshdHost, write_known_hosts
+from tests.support.waiting import timeline, wait_until
 
 # -- bad deploys ----------------------------------------------------------------------------
 
@@ -423,10 +425,7 @@ async def test_restart_in_the_middle_of_bake_resumes_it_and_rolls_back_once(
         make_lab: MakeLab, processes: Callable[[Lab], DaemonProcess]) -> None:
     """kill -9 during a bake: on restart the bake resumes; a host going bad rolls back once."""
     lab = await make_lab(2, rollback={"grace": "300ms", "bake": "2500ms"})
-    good = lab.commit(GOOD, "good")
-    daemon = processes(lab)
-    await daemon.start()
-    await wait_event(daemon, "bake.healthy", good)
+    daemon, good = await process_with_good_live(lab, processes)
     bad = lab.commit(fail_after(1.5), "goes bad after a while")
     await wait_event(daemon, "deploy.succeeded", bad)
     daemon.kill9()
@@ -448,18 +447,15 @@ async def test_bake_window_run_out_while_down_is_judged_on_fresh_evidence(
         make_lab: MakeLab, processes: Callable[[Lab], DaemonProcess]) -> None:
     """Down past the end of the bake window: at restart the failing release is rolled back."""
     lab = await make_lab(2, rollback={"grace": "300ms", "bake": "1s"})
-    good = lab.commit(GOOD, "good")
-    daemon = processes(lab)
-    await daemon.start()
-    await wait_event(daemon, "bake.healthy", good)
+    daemon, good = await process_with_good_live(lab, processes)
     bad = lab.commit(fail_after(0.5), "goes bad soon after going live")
     await wait_event(daemon, "deploy.succeeded", bad)
     daemon.kill9()
     await asyncio.sleep(2.0)  # the whole window passes with nobody watching
     await daemon.start()
     await wait_event(daemon, "rollback.succeeded")
-    timeline = [f"{e['kind']}: {e['message']}" for e in await daemon.events(APP)]
-    assert not await events_of(daemon, "bake.healthy", bad), timeline
+    story = timeline(await daemon.events(APP))
+    assert not await events_of(daemon, "bake.healthy", bad), story
     assert [e["revision"] for e in await events_of(daemon, "quarantine.added")] == [bad]
     for deploy_to in lab.deploy_dirs:
         assert current_revision(deploy_to) == good
@@ -471,10 +467,7 @@ async def test_kill_around_an_automatic_rollback_never_rolls_back_twice(
     """kill -9 just after a rollback started or finished: after restart, no second rollback."""
     hooks = {**HOOKS, "rollback": "sleep 0.5; " + HOOKS["rollback"]}
     lab = await make_lab(2, hooks=hooks, rollback={"grace": "300ms", "bake": "1200ms"})
-    good = lab.commit(GOOD, "good")
-    daemon = processes(lab)
-    await daemon.start()
-    await wait_event(daemon, "bake.healthy", good)
+    daemon, good = await process_with_good_live(lab, processes)
     bad = lab.commit(BAD, "bad")
     await wait_event(daemon, moment)
     daemon.kill9()
@@ -482,10 +475,10 @@ async def test_kill_around_an_automatic_rollback_never_rolls_back_twice(
     await daemon.start()
     await wait_event(daemon, "bake.healthy", good, count=2, within=30)
     await asyncio.sleep(0.6)
-    timeline = [f"{e['kind']}: {e['message']}" for e in await daemon.events(APP)]
-    assert len(await events_of(daemon, "rollback.started")) == 1, timeline
-    assert len(await events_of(daemon, "rollback.succeeded")) <= 1, timeline
-    assert len(await events_of(daemon, "deploy.started", bad)) == 1, timeline
+    story = timeline(await daemon.events(APP))
+    assert len(await events_of(daemon, "rollback.started")) == 1, story
+    assert len(await events_of(daemon, "rollback.succeeded")) <= 1, story
+    assert len(await events_of(daemon, "deploy.started", bad)) == 1, story
     for deploy_to in lab.deploy_dirs:
         assert current_revision(deploy_to) == good
         assert sum("rolled back" in line for line in revisions_log(deploy_to)) == 1
@@ -502,18 +495,13 @@ async def test_kill_after_some_hosts_rolled_back_finishes_only_the_others(
     hooks = {**HOOKS, "rollback": "sleep 0.8; " + HOOKS["rollback"]}
     lab = await make_lab(2, hooks=hooks, settings={"parallel": 1},
                          rollback={"grace": "300ms", "bake": "1200ms"})
-    good = lab.commit(GOOD, "good")
-    daemon = processes(lab)
-    await daemon.start()
-    await wait_event(daemon, "bake.healthy", good)
+    daemon, good = await process_with_good_live(lab, processes)
     good_release = current_release(lab.deploy_dirs[0])
     lab.commit(BAD, "bad")
     await wait_event(daemon, "rollback.started")
     first, second = lab.deploy_dirs
-    deadline = time.monotonic() + 10
-    while current_release(first) != good_release and current_release(second) != good_release:
-        assert time.monotonic() < deadline, "no host was rolled back"
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: good_release in (current_release(first), current_release(second)),
+                     within=10, every=0.005, what="a host rolled back")
     daemon.kill9()
     switched = [d for d in lab.deploy_dirs if current_release(d) == good_release]
     assert len(switched) == 1, "both hosts switched before the kill; the test needs one"
@@ -531,7 +519,7 @@ async def test_kill_after_some_hosts_rolled_back_finishes_only_the_others(
 
 
 async def test_metric_check_over_its_max_during_bake_rolls_back(
-        make_lab: MakeLab, daemons: Daemons, prometheus: PrometheusServer) -> None:  # noqa: F811
+        make_lab: MakeLab, daemons: Daemons, prometheus: PrometheusServer) -> None:
     """A PromQL check above its max during bake (real Prometheus) rolls the deploy back."""
     await prometheus.set_error_ratio(0.0)
     check = {"name": "error-rate", "type": "prometheus", "server": prometheus.url,
@@ -561,7 +549,7 @@ async def test_metric_check_over_its_max_during_bake_rolls_back(
 
 
 async def test_metric_check_without_data_through_bake_pauses_instead_of_rolling_back(
-        make_lab: MakeLab, daemons: Daemons, prometheus: PrometheusServer) -> None:  # noqa: F811
+        make_lab: MakeLab, daemons: Daemons, prometheus: PrometheusServer) -> None:
     """A PromQL check with no data for the whole bake window pauses the app; no rollback."""
     check = {"name": "latency", "type": "prometheus", "server": prometheus.url,
              "query": "deployd_test_metric_nobody_exports", "max": 1, "interval": "200ms"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonfixtures import AppSpec, DaemonSpec
+from tests.support.daemonfixtures import AppSpec, DaemonSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

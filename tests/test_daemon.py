@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonfixtures import RunningDaemon, start_daemon
-from tests.daemonlab import (
+from tests.support.daemonfixtures import QUICK_BAKE, RunningDaemon, one_local_app, start_daemon
+from tests.support.daemonlab import (
     APP,
     RELEASE,
     World,
@@ -29,20 +29,16 @@ from tests.daemonlab import (
     app_dir,
     current_link,
     current_release,
-    daemon_lab,
     host_label,
     lay_out_capistrano_release,
     releases,
     revision_of,
     revisions_log,
 )
-from tests.gitrepo import OriginRepo
-from tests.hostfixtures import vanish
-from tests.sshd import TEST_USER, chown_tree, shared_dir
-from tests.test_api import APP as API_APP
-from tests.test_api import spec_for
-
-__all__ = ["daemon_lab"]  # fixture used by name
+from tests.support.gitrepo import OriginRepo
+from tests.support.hostfixtures import vanish
+from tests.support.sshd import TEST_USER, chown_tree, shared_dir
+from tests.support.waiting import eventually, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,10 +197,9 @@ async def test_sshd_killed_mid_deploy_leaves_fleet_on_previous_release(
 
     world.origin.commit({"index.html": "v2\n", "SLOW": ""}, "second")
     victim = world.hosts[2]
-    deadline = time.monotonic() + 10
-    while len(releases(victim)) < 2:  # the new release is being prepared there
-        assert time.monotonic() < deadline, "the deploy never reached the host"
-        await asyncio.sleep(0.02)
+    # The new release is being prepared there.
+    await wait_until(lambda: len(releases(victim)) >= 2, within=10, every=0.02,
+                     what="the deploy reaching the host")
     await asyncio.sleep(0.3)
     vanish(victim)
 
@@ -492,11 +487,11 @@ async def test_sigterm_mid_deploy_finishes_the_deploy_and_exits_0(
         sys.executable, "-m", "deployd.cli", "run", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO_ROOT)
     try:
-        deadline = time.monotonic() + 20
-        while not all(releases(host) for host in world.hosts):  # build hooks running
+        async def building() -> bool:  # build hooks running on every host
             assert process.returncode is None, await process.communicate()
-            assert time.monotonic() < deadline, "the deploy never reached the hosts"
-            await asyncio.sleep(0.02)
+            return all(releases(host) for host in world.hosts)
+
+        await eventually(building, within=20, every=0.02, what="the deploy reaching the hosts")
         assert all(current_link(host) is None for host in world.hosts)
         signalled = time.time()
         process.send_signal(signal.SIGTERM)
@@ -531,19 +526,19 @@ async def test_state_dir_and_its_files_are_private_whatever_the_umask(tmp_path: 
     state.chmod(0o755)
     (state / "deployd.sqlite3").touch()
     (state / "deployd.sqlite3").chmod(0o644)
-    config = spec_for(tmp_path, origin.path).write(tmp_path / "d.toml")
+    config = one_local_app(tmp_path, origin.path, rollback=QUICK_BAKE).write(tmp_path / "d.toml")
     old_umask = os.umask(0)
     try:
         daemon = await start_daemon(config)
         try:
-            await daemon.wait_for_event(API_APP, "deploy.succeeded")
+            await daemon.wait_for_event(APP, "deploy.succeeded")
             modes = {path.relative_to(state).as_posix(): path.lstat().st_mode & 0o777
                      for path in [state, *state.rglob("*")] if not path.is_symlink()}
         finally:
             await daemon.stop()
     finally:
         os.umask(old_umask)
-    for name in (".", "mirrors", "git-home", f"mirrors/{API_APP}.git"):
+    for name in (".", "mirrors", "git-home", f"mirrors/{APP}.git"):
         assert modes[name] == 0o700, (name, oct(modes[name]))
     for name in ("deployd.sqlite3", "deployd.sqlite3-wal", "deployd.sqlite3-shm"):
         assert modes[name] == 0o600, (name, oct(modes[name]))

@@ -17,9 +17,8 @@ from deployd.fleet import Fleet, RollbackIncomplete
 from deployd.hosts import HostPool
 from deployd.releases import HostState, LockInfo
 from deployd.retry import instant_retries
-from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, vanish, wait_until
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
+from tests.support.hostfixtures import Lab, make_tarball, sha, vanish
+from tests.support.waiting import wait_until
 
 START = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -125,8 +124,8 @@ async def test_sshd_killed_mid_deploy_leaves_the_fleet_consistent(
     first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
     deploying = asyncio.create_task(
         fleet.deploy(sha(2), tarball(2), branch="production", actor="alice"))
-    assert await asyncio.to_thread(wait_until, lambda: all(
-        list((root / "releases").glob("*/building")) for root in roots(app)))
+    await wait_until(lambda: all(list((root / "releases").glob("*/building"))
+                                 for root in roots(app)), within=5.0, what="every host building")
     vanish(lab.hosts[1])
     gate.touch()
     with pytest.raises(FleetError) as caught:
@@ -261,8 +260,8 @@ async def test_host_vanishing_mid_rollback_does_not_stop_the_others(
     first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
     await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
     rolling = asyncio.create_task(fleet.rollback(first.release, reason="bad", actor="bob"))
-    assert await asyncio.to_thread(
-        wait_until, lambda: all((root / "rolling").exists() for root in roots(app)))
+    await wait_until(lambda: all((root / "rolling").exists() for root in roots(app)),
+                     within=5.0, what="every host rolling back")
     vanish(lab.hosts[0])
     gate.touch()
     with pytest.raises(RollbackIncomplete) as caught:
@@ -347,8 +346,8 @@ async def test_cancelling_a_deploy_during_the_switch_finishes_the_switch(
     await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
     deploying = asyncio.create_task(
         fleet.deploy(sha(2), tarball(2), branch="production", actor="alice"))
-    assert await asyncio.to_thread(
-        wait_until, lambda: any((root / "restarting").exists() for root in roots(app)))
+    await wait_until(lambda: any((root / "restarting").exists() for root in roots(app)),
+                     within=5.0, what="a host restarting")
     deploying.cancel()
     with pytest.raises(asyncio.CancelledError):
         await deploying

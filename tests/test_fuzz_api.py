@@ -21,8 +21,13 @@ from pathlib import Path
 import pytest
 
 from deployd import openapi
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import (
+    QUICK_BAKE,
+    TOKENS,
+    one_local_app,
+    start_daemon,
+)
+from tests.support.gitrepo import OriginRepo
 
 APP = "shop"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
@@ -38,9 +43,7 @@ async def fuzz(tmp_path: Path, token: str, *, fixed_paths: bool) -> str:
     """Start a fresh daemon, run schemathesis on it with `token`; its output (exit 0)."""
     origin = OriginRepo(tmp_path / "origin.git")
     base = origin.commit({"index.html": "v1\n"}, "first")
-    app = AppSpec(name=APP, repo=str(origin.path), local_dirs=[tmp_path / "host"],
-                  rollback={"grace": "0s", "bake": "200ms"})
-    spec = DaemonSpec(state_dir=tmp_path / "state", apps=[app])
+    spec = one_local_app(tmp_path, origin.path, name=APP, rollback=QUICK_BAKE)
     daemon = await start_daemon(spec.write(tmp_path / "deployd.toml"))
     try:
         await daemon.wait_for_event(APP, "deploy.succeeded")

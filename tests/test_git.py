@@ -32,10 +32,9 @@ from deployd.git import (
     RefUpdate,
     check_patch_sizes,
 )
-from tests.conftest import write_known_hosts
-from tests.githttp import GitHttpServer
-from tests.gitrepo import OriginRepo, write_raw_tree
-from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
+from tests.support.githttp import GitHttpServer
+from tests.support.gitrepo import OriginRepo, write_raw_tree
+from tests.support.sshd import ClientKey, SshdHost, chown_tree, shared_dir, write_known_hosts
 
 
 @pytest.fixture

@@ -20,17 +20,13 @@ from deployd.analysis import Verdict, compare
 from deployd.config import AppConfig, HostConfig, HttpCheck, PrometheusCheck
 from deployd.health import GroupValue, HealthChange, HealthMonitor, ProbeOutcome, hosts_regex
 from deployd.metrics import Metrics
-from tests import healthservers
-from tests.healthservers import (
+from tests.support.healthservers import (
     HealthServer,
     PrometheusServer,
     StartServers,
-    free_port,
     self_signed_tls,
 )
-
-health_servers = healthservers.health_servers
-prometheus = healthservers.prometheus
+from tests.support.net import free_port
 
 URL = "http://{address}:{health_port}/healthz"
 

@@ -20,20 +20,16 @@ from deployd.errors import CommandError, ConnectError
 from deployd.hosts import HostPool, LocalHost, SSHHost, privilege_drop
 from deployd.metrics import Metrics
 from deployd.retry import RetryPolicy, instant_retries
-from tests.hostfixtures import (
+from tests.support.hostfixtures import (
     Lab,
     command_lines_holding,
-    lab_factory,
     make_tarball,
-    pool,
     processes_matching,
     vanish,
-    wait_for_file,
-    wait_until,
 )
-from tests.sshd import TEST_USER, free_port
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
+from tests.support.net import free_port
+from tests.support.sshd import TEST_USER
+from tests.support.waiting import wait_until
 
 
 def _connections(listener_pid: int) -> int:
@@ -138,7 +134,8 @@ async def test_timeout_stops_the_remote_command(lab: Lab, pool: HostPool) -> Non
         await host.run("sleep 987.25; echo never", timeout=1, check=False)
     assert caught.value.exit_status is None
     assert time.monotonic() - began < 4
-    assert wait_until(lambda: not processes_matching("sleep 987.25"), timeout=3)
+    await wait_until(lambda: not processes_matching("sleep 987.25"), within=3,
+                     what="the remote command gone")
     assert (await host.run("echo still usable", timeout=10)).stdout == "still usable\n"
 
 
@@ -269,7 +266,8 @@ async def test_local_host_same_contract(tmp_path: Path) -> None:
     with pytest.raises(CommandError) as timed_out:
         await host.run("sleep 876.5 & sleep 876.5; wait", timeout=0.5)
     assert timed_out.value.exit_status is None
-    assert wait_until(lambda: not processes_matching("sleep 876.5"), timeout=3)
+    await wait_until(lambda: not processes_matching("sleep 876.5"), within=3,
+                     what="the local command gone")
     assert host.name == "local"
 
 
@@ -282,7 +280,7 @@ async def test_local_script_never_reaches_a_command_line(tmp_path: Path) -> None
               f"while [ ! -e {tmp_path}/go ]; do sleep 0.05; done; printf %s \"$value\"")
     running = asyncio.create_task(host.run(script, timeout=30))
     try:
-        await asyncio.to_thread(wait_for_file, tmp_path / "started")
+        await wait_until((tmp_path / "started").exists, every=0.02, what="the script started")
         assert command_lines_holding(secret) == []
     finally:
         (tmp_path / "go").touch()

@@ -15,10 +15,10 @@ import urllib.request
 from pathlib import Path
 
 from deployd.cli import TextFormatter
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec
-from tests.gitrepo import OriginRepo
-from tests.sshd import free_port
-from tests.test_reload import wait_http
+from tests.support.daemonfixtures import TOKENS, AppSpec, DaemonSpec
+from tests.support.gitrepo import OriginRepo
+from tests.support.net import free_port, wait_http
+from tests.support.waiting import wait_until_blocking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +49,8 @@ def run_daemon(tmp_path: Path, log_format: str, pause_reason: str | None = None)
                 urllib.request.urlopen(request, timeout=5).close()
             except urllib.error.HTTPError:
                 pass
-        deadline = time.monotonic() + 15
-        while not (tmp_path / "host" / "current").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until_blocking((tmp_path / "host" / "current").exists, within=15, every=0.1,
+                            what="the first deploy")
         if pause_reason is not None:
             request = urllib.request.Request(
                 base + "/api/v1/apps/shop/pause", method="POST",

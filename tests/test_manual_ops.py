@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deployd.git import CherryPickResult
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
+from tests.support.daemonfixtures import (
+    DaemonSpec,
+    RunningDaemon,
+    one_local_app,
+    start_daemon,
+)
+from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
+from tests.support.metrics import sample, scrape
 
 
 def spec_for(tmp_path: Path, **settings: object) -> tuple[DaemonSpec, OriginRepo]:
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "v1")
-    app = AppSpec(name="shop", repo=origin.url, local_dirs=[tmp_path / "host"],
-                  rollback={"grace": "0s", "bake": "100ms"}, settings=dict(settings))
-    return DaemonSpec(state_dir=tmp_path / "state", apps=[app]), origin
+    return one_local_app(tmp_path, origin.path, rollback={"grace": "0s", "bake": "100ms"},
+                         settings=dict(settings)), origin
 
 
 async def test_manual_rollback_quarantines_the_revision_it_leaves(tmp_path: Path) -> None:
@@ -145,12 +149,9 @@ async def test_deploy_names_one_commit_and_forces_only_on_request(tmp_path: Path
 
 async def fetches(daemon: RunningDaemon) -> float:
     """How many fetches of shop's mirror the daemon has made (its own metric)."""
-    status, text = await daemon.api.call("GET", "/metrics", token=None)
-    assert status == 200, text
-    match = re.search(r'^deployd_git_fetch_duration_seconds_count\{app="shop"\} (\S+)$', text,
-                      re.M)
-    assert match is not None, text
-    return float(match.group(1))
+    found = sample(await scrape(daemon), "deployd_git_fetch_duration_seconds_count", app="shop")
+    assert found is not None
+    return found
 
 
 async def test_opening_jobs_shares_a_recent_fetch_and_needs_a_base_in_history(

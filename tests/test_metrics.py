@@ -12,20 +12,17 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployd import __version__
-from tests.judging import (
+from tests.support.healthservers import BAD, GOOD
+from tests.support.judging import (
     APP,
-    BAD,
-    GOOD,
     HOOKS,
     Daemons,
     Lab,
     MakeLab,
     deployed_and_baked,
-    sample,
-    scrape,
-    series,
     wait_event,
 )
+from tests.support.metrics import sample, scrape, series
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

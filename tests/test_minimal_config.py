@@ -19,10 +19,9 @@ import pytest
 from deployd.config import Hooks
 from deployd.fleet import Fleet
 from deployd.hosts import HostPool
-from tests.hostfixtures import Lab, lab_factory, make_tarball, pool, sha, wait_until
+from tests.support.hostfixtures import Lab, make_tarball, sha
+from tests.support.waiting import wait_until
 from tests.test_config import ROOT, with_ssh_files
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
 
 MINIMAL = ROOT / "config" / "minimal.toml"
 
@@ -127,9 +126,10 @@ async def test_minimal_restart_hook_detaches_the_app_over_ssh(
         assert time.monotonic() - started < 12, f"deploy {n} took {time.monotonic() - started}"
         pid = int(pidfile.read_text())
         servers.append(pid)
-        assert wait_until(lambda pid=pid: running(pid)), f"server {n} is not running"
+        await wait_until(lambda pid=pid: running(pid), within=5.0, what=f"server {n} running")
         line = f"server {n} on port 8080"
-        assert wait_until(lambda line=line: line in log.read_text()), log.read_text()
+        await wait_until(lambda line=line: line in log.read_text(), within=5.0,
+                         what=f"{line!r} logged", explain=log.read_text)
         pids.append(pid)
     assert pids[0] != pids[1]
     assert not running(pids[0]), "the second deploy left the first server running"

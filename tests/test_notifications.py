@@ -24,17 +24,17 @@ from aiohttp import web
 from deployd.config import load
 from deployd.errors import ConfigError
 from deployd.notifications import _retry_after, _slack_text
-from tests.judging import (
+from tests.support.healthservers import BAD, GOOD
+from tests.support.judging import (
     APP,
-    BAD,
-    GOOD,
     DaemonProcess,
     Daemons,
     Lab,
     MakeLab,
     wait_event,
 )
-from tests.sshd import free_port
+from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 SECRET = b"notify-secret-8e2f4a6c1b3d"
 URL_TOKEN = "T0001/B0002/very-secret-path-token"
@@ -96,11 +96,8 @@ class Receiver:
 
     async def wait_for(self, predicate: Callable[[list[Received]], bool], *,
                        within: float = 15.0, what: str = "a notification") -> None:
-        deadline = time.monotonic() + within
-        while not predicate(self.received):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {what} after {within}s; got {self.kinds()}")
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: predicate(self.received), within=within, what=what,
+                         explain=lambda: f"got {self.kinds()}")
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from aiohttp import web
 
 from deployd import api
 from deployd.openapi import document
-from tests.daemonfixtures import AppSpec, DaemonSpec, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import one_local_app, start_daemon
+from tests.support.gitrepo import OriginRepo
 
 
 def server_routes() -> set[tuple[str, str]]:
@@ -63,9 +63,7 @@ async def test_document_is_served(tmp_path: Path) -> None:
     """GET /api/v1/openapi.json answers the document without a token."""
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"a": "1"}, "one")
-    spec = DaemonSpec(state_dir=tmp_path / "state",
-                      apps=[AppSpec(name="shop", repo=origin.url,
-                                    local_dirs=[tmp_path / "host"])])
+    spec = one_local_app(tmp_path, origin.path)
     daemon = await start_daemon(spec.write(tmp_path / "deployd.toml"))
     try:
         status, body = await daemon.api.call("GET", "/api/v1/openapi.json", token=None)
@@ -81,9 +79,7 @@ async def served_server_url(tmp_path: Path, daemon_lines: str) -> tuple[str, str
     test config's `listen` line, and the daemon's real base URL."""
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"a": "1"}, "one")
-    spec = DaemonSpec(state_dir=tmp_path / "state",
-                      apps=[AppSpec(name="shop", repo=origin.url,
-                                    local_dirs=[tmp_path / "host"])])
+    spec = one_local_app(tmp_path, origin.path)
     text = spec.render()
     assert 'listen = "127.0.0.1:0"\n' in text
     path = tmp_path / "deployd.toml"

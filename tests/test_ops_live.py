@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemonfixtures import AppSpec, DaemonSpec, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, start_daemon
+from tests.support.gitrepo import OriginRepo
 from tests.test_ops import _SUFFIXES, ALERTS, dashboard, dashboard_queries, metric_names_in
 
 

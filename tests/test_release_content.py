@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.daemonfixtures import RunningDaemon
-from tests.daemonlab import APP, WorldFactory, app_dir, daemon_lab, releases
-from tests.gitrepo import OriginRepo
-from tests.sshd import SshdHost
-
-__all__ = ["daemon_lab"]  # fixture used by name
+from tests.support.daemonfixtures import RunningDaemon
+from tests.support.daemonlab import APP, WorldFactory, app_dir, releases
+from tests.support.gitrepo import OriginRepo
+from tests.support.sshd import SshdHost
 
 FILE, EXEC, DIR, LINK = b"100644", b"100755", b"40000", b"120000"
 

@@ -17,20 +17,15 @@ from deployd.config import AppConfig, Hooks, HostConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
 from deployd.hosts import Host, HostPool, LocalHost
 from deployd.releases import LockInfo, Releases, _check_name, is_release_name
-from tests.hostfixtures import (
+from tests.support.hostfixtures import (
     Lab,
     command_lines_holding,
-    lab_factory,
     make_tarball,
-    pool,
     processes_matching,
     sha,
-    wait_for_file,
-    wait_until,
 )
-from tests.sshd import TEST_USER, shared_dir
-
-__all__ = ["lab_factory", "pool"]  # fixtures used by name
+from tests.support.sshd import TEST_USER, shared_dir
+from tests.support.waiting import wait_until
 
 R1, R2, R3 = "20240101000001", "20240101000002", "20240101000003"
 TARBALL = make_tarball({"index.html": "hello", "log/ignored.txt": "x", "bin/run": "#!/bin/sh\n"},
@@ -476,7 +471,7 @@ async def test_no_secret_reaches_a_command_line_on_the_host(lab: Lab, pool: Host
     preparing = asyncio.create_task(
         releases.prepare(R1, sha(1), TARBALL, branch="production", lock=lock))
     try:
-        await asyncio.to_thread(wait_for_file, release / "started")
+        await wait_until((release / "started").exists, every=0.02, what="the hook started")
         assert command_lines_holding(password, hook_mark, lock.token, actor) == []
     finally:
         (release / "go").touch()
@@ -567,7 +562,8 @@ async def test_local_run_as_timeout_stops_the_users_processes(user_dir: Path) ->
     with pytest.raises(CommandError) as caught:
         await host.run("sleep 765.25 & sleep 765.25; wait", timeout=0.5)
     assert caught.value.exit_status is None
-    assert wait_until(lambda: not processes_matching("sleep 765.25"), timeout=10)
+    await wait_until(lambda: not processes_matching("sleep 765.25"), within=10,
+                     what="the user's processes gone")
 
 
 async def test_hook_output_is_kept_in_order_and_logged_at_debug(

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from deployd.app import reload_config
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
-from tests.sshd import free_port
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
+from tests.support.net import free_port, wait_http
+from tests.support.waiting import wait_until_blocking
 
 
 def two_app_spec(tmp_path: Path) -> tuple[DaemonSpec, OriginRepo]:
@@ -127,11 +126,11 @@ def test_sighup_reloads_a_running_daemon(tmp_path: Path) -> None:
         text = spec.render().replace("127.0.0.1:0", f"127.0.0.1:{port}")
         config.write_text(text)
         process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while not (tmp_path / "docs-host" / "current").exists():
-            assert time.monotonic() < deadline, "the added app was never deployed"
+        def deployed() -> bool:
             assert process.poll() is None, "SIGHUP stopped the daemon"
-            time.sleep(0.1)
+            return (tmp_path / "docs-host" / "current").exists()
+
+        wait_until_blocking(deployed, within=15, every=0.1, what="the added app deployed")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert process.stderr is not None
@@ -141,15 +140,3 @@ def test_sighup_reloads_a_running_daemon(tmp_path: Path) -> None:
             process.kill()
             process.wait()
 
-
-def wait_http(url: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)

@@ -10,33 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import pygit2
 import pytest
 
-from tests.rescuelab import (  # noqa: F401 - rescue_lab_fixture is the fixture rescue_lab
+from tests.support.healthservers import BAD, GOOD
+from tests.support.metrics import sample, scrape
+from tests.support.rescuelab import (
     APP,
-    BAD,
     CONFLICT_CONFIG,
     FIX_AUTHOR,
-    GOOD,
     RESOLVED,
     Batch,
     Daemonish,
     MakeLab,
     RescueLab,
+    backdoor_patch,
     events,
     in_order,
-    rescue_lab_fixture,
-    sample,
-    scrape,
+    new_file_patch,
     wait_event,
     wait_job,
 )
-from tests.sshd import chown_tree, shared_dir
+from tests.support.sshd import chown_tree, shared_dir
+from tests.support.waiting import wait_until
 
 CONFIG = "setting = 1\n"
 
@@ -655,21 +654,8 @@ async def test_distinct_approver_refuses_who_opened_the_job(rescue_lab: MakeLab)
     assert done["requester"] == "admin" and done["approvals"][0]["by"] == "approver"
 
 
-BACKDOOR = """\
-diff --git a/backdoor.sh b/backdoor.sh
-new file mode 100755
---- /dev/null
-+++ b/backdoor.sh
-@@ -0,0 +1,2 @@
-+#!/bin/sh
-+echo owned > /tmp/never-written
-diff --git a/tax.txt b/tax.txt
-new file mode 100644
---- /dev/null
-+++ b/tax.txt
-@@ -0,0 +1 @@
-+rate 0.2
-"""
+BACKDOOR = (backdoor_patch("echo owned > /tmp/never-written")
+            + new_file_patch("tax.txt", ["rate 0.2"]))
 
 
 async def test_one_approver_cannot_ship_their_own_patch(rescue_lab: MakeLab) -> None:
@@ -785,19 +771,16 @@ exit 0
 
 
 async def wait_file(path: Path, within: float = 30.0) -> str:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(path.exists):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        await asyncio.sleep(0.05)
+    await wait_until(path.exists, within=within, what=f"{path} appearing")
     return (await asyncio.to_thread(path.read_text)).strip()
 
 
 async def wait_remote(lab: RescueLab, sha: str, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while lab.remote_head() != sha:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
+    """Whether production reaches `sha` within `within` seconds (it may not: no failure)."""
+    try:
+        await wait_until(lambda: lab.remote_head() == sha, within=within)
+    except AssertionError:
+        return False
     return True
 
 

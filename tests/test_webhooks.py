@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
 
 APP = "shop"
 SECRET = b"webhook-secret-5c1d9e0f7a2b"

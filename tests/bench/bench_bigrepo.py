@@ -477,7 +477,7 @@ def main() -> None:
     if args.profile:
         args.profile = str(Path(args.profile).resolve())
     sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
-    from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
+    from tests.support.sshd import ClientKey, SshdHost, chown_tree, shared_dir
 
     private = Path(tempfile.mkdtemp(prefix="deployd-bench-bigrepo-"))
     served = shared_dir("deployd-bench-bigrepo-origin-")

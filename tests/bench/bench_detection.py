@@ -2,8 +2,8 @@
 
     python3 tests/bench/bench_detection.py [--hosts 1 10 50] [--runs 3] [--profile DIR]
 
-For each N: N real sshd hosts (one `sshd` each, as tests/sshd.py starts them), one real aiohttp
-health server per host, an origin repository and the real daemon as a subprocess
+For each N: N real sshd hosts (one `sshd` each, as tests/support/sshd.py starts them), one
+real aiohttp health server per host, an origin repository and the real daemon as a subprocess
 (`deployd run`). Each run deploys a good release and lets it bake, then a bad one; once its
 grace period is over every health server answers 500. Measured with this process's monotonic
 clock:
@@ -40,15 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The imports after sys.path is set up stand below it.
+# ruff: noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 
-from tests.conftest import write_known_hosts  # noqa: E402
-from tests.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
-from tests.gitrepo import OriginRepo  # noqa: E402
-from tests.healthservers import HealthServer  # noqa: E402
-from tests.judging import DaemonProcess, current_release, kinds  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.daemonfixtures import AppSpec, DaemonSpec
+from tests.support.gitrepo import OriginRepo
+from tests.support.healthservers import HealthServer
+from tests.support.judging import DaemonProcess, current_release
+from tests.support.sshd import ClientKey, SshdHost, remove_hosts, start_hosts, write_known_hosts
+from tests.support.waiting import eventually, matching, timeline
 
 APP = "bench"
 INTERVAL = 0.2  # seconds between probes of one host
@@ -98,10 +100,7 @@ class Bench:
 
     async def start(self) -> None:
         key = ClientKey.create(self.workdir)
-        for _ in range(self.count):
-            host = SshdHost(workdir=shared_dir("deployd-bench-sshd-"), client_key=key)
-            host.start()
-            self.hosts.append(host)
+        self.hosts = start_hosts(self.count, key, "deployd-bench-sshd-")
         for _ in range(self.count):
             server = HealthServer()
             await server.start()
@@ -131,9 +130,7 @@ class Bench:
             await self.daemon.close()
         for server in self.servers:
             await server.stop()
-        for host in self.hosts:
-            host.cleanup()
-            shutil.rmtree(host.workdir, ignore_errors=True)
+        remove_hosts(self.hosts)
 
     async def events(self) -> list[dict[str, Any]]:
         """Every event so far (read page by page: each host's health changes add up)."""
@@ -147,16 +144,16 @@ class Bench:
 
     async def wait_event(self, kind: str, revision: str | None = None, count: int = 1,
                          within: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + within
-        while True:
-            found = [e for e in kinds(await self.events(), kind)
-                     if revision is None or e["revision"] == revision]
-            if len(found) >= count:
-                return found[count - 1]
-            if time.monotonic() > deadline:
-                tail = [f"{e['kind']}: {e['message'][:120]}" for e in (await self.events())[-8:]]
-                raise RuntimeError(f"no {kind} after {within}s; last events: {tail}")
-            await asyncio.sleep(0.05)
+        async def found() -> list[dict[str, Any]]:
+            events = matching(await self.events(), kind, revision)
+            return events if len(events) >= count else []
+
+        async def tail() -> str:
+            return "last events: " + timeline((await self.events())[-8:])
+
+        events = await eventually(found, within=within, what=f"{count} {kind} event(s)",
+                                  explain=tail)
+        return events[count - 1]
 
     def commit(self, label: str) -> str:
         assert self.origin is not None

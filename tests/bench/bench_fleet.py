@@ -2,7 +2,7 @@
 
     python3 tests/bench/bench_fleet.py [--hosts 1 10 50] [--repeat 7] [--files 40]
 
-Each host is its own OpenSSH sshd on loopback (tests/sshd.py; run as root, logging in as the
+Each host is its own OpenSSH sshd on loopback (tests/support/sshd.py; run as root, logging in as the
 unprivileged test user), with its own deploy directory. Connections are opened first (a daemon
 keeps them open), then each repetition times one `Fleet.deploy` of a small app (a tar of
 `--files` files, restart hook `touch tmp/restart.txt`) and one `Fleet.rollback` to the release
@@ -25,15 +25,24 @@ import tempfile
 import time
 from pathlib import Path
 
+# The imports after sys.path is set up stand below it.
+# ruff: noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 
-from tests.hostfixtures import make_tarball, sha  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.hostfixtures import make_tarball, sha
+from tests.support.sshd import (
+    ClientKey,
+    SshdHost,
+    remove_hosts,
+    shared_dir,
+    start_hosts,
+    write_known_hosts,
+)
 
-from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig  # noqa: E402
-from deployd.fleet import Fleet  # noqa: E402
-from deployd.hosts import HostPool  # noqa: E402
+from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig
+from deployd.fleet import Fleet
+from deployd.hosts import HostPool
 
 ROLLBACK_TARGET = 0.6  # seconds, 50 hosts, warm connections
 DEPLOY_TARGET = 3.0
@@ -81,20 +90,6 @@ async def _measure(app: AppConfig, repeat: int,
         await pool.close()
 
 
-def _start_hosts(count: int, key: ClientKey) -> list[SshdHost]:
-    hosts = []
-    for _ in range(count):
-        host = SshdHost(workdir=shared_dir("deployd-bench-sshd-"), client_key=key)
-        host.start()
-        hosts.append(host)
-    return hosts
-
-
-def _stop_hosts(hosts: list[SshdHost]) -> None:
-    for host in hosts:
-        host.cleanup()
-        shutil.rmtree(host.workdir, ignore_errors=True)
-
 
 def _line(label: str, times: list[float]) -> str:
     return (f"{label:<9} median {statistics.median(times):6.3f}s   "
@@ -117,15 +112,15 @@ def main() -> None:
     print(f"deploy = check + prepare (upload {args.files} files) + switch + prune, "
           f"rollback = check + switch; {args.repeat} repetitions, connections warm")
     for count in args.hosts:
-        hosts = _start_hosts(count, key)
+        hosts = start_hosts(count, key, "deployd-bench-sshd-")
         try:
-            known_hosts = shared_dir("deployd-bench-kh-") / "known_hosts"
-            known_hosts.write_text("".join(h.known_hosts_line() + "\n" for h in hosts))
+            known_hosts = write_known_hosts(shared_dir("deployd-bench-kh-") / "known_hosts",
+                                            hosts)
             app = _app(hosts, known_hosts, key, hook=not args.no_hook)
             deploys, rollbacks, cpu = asyncio.run(_measure(app, args.repeat, args.files))
             shutil.rmtree(known_hosts.parent, ignore_errors=True)
         finally:
-            _stop_hosts(hosts)
+            remove_hosts(hosts)
         medians[count] = (statistics.median(deploys), statistics.median(rollbacks))
         print(f"{count:>3} host(s)")
         print("    " + _line("deploy", deploys))

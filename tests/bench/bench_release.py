@@ -100,7 +100,7 @@ def _child(spec_path: str) -> None:
 
 
 def _origin(path: Path, files: dict[str, bytes]) -> str:
-    from tests.gitrepo import OriginRepo
+    from tests.support.gitrepo import OriginRepo
 
     origin = OriginRepo(path)
     return origin.commit(files, "release")  # type: ignore[arg-type]
@@ -137,18 +137,20 @@ def main() -> None:
         _child(args.child)
         return
     sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
-    from tests.sshd import ClientKey, SshdHost, shared_dir
+    from tests.support.sshd import (
+        ClientKey,
+        SshdHost,
+        remove_hosts,
+        start_hosts,
+        write_known_hosts,
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="deployd-bench-release-"))
     key = ClientKey.create(workdir)
     hosts: list[SshdHost] = []
     try:
-        for _ in range(args.hosts):
-            host = SshdHost(workdir=shared_dir("deployd-bench-sshd-"), client_key=key)
-            host.start()
-            hosts.append(host)
-        known_hosts = workdir / "known_hosts"
-        known_hosts.write_text("".join(h.known_hosts_line() + "\n" for h in hosts))
+        hosts = start_hosts(args.hosts, key, "deployd-bench-sshd-")
+        known_hosts = write_known_hosts(workdir / "known_hosts", hosts)
         releases = {
             f"one {args.blob_mib} MiB blob": {"big.bin": os.urandom(args.blob_mib << 20)},
             f"{args.files} small files": {f"app/d{i % 50}/f{i}.rb": f"# {i}\n".encode() * 20
@@ -177,9 +179,7 @@ def main() -> None:
                       f"(anonymous {r['held_anon'] / 2**20:+.1f}, "
                       f"files {r['held_file'] / 2**20:+.1f})")
     finally:
-        for host in hosts:
-            host.cleanup()
-            shutil.rmtree(host.workdir, ignore_errors=True)
+        remove_hosts(hosts)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

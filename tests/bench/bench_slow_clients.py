@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from tests.daemonfixtures import DaemonProcess
-from tests.gitrepo import OriginRepo
+from tests.support.daemonfixtures import DaemonProcess
+from tests.support.gitrepo import OriginRepo
 
 SECRET = "bench-read-secret-0123456789"
 

@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -33,14 +32,15 @@ from pathlib import Path
 
 import aiohttp
 
+# The imports after sys.path is set up stand below it.
+# ruff: noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "daemon")]
 
-from tests.conftest import write_known_hosts  # noqa: E402
-from tests.daemonfixtures import AppSpec, DaemonSpec  # noqa: E402
-from tests.gitrepo import OriginRepo  # noqa: E402
-from tests.judging import DaemonProcess, current_release  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.daemonfixtures import AppSpec, DaemonSpec
+from tests.support.gitrepo import OriginRepo
+from tests.support.judging import DaemonProcess, current_release
+from tests.support.sshd import ClientKey, SshdHost, remove_hosts, start_hosts, write_known_hosts
 
 APP = "bench"
 SECRET = b"bench-webhook-secret-0123456789"
@@ -60,10 +60,7 @@ class Bench:
 
     async def start(self) -> None:
         key = ClientKey.create(self.workdir)
-        for _ in range(self.count):
-            host = SshdHost(workdir=shared_dir("deployd-bench-sshd-"), client_key=key)
-            host.start()
-            self.hosts.append(host)
+        self.hosts = start_hosts(self.count, key, "deployd-bench-sshd-")
         secret = self.workdir / "webhook.secret"
         secret.write_bytes(SECRET)
         self.commit()
@@ -82,9 +79,7 @@ class Bench:
     async def stop(self) -> None:
         if self.daemon is not None:
             await self.daemon.close()
-        for host in self.hosts:
-            host.cleanup()
-            shutil.rmtree(host.workdir, ignore_errors=True)
+        remove_hosts(self.hosts)
 
     def commit(self) -> str:
         self.serial += 1

@@ -1,117 +1,38 @@
-"""Helpers for the judging tests: apps whose health follows the live release, and readers.
+"""Labs for the judging tests: one app on N local hosts whose health follows the live release.
 
-`ReleaseHealthServer` is a `HealthServer` that, in "follow" mode, answers like the app that
-`<deploy_to>/current` points at: the release's `health.txt` says `ok` (200), `fail-after N`
-(200 for N seconds after that release went live on this host, then 500), `fail-for N` (500
-for N seconds, then 200: an app warming up) or anything else (500). Tests then only commit
-good or bad releases and let deployd find out by itself; the server's other modes
-(`.fail(500)`, `.ok()`, `await .refuse()`) still override it until `.resume_following()`.
-
-`DaemonProcess` runs `deployd run` as a real subprocess, for `kill -9`.
-
-`Lab` builds an origin repository, N hosts (local directories or real sshd hosts), one health
-server per host and a daemon config whose check URL uses the per-host `health_port` var.
+`Lab` builds an origin repository, N hosts (local directories or real sshd hosts), one
+`HealthServer` per host following that host's live release (healthservers.py: a commit's
+`health.txt` decides how the app answers) and a daemon config whose check URL uses the
+per-host `health_port` var. Tests then only commit good or bad releases and let deployd find
+out by itself. Also: readers of a host's layout, and waiting for the app's events.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.daemonfixtures import (
+from tests.support import waiting
+from tests.support.daemonfixtures import (
     AppSpec,
     DaemonProcess,
     DaemonSpec,
     RunningDaemon,
     start_daemon,
 )
-from tests.gitrepo import OriginRepo
-from tests.healthservers import HealthServer
-
-GOOD = "ok\n"
-BAD = "broken: cannot reach the database\n"
+from tests.support.gitrepo import OriginRepo
+from tests.support.healthservers import GOOD, HealthServer, start_servers
+from tests.support.waiting import matching
 
 # Hooks append to a file in shared/ on each host, so tests can count what ran where.
 HOOKS = {
     "restart": 'echo "restart $DEPLOYD_REVISION" >> "$DEPLOYD_DEPLOY_TO/shared/hooks.log"',
     "rollback": 'echo "rollback $DEPLOYD_REVISION" >> "$DEPLOYD_DEPLOY_TO/shared/hooks.log"',
 }
-
-
-def fail_after(seconds: float) -> str:
-    """health.txt content for an app that goes bad `seconds` after it went live."""
-    return f"fail-after {seconds:g}\n"
-
-
-def fail_for(seconds: float) -> str:
-    """health.txt content for an app that fails for `seconds` after it went live, then is ok."""
-    return f"fail-for {seconds:g}\n"
-
-
-class ReleaseHealthServer(HealthServer):
-    """A health endpoint that, in follow mode, answers as the live release says."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deploy_to: Path | None = None
-
-    def follow(self, deploy_to: Path) -> None:
-        """Answer from `<deploy_to>/current/health.txt` from now on."""
-        self.deploy_to = deploy_to
-        self.mode = "follow"
-
-    def resume_following(self) -> None:
-        """Go back to answering as the live release says."""
-        assert self.deploy_to is not None
-        self.mode = "follow"
-
-    async def restore(self) -> None:
-        """Listen again on the same port; keep following if we were."""
-        following = self.mode == "follow"
-        await super().restore()
-        if following:
-            self.mode = "follow"
-
-    def _verdict(self) -> tuple[int, str]:
-        assert self.deploy_to is not None
-        current = self.deploy_to / "current"
-        try:
-            # The symlink's own mtime is the moment `current` was switched: the app's clock
-            # starts then, whether or not anyone asked it anything since.
-            went_live = current.lstat().st_mtime
-            text = (current / "health.txt").read_text()
-        except OSError:
-            return 503, "no release live"
-        if text.startswith("ok"):
-            return 200, "ok"
-        if text.startswith(("fail-after ", "fail-for ")):
-            word, seconds = text.split()[:2]
-            early = time.time() - went_live < float(seconds)
-            if early == (word == "fail-after"):
-                return 200, "ok"
-        return 500, text.strip()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if self.mode != "follow":
-            return await super()._handle(request)
-        status, body = self._verdict()
-        return web.Response(status=status, text=body)
-
-
-async def start_servers(count: int) -> list[ReleaseHealthServer]:
-    servers = [ReleaseHealthServer() for _ in range(count)]
-    for server in servers:
-        await server.start()
-    return servers
 
 
 def http_check(**overrides: Any) -> dict[str, Any]:
@@ -130,7 +51,7 @@ class Lab:
     root: Path
     origin: OriginRepo
     deploy_dirs: list[Path]
-    servers: list[ReleaseHealthServer]
+    servers: list[HealthServer]
     spec: DaemonSpec
     app: AppSpec
     config: Path = field(default_factory=Path)
@@ -184,36 +105,6 @@ def hooks_log(deploy_to: Path) -> list[str]:
         return []
 
 
-def kinds(events: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [event for event in events if event["kind"] == kind]
-
-
-async def scrape(daemon: RunningDaemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """GET /metrics parsed with prometheus_client: (sample name, labels) -> value."""
-    status, text = await daemon.api.call("GET", "/metrics", token=None)
-    assert status == 200, (status, text)
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-           **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-           **labels: str) -> dict[frozenset[tuple[str, str]], float]:
-    """Every series of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return {key[1]: value for key, value in samples.items()
-            if key[0] == name and want <= set(key[1])}
-
-
-
-
 # -- fixtures and waiting ----------------------------------------------------------------------
 
 APP = "shop"
@@ -223,7 +114,7 @@ Waiter = RunningDaemon | DaemonProcess
 
 
 def lab_from(root: Path, origin: OriginRepo, dirs: list[Path],
-             servers: list[ReleaseHealthServer], app: AppSpec, spec: DaemonSpec) -> Lab:
+             servers: list[HealthServer], app: AppSpec, spec: DaemonSpec) -> Lab:
     """A Lab of these parts, its config written and its servers following the releases."""
     lab = Lab(root=root, origin=origin, deploy_dirs=dirs, servers=servers, spec=spec, app=app)
     lab.write_config()
@@ -303,22 +194,14 @@ async def process_starter() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
 async def events_of(daemon: Waiter, kind: str, revision: str | None = None
                     ) -> list[dict[str, Any]]:
     """The app's events of `kind` (about `revision`, if given)."""
-    found = kinds(await daemon.events(APP), kind)
-    return [e for e in found if revision is None or e["revision"] == revision]
+    return matching(await daemon.events(APP), kind, revision)
 
 
 async def wait_event(daemon: Waiter, kind: str, revision: str | None = None, *,
                      count: int = 1, within: float = 20.0) -> dict[str, Any]:
     """Wait for the `count`-th event of `kind` about `revision` (any when None)."""
-    deadline = time.monotonic() + within
-    while True:
-        found = await events_of(daemon, kind, revision)
-        if len(found) >= count:
-            return found[count - 1]
-        if time.monotonic() > deadline:
-            timeline = [f"{e['kind']}: {e['message']}" for e in await daemon.events(APP)]
-            raise AssertionError(f"no {kind} ({revision}) after {within}s: {timeline}")
-        await asyncio.sleep(0.03)
+    return await waiting.wait_event(daemon, APP, kind, revision, count=count, within=within,
+                                    every=0.03)
 
 
 async def app_summary(daemon: Waiter) -> dict[str, Any]:
@@ -331,3 +214,13 @@ async def deployed_and_baked(daemon: Waiter, revision: str) -> None:
     """Wait until `revision` was deployed and baked healthy."""
     await wait_event(daemon, "deploy.succeeded", revision)
     await wait_event(daemon, "bake.healthy", revision)
+
+
+async def process_with_good_live(lab: Lab, processes: Callable[[Lab], DaemonProcess]
+                                 ) -> tuple[DaemonProcess, str]:
+    """`deployd run` on the lab with a good release deployed and baked; that revision."""
+    good = lab.commit(GOOD, "good")
+    daemon = processes(lab)
+    await daemon.start()
+    await wait_event(daemon, "bake.healthy", good)
+    return daemon, good

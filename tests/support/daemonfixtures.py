@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,10 @@ from aiohttp import web
 from deployd.app import DAEMON, Daemon, create_application
 from deployd.config import load
 from deployd.listener import make_runner
-from tests.sshd import SshdHost, free_port
+from tests.support.net import free_port
+from tests.support.processes import stop_process
+from tests.support.sshd import SshdHost
+from tests.support.waiting import eventually, wait_event
 
 TOKENS = {
     "reader": ("read-secret-0123456789", ["read"]),
@@ -134,6 +136,21 @@ class DaemonSpec:
         return path
 
 
+# Rollback settings that judge a deploy in a blink: no grace, a 200 ms bake.
+QUICK_BAKE = {"grace": "0s", "bake": "200ms"}
+
+
+def one_local_app(tmp_path: Path, repo: str | Path, *, name: str = "shop",
+                  rollback: dict[str, Any] | None = None,
+                  settings: dict[str, Any] | None = None,
+                  daemon_settings: dict[str, Any] | None = None) -> DaemonSpec:
+    """A config for one app on one local host (`tmp_path/host`), state in `tmp_path/state`."""
+    app = AppSpec(name=name, repo=str(repo), local_dirs=[tmp_path / "host"],
+                  rollback=dict(rollback or {}), settings=dict(settings or {}))
+    return DaemonSpec(state_dir=tmp_path / "state", apps=[app],
+                      daemon_settings=dict(daemon_settings or {}))
+
+
 class Api:
     """An HTTP client for the daemon under test, one bearer token at a time."""
 
@@ -188,23 +205,11 @@ class RunningDaemon:
     async def wait_for_event(self, app: str, kind: str, *, timeout: float = 20.0,
                              count: int = 1) -> dict[str, Any]:
         """Wait until the app's timeline holds `count` events of `kind`; return the last."""
-        deadline = time.monotonic() + timeout
-        while True:
-            matching = [e for e in await self.events(app) if e["kind"] == kind]
-            if len(matching) >= count:
-                return matching[count - 1]
-            if time.monotonic() > deadline:
-                kinds = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
-                raise AssertionError(f"no {kind!r} event after {timeout}s; timeline: {kinds}")
-            await asyncio.sleep(0.05)
+        return await wait_event(self, app, kind, count=count, within=timeout)
 
     async def wait_until(self, predicate: Callable[[], Awaitable[bool]], *,
                          timeout: float = 20.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not await predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.05)
+        await eventually(predicate, within=timeout, what=what)
 
 
 async def start_daemon(config_path: Path) -> RunningDaemon:
@@ -215,16 +220,14 @@ async def start_daemon(config_path: Path) -> RunningDaemon:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     base = f"http://127.0.0.1:{port}"
     session = aiohttp.ClientSession()
     return RunningDaemon(app=app, runner=runner, base=base, api=Api(base, session),
                          session=session)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class DaemonProcess:
@@ -257,18 +260,20 @@ class DaemonProcess:
         if self.session is None:
             self.session = aiohttp.ClientSession()
             self.api = Api(self.base, self.session)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
-            try:
-                status, _ = await self.api.call("GET", "/readyz", token=None)
-                if status == 200:
-                    return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"deployd not ready after {wait}s: {self.log.read_text()[-3000:]}")
+        async def log_tail() -> str:
+            return self.log.read_text()[-3000:]
+
+        await eventually(self._ready, within=wait, what="deployd ready", explain=log_tail)
+
+    async def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"deployd exited: {self.log.read_text()[-3000:]}")
+        try:
+            status, _ = await self.api.call("GET", "/readyz", token=None)
+        except aiohttp.ClientError:
+            return False
+        return bool(status == 200)
 
     def kill9(self) -> None:
         """SIGKILL the daemon, as a crash would."""
@@ -279,12 +284,7 @@ class DaemonProcess:
 
     async def close(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            await asyncio.to_thread(stop_process, self.process, 15)
             self.process = None
         if self.session is not None:
             await self.session.close()
@@ -297,13 +297,5 @@ class DaemonProcess:
     async def wait_for_event(self, app: str, kind: str, *, within: float = 20.0,
                              count: int = 1, revision: str | None = None) -> dict[str, Any]:
         """Wait for the `count`-th event of `kind` (about `revision`, if given)."""
-        deadline = time.monotonic() + within
-        while True:
-            matching = [e for e in await self.events(app) if e["kind"] == kind
-                        and (revision is None or e["revision"] == revision)]
-            if len(matching) >= count:
-                return matching[count - 1]
-            if time.monotonic() > deadline:
-                timeline = [e["kind"] + ": " + e["message"] for e in await self.events(app)]
-                raise AssertionError(f"no {kind!r} event after {within}s; timeline: {timeline}")
-            await asyncio.sleep(0.02)
+        return await wait_event(self, app, kind, revision, count=count, within=within,
+                                every=0.02)

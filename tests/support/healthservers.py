@@ -2,9 +2,13 @@
 
 `HealthServer` is an aiohttp app whose answer a test switches at runtime: ok, a status like
 500, slow (sleeps past the check's timeout), a wrong body, a JSON document, a connection reset,
-or refusing (the server is shut, so its port refuses) and back. `health_servers` starts any
-number of them; `prometheus` starts Debian's `prometheus` binary scraping a small target whose
-gauges the test sets. A test module imports the fixtures it uses by name.
+or refusing (the server is shut, so its port refuses) and back. After `follow(deploy_to)` it
+answers like the app `<deploy_to>/current` points at: that release's `health.txt` is a
+`Behaviour` (status, delay, fail after / for N seconds live), timed from the moment `current`
+was switched; `override` gives one host its own behaviour (for one release or all).
+`health_servers` starts any number of them; `prometheus` starts Debian's `prometheus` binary
+scraping a small target whose gauges the test sets. A test module imports the fixtures it uses
+by name.
 """
 
 from __future__ import annotations
@@ -37,6 +41,73 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from tests.support.net import answers_200, free_port
+from tests.support.processes import stop_process
+from tests.support.waiting import wait_until_blocking
+
+GOOD = "ok\n"
+BAD = "broken: cannot reach the database\n"
+
+
+# health.txt words -> Behaviour fields
+_WORDS = {"status": "status", "delay": "delay", "fail-after": "fail_after",
+          "fail-for": "fail_for"}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a release answers its health checks, timed from the moment it went live.
+
+    As `health.txt` text: `ok`, optionally followed by `status N`, `delay SECONDS`,
+    `fail-after SECONDS` (500 once live that long), `fail-for SECONDS` (500 until live that
+    long: an app warming up). Any other text is a broken app: 500 with the text as body.
+    """
+
+    status: int = 200
+    delay: float = 0.0
+    fail_after: float | None = None
+    fail_for: float | None = None
+    body: str = "ok"
+
+    @classmethod
+    def parse(cls, text: str) -> Behaviour:
+        words = text.split()
+        if words[:1] == ["ok"]:
+            words = words[1:]
+        pairs = dict(zip(words[::2], words[1::2], strict=False))
+        if len(words) % 2 or not set(pairs) <= set(_WORDS):
+            return cls(status=500, body=text.strip())
+        values: dict[str, Any] = {_WORDS[word]: float(value) for word, value in pairs.items()}
+        if "status" in values:
+            values["status"] = int(values["status"])
+        return cls(**values)
+
+    def render(self) -> str:
+        """This behaviour as `health.txt` text."""
+        if self.status >= 500 and self.body != "ok":
+            return self.body + "\n"
+        words = [f"{word} {getattr(self, name):g}" for word, name in _WORDS.items()
+                 if getattr(self, name) not in (None, getattr(Behaviour, name))]
+        return (" ".join(words) or "ok") + "\n"
+
+    def answer(self, live_for: float) -> tuple[int, str]:
+        """(status, body) after the release has been live for `live_for` seconds."""
+        if self.fail_after is not None and live_for >= self.fail_after:
+            return 500, f"failing after {self.fail_after:g}s live"
+        if self.fail_for is not None and live_for < self.fail_for:
+            return 500, f"warming up for {self.fail_for:g}s"
+        return self.status, self.body
+
+
+def fail_after(seconds: float) -> str:
+    """health.txt content for an app that goes bad `seconds` after it went live."""
+    return Behaviour(fail_after=seconds).render()
+
+
+def fail_for(seconds: float) -> str:
+    """health.txt content for an app that fails for `seconds` after it went live, then is ok."""
+    return Behaviour(fail_for=seconds).render()
+
 
 @dataclass
 class Request:
@@ -59,6 +130,9 @@ class HealthServer:
         self.delay = 0.0
         self.port = 0
         self.requests: list[Request] = []
+        self.deploy_to: Path | None = None
+        # Per host: revision (None: every release) -> how this host answers instead.
+        self.overrides: dict[str | None, Behaviour] = {}
         self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
 
@@ -113,14 +187,63 @@ class HealthServer:
         await self.stop()
 
     async def restore(self) -> None:
-        """Listen again on the same port and answer 200 ok."""
-        self.ok()
+        """Listen again on the same port: keep following if we were, else answer 200 ok."""
+        if self.mode != "follow":
+            self.ok()
         if self._runner is None:
             await self.start()
+
+    def follow(self, deploy_to: Path) -> None:
+        """Answer as the release `<deploy_to>/current` points at says, from now on."""
+        self.deploy_to = deploy_to
+        self.mode = "follow"
+
+    def resume_following(self) -> None:
+        """Go back to answering as the live release says (after `fail`, `ok`...)."""
+        assert self.deploy_to is not None
+        self.mode = "follow"
+
+    def override(self, behaviour: Behaviour | str, revision: str | None = None) -> None:
+        """While following: this host answers as `behaviour` says (a Behaviour or health.txt
+        text) when `revision` is live (any release when None), whatever the release says."""
+        if isinstance(behaviour, str):
+            behaviour = Behaviour.parse(behaviour)
+        self.overrides[revision] = behaviour
+
+    def live_behaviour(self) -> tuple[Behaviour, float] | None:
+        """How the live release answers on this host, and how long it has been live."""
+        assert self.deploy_to is not None
+        current = self.deploy_to / "current"
+        try:
+            # The symlink's own mtime is the moment `current` was switched: the app's clock
+            # starts then, whether or not anyone asked it anything since.
+            went_live = current.lstat().st_mtime
+            text = (current / "health.txt").read_text()
+        except OSError:
+            return None
+        try:
+            revision: str | None = (current / "REVISION").read_text().strip()
+        except OSError:
+            revision = None
+        behaviour = (self.overrides.get(revision) or self.overrides.get(None)
+                     or Behaviour.parse(text))
+        return behaviour, time.time() - went_live
+
+    async def _follow(self) -> web.Response:
+        live = self.live_behaviour()
+        if live is None:
+            return web.Response(status=503, text="no release live")
+        behaviour, live_for = live
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
+        status, body = behaviour.answer(live_for)
+        return web.Response(status=status, text=body)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(Request(time.monotonic(), request.method, request.path,
                                      dict(request.headers)))
+        if self.mode == "follow":
+            return await self._follow()
         if self.mode == "slow":
             await asyncio.sleep(self.delay)
         if self.mode == "reset":
@@ -146,15 +269,21 @@ def _abort_with_reset(request: web.Request) -> None:
 StartServers = Callable[[int], Awaitable[list[HealthServer]]]
 
 
+async def start_servers(count: int) -> list[HealthServer]:
+    """`count` started health servers, each on its own free port."""
+    servers = [HealthServer() for _ in range(count)]
+    for server in servers:
+        await server.start()
+    return servers
+
+
 @pytest.fixture
 async def health_servers() -> AsyncIterator[StartServers]:
     """Start N real health servers (`await health_servers(3)`); all stop after the test."""
     started: list[HealthServer] = []
 
     async def start(count: int = 1) -> list[HealthServer]:
-        servers = [HealthServer() for _ in range(count)]
-        for server in servers:
-            await server.start()
+        servers = await start_servers(count)
         started.extend(servers)
         return servers
 
@@ -189,14 +318,6 @@ def self_signed_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
     return context, cert_path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class PrometheusServer:
     """A running Prometheus scraping a target with test gauges, every second."""
@@ -221,15 +342,17 @@ class PrometheusServer:
     def wait_until(self, promql: str, accept: Callable[[list[Any]], bool],
                    timeout: float = 20.0) -> None:
         """Poll `promql` until `accept(result)` holds; fail the test after `timeout`."""
-        deadline = time.monotonic() + timeout
         result: list[Any] = []
-        while time.monotonic() < deadline:
+
+        def accepted() -> bool:
+            nonlocal result
             answer = self.query(promql)
             result = answer.get("data", {}).get("result", [])
-            if answer.get("status") == "success" and accept(result):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"prometheus: {promql!r} never satisfied the test: {result!r}")
+            return answer.get("status") == "success" and accept(result)
+
+        wait_until_blocking(accepted, within=timeout, every=0.2,
+                            what=f"prometheus: {promql!r} satisfying the test",
+                            explain=lambda: f"last result {result!r}")
 
     async def set_error_ratio(self, value: float) -> None:
         """Set the gauge and wait until Prometheus has scraped the new value."""
@@ -264,12 +387,7 @@ def prometheus() -> Iterator[PrometheusServer]:
         try:
             yield server
         finally:
-            server.process.terminate()
-            try:
-                server.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
+            stop_process(server.process, timeout=10)
             target.shutdown()
             target.server_close()
 
@@ -305,15 +423,10 @@ def _start_prometheus(binary: str, workdir: Path, target_port: int,
 
 
 def _wait_ready(server: PrometheusServer, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if server.process.poll() is not None:
             raise RuntimeError(f"prometheus exited: {server.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"prometheus not ready after {timeout}s: {server.log.read_text()[-2000:]}")
+        return answers_200(f"{server.url}/-/ready")
+
+    wait_until_blocking(ready, within=timeout, every=0.1, what="prometheus ready",
+                        explain=lambda: server.log.read_text()[-2000:])

@@ -17,8 +17,7 @@ import pytest
 from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig
 from deployd.hosts import HostPool
 from deployd.retry import instant_retries
-from tests.conftest import write_known_hosts
-from tests.sshd import ClientKey, SshdHost, descendants, shared_dir
+from tests.support.sshd import ClientKey, SshdHost, descendants, shared_dir, write_known_hosts
 
 
 def vanish(host: SshdHost) -> None:
@@ -46,24 +45,6 @@ def command_lines_holding(*needles: str) -> list[str]:
         if any(needle in line for needle in needles):
             found.append(f"{entry}: {line[:200]}")
     return found
-
-
-def wait_for_file(path: Path, timeout: float = 20.0) -> None:
-    """Block until `path` exists; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
-        time.sleep(0.02)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll `predicate` until it holds or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def make_tarball(files: Mapping[str, str | bytes], *, symlinks: Mapping[str, str] | None = None,

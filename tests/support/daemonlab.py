@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_known_hosts
-from tests.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
-from tests.gitrepo import OriginRepo
-from tests.sshd import ClientKey, SshdHost, chown_tree
+from tests.support.daemonfixtures import AppSpec, DaemonSpec, RunningDaemon, start_daemon
+from tests.support.gitrepo import OriginRepo
+from tests.support.sshd import ClientKey, SshdHost, chown_tree, write_known_hosts
 
 APP = "shop"
 RELEASE = re.compile(r"^[0-9]{14}$")

@@ -3,8 +3,8 @@ the live release, the real daemon (in-process or as a killable subprocess).
 
 `RescueLab` holds an origin repository in a directory the sshd test user owns, served by its
 own sshd as `ssh://deployd-test@127.0.0.1:<port>/...` (a lease only means something against a
-remote served over SSH), N sshd hosts, and one `FileHealth` server per host answering from
-`<deploy_to>/current/health.txt` on that host: a commit that writes `ok` there is healthy, any
+remote served over SSH), N sshd hosts, and one `HealthServer` per host following the release
+live on that host (healthservers.py): a commit that writes `ok` in `health.txt` is healthy, any
 other text is a 500. Tests therefore break or heal an app only by what they commit.
 """
 
@@ -21,24 +21,37 @@ from typing import Any
 
 import pygit2
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from deployd.demo import HealthApp
-from tests.conftest import write_known_hosts
-from tests.daemonfixtures import (
+from tests.support import waiting
+from tests.support.daemonfixtures import (
     AppSpec,
     DaemonProcess,
     DaemonSpec,
     RunningDaemon,
     start_daemon,
 )
-from tests.gitrepo import OriginRepo
-from tests.sshd import ClientKey, SshdHost, chown_tree, shared_dir
+from tests.support.gitrepo import OriginRepo
+from tests.support.healthservers import BAD, GOOD, HealthServer, start_servers
+from tests.support.judging import http_check
+from tests.support.sshd import ClientKey, SshdHost, chown_tree, shared_dir, write_known_hosts
+from tests.support.waiting import eventually, matching, timeline
 
 APP = "shop"
-GOOD = "ok\n"
-BAD = "broken: cannot reach the database\n"
 FIX_AUTHOR = ("Pat Fixer", "pat@example.com")
+
+
+
+def new_file_patch(path: str, lines: list[str], mode: str = "100644") -> str:
+    """A git patch that adds the file `path` holding `lines`."""
+    count = "" if len(lines) == 1 else f",{len(lines)}"
+    return (f"diff --git a/{path} b/{path}\nnew file mode {mode}\n--- /dev/null\n"
+            f"+++ b/{path}\n@@ -0,0 +1{count} @@\n" + "".join(f"+{line}\n" for line in lines))
+
+
+def backdoor_patch(command: str) -> str:
+    """A patch adding an executable backdoor.sh that runs `command`."""
+    return new_file_patch("backdoor.sh", ["#!/bin/sh", command], mode="100755")
+
 
 # A commit P edits config.txt after A changed it: P conflicts on the base; this is the
 # hand-resolved patch for it (and for the file P adds).
@@ -52,23 +65,7 @@ diff --git a/config.txt b/config.txt
 -setting = 1
 +setting = 3
  currency = EUR
-diff --git a/tax.txt b/tax.txt
-new file mode 100644
---- /dev/null
-+++ b/tax.txt
-@@ -0,0 +1 @@
-+rate 0.2
-"""
-
-
-# The demo's own app: answers as `<deploy_to>/current/health.txt` says (ok -> 200).
-FileHealth = HealthApp
-
-
-def http_check() -> dict[str, Any]:
-    return {"name": "http", "url": "http://127.0.0.1:{health_port}/healthz",
-            "expect_status": [200], "timeout": "500ms", "interval": "100ms",
-            "failures": 2, "successes": 1}
+""" + new_file_patch("tax.txt", ["rate 0.2"])
 
 
 # -- a daemon as a subprocess ------------------------------------------------------------------
@@ -80,37 +77,31 @@ Daemonish = RunningDaemon | DaemonProcess
 async def events(daemon: Daemonish, kind: str | None = None,
                  revision: str | None = None) -> list[dict[str, Any]]:
     """The app's timeline, optionally only `kind` (about `revision`)."""
-    found = await daemon.events(APP)
-    return [e for e in found if (kind is None or e["kind"] == kind)
-            and (revision is None or e["revision"] == revision)]
+    return matching(await daemon.events(APP), kind, revision)
 
 
 async def wait_event(daemon: Daemonish, kind: str, revision: str | None = None, *,
                      count: int = 1, within: float = 30.0) -> dict[str, Any]:
     """The `count`-th event of `kind` (about `revision`), waiting for it."""
-    deadline = time.monotonic() + within
-    while True:
-        found = await events(daemon, kind, revision)
-        if len(found) >= count:
-            return found[count - 1]
-        if time.monotonic() > deadline:
-            timeline = [f"{e['kind']}: {e['message']}" for e in await events(daemon)]
-            raise AssertionError(f"no {kind} ({revision}) after {within}s: {timeline}")
-        await asyncio.sleep(0.05)
+    return await waiting.wait_event(daemon, APP, kind, revision, count=count, within=within)
 
 
 async def wait_job(daemon: Daemonish, job_id: int, *states: str,
                    within: float = 30.0) -> dict[str, Any]:
     """GET the job until its state is one of `states`."""
-    deadline = time.monotonic() + within
-    while True:
-        job = await daemon.api.get(f"/api/v1/jobs/{job_id}")
-        if job["state"] in states:
-            return dict(job)
-        if time.monotonic() > deadline:
-            timeline = [f"{e['kind']}: {e['message']}" for e in await events(daemon)]
-            raise AssertionError(f"job {job_id} is {job['state']}, not {states}: {timeline}")
-        await asyncio.sleep(0.05)
+    last: dict[str, Any] = {}
+
+    async def settled() -> dict[str, Any] | None:
+        last.update(await daemon.api.get(f"/api/v1/jobs/{job_id}"))
+        return dict(last) if last["state"] in states else None
+
+    async def story() -> str:
+        return f"it is {last.get('state')}; timeline: {timeline(await events(daemon))}"
+
+    job = await eventually(settled, within=within, what=f"job {job_id} {'/'.join(states)}",
+                           explain=story)
+    assert job is not None
+    return job
 
 
 def in_order(timeline: list[dict[str, Any]], expected: list[tuple[str, str | None]]) -> None:
@@ -125,24 +116,6 @@ def in_order(timeline: list[dict[str, Any]], expected: list[tuple[str, str | Non
         else:
             story = [f"{e['kind']} {str(e['revision'])[:8]}" for e in timeline]
             raise AssertionError(f"{kind} ({revision}) missing or out of order in {story}")
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(daemon: Daemonish) -> Samples:
-    """GET /metrics, parsed: (sample name, labels) -> value."""
-    status, text = await daemon.api.call("GET", "/metrics", token=None)
-    assert status == 200, (status, text)
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 # -- the world ---------------------------------------------------------------------------------
@@ -165,7 +138,7 @@ class RescueLab:
     origin: OriginRepo
     git_host: SshdHost
     hosts: list[SshdHost]
-    servers: list[FileHealth]
+    servers: list[HealthServer]
     known_hosts: Path
     client_key: ClientKey
     spec: DaemonSpec
@@ -311,9 +284,9 @@ async def rescue_lab_fixture(tmp_path: Path, client_key: ClientKey,
         git_host = sshd_factory()
         sshd_hosts = [sshd_factory() for _ in range(hosts)]
         known = write_known_hosts(root / "known_hosts", [git_host, *sshd_hosts])
-        servers = [FileHealth(host.home / "app") for host in sshd_hosts]
-        for server in servers:
-            await server.start()
+        servers = await start_servers(len(sshd_hosts))
+        for server, host in zip(servers, sshd_hosts, strict=True):
+            server.follow(host.home / "app")
         app = AppSpec(
             name=APP, repo="", sshd_hosts=sshd_hosts,
             settings={"repo_key": str(client_key.private), "repo_known_hosts": str(known),

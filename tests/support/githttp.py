@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.sshd import free_port
+from tests.support.net import free_port
 
 HTTP_BACKEND = "/usr/lib/git-core/git-http-backend"
 

@@ -14,9 +14,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.net import free_port
+from tests.support.processes import stop_process
+from tests.support.waiting import wait_until_blocking
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TEST_USER = os.environ.get("DEPLOYD_TEST_USER", "deployd-test")
@@ -41,13 +44,6 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_user() -> pwd.struct_passwd:
@@ -167,18 +163,19 @@ class SshdHost:
             stderr=log,
         )
         log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"sshd exited: {(self.workdir / 'sshd.log').read_text(errors='replace')}"
-                )
-            try:
-                with socket.create_connection((self.address, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"sshd on port {self.port} did not start")
+        wait_until_blocking(self._listening, within=10, every=0.02,
+                            what=f"sshd on port {self.port} starting")
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"sshd exited: {(self.workdir / 'sshd.log').read_text(errors='replace')}")
+        try:
+            with socket.create_connection((self.address, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """Kill sshd and every session it spawned (a host vanishing)."""
@@ -195,13 +192,8 @@ class SshdHost:
         self.process = None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
         self.process = None
 
     def cleanup(self) -> None:
@@ -209,3 +201,28 @@ class SshdHost:
         # Path() is the unset default (the current directory): never delete that.
         if self.home != Path():
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def write_known_hosts(path: Path, hosts: list[SshdHost]) -> Path:
+    """A known_hosts file naming exactly these hosts' keys."""
+    path.write_text("".join(host.known_hosts_line() + "\n" for host in hosts))
+    return path
+
+
+def start_hosts(count: int, client_key: ClientKey, prefix: str = "deployd-sshd-"
+                ) -> list[SshdHost]:
+    """`count` started sshd hosts. sshd reads authorized_keys as the login user, so each
+    host's files sit in a `shared_dir`, out of root's private tmp."""
+    hosts = []
+    for _ in range(count):
+        host = SshdHost(workdir=shared_dir(prefix), client_key=client_key)
+        host.start()
+        hosts.append(host)
+    return hosts
+
+
+def remove_hosts(hosts: list[SshdHost]) -> None:
+    """Stop these hosts and delete their files."""
+    for host in hosts:
+        host.cleanup()
+        shutil.rmtree(host.workdir, ignore_errors=True)
