@@ -215,7 +215,8 @@ async def test_a_step_that_cannot_switch_pauses_and_promote_retries_it(make_rig:
     assert await rig.rollout_state() == RolloutState.BAKING
 
 
-async def test_canary_and_baseline_failing_alike_pause_instead_of_rolling_back(make_rig: MakeRig) -> None:
+async def test_canary_and_baseline_failing_alike_pause_instead_of_rolling_back(
+        make_rig: MakeRig) -> None:
     rig = await make_rig("1", "50%", "100%")
     record = await first_good_then_new(rig)
     rollout = await rig.sup.steps.of(record)
