@@ -101,10 +101,13 @@ class BakeJudge:
 
     def groups(self, rollout: Rollout | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(hosts on the new release, hosts on last good): every host and none, unless a
-        rollout is part way."""
+        rollout is part way. Hosts that run nothing yet (a first rollout) are no baseline:
+        they are neither judged nor compared with."""
         hosts = tuple(self.ctx.app.host_labels)
         if rollout is None:
             return hosts, ()
+        if rollout.baseline_release is None:
+            return rollout.on_new, ()
         return rollout.on_new, rollout.baseline(hosts)
 
     async def _rollout_verdict(self, record: Deploy, rollout: Rollout,
