@@ -457,8 +457,11 @@ class Fleet:
             if name in failures:
                 self._count(name, failures[name])
 
+        names = tuple(names)
         await asyncio.gather(*(one(name) for name in names))
-        return results, failures
+        # In the order asked (config order), not the order the hosts answered in.
+        return ({name: results[name] for name in names if name in results},
+                {name: failures[name] for name in names if name in failures})
 
     def _count(self, name: str, error: DeploydError) -> None:
         if self._metrics is not None and isinstance(error, RemoteError):
