@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from deployd.config import AppConfig, Hooks, HostConfig
-from deployd.errors import CommandError, LockHeld, ReleaseError
-from deployd.hosts import Host, HostPool, LocalHost
+from deployd.errors import CommandError, LockHeld, ReleaseError, RemoteError
+from deployd.hosts import Gate, Host, HostPool, LocalHost, SSHHost
 from deployd.releases import LockInfo, Releases, _check_name, is_release_name
 from tests.hostfixtures import (
     Lab,
@@ -583,87 +583,62 @@ async def test_hook_output_is_kept_in_order_and_logged_at_debug(
         f"{releases.name}: output of the build hook(s): one | two | three"]
 
 
-async def test_rollback_without_hooks_keeps_the_lock_for_restart_to_release(
+
+async def test_a_gated_switch_holds_after_switching_until_released(
         lab: Lab, pool: HostPool) -> None:
-    """rollback(hooks=False) switches, marks and logs but runs no hook and keeps its lock;
-    restart(rollback=True, unlock=True) then runs the rollback and restart hooks in current,
-    in that order, with the target's revision, and releases the lock."""
-    hooks = Hooks(rollback='echo "rollback $DEPLOYD_REVISION $(pwd -P)" >> ../../hooks.log',
-                  restart='echo "restart $DEPLOYD_RELEASE_PATH" >> ../../hooks.log')
-    releases, _, root = on_host(lab, pool, hooks=hooks)
+    """With a gate, switch() points current at the release, logs it, and waits before the
+    restart hook until the gate is released; then the hook runs in the same step."""
+    trace = lab.workdir / "restarted"
+    releases, _, root = on_host(lab, pool, hooks=Hooks(restart=f"echo restarted; touch {trace}"))
     await deploy(releases, R1, sha(1))
-    await deploy(releases, R2, sha(2))
-    (root / "hooks.log").unlink()
-    lock = LockInfo.new("bob", f"rollback to {R1}")
-    step = await releases.rollback(R1, reason="bad", actor="bob", lock=lock, hooks=False)
-    assert step.previous == R2 and step.switched and step.output == ""
-    assert os.readlink(root / "current") == str(root / "releases" / R1)
-    assert (root / "releases" / R2 / "ROLLED_BACK").exists()
-    assert (root / "revisions.log").read_text().splitlines()[-1] == (
-        f"bob rolled back to release {R1}")
-    assert not (root / "hooks.log").exists()
-    assert f"token={lock.token}" in (root / ".deployd.lock").read_text()
-    step = await releases.restart(R1, lock=lock, rollback=True, unlock=True)
-    assert (root / "hooks.log").read_text().splitlines() == [
-        f"rollback {sha(1)} {root / 'releases' / R1}", f"restart {root / 'releases' / R1}"]
-    assert not (root / ".deployd.lock").exists()
-
-
-async def test_switch_without_restart_then_restart(lab: Lab, pool: HostPool) -> None:
-    """switch(restart=False) moves current and logs without the hook; restart() runs it with
-    the deploy's revision and keeps the deploy's lock."""
-    releases, _, root = on_host(
-        lab, pool, hooks=Hooks(restart='echo "restart $DEPLOYD_REVISION"; echo to-stderr >&2'))
-    await deploy(releases, R1, sha(1))
+    trace.unlink()
     lock = LockInfo.new("alice", "deploy")
     await releases.prepare(R2, sha(2), TARBALL, branch="production", lock=lock)
-    step = await releases.switch(R2, revision=sha(2), branch="production", actor="alice",
-                                 lock=lock, restart=False)
-    assert step.previous == R1 and step.switched and step.output == ""
+    gate = Gate(budget=30)
+    switching = asyncio.create_task(releases.switch(
+        R2, revision=sha(2), branch="production", actor="alice", lock=lock, gate=gate))
+    await asyncio.wait_for(gate.reached.wait(), 10)
     assert os.readlink(root / "current") == str(root / "releases" / R2)
-    step = await releases.restart(R2, lock=lock, revision=sha(2))
-    assert step.output == f"restart {sha(2)}\nto-stderr"
-    assert (root / ".deployd.lock").exists()
+    assert (root / "revisions.log").read_text().splitlines()[-1].endswith(f"release {R2} by alice")
+    assert not trace.exists() and not switching.done()
+    gate.release()
+    step = await asyncio.wait_for(switching, 10)
+    assert trace.exists() and step.output == "restarted" and step.previous == R1
     await releases.unlock(lock)
 
 
-async def test_restart_refuses_a_lock_taken_by_someone_else_and_a_moved_current(
+async def test_a_held_rollback_runs_its_hooks_when_deployd_vanishes(
         lab: Lab, pool: HostPool) -> None:
-    """restart() runs no hook when another holder took the lock, nor when current is not
-    the release it was asked to restart; its hook failing is worded like a switch's."""
-    trace, failing = lab.workdir / "ran", lab.workdir / "failing"
-    releases, _, root = on_host(
-        lab, pool, hooks=Hooks(restart=f"touch {trace}; [ ! -e {failing} ] || exit 7"))
+    """A rollback held after its switch whose connection drops (deployd killed) still runs
+    its rollback and restart hooks on the host and releases its lock: a switched host never
+    stays without them."""
+    hooks = Hooks(rollback=f"echo rollback >> {lab.workdir / 'hooks'}",
+                  restart=f"echo restart >> {lab.workdir / 'hooks'}")
+    releases, host, root = on_host(lab, pool, hooks=hooks)
     await deploy(releases, R1, sha(1))
-    trace.unlink()
-    failing.touch()
-    other = LockInfo.new("carol", "maintenance")
-    (root / ".deployd.lock").write_text(other.content())
-    with pytest.raises(LockHeld, match="carol"):
-        await releases.restart(R1, lock=LockInfo.new("bob", "rollback"))
-    (root / ".deployd.lock").unlink()
-    with pytest.raises(ReleaseError, match=f"not release {R2}"):
-        await releases.restart(R2, lock=other)
-    assert not trace.exists()
-    with pytest.raises(CommandError) as caught:
-        await releases.restart(R1, lock=other)
-    assert str(caught.value).startswith(f"{releases.name}: the restart hook failed (exit 7)")
-    assert trace.exists()
-
-
-async def test_revert_says_whether_it_moved_current(lab: Lab, pool: HostPool) -> None:
-    """revert(restart=False) reports `switched` only when current moved, and runs no hook."""
-    trace = lab.workdir / "ran"
-    releases, _, root = on_host(lab, pool, hooks=Hooks(restart=f"touch {trace}"))
-    await deploy(releases, R1, sha(1))
-    trace.unlink()
-    lock = LockInfo.new("alice", "deploy")
-    await releases.prepare(R2, sha(2), TARBALL, branch="production", lock=lock)
-    await releases.switch(R2, revision=sha(2), branch="production", actor="alice", lock=lock,
-                          restart=False)
-    moved = await releases.revert(R1, actor="deployd", lock=lock, restart=False)
-    still = await releases.revert(R1, actor="deployd", lock=lock, restart=False)
-    assert moved.switched and not still.switched
+    await deploy(releases, R2, sha(2))
+    (lab.workdir / "hooks").unlink()
+    gate = Gate(budget=30)
+    rolling = asyncio.create_task(releases.rollback(R1, reason="bad", actor="bob", gate=gate))
+    await asyncio.wait_for(gate.reached.wait(), 10)
     assert os.readlink(root / "current") == str(root / "releases" / R1)
-    assert not trace.exists()
-    await releases.remove_release(R2, unlock=lock)
+    assert not (lab.workdir / "hooks").exists()
+    assert isinstance(host, SSHHost) and host.connection.is_open
+    host.connection.discard(await host.connection.get())
+    with pytest.raises(RemoteError):
+        await asyncio.wait_for(rolling, 10)
+    wait_for_file(lab.workdir / "hooks")
+    assert wait_until(lambda: (lab.workdir / "hooks").read_text().split() == [
+        "rollback", "restart"] and not (root / ".deployd.lock").exists())
+
+
+async def test_a_gate_is_reached_when_the_step_fails_before_switching(
+        lab: Lab, pool: HostPool) -> None:
+    """A gated step that fails before its switch (the release is missing) ends without
+    holding; its gate counts as reached."""
+    releases, _, _ = on_host(lab, pool, hooks=Hooks(restart="true"))
+    await deploy(releases, R1, sha(1))
+    gate = Gate(budget=30)
+    with pytest.raises(ReleaseError, match="does not exist"):
+        await releases.rollback(R2, reason="bad", actor="bob", gate=gate)
+    assert gate.reached.is_set()

@@ -34,7 +34,7 @@ from deployd.errors import (
     ReleaseError,
     RemoteError,
 )
-from deployd.hosts import HostPool, Stdin
+from deployd.hosts import Gate, HostPool, Stdin
 from deployd.metrics import Metrics
 from deployd.releases import (
     RELEASE_FORMAT,
@@ -249,21 +249,16 @@ class Fleet:
                           lock: LockInfo, previous: dict[str, str | None],
                           protect: Collection[str], timings: Timings, started: float,
                           built: dict[str, dict[str, str]]) -> DeployOutcome:
-        """Switch every host of `previous`, then run the restart hooks on all of them."""
         names = tuple(previous)
-        _, failures = await self._each(
-            names, "switch",
-            lambda m: m.switch(release, revision=revision, branch=branch, actor=actor,
-                               lock=lock, restart=False), timings)
+
+        async def switch(name: str, member: Releases, gate: Gate | None) -> Step:
+            return await member.switch(release, revision=revision, branch=branch, actor=actor,
+                                       lock=lock, gate=gate)
+
+        switched, failures = await self._each_held(names, ("switch", "restart"), switch,
+                                                   timings)
         if failures:
             await self._undo_switch(release, lock, actor, previous, failures, timings)
-        restarted: dict[str, Step] = {}
-        if self.app.hooks.restart:
-            restarted, failures = await self._each(
-                names, "restart", lambda m: m.restart(release, lock=lock, revision=revision),
-                timings)
-            if failures:
-                await self._undo_switch(release, lock, actor, previous, failures, timings)
         pruned, problems = await self._each(
             names, "finish",
             lambda m: m.prune(self.app.keep_releases, protect, unlock=lock), timings)
@@ -276,29 +271,21 @@ class Fleet:
             pruned={name: removed for name, removed in pruned.items() if removed},
             warnings={name: f"after the switch: {error}" for name, error in problems.items()},
             seconds=time.monotonic() - started,
-            output=_merge(built, _outputs(restarted, "restart")))
+            output=_merge(built, _outputs(switched, "restart")))
 
     async def _undo_switch(self, release: str, lock: LockInfo, actor: str,
                            previous: dict[str, str | None], failures: dict[str, DeploydError],
                            timings: Timings) -> NoReturn:
-        """Switch every host of `previous` back to its previous release, then run restart
-        where current moved, drop the new release, raise."""
+        """Switch every host of `previous` back to its previous release (then restart), drop
+        the new one, raise."""
         log.error("%s: switch to %s failed on %s; switching every host back", self.app.name,
                   release, ", ".join(sorted(failures)))
         names = tuple(previous)
 
-        async def revert(name: str, member: Releases) -> Step:
-            return await member.revert(previous[name], actor=actor, lock=lock, restart=False)
+        async def revert(name: str, member: Releases, gate: Gate | None) -> Step:
+            return await member.revert(previous[name], actor=actor, lock=lock, gate=gate)
 
-        async def restart(name: str, member: Releases) -> Step:
-            return await member.restart(previous[name] or "", lock=lock)
-
-        reverted_steps, stuck = await self._each_named(names, "revert", revert, timings)
-        if self.app.hooks.restart:
-            moved = [name for name, step in reverted_steps.items()
-                     if step.switched and previous[name]]
-            _, unrestarted = await self._each_named(moved, "revert restart", restart, timings)
-            stuck.update(unrestarted)
+        _, stuck = await self._each_held(names, ("revert", "revert restart"), revert, timings)
         if stuck:
             self._abandoned.add(lock.token)
         reverted = [name for name in names if name not in stuck]
@@ -334,7 +321,7 @@ class Fleet:
                                                                 timings)
         expected = next((s.release(target) for s in states.values()), None)
         expected_revision = expected.revision if expected else revision
-        steps, failures, output = await _complete(self._roll_all(
+        steps, failures = await _complete(self._roll_all(
             target, states, reason=reason, actor=actor, revision=expected_revision,
             timings=timings))
         outcome = RollbackOutcome(
@@ -343,7 +330,7 @@ class Fleet:
             timings={name: sum(timings[name].get(phase, 0.0) for phase in ("rollback",
                                                                            "restart"))
                      for name in steps},
-            seconds=time.monotonic() - started, output=output,
+            seconds=time.monotonic() - started, output=_outputs(steps, "rollback"),
             phases={name: timings[name] for name in steps})
         failures.update(unreachable)
         if failures:
@@ -356,31 +343,13 @@ class Fleet:
 
     async def _roll_all(self, target: str, states: Mapping[str, HostState], *, reason: str,
                         actor: str, revision: str | None, timings: Timings,
-                        ) -> tuple[dict[str, Step], dict[str, DeploydError],
-                                   dict[str, dict[str, str]]]:
-        """Switch every host of `states` to `target`, then run the rollback and restart
-        hooks on the switched ones; returns the hosts done, the failures and the hooks'
-        output."""
-        hooked = bool(self.app.hooks.rollback or self.app.hooks.restart)
-        lock = LockInfo.new(actor, f"rollback to {target}")
-
-        async def roll(name: str, member: Releases) -> Step:
+                        ) -> tuple[dict[str, Step], dict[str, DeploydError]]:
+        async def roll(name: str, member: Releases, gate: Gate | None) -> Step:
             return await member.rollback(target, from_release=states[name].current,
                                          reason=reason, actor=actor, revision=revision,
-                                         takeover=self._stale_token(states[name]), lock=lock,
-                                         hooks=not hooked)
+                                         takeover=self._stale_token(states[name]), gate=gate)
 
-        steps, failures = await self._each_named(states, "rollback", roll, timings)
-        if not hooked:
-            return steps, failures, {}
-        finished, hook_failures = await self._each(
-            steps, "restart",
-            lambda m: m.restart(target, lock=lock, rollback=True, unlock=True), timings)
-        failures.update(hook_failures)
-        if failures:
-            self._abandoned.add(lock.token)  # a host may still hold it: ours to take over
-        return ({name: steps[name] for name in steps if name in finished}, failures,
-                _outputs(finished, "rollback"))
+        return await self._each_held(states, ("rollback", "restart"), roll, timings)
 
     async def _check_before_rollback(
             self, target: str, names: tuple[str, ...], revision: str | None,
@@ -436,7 +405,7 @@ class Fleet:
                           timings: Timings | None = None,
                           ) -> tuple[dict[str, T], dict[str, DeploydError]]:
         """Run `action` on every named host, at most `parallel` at once, until all are done;
-        returns the results and the failures by host."""
+        returns the results and the failures by host, in the order of `names`."""
 
         results: dict[str, T] = {}
         failures: dict[str, DeploydError] = {}
@@ -445,12 +414,8 @@ class Fleet:
             async with self._slots:
                 began = time.monotonic()
                 try:
-                    results[name] = await action(name, self._members[name])
-                except DeploydError as exc:
-                    failures[name] = exc
-                except Exception as exc:
-                    log.exception("%s: %s on %s failed unexpectedly", self.app.name, phase, name)
-                    failures[name] = RemoteError(name, f"{phase} failed: {exc!r}")
+                    await self._attempt(name, phase, action(name, self._members[name]),
+                                        results, failures)
                 finally:
                     if timings is not None:
                         timings.setdefault(name, {})[phase] = time.monotonic() - began
@@ -459,9 +424,68 @@ class Fleet:
 
         names = tuple(names)
         await asyncio.gather(*(one(name) for name in names))
-        # In the order asked (config order), not the order the hosts answered in.
-        return ({name: results[name] for name in names if name in results},
-                {name: failures[name] for name in names if name in failures})
+        return _in_order(names, results, failures)
+
+    async def _attempt(self, name: str, phase: str, step: Awaitable[T], results: dict[str, T],
+                       failures: dict[str, DeploydError]) -> None:
+        """Await one host's step into `results`, or its error into `failures`."""
+        try:
+            results[name] = await step
+        except DeploydError as exc:
+            failures[name] = exc
+        except Exception as exc:
+            log.exception("%s: %s on %s failed unexpectedly", self.app.name, phase, name)
+            failures[name] = RemoteError(name, f"{phase} failed: {exc!r}")
+
+    async def _each_held(self, names: Iterable[str], phases: tuple[str, str],
+                         action: Callable[[str, Releases, Gate | None], Awaitable[T]],
+                         timings: Timings) -> tuple[dict[str, T], dict[str, DeploydError]]:
+        """Like `_each_named`, for steps that switch `current` then run hooks: every host's
+        step runs until it switched and holds there (see `hosts.Gate`), or ended, at most
+        `parallel` at once; once every host got that far, the held steps go on to their
+        hooks, again at most `parallel` at once. `phases` name the two halves in `timings`.
+        Without hooks to hold for, a plain `_each_named`."""
+        names = tuple(names)
+        if not (self.app.hooks.restart or self.app.hooks.rollback):
+            return await self._each_named(
+                names, phases[0], lambda name, member: action(name, member, None), timings)
+        # A held step may wait for every other host's switch and hooks, `parallel` at a time.
+        rounds = -(-len(names) // max(1, self.app.parallel))
+        budget = rounds * (self.app.ssh.command_timeout + 2 * (self.app.hook_timeout + 10))
+        results: dict[str, T] = {}
+        failures: dict[str, DeploydError] = {}
+        waiting = len(names)
+        everyone_switched = asyncio.Event()
+
+        async def one(name: str) -> None:
+            nonlocal waiting
+            gate = Gate(budget)
+            try:
+                async with self._slots:
+                    began = time.monotonic()
+                    step = asyncio.ensure_future(action(name, self._members[name], gate))
+                    reached = asyncio.ensure_future(gate.reached.wait())
+                    await asyncio.wait([step, reached], return_when=asyncio.FIRST_COMPLETED)
+                    reached.cancel()
+                    timings.setdefault(name, {})[phases[0]] = time.monotonic() - began
+            finally:
+                waiting -= 1
+                if not waiting:
+                    everyone_switched.set()
+            await everyone_switched.wait()
+            if step.done():
+                await self._attempt(name, phases[0], step, results, failures)
+                return
+            async with self._slots:
+                began = time.monotonic()
+                gate.release()
+                await self._attempt(name, phases[1], step, results, failures)
+                timings[name][phases[1]] = time.monotonic() - began
+
+        await asyncio.gather(*(one(name) for name in names))
+        for name, error in failures.items():
+            self._count(name, error)
+        return _in_order(names, results, failures)
 
     def _count(self, name: str, error: DeploydError) -> None:
         if self._metrics is not None and isinstance(error, RemoteError):
@@ -484,6 +508,13 @@ def _disagreements(target: str, found: Mapping[str, str | None],
                         for held, hosts in groups.items())
     return {name: ReleaseError(f"{name}: hosts disagree on the revision of release {target} "
                                f"({summary})") for name in found}
+
+
+def _in_order(names: tuple[str, ...], results: dict[str, T], failures: dict[str, DeploydError],
+              ) -> tuple[dict[str, T], dict[str, DeploydError]]:
+    """Results and failures in the order asked (config order), not the order hosts answered."""
+    return ({name: results[name] for name in names if name in results},
+            {name: failures[name] for name in names if name in failures})
 
 
 async def _complete(awaitable: Awaitable[T]) -> T:

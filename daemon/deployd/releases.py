@@ -37,7 +37,7 @@ from importlib import resources
 
 from deployd.config import AppConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
-from deployd.hosts import Host, Result, Stdin
+from deployd.hosts import Gate, Host, Result, Stdin
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,6 @@ class Step:
     took_over: LockInfo | None = None
     output: str = ""  # the last lines its hooks printed (stdout and stderr, in order)
     removed: tuple[str, ...] = field(default=())
-    switched: bool = False  # whether it moved current
 
 
 # -- shell ----------------------------------------------------------------------------------
@@ -227,11 +226,9 @@ _PREPARE = _shell("prepare")
 _SWITCH = _shell("switch")
 _REVERT = _shell("revert")
 _ROLLBACK = _shell("rollback")
-_RESTART = _shell("restart")
 _PRUNE = _shell("prune")
 _REMOVE = _shell("remove")
-SCRIPTS = ("lib", "state", "prepare", "switch", "revert", "rollback", "restart", "prune",
-           "remove")
+SCRIPTS = ("lib", "state", "prepare", "switch", "revert", "rollback", "prune", "remove")
 
 
 def _script(title: str, body: str, **values: str) -> str:
@@ -338,79 +335,58 @@ class Releases:
                                        "build" if hooks else None)
 
     async def switch(self, release: str, *, revision: str, branch: str, actor: str,
-                     lock: LockInfo, restart: bool = True) -> Step:
+                     lock: LockInfo, gate: Gate | None = None) -> Step:
         """Point current at releases/<release> atomically, log the deploy, run restart
-        (unless `restart` is false: then `restart()` runs it later).
+        (once `gate`, if given, is released: see `hosts.Gate`).
 
         The lock must be held by `lock`; it stays held (prune or unlock release it).
         """
         line = (f"Branch {_one_line(branch)} (at {revision}) deployed as release "
                 f"{release} by {_one_line(actor)}")
-        restart_hook = (self.app.hooks.restart or "") if restart else ""
         values = {"release": _check_name(release), "log_line": line,
-                  "restart_hook": restart_hook,
+                  "restart_hook": self.app.hooks.restart or "",
                   **self._lock_values(lock, None), **self._env(revision)}
-        hooks = 1 if restart_hook else 0
+        hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"switch to release {release}", _SWITCH, values,
-                                 limit=self._timeout(hooks))
+                                 limit=self._timeout(hooks), gate=gate if hooks else None)
         return self._step(result, release, "restart" if hooks else None)
 
     async def revert(self, previous: str | None, *, actor: str, lock: LockInfo,
-                     restart: bool = True) -> Step:
+                     gate: Gate | None = None) -> Step:
         """Undo a switch: point current back at `previous` (or remove it when there was none)
-        and run restart (unless `restart` is false), unless current already is `previous`
-        (`Step.switched` says whether it moved). Refuses if someone else took the lock; logs
-        a rollback line."""
+        and run restart (once `gate` is released), unless current already is `previous`.
+        Refuses if someone else took the lock; logs a rollback line."""
         line = f"{_one_line(actor)} rolled back to release {previous}"
-        restart_hook = (self.app.hooks.restart or "") if restart else ""
         values = {"release": _check_name(previous) if previous else "", "log_line": line,
-                  "restart_hook": restart_hook,
+                  "restart_hook": self.app.hooks.restart or "",
                   **self._lock_values(lock, None), **self._env("")}
-        hooks = 1 if restart_hook else 0
+        hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"revert to release {previous or '(none)'}", _REVERT, values,
-                                 limit=self._timeout(hooks))
+                                 limit=self._timeout(hooks), gate=gate if hooks else None)
         return self._step(result, previous, "restart" if hooks else None)
 
     async def rollback(self, target: str, *, from_release: str | None = None, reason: str,
                        actor: str, revision: str | None = None,
-                       takeover: str | None = None, lock: LockInfo | None = None,
-                       hooks: bool = True) -> Step:
-        """Take the lock (`lock`, or a new one), switch current to releases/<target> (which
-        must exist, holding `revision` if given), mark the release rolled away from with
-        ROLLED_BACK (kept, not deleted), log it, run the rollback then restart hooks, release
-        the lock. With `hooks` false it stops after the log line and keeps the lock:
-        `restart(target, rollback=True, unlock=True)` runs the hooks and releases it."""
-        if lock is None:
-            lock = LockInfo.new(actor, f"rollback to {target}")
-        now = time.time() if lock.since is None else lock.since
+                       takeover: str | None = None, gate: Gate | None = None) -> Step:
+        """Take the lock, switch current to releases/<target> (which must exist, holding
+        `revision` if given), mark the release rolled away from with ROLLED_BACK (kept, not
+        deleted), log it, run the rollback then restart hooks (once `gate` is released),
+        release the lock."""
+        now = time.time()
+        lock = LockInfo.new(actor, f"rollback to {target}", now=now)
         marker = "".join(f"{key}={_one_line(value)}\n" for key, value in (
             ("rolled_back_at", _iso(now)), ("rolled_back_epoch", str(int(now))),
             ("by", actor), ("reason", reason), ("to_release", target)))
         values = {"release": _check_name(target), "from_release": from_release or "",
                   "expect_revision": revision or "", "marker": marker,
                   "log_line": f"{_one_line(actor)} rolled back to release {target}",
-                  "keep_lock": "" if hooks else "1",
-                  "rollback_hook": (self.app.hooks.rollback or "") if hooks else "",
-                  "restart_hook": (self.app.hooks.restart or "") if hooks else "",
-                  **self._lock_values(lock, takeover), **self._env("")}
-        count = sum(1 for name in ("rollback_hook", "restart_hook") if values[name])
-        return await self._locked_step(f"roll back to release {target}", _ROLLBACK, values,
-                                       count, None, "rollback and restart" if count else None)
-
-    async def restart(self, release: str, *, lock: LockInfo, revision: str = "",
-                      rollback: bool = False, unlock: bool = False) -> Step:
-        """The second half of a switch made with its hooks held back: in current (which must
-        be releases/<release>), run the rollback hook if `rollback`, then restart; release
-        `lock` afterwards if `unlock`. Refuses if someone else took the lock. `revision`
-        defaults to the release's REVISION file."""
-        values = {"release": _check_name(release), "unlock": "1" if unlock else "",
-                  "rollback_hook": (self.app.hooks.rollback or "") if rollback else "",
+                  "rollback_hook": self.app.hooks.rollback or "",
                   "restart_hook": self.app.hooks.restart or "",
-                  **self._lock_values(lock, None), **self._env(revision)}
-        names = [name for name in ("rollback", "restart") if values[f"{name}_hook"]]
-        result = await self._run(f"restart release {release}", _RESTART, values,
-                                 limit=self._timeout(len(names)))
-        return self._step(result, release, " and ".join(names) or None)
+                  **self._lock_values(lock, takeover), **self._env("")}
+        hooks = sum(1 for hook in (self.app.hooks.rollback, self.app.hooks.restart) if hook)
+        return await self._locked_step(f"roll back to release {target}", _ROLLBACK, values,
+                                       hooks, None, "rollback and restart" if hooks else None,
+                                       gate=gate if hooks else None)
 
     async def prune(self, keep: int, protect: Collection[str] = (), *,
                     unlock: LockInfo | None = None) -> tuple[str, ...]:
@@ -438,11 +414,12 @@ class Releases:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _locked_step(self, title: str, body: str, values: dict[str, str], hooks: int,
-                           tarball: Stdin | None, hook_names: str | None) -> Step:
+                           tarball: Stdin | None, hook_names: str | None, *,
+                           gate: Gate | None = None) -> Step:
         """Run a script that takes the lock; take a stale lock over (one more round trip)."""
         try:
             result = await self._run(title, body, values, input=tarball,
-                                     limit=self._timeout(hooks))
+                                     limit=self._timeout(hooks), gate=gate)
         except HostLockHeld as exc:
             stale = exc.lock
             if values["takeover"] or not stale.is_stale(self.app.lock_stale_after):
@@ -451,7 +428,7 @@ class Releases:
                         stale.describe())
             values = {**values, "takeover": stale.token}
             result = await self._run(title, body, values, input=tarball,
-                                     limit=self._timeout(hooks))
+                                     limit=self._timeout(hooks), gate=gate)
         return self._step(result, values["release"], hook_names)
 
     def _step(self, result: Result, release: str | None, hook_names: str | None) -> Step:
@@ -466,8 +443,7 @@ class Releases:
             log.debug("%s: output of the %s hook(s): %s", self.name, hook_names,
                       " | ".join(output.splitlines()))
         return Step(release=release, previous=_last(fields, "previous") or None,
-                    took_over=LockInfo.parse(took) if took else None, output=output,
-                    switched="switched" in fields)
+                    took_over=LockInfo.parse(took) if took else None, output=output)
 
     def _lock_values(self, lock: LockInfo, takeover: str | None) -> dict[str, str]:
         return {"token": lock.token, "lock_content": lock.content(), "takeover": takeover or ""}
@@ -485,10 +461,16 @@ class Releases:
         return self.app.ssh.command_timeout + hooks * (self.app.hook_timeout + 10)
 
     async def _run(self, title: str, body: str, values: Mapping[str, str], *,
-                   limit: float, input: Stdin | None = None) -> Result:
+                   limit: float, input: Stdin | None = None, gate: Gate | None = None) -> Result:
+        """Run a step; with `gate`, the script holds (`hold_here`) until it is released, for
+        at most `gate.budget` seconds more."""
         hook_env = " ".join(name for name in values if name.startswith("DEPLOYD_"))
-        script = _script(title, body, dt=self.deploy_to, hook_env=hook_env, **values)
-        result = await self.host.run(script, input=input, timeout=limit, check=False)
+        script = _script(title, body, dt=self.deploy_to, hook_env=hook_env, **values,
+                         hold="1" if gate is not None else "")
+        if gate is not None:
+            limit += gate.budget
+        result = await self.host.run(script, input=input, timeout=limit, check=False,
+                                     gate=gate)
         if result.exit_status != 0:
             raise self._error(script, result)
         return result

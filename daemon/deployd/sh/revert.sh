@@ -16,6 +16,7 @@ trap '' HUP PIPE  # past the switch, finish even if deployd vanishes
 switch_to "$release"
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 printf 'switched=%s\n' "$release"
+hold_here
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release"
 _r=
 read -r _r < "$dt/releases/$release/REVISION"

@@ -5,12 +5,7 @@ _r=
 if [ -n "$expect_revision" ] && [ "$_r" != "$expect_revision" ]; then
     fail 3 "release $release on $host holds revision ${_r:-none}, expected $expect_revision"
 fi
-# keep_lock: the hooks run later, in their own step (restart.sh), which releases the lock.
-on_exit() {
-    _s=$?
-    [ -n "$took" ] && { [ "$_s" -ne 0 ] || [ -z "$keep_lock" ]; } && drop_lock
-}
-trap on_exit EXIT
+trap '[ -n "$took" ] && drop_lock' EXIT
 trap 'exit 143' TERM HUP INT
 trap 'exit 141' PIPE
 take_lock
@@ -32,8 +27,8 @@ if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]
         && touch -r "$dt/releases/$_from/REVISION" "$dt/releases/$_from"
 fi
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
+hold_here
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release" DEPLOYD_REVISION="$_r"
-[ -n "$keep_lock" ] && exit 0
 _rb=0
 [ -n "$rollback_hook" ] && { run_hook rollback "$dt/current" "$rollback_hook" || _rb=$?; }
 [ -n "$restart_hook" ] && { run_hook restart "$dt/current" "$restart_hook" || exit 5; }

@@ -9,6 +9,7 @@ trap '' HUP PIPE
 switch_to "$release"
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 printf 'switched=%s\n' "$release"
+hold_here
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release"
 [ -n "$restart_hook" ] && { run_hook restart "$dt/current" "$restart_hook" || exit 5; }
 exit 0
