@@ -586,8 +586,8 @@ async def test_hook_output_is_kept_in_order_and_logged_at_debug(
 
 async def test_a_gated_switch_holds_after_switching_until_released(
         lab: Lab, pool: HostPool) -> None:
-    """With a gate, switch() points current at the release, logs it, and waits before the
-    restart hook until the gate is released; then the hook runs in the same step."""
+    """With a gate, switch() points current at the release and waits right there until the
+    gate is released; then it logs the deploy and runs the restart hook, in the same step."""
     trace = lab.workdir / "restarted"
     releases, _, root = on_host(lab, pool, hooks=Hooks(restart=f"echo restarted; touch {trace}"))
     await deploy(releases, R1, sha(1))
@@ -599,11 +599,12 @@ async def test_a_gated_switch_holds_after_switching_until_released(
         R2, revision=sha(2), branch="production", actor="alice", lock=lock, gate=gate))
     await asyncio.wait_for(gate.reached.wait(), 10)
     assert os.readlink(root / "current") == str(root / "releases" / R2)
-    assert (root / "revisions.log").read_text().splitlines()[-1].endswith(f"release {R2} by alice")
     assert not trace.exists() and not switching.done()
+    assert len((root / "revisions.log").read_text().splitlines()) == 1  # R1's line only
     gate.release()
     step = await asyncio.wait_for(switching, 10)
     assert trace.exists() and step.output == "restarted" and step.previous == R1
+    assert (root / "revisions.log").read_text().splitlines()[-1].endswith(f"release {R2} by alice")
     await releases.unlock(lock)
 
 

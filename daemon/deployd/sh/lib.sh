@@ -74,9 +74,10 @@ switch_to() {
     rm -f "$_tmp"
     fail 3 "switching current to release $1 failed"
 }
-# Past a switch, before its hooks: with `hold` set, say so and wait for the end of stdin, which
-# deployd sends once every host of the operation switched. A vanished deployd ends stdin too:
-# a switched host always runs its hooks.
+# Right after a switch: with `hold` set, say so and wait for the end of stdin, which deployd
+# sends once every host of the operation switched; the rest of the step (log line, marker,
+# hooks) runs after that, so no host's bookkeeping delays another's switch. A vanished deployd
+# ends stdin too: a switched host always finishes its step.
 hold_here() {
     [ -n "$hold" ] || return 0
     printf 'held=1\n'

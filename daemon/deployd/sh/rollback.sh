@@ -16,6 +16,7 @@ printf 'previous=%s\n' "$cur"
 trap '' HUP PIPE
 switch_to "$release"
 printf 'switched=%s\n' "$release"
+hold_here
 _from=${from_release:-$cur}
 if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]; then
     rm -f "$dt/releases/$_from/ROLLED_BACK"  # never write through a symlink a commit held
@@ -27,7 +28,6 @@ if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]
         && touch -r "$dt/releases/$_from/REVISION" "$dt/releases/$_from"
 fi
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
-hold_here
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release" DEPLOYD_REVISION="$_r"
 _rb=0
 [ -n "$rollback_hook" ] && { run_hook rollback "$dt/current" "$rollback_hook" || _rb=$?; }
