@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deployd.config import AppConfig, Hooks
+from deployd.config import AppConfig, Hooks, HostConfig
 from deployd.errors import (
     CommandError,
     ConnectError,
@@ -549,3 +549,43 @@ async def test_subset_rollback_never_contacts_the_other_hosts(
     assert all(outcome.previous[name] == second.release for name in outcome.hosts)
     assert [current(root) for root in roots(app)] == [first.release] * 3
     assert no_locks(app)
+
+
+async def test_local_hosts_switch_together_before_their_hooks_too(tmp_path: Path) -> None:
+    """Three `local` hosts (one machine, three deploy_to): the same two halves, deploy and
+    rollback; no host's hook runs before every host switched."""
+    configs = tuple(HostConfig(address="local", deploy_to=str(tmp_path / f"app{i}"))
+                    for i in range(3))
+    trace = tmp_path / "trace"
+    paths = [Path(config.deploy_to) for config in configs]
+    app = AppConfig(name="shop", repo="/nonexistent", branch="production",
+                    deploy_to=configs[0].deploy_to, hosts=configs,
+                    hooks=Hooks(restart=recording_hook("restart", paths, trace)))
+    pool = HostPool()
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    await fleet.rollback(first.release, reason="bad", actor="bob")
+    seen = [links for _, _, links in seen_by_hooks(trace)]
+    assert seen == [[first.release] * 3] * 3 + [[second.release] * 3] * 3 + [
+        [first.release] * 3] * 3
+    await pool.close()
+
+
+async def test_more_hosts_on_one_connection_than_it_has_channels_still_deploy(
+        lab: Lab, pool: HostPool) -> None:
+    """Ten deploy_to on one sshd share one connection of eight channels: their steps are not
+    held (they would wait for each other), each host restarts right after its switch, and
+    the deploy and the rollback complete."""
+    one = lab.hosts[0]
+    app = lab.app(hosts=[replace(lab.host_config(one), deploy_to=str(one.home / f"app{i}"))
+                         for i in range(10)], hooks=Hooks(restart="echo restarted"))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await asyncio.wait_for(
+        fleet.deploy(sha(1), tarball(1), branch="production", actor="alice"), 60)
+    await asyncio.wait_for(
+        fleet.deploy(sha(2), tarball(2), branch="production", actor="alice"), 60)
+    outcome = await asyncio.wait_for(
+        fleet.rollback(first.release, reason="bad", actor="bob"), 60)
+    assert set(outcome.output) == set(fleet.hosts)
+    assert all(current(root) == first.release for root in roots(app))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,7 @@ from deployd.errors import (
     ReleaseError,
     RemoteError,
 )
-from deployd.hosts import Gate, HostPool, Stdin
+from deployd.hosts import MAX_CHANNELS, Gate, HostPool, SSHHost, Stdin
 from deployd.metrics import Metrics
 from deployd.releases import (
     RELEASE_FORMAT,
@@ -426,6 +427,14 @@ class Fleet:
         await asyncio.gather(*(one(name) for name in names))
         return _in_order(names, results, failures)
 
+    def _can_hold(self, names: Iterable[str]) -> bool:
+        """Whether every named host's step can be held at once: a held step keeps its SSH
+        channel, so more hosts on one connection than it has channels would wait for each
+        other until their time limit."""
+        hosts = [self._members[name].host for name in names]
+        sharing = Counter(id(host.connection) for host in hosts if isinstance(host, SSHHost))
+        return max(sharing.values(), default=0) <= MAX_CHANNELS
+
     async def _attempt(self, name: str, phase: str, step: Awaitable[T], results: dict[str, T],
                        failures: dict[str, DeploydError]) -> None:
         """Await one host's step into `results`, or its error into `failures`."""
@@ -444,9 +453,9 @@ class Fleet:
         step runs until it switched and holds there (see `hosts.Gate`), or ended, at most
         `parallel` at once; once every host got that far, the held steps go on to their
         hooks, again at most `parallel` at once. `phases` name the two halves in `timings`.
-        Without hooks to hold for, a plain `_each_named`."""
+        Without hooks to hold for, or hosts to hold on, a plain `_each_named`."""
         names = tuple(names)
-        if not (self.app.hooks.restart or self.app.hooks.rollback):
+        if not (self.app.hooks.restart or self.app.hooks.rollback) or not self._can_hold(names):
             return await self._each_named(
                 names, phases[0], lambda name, member: action(name, member, None), timings)
         # A held step may wait for every other host's switch and hooks, `parallel` at a time.
