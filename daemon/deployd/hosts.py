@@ -11,7 +11,8 @@ can read every process's arguments in /proc): the only command a host runs is th
 script) and runs it; the rest of stdin (a release tarball) is left to the script. This also lifts
 the kernel's limit on one argument (E2BIG at 128 KiB). The time limit is enforced ON the host by
 wrapping the bootstrap in `timeout`, because closing an SSH channel does not stop the command
-behind it. A command that ran and failed is never retried here: only failing to connect is.
+behind it. A command that ran and failed is never retried here: only failing to connect is. A
+command may also wait half way for the caller (see `Gate`).
 """
 
 from __future__ import annotations

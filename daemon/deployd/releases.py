@@ -18,7 +18,9 @@ content ever becomes an argument of a process on the host. A hook reaches its ow
 pipe, with the hook variables exported to it alone. Scripts
 report on stdout as `key=value` lines and fail with these exit statuses: 3 the layout does not
 allow the operation (message on stderr), 4 the lock is held (its content on stdout), 5 a hook
-failed.
+failed. Given a `hosts.Gate`, a switch, rollback or revert holds right after moving `current`
+(`held=1`) until deployd, or the end of its connection, lets it go on to its log line, marker and
+hooks: the fleet switches every host before any host restarts.
 """
 
 from __future__ import annotations
