@@ -10,9 +10,11 @@ one host's failure never abandons another host's step half way, and once switchi
 cancellation waits for the phase to end.
 
 Deploys, rollbacks and their undoing switch `current` on every host of the operation first and
-only then run the hooks (rollback, restart) everywhere, in a second round: the time the fleet
-runs two releases is one round trip, not the slowest host's restart. A deploy or a rollback may
-name a subset of the hosts; the other hosts are not contacted at all.
+only then run the hooks (rollback, restart) anywhere: each host's step holds right after its
+switch until every host switched (see `hosts.Gate`), so the fleet runs two releases for about
+one round trip, not for the slowest host's restart. A held step goes on by itself if deployd
+vanishes: a switched host always runs its hooks. A deploy or a rollback may name a subset of the
+hosts; the other hosts are not contacted at all.
 """
 
 from __future__ import annotations
