@@ -624,9 +624,10 @@ async def test_a_held_rollback_runs_its_hooks_when_deployd_vanishes(
     host.connection.discard(await host.connection.get())
     with pytest.raises(RemoteError):
         await asyncio.wait_for(rolling, 10)
-    wait_for_file(lab.workdir / "hooks")
-    assert wait_until(lambda: (lab.workdir / "hooks").read_text().split() == [
-        "rollback", "restart"] and not (root / ".deployd.lock").exists())
+    hooks_file = lab.workdir / "hooks"
+    await wait_until(lambda: hooks_file.exists()
+                     and hooks_file.read_text().split() == ["rollback", "restart"]
+                     and not (root / ".deployd.lock").exists())
 
 
 async def test_a_gate_is_reached_when_the_step_fails_before_switching(
