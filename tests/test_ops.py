@@ -131,6 +131,7 @@ EXPECTED_ALERTS = {
     "DeploydDown", "DeploydRollback", "DeploydBadReleaseLive", "DeploydRescueJobWaiting",
     "DeploydBranchNotPristine", "DeploydHostUnhealthy", "DeploydGitFetchFailing",
     "DeploydSSHFailing", "DeploydPausedTooLong", "DeploydNotificationsFailing",
+    "DeploydRolloutPausedTooLong",
 }
 
 
