@@ -274,7 +274,7 @@ def test_dashboard_structure() -> None:
 
 
 def test_dashboard_covers_the_required_views() -> None:
-    """The dashboard shows deploys, rollbacks, durations, health, rescue, pristine, errors."""
+    """The dashboard shows deploys, rollouts, rollbacks, durations, health, rescue, errors."""
     exprs = " ".join(dashboard_queries(dashboard()).values())
     for needle in (
         "deployd_deploys_total", "deployd_bake_verdicts_total", "deployd_rollbacks_total",
@@ -283,6 +283,9 @@ def test_dashboard_covers_the_required_views() -> None:
         "deployd_rescue_jobs", "deployd_rescue_job_oldest_pending_timestamp_seconds",
         "deployd_branch_pristine", "deployd_paused", "deployd_health_checks_total",
         "deployd_git_fetch_errors_total", "deployd_ssh_errors_total", "deployd_release_info",
+        "deployd_rollout_step", 'deployd_rollout_hosts{', "by (app, group)",
+        "sum by (app, verdict) (increase(deployd_analysis_verdicts_total",
+        "time() - deployd_rollout_paused_timestamp_seconds",
     ):
         assert needle in exprs, needle
 
