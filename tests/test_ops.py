@@ -49,6 +49,7 @@ REST_CONTRACT = {
     ("GET", "/api/v1/apps/{app}/events"),
     ("POST", "/api/v1/apps/{app}/deploy"), ("POST", "/api/v1/apps/{app}/rollback"),
     ("POST", "/api/v1/apps/{app}/pause"), ("POST", "/api/v1/apps/{app}/resume"),
+    ("POST", "/api/v1/apps/{app}/promote"), ("POST", "/api/v1/apps/{app}/abort"),
     ("GET", "/api/v1/jobs"), ("POST", "/api/v1/apps/{app}/jobs"),
     ("GET", "/api/v1/jobs/{id}"), ("GET", "/api/v1/jobs/{id}/patch"),
     ("PUT", "/api/v1/jobs/{id}/patch"), ("PUT", "/api/v1/jobs/{id}/selection"),
@@ -60,6 +61,7 @@ REST_BODY_FIELDS = {
     "/api/v1/apps/{app}/rollback": {"release", "reason"},
     "/api/v1/apps/{app}/pause": {"reason"},
     "/api/v1/apps/{app}/resume": {"reason"},
+    "/api/v1/apps/{app}/abort": {"reason"},
     "/api/v1/apps/{app}/jobs": {"commits", "base"},
     "/api/v1/jobs/{id}/selection": {"commits"},
     "/api/v1/jobs/{id}/approve": {"plan", "comment"},
@@ -393,7 +395,8 @@ def test_runbook_curl_calls_follow_the_rest_contract() -> None:
     for needed in ("/api/v1/jobs", "/api/v1/jobs/{id}", "/api/v1/jobs/{id}/approve",
                    "/api/v1/jobs/{id}/reject", "/api/v1/apps/{app}/rollback",
                    "/api/v1/apps/{app}/pause", "/api/v1/apps/{app}/resume",
-                   "/api/v1/apps/{app}/events"):
+                   "/api/v1/apps/{app}/events", "/api/v1/apps/{app}/promote",
+                   "/api/v1/apps/{app}/abort"):
         assert needed in seen, needed
 
 
