@@ -14,9 +14,11 @@ from deployd.analysis import (
     CheckResult,
     GroupFigures,
     GroupSamples,
+    QueryFigures,
     Tolerances,
     Verdict,
     compare,
+    compare_query,
     fisher_greater,
     judge,
     judge_groups,
@@ -365,3 +367,35 @@ def test_normal_sf_known_values() -> None:
     assert normal_sf(0.0) == 0.5
     assert normal_sf(1.6448536) == pytest.approx(0.05, abs=1e-7)
     assert normal_sf(1.959964) == pytest.approx(0.025, abs=1e-7)
+
+
+# -- Prometheus checks per group ---------------------------------------------------------------
+
+def query(outcome: str, value: float | None = 1.0) -> QueryFigures:
+    return QueryFigures(outcome, value, f"{outcome} at {value}")
+
+
+@pytest.mark.parametrize(("canary", "baseline", "verdict", "both_failing"), [
+    ("success", "success", Verdict.PASS, False),
+    ("failure", "success", Verdict.FAIL, False),
+    ("success", "failure", Verdict.PASS, False),
+    ("failure", "failure", Verdict.INCONCLUSIVE, True),
+    ("no_data", "success", Verdict.INCONCLUSIVE, False),
+    ("success", "no_data", Verdict.INCONCLUSIVE, False),
+])
+def test_a_query_per_group_is_judged_by_the_checks_bound(canary: str, baseline: str,
+                                                          verdict: Verdict,
+                                                          both_failing: bool) -> None:
+    result = compare_query("errors", query(canary), query(baseline))
+    assert (result.verdict, result.both_failing) == (verdict, both_failing)
+    assert result.metric == "query"
+
+
+def test_a_failing_query_fails_the_whole_judgement_beside_passing_probes() -> None:
+    probes = compare("http", GroupSamples(ok=50, latencies=(0.01,) * 50),
+                     GroupSamples(ok=50, latencies=(0.01,) * 50))
+    judgement = judge([*probes, compare_query("errors", query("failure", 9.0),
+                                              query("success", 0.1))])
+    assert judgement.verdict is Verdict.FAIL
+    assert "errors query" in judgement.reason
+    assert judgement.to_json()["checks"][-1]["canary"]["value"] == 9.0

@@ -491,7 +491,10 @@ async def test_kill_around_an_automatic_rollback_never_rolls_back_twice(
 
 async def test_kill_after_some_hosts_rolled_back_finishes_only_the_others(
         make_lab: MakeLab, processes: Callable[[Lab], DaemonProcess]) -> None:
-    """kill -9 with one host rolled back and one not: the restart rolls back only the other."""
+    """kill -9 as soon as a host switched back, one host at a time (parallel = 1): either the
+    other host had not switched yet (the restart rolls back only it) or it had and was held
+    before its hooks, waiting for its turn (the vanished daemon lets it run them); either way
+    each host ran its hooks and logged the rollback exactly once, and one rollback started."""
     hooks = {**HOOKS, "rollback": "sleep 0.8; " + HOOKS["rollback"]}
     lab = await make_lab(2, hooks=hooks, settings={"parallel": 1},
                          rollback={"grace": "300ms", "bake": "1200ms"})
@@ -503,9 +506,7 @@ async def test_kill_after_some_hosts_rolled_back_finishes_only_the_others(
     await wait_until(lambda: good_release in (current_release(first), current_release(second)),
                      within=10, every=0.005, what="a host rolled back")
     daemon.kill9()
-    switched = [d for d in lab.deploy_dirs if current_release(d) == good_release]
-    assert len(switched) == 1, "both hosts switched before the kill; the test needs one"
-    await asyncio.sleep(1.0)  # the killed host's hooks finish meanwhile
+    await asyncio.sleep(1.0)  # the killed hosts' hooks finish meanwhile
     await daemon.start()
     await wait_event(daemon, "bake.healthy", good, count=2, within=30)
     for deploy_to in lab.deploy_dirs:

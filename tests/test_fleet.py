@@ -11,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from deployd.config import AppConfig, Hooks
-from deployd.errors import CommandError, ConnectError, FleetError, LockHeld, ReleaseError
+from deployd.config import AppConfig, Hooks, HostConfig
+from deployd.errors import (
+    CommandError,
+    ConnectError,
+    FleetError,
+    Invalid,
+    LockHeld,
+    ReleaseError,
+)
 from deployd.fleet import Fleet, RollbackIncomplete
 from deployd.hosts import HostPool
 from deployd.releases import HostState, LockInfo
@@ -394,3 +401,190 @@ async def test_hook_timeout_is_worded_once(lab: Lab, pool: HostPool) -> None:
     name = app.hosts[0].name
     assert str(caught.value.failures[name]) == (
         f"{name}: the build hook timed out after 0.5s: started")
+
+
+def seen_by_hooks(trace: Path) -> list[tuple[str, str, list[str | None]]]:
+    """(hook, host, release every host's current pointed at when it ran), one per hook run."""
+    runs = []
+    for line in trace.read_text().splitlines():
+        hook, host, *links = line.split()
+        runs.append((hook, host, [link.rsplit("/", 1)[-1] if link != "-" else None
+                                  for link in links]))
+    return runs
+
+
+def recording_hook(hook: str, app_roots: list[Path], trace: Path, only: str = "") -> str:
+    """A hook appending `hook host <readlink current of every host>` to `trace`, for
+    DEPLOYD_REVISION `only` (every revision when empty). The hosts share this filesystem, so
+    one host's hook can read every host's `current`."""
+    links = " ".join(f'"$(readlink {root}/current || echo -)"' for root in app_roots)
+    guard = f'[ "$DEPLOYD_REVISION" = "{only}" ] || exit 0; ' if only else ""
+    return f'{guard}echo "{hook} $DEPLOYD_HOST {links}" >> {trace}'
+
+
+@pytest.mark.parametrize("parallel", [1, 50])
+async def test_deploy_switches_every_host_before_any_restart_hook(
+        lab: Lab, pool: HostPool, parallel: int) -> None:
+    """Every restart hook of a deploy runs after `current` switched on every host (even one
+    host at a time); each host's hook output is kept, and the restart phase is timed."""
+    trace = lab.workdir / "trace"
+    app = lab.app(parallel=parallel)
+    restart = recording_hook("restart", roots(app), trace, only=sha(2)) + "; echo restarted"
+    app = replace(app, hooks=Hooks(restart=restart))
+    fleet = Fleet(app, pool, clock=Clock())
+    await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    runs = seen_by_hooks(trace)
+    assert sorted(host for _, host, _ in runs) == sorted(fleet.hosts)
+    assert all(links == [second.release] * 3 for _, _, links in runs), runs
+    assert second.output == {name: {"restart": "restarted"} for name in fleet.hosts}
+    assert all({"check", "prepare", "switch", "restart", "finish"} <= set(t)
+               for t in second.timings.values())
+    assert no_locks(app)
+
+
+@pytest.mark.parametrize("parallel", [1, 50])
+async def test_rollback_switches_every_host_before_any_hook(
+        lab: Lab, pool: HostPool, parallel: int) -> None:
+    """The rollback and restart hooks of a rollback run after every host switched, in that
+    order on each host, under the rollback's lock (released afterwards); their output is kept
+    per host, in order."""
+    trace = lab.workdir / "trace"
+    app = lab.app(parallel=parallel)
+    locks = lab.workdir / "locks"
+    hooks = Hooks(
+        rollback=recording_hook("rollback", roots(app), trace, only=sha(1))
+        + f'; [ -e "$DEPLOYD_DEPLOY_TO/.deployd.lock" ] && echo locked >> {locks}'
+        + "; echo rolling back",
+        restart=recording_hook("restart", roots(app), trace, only=sha(1)) + "; echo restarted")
+    app = replace(app, hooks=hooks)
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    trace.unlink()
+    outcome = await fleet.rollback(first.release, reason="bad", actor="bob")
+    runs = seen_by_hooks(trace)
+    assert all(links == [first.release] * 3 for _, _, links in runs), runs
+    for name in fleet.hosts:
+        assert [hook for hook, host, _ in runs if host == name] == ["rollback", "restart"]
+    assert locks.read_text().split() == ["locked"] * 3
+    assert outcome.output == {name: {"rollback": "rolling back\nrestarted"}
+                              for name in fleet.hosts}
+    assert all({"check", "rollback", "restart"} <= set(phases)
+               for phases in outcome.phases.values())
+    assert all(outcome.timings[name] >= outcome.phases[name]["restart"] for name in fleet.hosts)
+    assert no_locks(app)
+
+
+@pytest.mark.parametrize("parallel", [1, 50])
+async def test_undoing_a_switch_switches_every_host_back_before_restarting(
+        lab: Lab, pool: HostPool, parallel: int) -> None:
+    """A restart hook failing on one host: every host switches back, and only then do the
+    restart hooks of the previous release run, seeing every host on it."""
+    trace = lab.workdir / "trace"
+    hosts = [lab.host_config(h, fail="1" if i == 2 else "0") for i, h in enumerate(lab.hosts)]
+    app = lab.app(hosts=hosts, parallel=parallel)
+    restart = (f'[ "$DEPLOYD_VAR_FAIL$DEPLOYD_REVISION" = "1{sha(2)}" ] && exit 4; '
+               + recording_hook("restart", roots(app), trace, only=sha(1)))
+    app = replace(app, hooks=Hooks(restart=restart))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    trace.unlink()
+    with pytest.raises(FleetError) as caught:
+        await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    assert caught.value.action == "switch"
+    error = caught.value.failures[hosts[2].name]
+    assert str(error).startswith(f"{hosts[2].name}: the restart hook failed (exit 4)")
+    runs = seen_by_hooks(trace)
+    assert sorted(host for _, host, _ in runs) == sorted(fleet.hosts)
+    assert all(links == [first.release] * 3 for _, _, links in runs), runs
+    assert no_locks(app)
+
+
+async def test_subset_deploys_contact_only_their_hosts_and_share_one_release_name(
+        lab: Lab, pool: HostPool) -> None:
+    """Two steps of a rollout: a deploy to the first host, then to the other two with the
+    same release name. While the first step runs, the other hosts are down and never needed
+    (no check, no prune); a name that is not a release name, or an unknown host, is refused."""
+    app = lab.app(keep_releases=1)
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    canary, rest = fleet.hosts[0], list(fleet.hosts[1:])
+    for host in lab.hosts[1:]:
+        vanish(host)
+    step1 = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice",
+                               hosts=[canary])
+    assert step1.hosts == (canary,) and set(step1.timings) == {canary}
+    assert step1.pruned == {canary: (first.release,)}
+    for host in lab.hosts[1:]:
+        host.start()
+    step2 = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice",
+                               hosts=rest, release=step1.release)
+    assert step2.release == step1.release and step2.hosts == tuple(rest)
+    assert all(current(root) == step1.release for root in roots(app))
+    assert all(releases_on(root) == [step1.release] for root in roots(app))
+    with pytest.raises(Invalid, match="not a release name"):
+        await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice",
+                           release="2024-05-01")
+    with pytest.raises(Invalid, match="no such host"):
+        await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice",
+                           hosts=["elsewhere:22"])
+    assert no_locks(app)
+
+
+async def test_subset_rollback_never_contacts_the_other_hosts(
+        lab: Lab, pool: HostPool) -> None:
+    """A rollback of some hosts (a failed rollout step) with another host's sshd killed:
+    the check and the rollback run on the named hosts only, and succeed."""
+    app = lab.app(hooks=Hooks(restart="true"))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice",
+                                hosts=fleet.hosts[:2])
+    vanish(lab.hosts[2])
+    outcome = await fleet.rollback(first.release, reason="canary failed", actor="deployd",
+                                   hosts=fleet.hosts[:2])
+    assert outcome.hosts == fleet.hosts[:2]
+    assert all(outcome.previous[name] == second.release for name in outcome.hosts)
+    assert [current(root) for root in roots(app)] == [first.release] * 3
+    assert no_locks(app)
+
+
+async def test_local_hosts_switch_together_before_their_hooks_too(tmp_path: Path) -> None:
+    """Three `local` hosts (one machine, three deploy_to): the same two halves, deploy and
+    rollback; no host's hook runs before every host switched."""
+    configs = tuple(HostConfig(address="local", deploy_to=str(tmp_path / f"app{i}"))
+                    for i in range(3))
+    trace = tmp_path / "trace"
+    paths = [Path(config.deploy_to) for config in configs]
+    app = AppConfig(name="shop", repo="/nonexistent", branch="production",
+                    deploy_to=configs[0].deploy_to, hosts=configs,
+                    hooks=Hooks(restart=recording_hook("restart", paths, trace)))
+    pool = HostPool()
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    await fleet.rollback(first.release, reason="bad", actor="bob")
+    seen = [links for _, _, links in seen_by_hooks(trace)]
+    assert seen == [[first.release] * 3] * 3 + [[second.release] * 3] * 3 + [
+        [first.release] * 3] * 3
+    await pool.close()
+
+
+async def test_more_hosts_on_one_connection_than_it_has_channels_still_deploy(
+        lab: Lab, pool: HostPool) -> None:
+    """Ten deploy_to on one sshd share one connection of eight channels: their steps are not
+    held (they would wait for each other), each host restarts right after its switch, and
+    the deploy and the rollback complete."""
+    one = lab.hosts[0]
+    app = lab.app(hosts=[replace(lab.host_config(one), deploy_to=str(one.home / f"app{i}"))
+                         for i in range(10)], hooks=Hooks(restart="echo restarted"))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await asyncio.wait_for(
+        fleet.deploy(sha(1), tarball(1), branch="production", actor="alice"), 60)
+    await asyncio.wait_for(
+        fleet.deploy(sha(2), tarball(2), branch="production", actor="alice"), 60)
+    outcome = await asyncio.wait_for(
+        fleet.rollback(first.release, reason="bad", actor="bob"), 60)
+    assert set(outcome.output) == set(fleet.hosts)
+    assert all(current(root) == first.release for root in roots(app))

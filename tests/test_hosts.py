@@ -17,7 +17,7 @@ import pytest
 
 from deployd.config import HostConfig
 from deployd.errors import CommandError, ConnectError
-from deployd.hosts import HostPool, LocalHost, SSHHost, privilege_drop
+from deployd.hosts import Gate, Host, HostPool, LocalHost, SSHHost, privilege_drop
 from deployd.metrics import Metrics
 from deployd.retry import RetryPolicy, instant_retries
 from tests.support.hostfixtures import (
@@ -312,3 +312,34 @@ async def test_local_run_as_refuses_root_or_deployds_own_user(
     host = LocalHost(HostConfig(address="local", deploy_to=str(tmp_path), run_as=TEST_USER))
     with pytest.raises(ConnectError, match="the user deployd runs as"):
         await host.run("true", timeout=10)
+
+
+HELD_SCRIPT = ("echo before; printf 'held=1\\n'; while IFS= read -r _l; do :; done; "
+               "echo after; echo done >&2")
+
+
+async def _held_then_released(host: Host) -> None:
+    gate = Gate(budget=0)
+    running = asyncio.create_task(host.run(HELD_SCRIPT, timeout=30, gate=gate))
+    await asyncio.wait_for(gate.reached.wait(), 10)
+    await asyncio.sleep(0.2)  # were the end of stdin sent, the command would end now
+    assert not running.done()
+    gate.release()
+    result = await asyncio.wait_for(running, 10)
+    assert (result.stdout, result.stderr) == ("before\nheld=1\nafter\n", "done\n")
+    ended = Gate(budget=0)
+    quick = await host.run("echo no hold; exit 3", timeout=10, check=False, gate=ended)
+    assert ended.reached.is_set() and quick.exit_status == 3
+
+
+async def test_a_gated_command_waits_at_its_held_line_until_released(
+        lab: Lab, pool: HostPool) -> None:
+    """A command printing `held=1` marks its gate reached and waits for the end of its
+    stdin, which comes once the gate is released; a command ending without holding marks it
+    reached too."""
+    app = lab.app()
+    await _held_then_released(pool.host(app, app.hosts[0]))
+
+
+async def test_a_gated_local_command_waits_the_same_way(tmp_path: Path) -> None:
+    await _held_then_released(LocalHost(HostConfig(address="local", deploy_to=str(tmp_path))))

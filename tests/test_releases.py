@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from deployd.config import AppConfig, Hooks, HostConfig
-from deployd.errors import CommandError, LockHeld, ReleaseError
-from deployd.hosts import Host, HostPool, LocalHost
+from deployd.errors import CommandError, LockHeld, ReleaseError, RemoteError
+from deployd.hosts import Gate, Host, HostPool, LocalHost, SSHHost
 from deployd.releases import LockInfo, Releases, _check_name, is_release_name
 from tests.support.hostfixtures import (
     Lab,
@@ -577,3 +577,66 @@ async def test_hook_output_is_kept_in_order_and_logged_at_debug(
     assert step.output == "one\ntwo\nthree"
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
         f"{releases.name}: output of the build hook(s): one | two | three"]
+
+
+
+async def test_a_gated_switch_holds_after_switching_until_released(
+        lab: Lab, pool: HostPool) -> None:
+    """With a gate, switch() points current at the release and waits right there until the
+    gate is released; then it logs the deploy and runs the restart hook, in the same step."""
+    trace = lab.workdir / "restarted"
+    releases, _, root = on_host(lab, pool, hooks=Hooks(restart=f"echo restarted; touch {trace}"))
+    await deploy(releases, R1, sha(1))
+    trace.unlink()
+    lock = LockInfo.new("alice", "deploy")
+    await releases.prepare(R2, sha(2), TARBALL, branch="production", lock=lock)
+    gate = Gate(budget=30)
+    switching = asyncio.create_task(releases.switch(
+        R2, revision=sha(2), branch="production", actor="alice", lock=lock, gate=gate))
+    await asyncio.wait_for(gate.reached.wait(), 10)
+    assert os.readlink(root / "current") == str(root / "releases" / R2)
+    assert not trace.exists() and not switching.done()
+    assert len((root / "revisions.log").read_text().splitlines()) == 1  # R1's line only
+    gate.release()
+    step = await asyncio.wait_for(switching, 10)
+    assert trace.exists() and step.output == "restarted" and step.previous == R1
+    assert (root / "revisions.log").read_text().splitlines()[-1].endswith(f"release {R2} by alice")
+    await releases.unlock(lock)
+
+
+async def test_a_held_rollback_runs_its_hooks_when_deployd_vanishes(
+        lab: Lab, pool: HostPool) -> None:
+    """A rollback held after its switch whose connection drops (deployd killed) still runs
+    its rollback and restart hooks on the host and releases its lock: a switched host never
+    stays without them."""
+    hooks = Hooks(rollback=f"echo rollback >> {lab.workdir / 'hooks'}",
+                  restart=f"echo restart >> {lab.workdir / 'hooks'}")
+    releases, host, root = on_host(lab, pool, hooks=hooks)
+    await deploy(releases, R1, sha(1))
+    await deploy(releases, R2, sha(2))
+    (lab.workdir / "hooks").unlink()
+    gate = Gate(budget=30)
+    rolling = asyncio.create_task(releases.rollback(R1, reason="bad", actor="bob", gate=gate))
+    await asyncio.wait_for(gate.reached.wait(), 10)
+    assert os.readlink(root / "current") == str(root / "releases" / R1)
+    assert not (lab.workdir / "hooks").exists()
+    assert isinstance(host, SSHHost) and host.connection.is_open
+    host.connection.discard(await host.connection.get())
+    with pytest.raises(RemoteError):
+        await asyncio.wait_for(rolling, 10)
+    hooks_file = lab.workdir / "hooks"
+    await wait_until(lambda: hooks_file.exists()
+                     and hooks_file.read_text().split() == ["rollback", "restart"]
+                     and not (root / ".deployd.lock").exists())
+
+
+async def test_a_gate_is_reached_when_the_step_fails_before_switching(
+        lab: Lab, pool: HostPool) -> None:
+    """A gated step that fails before its switch (the release is missing) ends without
+    holding; its gate counts as reached."""
+    releases, _, _ = on_host(lab, pool, hooks=Hooks(restart="true"))
+    await deploy(releases, R1, sha(1))
+    gate = Gate(budget=30)
+    with pytest.raises(ReleaseError, match="does not exist"):
+        await releases.rollback(R2, reason="bad", actor="bob", gate=gate)
+    assert gate.reached.is_set()

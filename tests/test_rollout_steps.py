@@ -250,3 +250,15 @@ async def test_recovery_undoes_a_step_cut_short(make_rig: MakeRig) -> None:
     after = await rig.store.deploy(record.id)
     assert after.state == "interrupted"
     assert (await rig.store.last_live("shop")).release == "r1"  # type: ignore[union-attr]
+
+
+async def test_a_paused_app_takes_no_step_until_resumed(make_rig: MakeRig) -> None:
+    rig = await make_rig("1", "50%", "100%")
+    await first_good_then_new(rig)
+    await rig.sup.pause("carol", "freeze")
+    for _ in range(3):
+        await rig.judge_once()
+    assert rig.on("r2") == ["h1"]
+    await rig.sup.resume("carol")
+    await rig.judge_once()
+    assert rig.on("r2") == ["h1", "h2"]

@@ -50,6 +50,13 @@ Groups
     last good: there is no baseline to compare with (too few probes: inconclusive), so a
     rollout judges that step with the absolute checks alone.
 
+Prometheus checks whose query names `{hosts}`
+    Run once per group (the query with `{hosts}` standing for the group's hosts) and judged
+    against the check's own bound (`max`/`min`): the canary beyond it while the baseline is
+    within fails; both beyond it is `inconclusive` with `both_failing`; no data from either
+    group is `inconclusive`. One evaluation of a query is already an aggregate over the
+    query's range, so no test is run on it: the check's bound is the tolerance.
+
 Overall: `fail` if any comparison fails; else `inconclusive` if any is; else `pass`.
 `Judgement.both_failing` is set when any comparison flagged it.
 """
@@ -152,7 +159,7 @@ class Judgement:
     verdict: Verdict
     both_failing: bool
     reason: str
-    checks: tuple[CheckResult, ...]
+    checks: tuple[CheckResult | QueryResult, ...]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (verdicts as plain strings)."""
@@ -171,7 +178,47 @@ def compare(check: str, canary: GroupSamples, baseline: GroupSamples,
             _latency(check, canary, baseline, figures, tolerances))
 
 
-def judge(results: Iterable[CheckResult]) -> Judgement:
+@dataclass(frozen=True)
+class QueryFigures:
+    """What a Prometheus check's query gave for one group: success (within the check's
+    bound), failure (beyond it) or no_data, the value, and why."""
+
+    outcome: str
+    value: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One Prometheus check compared across the groups (module doc)."""
+
+    check: str
+    metric: str  # always "query"
+    canary: QueryFigures
+    baseline: QueryFigures
+    verdict: Verdict
+    reason: str
+    both_failing: bool = False
+
+
+def compare_query(check: str, canary: QueryFigures, baseline: QueryFigures) -> QueryResult:
+    """A Prometheus check's per-group values against its bound (module doc)."""
+    def result(verdict: Verdict, reason: str, both_failing: bool = False) -> QueryResult:
+        return QueryResult(check, "query", canary, baseline, verdict, reason, both_failing)
+
+    for name, figures in (("canary", canary), ("baseline", baseline)):
+        if figures.outcome == "no_data":
+            return result(Verdict.INCONCLUSIVE, f"no data for the {name}: {figures.reason}")
+    canary_bad, baseline_bad = canary.outcome == "failure", baseline.outcome == "failure"
+    if canary_bad and baseline_bad:
+        return result(Verdict.INCONCLUSIVE, f"both groups beyond the bound: canary "
+                      f"{canary.reason}; baseline {baseline.reason}", both_failing=True)
+    if canary_bad:
+        return result(Verdict.FAIL, f"canary {canary.reason}; baseline within the bound")
+    return result(Verdict.PASS, "canary within the bound")
+
+
+def judge(results: Iterable[CheckResult | QueryResult]) -> Judgement:
     """The overall verdict of a step's comparisons (module doc)."""
     checks = tuple(results)
     both_failing = any(result.both_failing for result in checks)

@@ -11,7 +11,8 @@ can read every process's arguments in /proc): the only command a host runs is th
 script) and runs it; the rest of stdin (a release tarball) is left to the script. This also lifts
 the kernel's limit on one argument (E2BIG at 128 KiB). The time limit is enforced ON the host by
 wrapping the bootstrap in `timeout`, because closing an SSH channel does not stop the command
-behind it. A command that ran and failed is never retried here: only failing to connect is.
+behind it. A command that ran and failed is never retried here: only failing to connect is. A
+command may also wait half way for the caller (see `Gate`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,30 @@ BOOTSTRAP = ('IFS= read -r _deployd_len || exit 126; '
              'eval "$_deployd_script"')
 
 
+# The line a script prints on stdout when it waits at its gate (see Gate).
+HELD_LINE = b"held=1\n"
+# Stdout is read in pieces of this size while looking for HELD_LINE.
+READ_CHUNK = 1 << 16
+
+
+class Gate:
+    """Holds a command at a point it chooses: there the script prints HELD_LINE and reads its
+    stdin to the end. `reached` is set once the command printed it (or ended without), and the
+    end of its stdin is sent once `release()` was called, so it goes on. A connection that
+    drops ends its stdin too: a held command never waits for deployd to come back.
+
+    `budget`: how many seconds the command may wait there; its caller adds them to the
+    command's time limit."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.reached = asyncio.Event()
+        self.released = asyncio.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+
 def frame(script: str) -> bytes:
     """`script` as BOOTSTRAP reads it from stdin."""
     data = script.encode()
@@ -103,19 +128,23 @@ class Host(abc.ABC):
 
     # The limit is enforced on the host (`timeout`), so it cannot be an asyncio.timeout.
     async def run(self, command: str, *, input: Stdin | None = None,
-                  timeout: float, check: bool = True) -> Result:  # noqa: ASYNC109
+                  timeout: float, check: bool = True,  # noqa: ASYNC109
+                  gate: Gate | None = None) -> Result:
         """Run the shell script `command` (sent over stdin, see BOOTSTRAP), feeding `input`
-        to its stdin after it.
+        to its stdin after it (and ending its stdin only once `gate` is released, if given).
 
         Raises ConnectError when the host cannot be reached or the connection drops during the
         command, CommandError with exit_status None when `timeout` seconds pass (the command is
         stopped on the host), and CommandError on a non-zero exit when `check` is true.
         """
         try:
-            result = await self._execute(command, input, timeout)
+            result = await self._execute(command, input, timeout, gate)
         except RemoteError:
             self._count_error()
             raise
+        finally:
+            if gate is not None:
+                gate.reached.set()
         if check and result.exit_status != 0:
             self._count_error()
             raise CommandError(self.name, command, result.exit_status, result.stderr)
@@ -130,9 +159,11 @@ class Host(abc.ABC):
         """Release the host's connection, if any; the next command opens a new one."""
 
     @abc.abstractmethod
-    async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
+    async def _execute(self, command: str, input: Stdin | None, limit: float,
+                       gate: Gate | None) -> Result:
         """Run BOOTSTRAP for at most `limit` seconds with `frame(command)` then `input` on its
-        stdin; raise ConnectError, or CommandError(None) when the limit passed."""
+        stdin (ended once `gate` is released); raise ConnectError, or CommandError(None) when
+        the limit passed."""
 
     def _count_error(self) -> None:
         if self._metrics is not None and not self.config.is_local:
@@ -281,13 +312,15 @@ class SSHHost(Host):
     async def close(self) -> None:
         await self.connection.close()
 
-    async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
+    async def _execute(self, command: str, input: Stdin | None, limit: float,
+                       gate: Gate | None) -> Result:
         wrapped = f"exec timeout -k {KILL_GRACE:g} {limit:.3f} sh -c {shlex.quote(BOOTSTRAP)}"
         conn = await self.connection.get()
         async with self.connection.channels:
             started = time.monotonic()
             try:
-                completed = await self._exchange(conn, wrapped, frame(command), input, limit)
+                completed = await self._exchange(conn, wrapped, frame(command), input, limit,
+                                                 gate)
             except (OSError, asyncssh.Error) as exc:
                 self.connection.discard(conn)
                 raise ConnectError(self.name, f"connection failed during a command: "
@@ -306,14 +339,21 @@ class SSHHost(Host):
 
     @staticmethod
     async def _exchange(conn: Any, command: str, script: bytes, input: Stdin | None,
-                        limit: float) -> tuple[str, str, int | None] | None:
+                        limit: float, gate: Gate | None,
+                        ) -> tuple[str, str, int | None] | None:
         """Send one command, its script and input; None when even the on-host limit was
         overrun."""
         async with conn.create_process(command, encoding=None) as process:
             feeder = asyncio.create_task(_feed(process.stdin, script, input,
-                                               lambda: _terminate(process)))
+                                               lambda: _terminate(process), gate))
+
+            async def exchange() -> tuple[bytes, bytes]:
+                held = await _until_held(process.stdout, gate)
+                stdout, stderr = await process.communicate()
+                return held + stdout, stderr
+
             try:
-                stdout, stderr = await asyncio.wait_for(process.communicate(),
+                stdout, stderr = await asyncio.wait_for(exchange(),
                                                         limit + KILL_GRACE + CLIENT_MARGIN)
             except TimeoutError:
                 return None
@@ -352,23 +392,40 @@ def _terminate(process: Any) -> None:
 
 
 async def _feed(stdin: Any, script: bytes, data: Stdin | None,
-                abort: Callable[[], object]) -> None:
-    """Stream the framed `script`, then `data`, to a remote stdin in chunks, then EOF. A
-    command may exit without reading it all (a refused lock, say): its exit status tells, so
-    a closed stdin is fine. When the payload cannot be read, `abort` stops the command
-    instead and no EOF is sent: `tar` would take an end of input between two members for the
-    end of the archive."""
+                abort: Callable[[], object], gate: Gate | None = None) -> None:
+    """Stream the framed `script`, then `data`, to a remote stdin in chunks, then EOF (once
+    `gate` is released, if given). A command may exit without reading it all (a refused
+    lock, say): its exit status tells, so a closed stdin is fine. When the payload cannot be
+    read, `abort` stops the command instead and no EOF is sent: `tar` would take an end of
+    input between two members for the end of the archive."""
     try:
         for part in (script, data):
             async for piece in _pieces(part):
                 stdin.write(piece)
                 await stdin.drain()
+        if gate is not None:
+            await gate.released.wait()
         stdin.write_eof()
     except PayloadError:
         log.error("input for a command could not be read; stopping the command")
         abort()
     except (OSError, asyncssh.Error):
         pass
+
+
+async def _until_held(stdout: Any, gate: Gate | None) -> bytes:
+    """Read stdout until the command prints HELD_LINE (then set `gate.reached`) or ends;
+    returns what was read. Nothing without a gate."""
+    if gate is None:
+        return b""
+    read = b""
+    while not (read.startswith(HELD_LINE) or b"\n" + HELD_LINE in read):
+        piece = await stdout.read(READ_CHUNK)
+        if not piece:
+            break
+        read += piece
+    gate.reached.set()
+    return read
 
 
 def _text(data: bytes | str | None) -> str:
@@ -396,7 +453,8 @@ class LocalHost(Host):
         return [*privilege_drop(user), "timeout", "-k", f"{KILL_GRACE:g}", f"{limit:.3f}",
                 "sh", "-c", BOOTSTRAP]
 
-    async def _execute(self, command: str, input: Stdin | None, limit: float) -> Result:
+    async def _execute(self, command: str, input: Stdin | None, limit: float,
+                       gate: Gate | None) -> Result:
         user = self.config.run_as
         try:
             if user is not None and pwd.getpwnam(user).pw_uid in (0, os.geteuid()):
@@ -419,7 +477,7 @@ class LocalHost(Host):
             raise ConnectError(self.name, f"cannot start {argv[0]}: {exc}") from exc
         try:
             stdout, stderr = await asyncio.wait_for(
-                _communicate(process, frame(command), input), limit)
+                _communicate(process, frame(command), input, gate), limit)
         except TimeoutError:
             await _stop_group(process)
             raise CommandError(self.name, command, None, f"timed out after {limit:g}s") from None
@@ -449,7 +507,7 @@ def _group_of(user: str) -> int:
 
 
 async def _communicate(process: asyncio.subprocess.Process, script: bytes,
-                       data: Stdin | None) -> tuple[bytes, bytes]:
+                       data: Stdin | None, gate: Gate | None) -> tuple[bytes, bytes]:
     """Feed the framed `script` and `data` to a local command while reading its output;
     wait for it to exit."""
     assert process.stdin is not None and process.stdout is not None
@@ -459,9 +517,15 @@ async def _communicate(process: asyncio.subprocess.Process, script: bytes,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
 
-    feeder = asyncio.create_task(_feed(_LocalStdin(process.stdin), script, data, kill))
+    feeder = asyncio.create_task(_feed(_LocalStdin(process.stdin), script, data, kill, gate))
+
+    async def output() -> bytes:
+        assert process.stdout is not None
+        held = await _until_held(process.stdout, gate)
+        return held + await process.stdout.read()
+
     try:
-        stdout, stderr, _ = await asyncio.gather(process.stdout.read(), process.stderr.read(),
+        stdout, stderr, _ = await asyncio.gather(output(), process.stderr.read(),
                                                  process.wait())
     finally:
         feeder.cancel()

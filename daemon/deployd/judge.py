@@ -16,6 +16,7 @@ from typing import Any
 from deployd import analysis, policy
 from deployd.config import HttpCheck
 from deployd.context import AppContext
+from deployd.health import GroupValue
 from deployd.progressive import Steps
 from deployd.rollout_store import Rollout
 from deployd.store import Deploy
@@ -101,10 +102,13 @@ class BakeJudge:
 
     def groups(self, rollout: Rollout | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(hosts on the new release, hosts on last good): every host and none, unless a
-        rollout is part way."""
+        rollout is part way. Hosts that run nothing yet (a first rollout) are no baseline:
+        they are neither judged nor compared with."""
         hosts = tuple(self.ctx.app.host_labels)
         if rollout is None:
             return hosts, ()
+        if rollout.baseline_release is None:
+            return rollout.on_new, ()
         return rollout.on_new, rollout.baseline(hosts)
 
     async def _rollout_verdict(self, record: Deploy, rollout: Rollout,
@@ -115,7 +119,7 @@ class BakeJudge:
             return verdict if verdict.verdict == "bad" else policy.BakeVerdict("wait", "paused")
         if verdict.verdict != "good" or not self.comparing(rollout):
             return verdict
-        judgement = self.compare(record, rollout)
+        judgement = await self.compare(record, rollout)
         self.ctx.metrics.analysis_verdicts_total.labels(
             app=self.ctx.name, verdict=judgement.verdict.value).inc()
         await self.steps.store.update(record.id, analysis=judgement.to_json())
@@ -132,16 +136,24 @@ class BakeJudge:
         """Whether the step is judged against a baseline (`compare`, and hosts left on it)."""
         return self.ctx.app.rollout.compare and bool(self.groups(rollout)[1])
 
-    def compare(self, record: Deploy, rollout: Rollout) -> analysis.Judgement:
-        """The canary group against the baseline over the step's window so far."""
+    async def compare(self, record: Deploy, rollout: Rollout) -> analysis.Judgement:
+        """The canary group against the baseline over the step's window so far: every HTTP
+        check's probes, and each Prometheus check whose query names `{hosts}` run per group."""
         assert record.bake_started_at is not None
         since = record.bake_started_at + self.ctx.app.rollback.grace
         canary, baseline = self.groups(rollout)
         health = self.ctx.health
-        return analysis.judge_groups({
-            check.name: (health.samples(canary, since, check=check.name),
-                         health.samples(baseline, since, check=check.name))
-            for check in self.ctx.app.checks if isinstance(check, HttpCheck)})
+        results: list[analysis.CheckResult | analysis.QueryResult] = []
+        for check in self.ctx.app.checks:
+            if isinstance(check, HttpCheck):
+                results += analysis.compare(check.name,
+                                            health.samples(canary, since, check=check.name),
+                                            health.samples(baseline, since, check=check.name))
+            elif "{hosts}" in check.query:
+                results.append(analysis.compare_query(
+                    check.name, _figures(await health.query_group(check.name, canary)),
+                    _figures(await health.query_group(check.name, baseline))))
+        return analysis.judge(results)
 
     def observation_time(self) -> float:
         """How long the slowest check takes to call a failing host unhealthy."""
@@ -172,3 +184,7 @@ class BakeJudge:
 
     def health_detail(self) -> dict[str, Any]:
         return self.ctx.health.snapshot().to_json()
+
+
+def _figures(value: GroupValue) -> analysis.QueryFigures:
+    return analysis.QueryFigures(value.outcome.value, value.value, value.reason)

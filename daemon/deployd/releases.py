@@ -18,7 +18,9 @@ content ever becomes an argument of a process on the host. A hook reaches its ow
 pipe, with the hook variables exported to it alone. Scripts
 report on stdout as `key=value` lines and fail with these exit statuses: 3 the layout does not
 allow the operation (message on stderr), 4 the lock is held (its content on stdout), 5 a hook
-failed.
+failed. Given a `hosts.Gate`, a switch, rollback or revert holds right after moving `current`
+(`held=1`) until deployd, or the end of its connection, lets it go on to its log line, marker and
+hooks: the fleet switches every host before any host restarts.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from importlib import resources
 
 from deployd.config import AppConfig
 from deployd.errors import CommandError, LockHeld, ReleaseError
-from deployd.hosts import Host, Result, Stdin
+from deployd.hosts import Gate, Host, Result, Stdin
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +337,9 @@ class Releases:
                                        "build" if hooks else None)
 
     async def switch(self, release: str, *, revision: str, branch: str, actor: str,
-                     lock: LockInfo) -> Step:
-        """Point current at releases/<release> atomically, log the deploy, run restart.
+                     lock: LockInfo, gate: Gate | None = None) -> Step:
+        """Point current at releases/<release> atomically, log the deploy, run restart
+        (once `gate`, if given, is released: see `hosts.Gate`).
 
         The lock must be held by `lock`; it stays held (prune or unlock release it).
         """
@@ -347,28 +350,30 @@ class Releases:
                   **self._lock_values(lock, None), **self._env(revision)}
         hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"switch to release {release}", _SWITCH, values,
-                                 limit=self._timeout(hooks))
+                                 limit=self._timeout(hooks), gate=gate if hooks else None)
         return self._step(result, release, "restart" if hooks else None)
 
-    async def revert(self, previous: str | None, *, actor: str, lock: LockInfo) -> Step:
+    async def revert(self, previous: str | None, *, actor: str, lock: LockInfo,
+                     gate: Gate | None = None) -> Step:
         """Undo a switch: point current back at `previous` (or remove it when there was none)
-        and run restart, unless current already is `previous`. Refuses if someone else took
-        the lock; logs a rollback line."""
+        and run restart (once `gate` is released), unless current already is `previous`.
+        Refuses if someone else took the lock; logs a rollback line."""
         line = f"{_one_line(actor)} rolled back to release {previous}"
         values = {"release": _check_name(previous) if previous else "", "log_line": line,
                   "restart_hook": self.app.hooks.restart or "",
                   **self._lock_values(lock, None), **self._env("")}
         hooks = 1 if self.app.hooks.restart else 0
         result = await self._run(f"revert to release {previous or '(none)'}", _REVERT, values,
-                                 limit=self._timeout(hooks))
+                                 limit=self._timeout(hooks), gate=gate if hooks else None)
         return self._step(result, previous, "restart" if hooks else None)
 
     async def rollback(self, target: str, *, from_release: str | None = None, reason: str,
                        actor: str, revision: str | None = None,
-                       takeover: str | None = None) -> Step:
+                       takeover: str | None = None, gate: Gate | None = None) -> Step:
         """Take the lock, switch current to releases/<target> (which must exist, holding
         `revision` if given), mark the release rolled away from with ROLLED_BACK (kept, not
-        deleted), log it, run the rollback then restart hooks, release the lock."""
+        deleted), log it, run the rollback then restart hooks (once `gate` is released),
+        release the lock."""
         now = time.time()
         lock = LockInfo.new(actor, f"rollback to {target}", now=now)
         marker = "".join(f"{key}={_one_line(value)}\n" for key, value in (
@@ -382,7 +387,8 @@ class Releases:
                   **self._lock_values(lock, takeover), **self._env("")}
         hooks = sum(1 for hook in (self.app.hooks.rollback, self.app.hooks.restart) if hook)
         return await self._locked_step(f"roll back to release {target}", _ROLLBACK, values,
-                                       hooks, None, "rollback and restart" if hooks else None)
+                                       hooks, None, "rollback and restart" if hooks else None,
+                                       gate=gate if hooks else None)
 
     async def prune(self, keep: int, protect: Collection[str] = (), *,
                     unlock: LockInfo | None = None) -> tuple[str, ...]:
@@ -410,11 +416,12 @@ class Releases:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _locked_step(self, title: str, body: str, values: dict[str, str], hooks: int,
-                           tarball: Stdin | None, hook_names: str | None) -> Step:
+                           tarball: Stdin | None, hook_names: str | None, *,
+                           gate: Gate | None = None) -> Step:
         """Run a script that takes the lock; take a stale lock over (one more round trip)."""
         try:
             result = await self._run(title, body, values, input=tarball,
-                                     limit=self._timeout(hooks))
+                                     limit=self._timeout(hooks), gate=gate)
         except HostLockHeld as exc:
             stale = exc.lock
             if values["takeover"] or not stale.is_stale(self.app.lock_stale_after):
@@ -423,7 +430,7 @@ class Releases:
                         stale.describe())
             values = {**values, "takeover": stale.token}
             result = await self._run(title, body, values, input=tarball,
-                                     limit=self._timeout(hooks))
+                                     limit=self._timeout(hooks), gate=gate)
         return self._step(result, values["release"], hook_names)
 
     def _step(self, result: Result, release: str | None, hook_names: str | None) -> Step:
@@ -456,10 +463,16 @@ class Releases:
         return self.app.ssh.command_timeout + hooks * (self.app.hook_timeout + 10)
 
     async def _run(self, title: str, body: str, values: Mapping[str, str], *,
-                   limit: float, input: Stdin | None = None) -> Result:
+                   limit: float, input: Stdin | None = None, gate: Gate | None = None) -> Result:
+        """Run a step; with `gate`, the script holds (`hold_here`) until it is released, for
+        at most `gate.budget` seconds more."""
         hook_env = " ".join(name for name in values if name.startswith("DEPLOYD_"))
-        script = _script(title, body, dt=self.deploy_to, hook_env=hook_env, **values)
-        result = await self.host.run(script, input=input, timeout=limit, check=False)
+        script = _script(title, body, dt=self.deploy_to, hook_env=hook_env, **values,
+                         hold="1" if gate is not None else "")
+        if gate is not None:
+            limit += gate.budget
+        result = await self.host.run(script, input=input, timeout=limit, check=False,
+                                     gate=gate)
         if result.exit_status != 0:
             raise self._error(script, result)
         return result

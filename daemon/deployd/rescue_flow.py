@@ -57,6 +57,9 @@ class RescueFlow:
         """Approve exactly `plan` and start the transplant; 409 if anything moved."""
         ctx, rescue = self.ctx, self.ctx.rescue
         await rescue.check_approval(job, plan=plan, actor=actor)
+        if await self.rollouts.steps.active() is not None:
+            raise Conflict(f"{ctx.name}: a rollout is in progress; promote or abort it before "
+                           "approving a rescue job")
         # Hold the operation slot from before the approval is recorded until the transplant
         # runs: nothing (a poll resuming jobs, a REST deploy) can slip in between.
         await self.slot.reserve("transplant")

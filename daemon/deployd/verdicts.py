@@ -43,7 +43,9 @@ class Verdicts:
             await self.steps.pause(record, rollout, verdict.reason)
             return
         if rollout is not None and verdict.verdict == "good" and not rollout.last_step:
-            await self._step_passed(record, rollout, "healthy through its bake")
+            if not (await self.ctx.store.app_state(self.ctx.name)).paused:
+                # A paused app takes no step by itself; it goes on once resumed.
+                await self._step_passed(record, rollout, "healthy through its bake")
             return
         self.ctx.metrics.bake_verdicts_total.labels(app=self.ctx.name,
                                                     verdict=verdict.verdict).inc()

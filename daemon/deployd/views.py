@@ -56,7 +56,7 @@ class AppViews:
         figures = rollout.analysis
         if rollout.state is RolloutState.BAKING and self.judge.comparing(rollout) \
                 and record.bake_started_at is not None:
-            figures = self.judge.compare(record, rollout).to_json()
+            figures = (await self.judge.compare(record, rollout)).to_json()
         return {
             "deploy": rollout.deploy_id, "revision": record.revision, "release": record.release,
             "step": rollout.step + 1, "steps": len(rollout.steps), "state": rollout.state.value,

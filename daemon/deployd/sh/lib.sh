@@ -74,6 +74,16 @@ switch_to() {
     rm -f "$_tmp"
     fail 3 "switching current to release $1 failed"
 }
+# Right after a switch: with `hold` set, say so and wait for the end of stdin, which deployd
+# sends once every host of the operation switched; the rest of the step (log line, marker,
+# hooks) runs after that, so no host's bookkeeping delays another's switch. A vanished deployd
+# ends stdin too: a switched host always finishes its step.
+hold_here() {
+    [ -n "$hold" ] || return 0
+    printf 'held=1\n'
+    while IFS= read -r _l; do :; done
+    return 0
+}
 # The hook's shell reads the hook from the pipe, then runs it with stdin from /dev/null.
 # shellcheck disable=SC2016  # expanded by that shell, not this one
 hook_runner='_deployd_hook=$(cat) || exit 126; exec < /dev/null; eval "$_deployd_hook"'

@@ -16,6 +16,7 @@ printf 'previous=%s\n' "$cur"
 trap '' HUP PIPE
 switch_to "$release"
 printf 'switched=%s\n' "$release"
+hold_here
 _from=${from_release:-$cur}
 if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]; then
     rm -f "$dt/releases/$_from/ROLLED_BACK"  # never write through a symlink a commit held

@@ -7,8 +7,9 @@ printf 'previous=%s\n' "$cur"
 # restart hook never ran would serve the old code from the new release.
 trap '' HUP PIPE
 switch_to "$release"
-printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 printf 'switched=%s\n' "$release"
+hold_here
+printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release"
 [ -n "$restart_hook" ] && { run_hook restart "$dt/current" "$restart_hook" || exit 5; }
 exit 0
