@@ -400,6 +400,22 @@ def test_runbook_curl_calls_follow_the_rest_contract() -> None:
         assert needed in seen, needed
 
 
+def test_rollout_events_and_metrics_are_documented() -> None:
+    """README names every rollout event kind and metric; the runbook tells a paused rollout."""
+    from deployd.vocabulary import EventKind
+
+    readme = (ROOT / "README.md").read_text()
+    kinds = [kind.value for kind in EventKind if kind.value.startswith("rollout.")]
+    assert kinds
+    for kind in kinds:
+        assert f"`{kind}`" in readme, kind
+    for name in exported_metrics():
+        if "rollout" in name or "analysis" in name:
+            assert name in readme, name
+    anchors = runbook_anchors()
+    assert {"a-rollout-is-paused", "a-rollout-was-rolled-back"} <= anchors
+
+
 # --- systemd unit ----------------------------------------------------------------------
 
 
