@@ -49,6 +49,7 @@ REST_CONTRACT = {
     ("GET", "/api/v1/apps/{app}/events"),
     ("POST", "/api/v1/apps/{app}/deploy"), ("POST", "/api/v1/apps/{app}/rollback"),
     ("POST", "/api/v1/apps/{app}/pause"), ("POST", "/api/v1/apps/{app}/resume"),
+    ("POST", "/api/v1/apps/{app}/promote"), ("POST", "/api/v1/apps/{app}/abort"),
     ("GET", "/api/v1/jobs"), ("POST", "/api/v1/apps/{app}/jobs"),
     ("GET", "/api/v1/jobs/{id}"), ("GET", "/api/v1/jobs/{id}/patch"),
     ("PUT", "/api/v1/jobs/{id}/patch"), ("PUT", "/api/v1/jobs/{id}/selection"),
@@ -60,6 +61,7 @@ REST_BODY_FIELDS = {
     "/api/v1/apps/{app}/rollback": {"release", "reason"},
     "/api/v1/apps/{app}/pause": {"reason"},
     "/api/v1/apps/{app}/resume": {"reason"},
+    "/api/v1/apps/{app}/abort": {"reason"},
     "/api/v1/apps/{app}/jobs": {"commits", "base"},
     "/api/v1/jobs/{id}/selection": {"commits"},
     "/api/v1/jobs/{id}/approve": {"plan", "comment"},
@@ -131,6 +133,7 @@ EXPECTED_ALERTS = {
     "DeploydDown", "DeploydRollback", "DeploydBadReleaseLive", "DeploydRescueJobWaiting",
     "DeploydBranchNotPristine", "DeploydHostUnhealthy", "DeploydGitFetchFailing",
     "DeploydSSHFailing", "DeploydPausedTooLong", "DeploydNotificationsFailing",
+    "DeploydRolloutPausedTooLong",
 }
 
 
@@ -273,7 +276,7 @@ def test_dashboard_structure() -> None:
 
 
 def test_dashboard_covers_the_required_views() -> None:
-    """The dashboard shows deploys, rollbacks, durations, health, rescue, pristine, errors."""
+    """The dashboard shows deploys, rollouts, rollbacks, durations, health, rescue, errors."""
     exprs = " ".join(dashboard_queries(dashboard()).values())
     for needle in (
         "deployd_deploys_total", "deployd_bake_verdicts_total", "deployd_rollbacks_total",
@@ -282,6 +285,9 @@ def test_dashboard_covers_the_required_views() -> None:
         "deployd_rescue_jobs", "deployd_rescue_job_oldest_pending_timestamp_seconds",
         "deployd_branch_pristine", "deployd_paused", "deployd_health_checks_total",
         "deployd_git_fetch_errors_total", "deployd_ssh_errors_total", "deployd_release_info",
+        "deployd_rollout_step", 'deployd_rollout_hosts{', "by (app, group)",
+        "sum by (app, verdict) (increase(deployd_analysis_verdicts_total",
+        "time() - deployd_rollout_paused_timestamp_seconds",
     ):
         assert needle in exprs, needle
 
@@ -389,8 +395,25 @@ def test_runbook_curl_calls_follow_the_rest_contract() -> None:
     for needed in ("/api/v1/jobs", "/api/v1/jobs/{id}", "/api/v1/jobs/{id}/approve",
                    "/api/v1/jobs/{id}/reject", "/api/v1/apps/{app}/rollback",
                    "/api/v1/apps/{app}/pause", "/api/v1/apps/{app}/resume",
-                   "/api/v1/apps/{app}/events"):
+                   "/api/v1/apps/{app}/events", "/api/v1/apps/{app}/promote",
+                   "/api/v1/apps/{app}/abort"):
         assert needed in seen, needed
+
+
+def test_rollout_events_and_metrics_are_documented() -> None:
+    """README names every rollout event kind and metric; the runbook tells a paused rollout."""
+    from deployd.vocabulary import EventKind
+
+    readme = (ROOT / "README.md").read_text()
+    kinds = [kind.value for kind in EventKind if kind.value.startswith("rollout.")]
+    assert kinds
+    for kind in kinds:
+        assert f"`{kind}`" in readme, kind
+    for name in exported_metrics():
+        if "rollout" in name or "analysis" in name:
+            assert name in readme, name
+    anchors = runbook_anchors()
+    assert {"a-rollout-is-paused", "a-rollout-was-rolled-back"} <= anchors
 
 
 # --- systemd unit ----------------------------------------------------------------------
