@@ -70,6 +70,8 @@ class Recovery:
             metrics.rollbacks_total.labels(app=app, trigger=trigger)
         for verdict in ("good", "bad", "no_data"):
             metrics.bake_verdicts_total.labels(app=app, verdict=verdict)
+        for outcome in ("pass", "fail", "inconclusive"):
+            metrics.analysis_verdicts_total.labels(app=app, verdict=outcome)
         metrics.git_fetch_errors_total.labels(app=app)
 
     async def _resume_bake(self) -> None:
