@@ -530,6 +530,8 @@ async def test_subset_deploys_contact_only_their_hosts_and_share_one_release_nam
     with pytest.raises(Invalid, match="no such host"):
         await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice",
                            hosts=["elsewhere:22"])
+    with pytest.raises(Invalid, match="at least one host"):
+        await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice", hosts=[])
     assert no_locks(app)
 
 
