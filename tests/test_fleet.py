@@ -514,7 +514,7 @@ async def test_subset_deploys_contact_only_their_hosts_and_share_one_release_nam
         vanish(host)
     step1 = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice",
                                hosts=[canary])
-    assert step1.hosts == (canary,) and set(step1.timings) == {canary}
+    assert step1.hosts == (canary,) and set(step1.timings) == {canary} and not step1.warnings
     assert step1.pruned == {canary: (first.release,)}
     for host in lab.hosts[1:]:
         host.start()
@@ -529,6 +529,8 @@ async def test_subset_deploys_contact_only_their_hosts_and_share_one_release_nam
     with pytest.raises(Invalid, match="no such host"):
         await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice",
                            hosts=["elsewhere:22"])
+    with pytest.raises(Invalid, match="at least one host"):
+        await fleet.deploy(sha(3), tarball(3), branch="production", actor="alice", hosts=[])
     assert no_locks(app)
 
 
@@ -588,3 +590,29 @@ async def test_more_hosts_on_one_connection_than_it_has_channels_still_deploy(
         fleet.rollback(first.release, reason="bad", actor="bob"), 60)
     assert set(outcome.output) == set(fleet.hosts)
     assert all(current(root) == first.release for root in roots(app))
+
+
+async def test_a_held_rollback_hook_failing_on_one_host_is_worded_as_before(
+        lab: Lab, pool: HostPool) -> None:
+    """A rollback hook failing on one host once every host switched: that host still runs
+    restart after it, keeps the target and drops its lock; the error is `host: the rollback
+    hook failed (exit 6): <its output, in order>` and the other hosts are in the outcome."""
+    hosts = [lab.host_config(h, fail="1" if i == 1 else "0") for i, h in enumerate(lab.hosts)]
+    restarts = lab.workdir / "restarts"
+    app = lab.app(hosts=hosts, hooks=Hooks(
+        rollback='echo undoing; [ "$DEPLOYD_VAR_FAIL" = 1 ] && { echo broken >&2; exit 6; }; '
+                 "true",
+        restart=f'echo "$DEPLOYD_HOST" >> {restarts}'))
+    fleet = Fleet(app, pool, clock=Clock())
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    restarts.unlink()
+    with pytest.raises(RollbackIncomplete) as caught:
+        await fleet.rollback(first.release, reason="bad", actor="bob")
+    failed = hosts[1].name
+    assert str(caught.value.failures[failed]) == (
+        f"{failed}: the rollback hook failed (exit 6): undoing | broken")
+    assert caught.value.outcome.hosts == (hosts[0].name, hosts[2].name)
+    assert sorted(restarts.read_text().split()) == sorted(fleet.hosts)
+    assert all(current(root) == first.release for root in roots(app))
+    assert no_locks(app)

@@ -630,13 +630,36 @@ async def test_a_held_rollback_runs_its_hooks_when_deployd_vanishes(
                      and not (root / ".deployd.lock").exists())
 
 
-async def test_a_gate_is_reached_when_the_step_fails_before_switching(
+async def test_a_gated_step_that_fails_before_switching_ends_without_holding(
         lab: Lab, pool: HostPool) -> None:
-    """A gated step that fails before its switch (the release is missing) ends without
-    holding; its gate counts as reached."""
+    """A gated step that fails before its switch (the release is missing) ends at once,
+    without holding."""
     releases, _, _ = on_host(lab, pool, hooks=Hooks(restart="true"))
     await deploy(releases, R1, sha(1))
     gate = Gate(budget=30)
     with pytest.raises(ReleaseError, match="does not exist"):
-        await releases.rollback(R2, reason="bad", actor="bob", gate=gate)
-    assert gate.reached.is_set()
+        await asyncio.wait_for(releases.rollback(R2, reason="bad", actor="bob", gate=gate), 10)
+    assert not gate.reached.is_set()
+
+
+async def test_a_held_rollback_taking_over_a_stale_lock_holds_once_it_switched(
+        lab: Lab, pool: HostPool) -> None:
+    """A gated rollback that first meets a stale lock (refused, then taken over in a second
+    round trip) reaches its gate only when the second attempt switched."""
+    trace = lab.workdir / "restarted"
+    releases, _, root = on_host(lab, pool, hooks=Hooks(restart=f"touch {trace}"),
+                                lock_stale_after=60.0)
+    await deploy(releases, R1, sha(1))
+    await deploy(releases, R2, sha(2))
+    stale = LockInfo.new("carol", "crashed deploy", now=time.time() - 3600)
+    (root / ".deployd.lock").write_text(stale.content())
+    trace.unlink()
+    gate = Gate(budget=30)
+    rolling = asyncio.create_task(releases.rollback(R1, reason="bad", actor="bob", gate=gate))
+    await asyncio.wait_for(gate.reached.wait(), 10)
+    assert os.readlink(root / "current") == str(root / "releases" / R1)
+    assert not trace.exists() and not rolling.done()
+    gate.release()
+    step = await asyncio.wait_for(rolling, 10)
+    assert step.took_over is not None and step.took_over.actor == "carol"
+    assert trace.exists() and not (root / ".deployd.lock").exists()

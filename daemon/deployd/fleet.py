@@ -172,6 +172,8 @@ class Fleet:
         """
         started = time.monotonic()
         names = self._select(hosts)
+        if not names:
+            raise Invalid(f"{self.app.name}: a deploy needs at least one host")
         if release is not None and not is_release_name(release):
             raise Invalid(f"{self.app.name}: not a release name (14 digits): {release!r}")
         timings: Timings = {name: {} for name in names}

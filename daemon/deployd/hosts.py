@@ -71,9 +71,10 @@ READ_CHUNK = 1 << 16
 
 class Gate:
     """Holds a command at a point it chooses: there the script prints HELD_LINE and reads its
-    stdin to the end. `reached` is set once the command printed it (or ended without), and the
-    end of its stdin is sent once `release()` was called, so it goes on. A connection that
-    drops ends its stdin too: a held command never waits for deployd to come back.
+    stdin to the end. `reached` is set once the command printed it (a command may also end
+    without: wait for both), and the end of its stdin is sent once `release()` was called, so
+    it goes on. A connection that drops ends its stdin too: a held command never waits for
+    deployd to come back.
 
     `budget`: how many seconds the command may wait there; its caller adds them to the
     command's time limit."""
@@ -142,9 +143,6 @@ class Host(abc.ABC):
         except RemoteError:
             self._count_error()
             raise
-        finally:
-            if gate is not None:
-                gate.reached.set()
         if check and result.exit_status != 0:
             self._count_error()
             raise CommandError(self.name, command, result.exit_status, result.stderr)
@@ -422,7 +420,7 @@ async def _until_held(stdout: Any, gate: Gate | None) -> bytes:
     while not (read.startswith(HELD_LINE) or b"\n" + HELD_LINE in read):
         piece = await stdout.read(READ_CHUNK)
         if not piece:
-            break
+            return read
         read += piece
     gate.reached.set()
     return read

@@ -1,9 +1,12 @@
 """Benchmark: how long a fleet runs two releases at once, with slow restart hooks.
 
     python3 tests/bench/bench_switch.py [--hosts 50] [--repeat 5] [--hook-sleep 0.2] [--subset 10]
+                                        [--parallel N]
 
 N real sshd hosts on loopback (tests/sshd.py; run as root, logging in as the unprivileged test
-user), connections warm, a restart hook that sleeps `--hook-sleep` seconds. Each repetition
+user), connections warm, a restart hook that sleeps `--hook-sleep` seconds, `--parallel` hosts
+acted on at once (default: all; with fewer, a restart holding a slot used to delay the switches
+of the hosts after it by a whole restart per batch). Each repetition
 deploys a new release, then rolls back to the one before it and measures, from the moment the
 rollback was called:
 
@@ -47,12 +50,13 @@ from deployd.hosts import HostPool  # noqa: E402
 ALL_SWITCHED_TARGET = 0.4  # seconds, 50 hosts, warm connections, 0.2 s restart hooks
 
 
-def _app(hosts: list[SshdHost], known_hosts: Path, key: ClientKey, sleep: float) -> AppConfig:
+def _app(hosts: list[SshdHost], known_hosts: Path, key: ClientKey, sleep: float,
+         parallel: int) -> AppConfig:
     configs = tuple(HostConfig(address=h.address, port=h.port, deploy_to=str(h.home / "app"))
                     for h in hosts)
     return AppConfig(
         name="bench", repo="/nonexistent", branch="production", deploy_to=configs[0].deploy_to,
-        hosts=configs, keep_releases=5, parallel=len(hosts),
+        hosts=configs, keep_releases=5, parallel=parallel,
         ssh=SSHConfig(user=hosts[0].user, key=key.private, known_hosts=known_hosts),
         hooks=Hooks(restart=f"sleep {sleep:g}"), hook_timeout=30,
     )
@@ -147,6 +151,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--hook-sleep", type=float, default=0.2)
     parser.add_argument("--subset", type=int, default=10)
+    parser.add_argument("--parallel", type=int, default=0, help="default: every host")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -158,14 +163,15 @@ def main() -> None:
     known_hosts = shared_dir("deployd-bench-kh-") / "known_hosts"
     try:
         known_hosts.write_text("".join(h.known_hosts_line() + "\n" for h in hosts))
-        app = _app(hosts, known_hosts, key, args.hook_sleep)
+        app = _app(hosts, known_hosts, key, args.hook_sleep, args.parallel or args.hosts)
         rollbacks, subsets = asyncio.run(_measure(app, args.repeat, args.subset))
     finally:
         _stop_hosts(hosts)
         shutil.rmtree(known_hosts.parent, ignore_errors=True)
         shutil.rmtree(keydir, ignore_errors=True)
-    print(f"{args.hosts} hosts, restart hook `sleep {args.hook_sleep:g}`, {args.repeat} "
-          "repetitions, connections warm; seconds from the call")
+    print(f"{args.hosts} hosts, parallel {args.parallel or args.hosts}, restart hook "
+          f"`sleep {args.hook_sleep:g}`, {args.repeat} repetitions, connections warm; seconds "
+          "from the call")
     _report(f"rollback of {args.hosts} hosts", rollbacks)
     if subsets is not None:
         _report(f"deploy to the first {args.subset} hosts (a rollout step)", subsets)
