@@ -111,6 +111,11 @@ class DemoHost:
     deploy_to: Path
     health: HealthApp
 
+    @classmethod
+    def under(cls, root: Path, name: str) -> DemoHost:
+        deploy_to = root / name / "srv" / "shop"
+        return cls(name, deploy_to, HealthApp(deploy_to))
+
     @property
     def label(self) -> str:
         """How the daemon names it: `local` hosts are told apart by their deploy_to."""
@@ -257,8 +262,7 @@ async def _play(root: Path, approve: bool) -> int:
     # The timeline below tells the story; the daemon's own log would repeat it.
     logging.getLogger().setLevel(logging.CRITICAL)
     repo = DemoRepo(root / "origin.git")
-    hosts = [DemoHost(name, root / name / "srv" / "shop", HealthApp(root / name / "srv" / "shop"))
-             for name in HOST_NAMES]
+    hosts = [DemoHost.under(root, name) for name in HOST_NAMES]
     try:
         for host in hosts:
             await host.health.start()
