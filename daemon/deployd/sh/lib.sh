@@ -74,6 +74,15 @@ switch_to() {
     rm -f "$_tmp"
     fail 3 "switching current to release $1 failed"
 }
+# Points current at releases/$1 and says so. From the switch on the step finishes (log line,
+# hooks) even if deployd vanishes: a switched host whose restart hook never ran would serve the
+# old code from the new release. Then holds (see hold_here).
+switch_over() {
+    trap '' HUP PIPE
+    switch_to "$1"
+    printf 'switched=%s\n' "$1"
+    hold_here
+}
 # Right after a switch: with `hold` set, say so and wait for the end of stdin, which deployd
 # sends once every host of the operation switched; the rest of the step (log line, marker,
 # hooks) runs after that, so no host's bookkeeping delays another's switch. A vanished deployd

@@ -12,10 +12,7 @@ if [ -z "$release" ]; then
     exit 0
 fi
 [ -d "$dt/releases/$release" ] || fail 3 "release $release does not exist on $host"
-trap '' HUP PIPE  # past the switch, finish even if deployd vanishes
-switch_to "$release"
-printf 'switched=%s\n' "$release"
-hold_here
+switch_over "$release"
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release"
 _r=

@@ -11,12 +11,7 @@ trap 'exit 141' PIPE
 take_lock
 current_name
 printf 'previous=%s\n' "$cur"
-# Past this point finish (log line, hooks) even if deployd vanishes: a switched host whose
-# restart hook never ran would serve the old code from the new release.
-trap '' HUP PIPE
-switch_to "$release"
-printf 'switched=%s\n' "$release"
-hold_here
+switch_over "$release"
 _from=${from_release:-$cur}
 if [ -n "$_from" ] && [ "$_from" != "$release" ] && [ -d "$dt/releases/$_from" ]; then
     rm -f "$dt/releases/$_from/ROLLED_BACK"  # never write through a symlink a commit held

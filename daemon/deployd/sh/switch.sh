@@ -3,12 +3,7 @@ own_lock
 [ -d "$dt/releases/$release" ] || fail 3 "release $release does not exist on $host"
 current_name
 printf 'previous=%s\n' "$cur"
-# Past this point finish (log line, hooks) even if deployd vanishes: a switched host whose
-# restart hook never ran would serve the old code from the new release.
-trap '' HUP PIPE
-switch_to "$release"
-printf 'switched=%s\n' "$release"
-hold_here
+switch_over "$release"
 printf '%s\n' "$log_line" >> "$dt/revisions.log" || fail 3 "cannot append to revisions.log"
 export DEPLOYD_RELEASE_PATH="$dt/releases/$release"
 [ -n "$restart_hook" ] && { run_hook restart "$dt/current" "$restart_hook" || exit 5; }
