@@ -39,7 +39,7 @@ from deployd.errors import (
 )
 from deployd.git import check_patch_sizes
 from deployd.metrics import Metrics
-from deployd.rescue import DEFAULT_CANDIDATES_LIMIT, MAX_CANDIDATES_LIMIT
+from deployd.rescue_preview import DEFAULT_CANDIDATES_LIMIT, MAX_CANDIDATES_LIMIT
 from deployd.store import Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
 from deployd.vocabulary import JobState
