@@ -25,13 +25,9 @@ from deployd.errors import NotFound, StoreError
 from deployd.timefmt import iso_time
 from deployd.vocabulary import (
     BakeState,
-    BakeStateName,
     DeployKind,
-    DeployKindName,
     DeployState,
-    DeployStateName,
     EventKind,
-    EventKindName,
     JobState,
     JobStep,
     Trigger,
@@ -358,7 +354,7 @@ class Store:
 
     # -- events --------------------------------------------------------------------------
 
-    async def add_event(self, app: str, kind: EventKind | EventKindName, message: str, *,
+    async def add_event(self, app: str, kind: EventKind, message: str, *,
                         actor: str = "deployd", revision: str | None = None,
                         data: dict[str, Any] | None = None) -> Event:
         """Append one event to the app's timeline."""
@@ -415,16 +411,16 @@ class Store:
 
     # -- deploys and rollbacks -----------------------------------------------------------
 
-    async def start_deploy(self, app: str, kind: DeployKind | DeployKindName, revision: str, *,
-                           trigger: Trigger | str, actor: str, release: str | None = None,
+    async def start_deploy(self, app: str, kind: DeployKind, revision: str, *,
+                           trigger: Trigger, actor: str, release: str | None = None,
                            previous_release: str | None = None,
                            previous_revision: str | None = None,
-                           state: DeployState | DeployStateName = DeployState.RUNNING,
+                           state: DeployState = DeployState.RUNNING,
                            forced: str | None = None) -> Deploy:
         """Record a deploy or rollback about to start (or an observed one).
 
         `forced` says what a forced deploy overrode (see `deploys.forced`). The words are
-        checked here (ValueError): `trigger` is typed `str` only while callers pass one on.
+        checked here too (ValueError), for callers that mypy does not see.
         """
         kind, state, trigger = DeployKind(kind), DeployState(state), Trigger(trigger)
         now = self.clock()
@@ -444,11 +440,11 @@ class Store:
 
     async def update_deploy(
         self, deploy_id: int, *,
-        state: DeployState | DeployStateName | Unset = UNSET,
+        state: DeployState | Unset = UNSET,
         release: str | Unset | None = UNSET,
         error: str | Unset | None = UNSET,
         finished_at: float | Unset | None = UNSET,
-        bake_state: BakeState | BakeStateName | Unset | None = UNSET,
+        bake_state: BakeState | Unset | None = UNSET,
         bake_started_at: float | Unset | None = UNSET,
         bake_until: float | Unset | None = UNSET,
     ) -> Deploy:
@@ -484,14 +480,17 @@ class Store:
         return _deploy(row)
 
     async def deploys(self, app: str, *, limit: int = 50,
-                      kind: DeployKind | DeployKindName | None = None,
-                      state: DeployState | DeployStateName | None = None) -> list[Deploy]:
-        """The app's deploys and rollbacks, newest first."""
+                      kind: DeployKind | str | None = None,
+                      state: DeployState | None = None) -> list[Deploy]:
+        """The app's deploys and rollbacks, newest first.
+
+        `kind` still takes the bare word too, checked (ValueError): recovery passes one.
+        """
         sql = "SELECT * FROM deploys WHERE app = ?"
         args: list[Any] = [app]
         if kind is not None:
             sql += " AND kind = ?"
-            args.append(kind)
+            args.append(DeployKind(kind))
         if state is not None:
             sql += " AND state = ?"
             args.append(state)
