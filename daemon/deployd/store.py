@@ -486,16 +486,8 @@ class Store:
 
         `kind` still takes the bare word too, checked (ValueError): recovery passes one.
         """
-        sql = "SELECT * FROM deploys WHERE app = ?"
-        args: list[Any] = [app]
-        if kind is not None:
-            sql += " AND kind = ?"
-            args.append(DeployKind(kind))
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(state)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+        sql, args = _newest_first("deploys", limit, app=app, state=state,
+                                  kind=None if kind is None else DeployKind(kind))
         rows = await self._run(lambda: self._conn().execute(sql, args).fetchall())
         return [_deploy(row) for row in rows]
 
@@ -696,16 +688,8 @@ class JobStore:
     async def find(self, *, app: str | None = None, state: JobState | None = None,
                    limit: int = 200) -> list[Job]:
         """Jobs, newest first, optionally of one app and one state."""
-        sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
-        if app is not None:
-            sql += " AND app = ?"
-            args.append(app)
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(state)
-        sql += " ORDER BY id DESC LIMIT ?"
-        rows = await self.store._run(
-            lambda: self.store._conn().execute(sql, [*args, limit]).fetchall())
+        sql, args = _newest_first("jobs", limit, app=app, state=state)
+        rows = await self.store._run(lambda: self.store._conn().execute(sql, args).fetchall())
         return [_job(row) for row in rows]
 
     async def update(
@@ -805,6 +789,15 @@ def _private_files(db: Path) -> None:
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         if path.exists():
             path.chmod(0o600)
+
+
+def _newest_first(table: str, limit: int, **equal: object) -> tuple[str, list[Any]]:
+    """A query for `table`'s rows whose columns equal the given values (None: any), newest
+    first, and its arguments. The column names are the caller's keywords, never input."""
+    given = {column: value for column, value in equal.items() if value is not None}
+    where = " AND ".join(f"{column} = ?" for column in given) or "1 = 1"
+    sql = f"SELECT * FROM {table} WHERE {where} ORDER BY id DESC LIMIT ?"
+    return sql, [*given.values(), limit]
 
 
 def _patch_column(patch: str | None) -> str | bytes | None:
