@@ -36,7 +36,13 @@ from deployd.config import AppConfig
 from deployd.errors import Conflict, Forbidden, GitError, Invalid, NotFound
 from deployd.git import CommitInfo, Mirror, RefUpdate
 from deployd.metrics import Metrics
-from deployd.rescue_preview import DEFAULT_CANDIDATES_LIMIT, PatchScope, Preview, Previewer
+from deployd.rescue_preview import (
+    DEFAULT_CANDIDATES_LIMIT,
+    PatchScope,
+    Preview,
+    Previewer,
+    known_commit,
+)
 from deployd.rescue_rebuild import Rebuilder
 from deployd.store import UNSET, Deploy, Job, JobStore, Store, Unset
 from deployd.vocabulary import EventKind, JobState, JobStep
@@ -102,10 +108,7 @@ class Rescue:
     async def open(self, *, base: str, bad_head: str, requester: str, reason: str,
                    commits: list[str] | None = None) -> Job:
         """Open a pending job for the range base..bad_head; `commits` picks by hand."""
-        try:
-            base = await self.mirror.resolve_strict(base)
-        except NotFound:
-            raise Invalid(f"unknown base commit {base!r}") from None
+        base = await known_commit(self.mirror, base, "base commit")
         bad_head = await self.mirror.resolve(bad_head)
         if base == bad_head:
             raise Invalid(f"{self.name}: the branch head is the base; nothing to rescue")
@@ -146,10 +149,7 @@ class Rescue:
         The rebuilt branch is base + the selection, and an approver reads only the selection's
         change: a base from elsewhere would bring in code nobody was shown.
         """
-        try:
-            sha = await self.mirror.resolve_strict(base)
-        except NotFound:
-            raise Invalid(f"unknown base commit {base!r}") from None
+        sha = await known_commit(self.mirror, base, "base commit")
         for tip in (head, last_good):
             try:
                 if tip is not None and await self.mirror.is_ancestor(sha, tip):

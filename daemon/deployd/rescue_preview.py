@@ -121,10 +121,7 @@ class Previewer:
         by_sha = {c["sha"]: index for index, c in enumerate(candidates)}
         chosen: set[str] = set()
         for given in commits:
-            try:
-                sha = await self.mirror.resolve_strict(given)
-            except NotFound:
-                raise Invalid(f"unknown commit {given!r}") from None
+            sha = await known_commit(self.mirror, given, "commit")
             if sha not in by_sha:
                 raise Invalid(f"commit {given!r} is not in the bad range (base..bad head, "
                               "merges left out)")
@@ -237,6 +234,14 @@ class Previewer:
             body["next"] = {"approve": {"method": "POST", "href": _links(job)["approve"],
                                         "body": {"plan": job.plan, "comment": "..."}}}
         return body
+
+
+async def known_commit(mirror: Mirror, given: str, what: str) -> str:
+    """The full sha of `given`; Invalid naming it as `what` when the mirror has no such commit."""
+    try:
+        return await mirror.resolve_strict(given)
+    except NotFound:
+        raise Invalid(f"unknown {what} {given!r}") from None
 
 
 def _plan(job: Job, tree: str | None) -> str:
