@@ -376,10 +376,10 @@ def parse_limit(value: str | None) -> int:
     return number
 
 
-async def app_call(request: web.Request, fields: set[str]
+async def app_call(request: web.Request, role: str, fields: set[str]
                    ) -> tuple[Token, AppSupervisor, dict[str, Any]]:
-    """An app operation's token (role `deploy`), app and JSON body of only `fields`."""
-    token = require(request, "deploy")
+    """An app operation's token (with `role`), app and JSON body of only `fields`."""
+    token = require(request, role)
     sup = supervisor(request)
     body = await read_json(request)
     reject_unknown(body, fields)
@@ -393,7 +393,7 @@ def started(name: str, record: Deploy, sup: AppSupervisor) -> web.Response:
 
 
 async def deploy(request: web.Request) -> web.Response:
-    token, sup, body = await app_call(request, {"revision", "force"})
+    token, sup, body = await app_call(request, "deploy", {"revision", "force"})
     revision = field_str(body, "revision", required=True, pattern=r"[A-Za-z0-9._/\-]{1,200}")
     assert revision is not None
     force = body.get("force", False)
@@ -404,7 +404,7 @@ async def deploy(request: web.Request) -> web.Response:
 
 
 async def rollback(request: web.Request) -> web.Response:
-    token, sup, body = await app_call(request, {"release", "reason"})
+    token, sup, body = await app_call(request, "deploy", {"release", "reason"})
     release = field_str(body, "release", pattern=r"\d{14}")
     reason = field_str(body, "reason") or "requested over REST"
     record = await sup.request_rollback(release, actor=token.name, reason=reason)
@@ -412,14 +412,14 @@ async def rollback(request: web.Request) -> web.Response:
 
 
 async def pause(request: web.Request) -> web.Response:
-    token, sup, body = await app_call(request, {"reason"})
+    token, sup, body = await app_call(request, "deploy", {"reason"})
     reason = field_str(body, "reason") or "paused over REST"
     await sup.pause(token.name, reason)
     return web.json_response(await sup.summary())
 
 
 async def resume(request: web.Request) -> web.Response:
-    token, sup, body = await app_call(request, {"reason"})
+    token, sup, body = await app_call(request, "deploy", {"reason"})
     await sup.resume(token.name, field_str(body, "reason") or "")
     return web.json_response(await sup.summary())
 
@@ -517,7 +517,7 @@ def parse_job_state(value: str | None) -> JobState | None:
 
 
 async def open_job(request: web.Request) -> web.Response:
-    token, sup, body = await app_call(request, {"commits", "base"})
+    token, sup, body = await app_call(request, "deploy", {"commits", "base"})
     commits = string_list(body, "commits", required=True)
     assert commits is not None
     if not commits:
@@ -559,10 +559,10 @@ async def put_job_patch(request: web.Request) -> web.Response:
     return web.json_response(await describe_job(request, sup, job))
 
 
-async def job_call(request: web.Request, fields: set[str]
+async def job_call(request: web.Request, role: str, fields: set[str]
                    ) -> tuple[Token, Job, AppSupervisor, dict[str, Any]]:
-    """A job decision's token (role `approve`), job, its app and JSON body of only `fields`."""
-    token = require(request, "approve")
+    """A job decision's token (with `role`), job, its app and JSON body of only `fields`."""
+    token = require(request, role)
     job, sup = await load_job(request)
     body = await read_json(request)
     reject_unknown(body, fields)
@@ -570,7 +570,7 @@ async def job_call(request: web.Request, fields: set[str]
 
 
 async def put_job_selection(request: web.Request) -> web.Response:
-    token, job, sup, body = await job_call(request, {"commits"})
+    token, job, sup, body = await job_call(request, "approve", {"commits"})
     assert sup.rescue is not None
     commits = string_list(body, "commits", required=True)
     assert commits is not None
@@ -579,7 +579,7 @@ async def put_job_selection(request: web.Request) -> web.Response:
 
 
 async def approve_job(request: web.Request) -> web.Response:
-    token, job, sup, body = await job_call(request, {"plan", "comment"})
+    token, job, sup, body = await job_call(request, "approve", {"plan", "comment"})
     plan = field_str(body, "plan", required=True)
     assert plan is not None
     comment = text_field(body, "comment")
@@ -588,7 +588,7 @@ async def approve_job(request: web.Request) -> web.Response:
 
 
 async def reject_job(request: web.Request) -> web.Response:
-    token, job, sup, body = await job_call(request, {"comment"})
+    token, job, sup, body = await job_call(request, "approve", {"comment"})
     assert sup.rescue is not None
     comment = text_field(body, "comment")
     job = await sup.rescue.reject(job.id, actor=token.name, comment=comment)

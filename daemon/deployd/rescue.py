@@ -21,6 +21,9 @@ remote is either untouched or fully done with its backup.
 
     pending -> approved -> running -> succeeded | failed
     pending -> rejected | expired | superseded
+
+`Rescue` keeps the jobs and their records; `rescue_preview.Previewer` computes the preview
+and plan and the REST view, `rescue_rebuild.Rebuilder` makes the new head and the backup.
 """
 
 from __future__ import annotations
