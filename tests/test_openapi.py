@@ -54,7 +54,7 @@ def test_roles_match_the_handlers() -> None:
             continue  # open unless daemon.metrics_auth asks for the read role
         body = source[source.index(f"async def {handler}("):]
         body = body[:body.index("\nasync def ") if "\nasync def " in body else len(body)]
-        role = re.search(r'require\(request, "(\w+)"\)', body)
+        role = re.search(r'(?:require|app_call|job_call)\(request, "(\w+)"', body)
         operation = document()["paths"][path][method]
         assert operation.get("x-deployd-role") == (role.group(1) if role else None), path
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from deployd import rescue as rescue_module
+from deployd import rescue_preview
 from deployd.config import AppConfig, RescueConfig
 from deployd.errors import Conflict, Forbidden, Invalid
 from deployd.git import CommitInfo, Mirror
 from deployd.metrics import Metrics
-from deployd.rescue import Rescue, candidates_of, preselected, trailers
+from deployd.rescue import Rescue, preselected, trailers
+from deployd.rescue_preview import candidates_of
 from deployd.store import JobStore, Store
 from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
 from tests.support.rescuelab import RESOLVED, backdoor_patch
@@ -246,7 +247,7 @@ async def test_unselected_candidates_are_tried_alone_on_the_base(world: World) -
 async def test_only_the_first_candidates_are_tried_alone(world: World,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_TRIED_ALONE candidates, unselected ones show no preview at all."""
-    monkeypatch.setattr(rescue_module, "MAX_TRIED_ALONE", 2)
+    monkeypatch.setattr(rescue_preview, "MAX_TRIED_ALONE", 2)
     good, a, p, b = batch(world.origin)
     await world.mirror.fetch()
     job = await world.rescue.open(base=good, bad_head="production", requester="deployd",

@@ -301,7 +301,7 @@ async def test_update_deploy_rejects_unknown_fields(store: Store) -> None:
 
 async def test_update_deploy_rejects_unknown_words(store: Store) -> None:
     """A state, bake state, kind or trigger that is not one of deployd's words is a ValueError
-    before anything is written."""
+    before anything is written (or a kind filter read)."""
     deploy = await store.start_deploy("shop", "deploy", "abc", trigger="branch", actor="deployd")
     with pytest.raises(ValueError, match="'done' is not a valid DeployState"):
         await store.update_deploy(deploy.id, state="done")
@@ -312,6 +312,8 @@ async def test_update_deploy_rejects_unknown_words(store: Store) -> None:
     with pytest.raises(ValueError, match="'deploys' is not a valid DeployKind"):
         await store.start_deploy("shop", "deploys", "abc",
                                  trigger="branch", actor="deployd")
+    with pytest.raises(ValueError, match="'deploys' is not a valid DeployKind"):
+        await store.deploys("shop", kind="deploys")
     assert await store.deploys("shop") == [deploy]
 
 

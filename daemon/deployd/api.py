@@ -39,8 +39,8 @@ from deployd.errors import (
 )
 from deployd.git import check_patch_sizes
 from deployd.metrics import Metrics
-from deployd.rescue import DEFAULT_CANDIDATES_LIMIT, MAX_CANDIDATES_LIMIT
-from deployd.store import Job, JobStore, Store
+from deployd.rescue_preview import DEFAULT_CANDIDATES_LIMIT, MAX_CANDIDATES_LIMIT
+from deployd.store import Deploy, Job, JobStore, Store
 from deployd.supervisor import AppSupervisor
 from deployd.vocabulary import JobState
 
@@ -376,48 +376,50 @@ def parse_limit(value: str | None) -> int:
     return number
 
 
-async def deploy(request: web.Request) -> web.Response:
-    token = require(request, "deploy")
+async def app_call(request: web.Request, role: str, fields: set[str]
+                   ) -> tuple[Token, AppSupervisor, dict[str, Any]]:
+    """An app operation's token (with `role`), app and JSON body of only `fields`."""
+    token = require(request, role)
     sup = supervisor(request)
     body = await read_json(request)
-    reject_unknown(body, {"revision", "force"})
+    reject_unknown(body, fields)
+    return token, sup, body
+
+
+def started(name: str, record: Deploy, sup: AppSupervisor) -> web.Response:
+    """202: the deploy or rollback `record` started; its view under `name`."""
+    return web.json_response({name: record.to_json(), "links": app_links(sup.name)},
+                             status=202)
+
+
+async def deploy(request: web.Request) -> web.Response:
+    token, sup, body = await app_call(request, "deploy", {"revision", "force"})
     revision = field_str(body, "revision", required=True, pattern=r"[A-Za-z0-9._/\-]{1,200}")
     assert revision is not None
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise ApiError(422, "invalid", "field 'force' must be true or false")
     record = await sup.request_deploy(revision, actor=token.name, force=force)
-    return web.json_response({"deploy": record.to_json(), "links": app_links(sup.name)},
-                             status=202)
+    return started("deploy", record, sup)
 
 
 async def rollback(request: web.Request) -> web.Response:
-    token = require(request, "deploy")
-    sup = supervisor(request)
-    body = await read_json(request)
-    reject_unknown(body, {"release", "reason"})
+    token, sup, body = await app_call(request, "deploy", {"release", "reason"})
     release = field_str(body, "release", pattern=r"\d{14}")
     reason = field_str(body, "reason") or "requested over REST"
     record = await sup.request_rollback(release, actor=token.name, reason=reason)
-    return web.json_response({"rollback": record.to_json(), "links": app_links(sup.name)},
-                             status=202)
+    return started("rollback", record, sup)
 
 
 async def pause(request: web.Request) -> web.Response:
-    token = require(request, "deploy")
-    sup = supervisor(request)
-    body = await read_json(request)
-    reject_unknown(body, {"reason"})
+    token, sup, body = await app_call(request, "deploy", {"reason"})
     reason = field_str(body, "reason") or "paused over REST"
     await sup.pause(token.name, reason)
     return web.json_response(await sup.summary())
 
 
 async def resume(request: web.Request) -> web.Response:
-    token = require(request, "deploy")
-    sup = supervisor(request)
-    body = await read_json(request)
-    reject_unknown(body, {"reason"})
+    token, sup, body = await app_call(request, "deploy", {"reason"})
     await sup.resume(token.name, field_str(body, "reason") or "")
     return web.json_response(await sup.summary())
 
@@ -533,10 +535,7 @@ def parse_job_state(value: str | None) -> JobState | None:
 
 
 async def open_job(request: web.Request) -> web.Response:
-    token = require(request, "deploy")
-    sup = supervisor(request)
-    body = await read_json(request)
-    reject_unknown(body, {"commits", "base"})
+    token, sup, body = await app_call(request, "deploy", {"commits", "base"})
     commits = string_list(body, "commits", required=True)
     assert commits is not None
     if not commits:
@@ -578,12 +577,19 @@ async def put_job_patch(request: web.Request) -> web.Response:
     return web.json_response(await describe_job(request, sup, job))
 
 
-async def put_job_selection(request: web.Request) -> web.Response:
-    token = require(request, "approve")
+async def job_call(request: web.Request, role: str, fields: set[str]
+                   ) -> tuple[Token, Job, AppSupervisor, dict[str, Any]]:
+    """A job decision's token (with `role`), job, its app and JSON body of only `fields`."""
+    token = require(request, role)
     job, sup = await load_job(request)
-    assert sup.rescue is not None
     body = await read_json(request)
-    reject_unknown(body, {"commits"})
+    reject_unknown(body, fields)
+    return token, job, sup, body
+
+
+async def put_job_selection(request: web.Request) -> web.Response:
+    token, job, sup, body = await job_call(request, "approve", {"commits"})
+    assert sup.rescue is not None
     commits = string_list(body, "commits", required=True)
     assert commits is not None
     job = await sup.rescue.set_selection(job.id, commits, actor=token.name)
@@ -591,11 +597,7 @@ async def put_job_selection(request: web.Request) -> web.Response:
 
 
 async def approve_job(request: web.Request) -> web.Response:
-    token = require(request, "approve")
-    job, sup = await load_job(request)
-    assert sup.rescue is not None
-    body = await read_json(request)
-    reject_unknown(body, {"plan", "comment"})
+    token, job, sup, body = await job_call(request, "approve", {"plan", "comment"})
     plan = field_str(body, "plan", required=True)
     assert plan is not None
     comment = text_field(body, "comment")
@@ -604,11 +606,8 @@ async def approve_job(request: web.Request) -> web.Response:
 
 
 async def reject_job(request: web.Request) -> web.Response:
-    token = require(request, "approve")
-    job, sup = await load_job(request)
+    token, job, sup, body = await job_call(request, "approve", {"comment"})
     assert sup.rescue is not None
-    body = await read_json(request)
-    reject_unknown(body, {"comment"})
     comment = text_field(body, "comment")
     job = await sup.rescue.reject(job.id, actor=token.name, comment=comment)
     return web.json_response(await describe_job(request, sup, job))

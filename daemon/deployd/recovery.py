@@ -56,7 +56,7 @@ class Recovery:
         # The last head deployd tried by itself: a later manual deploy or rollback must not
         # make a restart deploy that head again over what the operator chose.
         self.rollouts.attempted = next((record.revision for record in await ctx.store.deploys(
-            ctx.name, kind="deploy", limit=200) if record.trigger != Trigger.MANUAL), None)
+            ctx.name, kind=DeployKind.DEPLOY, limit=200) if record.trigger != Trigger.MANUAL), None)
         await self._resume_bake()
         await self._roll_back_unfinished_verdict()
         await self.rescue_flow.resume_jobs()

@@ -21,43 +21,40 @@ remote is either untouched or fully done with its backup.
 
     pending -> approved -> running -> succeeded | failed
     pending -> rejected | expired | superseded
+
+`Rescue` keeps the jobs and their records; `rescue_preview.Previewer` computes the preview
+and plan and the REST view, `rescue_rebuild.Rebuilder` makes the new head and the backup.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from deployd.config import AppConfig
-from deployd.errors import (
-    Conflict,
-    Forbidden,
-    GitError,
-    Invalid,
-    NotFound,
-)
+from deployd.errors import Conflict, Forbidden, GitError, Invalid, NotFound
 from deployd.git import CommitInfo, Mirror, RefUpdate
 from deployd.metrics import Metrics
+from deployd.rescue_preview import (
+    DEFAULT_CANDIDATES_LIMIT,
+    PatchScope,
+    Preview,
+    Previewer,
+    known_commit,
+)
+from deployd.rescue_rebuild import Rebuilder
 from deployd.store import UNSET, Deploy, Job, JobStore, Store, Unset
-from deployd.timefmt import iso_time
 from deployd.vocabulary import EventKind, JobState, JobStep
 
 log = logging.getLogger("deployd.rescue")
 
-COMMITTER = ("deployd", "deployd@localhost")
 _TRAILER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*):\s*(.*)$")
 _CHERRY_PICKED = re.compile(r"^\(cherry picked from commit [0-9a-f]+\)$")
 _FALSE = {"no", "false", "0", "off", "n"}
-MAX_TRIED_ALONE = 200
-"""Candidates tried alone on the base when a job opens; later ones show no such preview."""
 
 
 def trailers(message: str) -> dict[str, str]:
@@ -87,74 +84,6 @@ def preselected(app: AppConfig, commit: CommitInfo) -> bool:
     return False
 
 
-def _changed_lines(diff: str) -> list[str]:
-    """The lines a diff adds and removes, per file: what "the same change" means here."""
-    return [line for line in diff.splitlines() if line.startswith(("+", "-"))]
-
-
-DEFAULT_CANDIDATES_LIMIT = 500
-"""How many candidates a job's REST view lists per page (`candidates_limit` changes it)."""
-MAX_CANDIDATES_LIMIT = 5000
-
-
-@dataclass(frozen=True)
-class Preview:
-    """What the current selection (or resolved patch) would make of the base.
-
-    `statuses` holds what was found for the selected commits only (keyed by sha): a bad
-    range of 10,000 commits is not copied into every preview; `candidates_of` joins them.
-    """
-
-    statuses: dict[str, dict[str, Any]]
-    tree: str | None
-    ready: bool
-    blocked_by: str | None
-    adaptation: str | None
-    plan: str | None
-    scope: PatchScope | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"statuses": self.statuses, "tree": self.tree, "ready": self.ready,
-                "blocked_by": self.blocked_by, "adaptation": self.adaptation,
-                "extra_paths": self.scope.extra_paths if self.scope else [],
-                "beyond_commits": self.scope.beyond_commits if self.scope else False}
-
-
-@dataclass(frozen=True)
-class PatchScope:
-    """How a resolved patch compares with the selected commits' own changes.
-
-    `extra_paths` are paths the patch touches that no selected commit touches;
-    `beyond_commits` is true when the patch brings in any path, line, binary content or file
-    mode the selected commits do not, or removes more lines from a file than they do (which
-    lines may differ: resolving a conflict removes what the base holds, not what the commit's
-    parent held). Then the commit is the resolver's, not the originals'.
-    """
-
-    extra_paths: list[str]
-    beyond_commits: bool
-
-
-def candidates_of(job: Job, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-    """The job's candidates `offset`.. (at most `limit`), oldest first, each with `selected`
-    and, when selected, what the preview found for it."""
-    selected = set(job.selection)
-    statuses = _statuses(job.preview)
-    end = None if limit is None else offset + limit
-    return [{**c, "selected": c["sha"] in selected, **statuses.get(c["sha"], {})}
-            for c in job.candidates[offset:end]]
-
-
-def _statuses(preview: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """What a stored preview found per selected commit (also from the older form, which
-    kept a full copy of the candidates)."""
-    if "statuses" in preview:
-        return dict(preview["statuses"])
-    keys = ("applies_cleanly", "conflicting_paths", "applies_on", "already_in_base", "adapted")
-    return {c["sha"]: {k: c[k] for k in keys if k in c}
-            for c in preview.get("candidates", ()) if "applies_cleanly" in c}
-
-
 class Rescue:
     """The rescue jobs of one app: open, preview, select, resolve, approve, transplant."""
 
@@ -166,6 +95,8 @@ class Rescue:
         self.mirror = mirror
         self.metrics = metrics
         self.clock = clock
+        self.previewer = Previewer(app.name, store=store, jobs=jobs, mirror=mirror)
+        self.rebuilder = Rebuilder(app, mirror=mirror, previewer=self.previewer)
 
     @property
     def name(self) -> str:
@@ -173,28 +104,25 @@ class Rescue:
 
     def backup_ref(self, job: Job) -> str:
         """The remote branch holding the old head: `refs/heads/<prefix>/<app>/<job id>`."""
-        return f"refs/heads/{self.app.rescue.backup_prefix}/{self.name}/{job.id}"
+        return self.rebuilder.backup_ref(job)
 
     # -- opening ---------------------------------------------------------------------------
 
     async def open(self, *, base: str, bad_head: str, requester: str, reason: str,
                    commits: list[str] | None = None) -> Job:
         """Open a pending job for the range base..bad_head; `commits` picks by hand."""
-        try:
-            base = await self.mirror.resolve_strict(base)
-        except NotFound:
-            raise Invalid(f"unknown base commit {base!r}") from None
+        base = await known_commit(self.mirror, base, "base commit")
         bad_head = await self.mirror.resolve(bad_head)
         if base == bad_head:
             raise Invalid(f"{self.name}: the branch head is the base; nothing to rescue")
         infos = await self.mirror.commits_between(base, bad_head)
         if not infos:
             raise Invalid(f"{self.name}: no commits between {base[:12]} and {bad_head[:12]}")
-        candidates = await self._tried_alone(base, [_candidate(info) for info in infos])
+        candidates = await self.previewer.tried_alone(base, [_candidate(i) for i in infos])
         if commits is None:
             selection = [info.sha for info in infos if preselected(self.app, info)]
         else:
-            selection = await self._validate_selection(candidates, commits)
+            selection = await self.previewer.validate_selection(candidates, commits)
         now = self.clock()
         draft = Job(id=0, app=self.name, state=JobState.PENDING, base=base, bad_head=bad_head,
                     candidates=candidates, selection=selection, resolved_patch=None,
@@ -224,10 +152,7 @@ class Rescue:
         The rebuilt branch is base + the selection, and an approver reads only the selection's
         change: a base from elsewhere would bring in code nobody was shown.
         """
-        try:
-            sha = await self.mirror.resolve_strict(base)
-        except NotFound:
-            raise Invalid(f"unknown base commit {base!r}") from None
+        sha = await known_commit(self.mirror, base, "base commit")
         for tip in (head, last_good):
             try:
                 if tip is not None and await self.mirror.is_ancestor(sha, tip):
@@ -237,105 +162,31 @@ class Rescue:
         raise Invalid(f"base {base!r} ({sha[:12]}) is not in the history of "
                       f"{self.app.branch} or of the last good revision")
 
-    async def _tried_alone(self, base: str, candidates: list[dict[str, Any]]
-                           ) -> list[dict[str, Any]]:
-        """Candidates with whether each applies alone on the base (shown unless selected)."""
-        tried = await self.mirror.conflicts_alone(
-            base, [c["sha"] for c in candidates[:MAX_TRIED_ALONE]])
-        return [{**c, "applies_cleanly": not tried[c["sha"]],
-                 "conflicting_paths": list(tried[c["sha"]]), "applies_on": "base"}
-                if c["sha"] in tried else c for c in candidates]
-
-    async def _validate_selection(self, candidates: list[dict[str, Any]],
-                                  commits: list[str]) -> list[str]:
-        by_sha = {c["sha"]: index for index, c in enumerate(candidates)}
-        chosen: set[str] = set()
-        for given in commits:
-            try:
-                sha = await self.mirror.resolve_strict(given)
-            except NotFound:
-                raise Invalid(f"unknown commit {given!r}") from None
-            if sha not in by_sha:
-                raise Invalid(f"commit {given!r} is not in the bad range (base..bad head, "
-                              "merges left out)")
-            chosen.add(sha)
-        return sorted(chosen, key=by_sha.__getitem__)  # always oldest first
-
     # -- preview and plan ------------------------------------------------------------------
 
     async def compute_preview(self, job: Job) -> Preview:
         """Try the selection commit by commit on the base, in memory; compute the plan."""
-        head = job.base
-        statuses: dict[str, dict[str, Any]] = {}
-        original: list[str] = []
-        landing: list[str] = []
-        for sha in job.selection:
-            result = await self.mirror.cherry_pick(head, [sha], committer_name=COMMITTER[0],
-                                                   committer_email=COMMITTER[1])
-            info = await self.mirror.commit_info(sha)
-            before = info.parents[0] if info.parents else None
-            change = _changed_lines(await self.mirror.diff(before, sha)) if before else []
-            original += change
-            if not result.clean:
-                statuses[sha] = {"applies_cleanly": False, "applies_on": "selection",
-                                 "conflicting_paths": list(result.conflict_paths)}
-                continue
-            landed = _changed_lines(await self.mirror.diff(head, result.head))
-            landing += landed
-            statuses[sha] = {"applies_cleanly": True, "conflicting_paths": [],
-                             "applies_on": "selection",
-                             "already_in_base": sha in result.skipped,
-                             "adapted": landed != change and sha not in result.skipped}
-            head = result.head
-        tree: str | None
-        blocked: str | None = None
-        scope = None
-        if job.resolved_patch is not None:
-            tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
-            landing = _changed_lines(await self.mirror.diff(job.base, tree))
-            scope = await self.patch_scope(job, tree)
-        else:
-            tree = (await self.mirror.commit_info(head)).tree
-            conflicting = [s[:12] for s, st in statuses.items() if not st["applies_cleanly"]]
-            if conflicting:
-                blocked = (f"{', '.join(conflicting)} do(es) not apply cleanly on the base: "
-                           "upload a resolved patch (PUT .../patch) or change the selection")
-        if not job.selection:
-            blocked = "nothing selected: choose commits with PUT .../selection"
-        adaptation = None
-        if landing != original:
-            adaptation = "".join(difflib.unified_diff(
-                [line + "\n" for line in original], [line + "\n" for line in landing],
-                "the selected commits' own change", "what would land"))
-        plan = None if blocked else _plan(job, tree)
-        return Preview(statuses, tree, blocked is None, blocked, adaptation, plan, scope)
+        return await self.previewer.compute_preview(job)
 
     async def patch_scope(self, job: Job, tree: str) -> PatchScope:
         """Compare what the resolved patch (giving `tree`) adds with what the commits add."""
-        own: dict[str, Counter[str]] = {}
-        for sha in job.selection:
-            info = await self.mirror.commit_info(sha)
-            before = info.parents[0] if info.parents else None
-            for path, added in (await self.mirror.changes(before, sha)).items():
-                own.setdefault(path, Counter()).update(added)
-        patched = await self.mirror.changes(job.base, tree)
-        extra = sorted(path for path in patched if path not in own)
-        beyond = bool(extra) or any(added - own[path] for path, added in patched.items()
-                                    if path in own)
-        return PatchScope(extra, beyond)
+        return await self.previewer.patch_scope(job, tree)
 
     async def patch(self, job: Job) -> str:
         """The combined change that would land on the base, as a unified diff."""
-        tree = job.preview.get("tree")
-        if tree is None:
-            return ""
-        return await self.mirror.diff(job.base, str(tree))
+        return await self.previewer.patch(job)
+
+    async def describe(self, job: Job, *, candidates_offset: int = 0,
+                       candidates_limit: int = DEFAULT_CANDIDATES_LIMIT) -> dict[str, Any]:
+        """A job as `GET /api/v1/jobs/{id}` shows it (see `Previewer.describe`)."""
+        return await self.previewer.describe(job, candidates_offset=candidates_offset,
+                                             candidates_limit=candidates_limit)
 
     # -- human decisions -------------------------------------------------------------------
 
     async def set_selection(self, job_id: int, commits: list[str], *, actor: str) -> Job:
         job = await self._pending(job_id)
-        selection = await self._validate_selection(job.candidates, commits)
+        selection = await self.previewer.validate_selection(job.candidates, commits)
         updated = await self._replace_plan(job, selection=selection, resolved_patch=None,
                                            actor=actor)
         await self._job_event(updated, EventKind.JOB_SELECTION,
@@ -456,9 +307,10 @@ class Rescue:
             raise Conflict(f"rescue job {job.id} superseded: the branch moved")
         # After a restart, push the very commit made before it: a push of it still in flight
         # then lands the same head, and is recognised below.
-        new_head = await self._made_before(job) or await self._rebuild(job, approver)
+        new_head = (await self.rebuilder.made_before(job)
+                    or await self.rebuilder.rebuild(job, approver))
         job = await self._set(job, step=JobStep.COMMITTED, new_head=new_head)
-        await self._backup(job)
+        await self.rebuilder.backup(job)
         job = await self._set(job, step=JobStep.BACKED_UP, backup_ref=self.backup_ref(job))
         try:
             await self.mirror.push([RefUpdate(new_head, f"refs/heads/{self.app.branch}",
@@ -475,15 +327,6 @@ class Rescue:
             # Our push landed after all (its answer was lost, or a push from before a restart).
         return await self._pushed(job, new_head, approver, started, record=True)
 
-    async def _made_before(self, job: Job) -> str | None:
-        """The commit an interrupted run of this job made, if the mirror still has it."""
-        if job.new_head is None:
-            return None
-        try:
-            return await self.mirror.resolve(job.new_head)
-        except (NotFound, GitError):
-            return None
-
     async def _pushed(self, job: Job, new_head: str, approver: str, started: float, *,
                       record: bool) -> str:
         job = await self._set(job, step=JobStep.PUSHED)
@@ -495,55 +338,6 @@ class Rescue:
                                   f"{job.bad_head[:12]} kept at {self.backup_ref(job)})",
                                   approver)
         return new_head
-
-    async def _rebuild(self, job: Job, approver: str) -> str:
-        marks = [("Rescue-Job", f"{self.name}#{job.id}"), ("Approved-by", approver)]
-        if job.resolved_patch is not None:
-            tree = await self.mirror.apply_patch(job.base, job.resolved_patch)
-            author, credits = await self._patch_author(job, tree)
-            marks = [marks[0], *credits, ("Resolved-by", job.resolved_by or job.last_changed_by),
-                     marks[1]]
-            new_head = await self.mirror.commit_tree(
-                tree, job.base, like=job.selection, committer_name=COMMITTER[0],
-                committer_email=COMMITTER[1], trailers=marks, author=author)
-        else:
-            result = await self.mirror.cherry_pick(
-                job.base, job.selection, committer_name=COMMITTER[0],
-                committer_email=COMMITTER[1], trailers=marks)
-            if not result.clean:
-                raise Invalid(f"{result.conflict} no longer applies cleanly")
-            new_head, tree = result.head, result.tree
-        if tree != job.preview.get("tree"):
-            raise Conflict(f"rescue job {job.id}: the rebuilt tree differs from the approved "
-                           "plan's; nothing pushed")
-        return new_head
-
-    async def _patch_author(self, job: Job, tree: str
-                            ) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
-        """Who authors a resolved patch's commit, and the trailers crediting the originals.
-
-        The original author (None: keep it) only while the patch brings in nothing the
-        selected commits did not contain; otherwise the resolver, as `<name>@deployd.invalid`
-        (API tokens have names, not mailboxes), with every original author named in an
-        `Original-author:` trailer.
-        """
-        if not (await self.patch_scope(job, tree)).beyond_commits:
-            return None, []
-        resolver = job.resolved_by or job.last_changed_by
-        originals: list[str] = []
-        for sha in job.selection:
-            info = await self.mirror.commit_info(sha)
-            name = f"{info.author_name} <{info.author_email}>"
-            if name not in originals:
-                originals.append(name)
-        return (resolver, f"{resolver}@deployd.invalid"), [("Original-author", o)
-                                                            for o in originals]
-
-    async def _backup(self, job: Job) -> None:
-        """Keep the old head: a local ref fetches never prune, and the same on the remote."""
-        local = f"refs/deployd/backup/{self.name}/{job.id}"
-        await self.mirror.create_ref(local, job.bad_head)
-        await self.mirror.push([RefUpdate(job.bad_head, self.backup_ref(job), expected=None)])
 
     async def finish(self, job: Job, *, healthy: bool, reason: str) -> None:
         """The deploy of the rebuilt head baked: the job succeeded or failed."""
@@ -629,76 +423,7 @@ class Rescue:
                                    revision=job.new_head or job.bad_head,
                                    data={"job": job.id, "state": job.state})
 
-    # -- what REST shows -------------------------------------------------------------------
-
-    async def describe(self, job: Job, *, candidates_offset: int = 0,
-                       candidates_limit: int = DEFAULT_CANDIDATES_LIMIT) -> dict[str, Any]:
-        """A job as `GET /api/v1/jobs/{id}` shows it, with the next useful calls.
-
-        The candidates come a page at a time (`candidates_offset`, `candidates_limit`);
-        `selection` always names every selected commit, whichever page is shown.
-        """
-        approvals = await self.jobs.approvals(job.id)
-        log_events = [e.to_json() for e in await self.store.job_events(self.name, job.id)]
-        base_info = await _safe_info(self.mirror, job.base)
-        body: dict[str, Any] = {
-            "id": job.id, "app": job.app, "state": job.state,
-            "base": base_info, "bad_head": job.bad_head, "requester": job.requester,
-            "reason": job.reason, "created_at": iso_time(job.created_at),
-            "expires_at": iso_time(job.expires_at), "plan": job.plan,
-            "ready": bool(job.preview.get("ready")), "blocked_by": job.preview.get("blocked_by"),
-            "candidates": candidates_of(job, candidates_offset, candidates_limit),
-            "candidates_total": len(job.candidates), "candidates_offset": candidates_offset,
-            "selection": job.selection,
-            "resolved_patch": job.resolved_patch is not None,
-            "resolved_by": job.resolved_by if job.resolved_patch is not None else None,
-            "extra_paths": job.preview.get("extra_paths", []),
-            "beyond_commits": bool(job.preview.get("beyond_commits")),
-            "changed_by": job.last_changed_by,
-            "adaptation": job.preview.get("adaptation"),
-            "new_head": job.new_head, "backup_branch": job.backup_ref, "step": job.step,
-            "deploy": job.deploy_id, "error": job.error,
-            "approvals": [a.to_json() for a in approvals], "log": log_events,
-            "links": _links(job, candidates_offset, candidates_limit),
-        }
-        if job.state is JobState.PENDING and job.plan:
-            body["next"] = {"approve": {"method": "POST", "href": _links(job)["approve"],
-                                        "body": {"plan": job.plan, "comment": "..."}}}
-        return body
-
-
-def _plan(job: Job, tree: str | None) -> str:
-    fields: dict[str, Any] = {"base": job.base, "bad_head": job.bad_head,
-                              "selection": job.selection, "patch": None, "tree": tree}
-    if job.resolved_patch is not None:
-        # The resolver is bound too: they are named in (and may author) the commit.
-        fields["patch"] = hashlib.sha256(
-            job.resolved_patch.encode("utf-8", "surrogateescape")).hexdigest()
-        fields["resolved_by"] = job.resolved_by
-    payload = json.dumps(fields, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
 
 def _candidate(info: CommitInfo) -> dict[str, Any]:
     return {"sha": info.sha, "summary": info.summary,
             "author": f"{info.author_name} <{info.author_email}>", "time": info.time}
-
-
-def _links(job: Job, offset: int = 0, limit: int = DEFAULT_CANDIDATES_LIMIT) -> dict[str, str]:
-    base = f"/api/v1/jobs/{job.id}"
-    links = {"self": base, "patch": f"{base}/patch", "selection": f"{base}/selection",
-             "approve": f"{base}/approve", "reject": f"{base}/reject",
-             "app": f"/api/v1/apps/{job.app}", "events": f"/api/v1/apps/{job.app}/events"}
-    if offset + limit < len(job.candidates):
-        links["candidates_next"] = (f"{base}?candidates_offset={offset + limit}"
-                                    f"&candidates_limit={limit}")
-    return links
-
-
-async def _safe_info(mirror: Mirror, sha: str) -> dict[str, Any]:
-    try:
-        info = await mirror.commit_info(sha)
-    except (GitError, NotFound):
-        return {"sha": sha}
-    return {"sha": sha, "summary": info.summary}
-

@@ -25,13 +25,9 @@ from deployd.errors import NotFound, StoreError
 from deployd.timefmt import iso_time
 from deployd.vocabulary import (
     BakeState,
-    BakeStateName,
     DeployKind,
-    DeployKindName,
     DeployState,
-    DeployStateName,
     EventKind,
-    EventKindName,
     JobState,
     JobStep,
     Trigger,
@@ -376,7 +372,7 @@ class Store:
 
     # -- events --------------------------------------------------------------------------
 
-    async def add_event(self, app: str, kind: EventKind | EventKindName, message: str, *,
+    async def add_event(self, app: str, kind: EventKind, message: str, *,
                         actor: str = "deployd", revision: str | None = None,
                         data: dict[str, Any] | None = None) -> Event:
         """Append one event to the app's timeline."""
@@ -433,16 +429,16 @@ class Store:
 
     # -- deploys and rollbacks -----------------------------------------------------------
 
-    async def start_deploy(self, app: str, kind: DeployKind | DeployKindName, revision: str, *,
-                           trigger: Trigger | str, actor: str, release: str | None = None,
+    async def start_deploy(self, app: str, kind: DeployKind, revision: str, *,
+                           trigger: Trigger, actor: str, release: str | None = None,
                            previous_release: str | None = None,
                            previous_revision: str | None = None,
-                           state: DeployState | DeployStateName = DeployState.RUNNING,
+                           state: DeployState = DeployState.RUNNING,
                            forced: str | None = None) -> Deploy:
         """Record a deploy or rollback about to start (or an observed one).
 
         `forced` says what a forced deploy overrode (see `deploys.forced`). The words are
-        checked here (ValueError): `trigger` is typed `str` only while callers pass one on.
+        checked here too (ValueError), for callers that mypy does not see.
         """
         kind, state, trigger = DeployKind(kind), DeployState(state), Trigger(trigger)
         now = self.clock()
@@ -462,11 +458,11 @@ class Store:
 
     async def update_deploy(
         self, deploy_id: int, *,
-        state: DeployState | DeployStateName | Unset = UNSET,
+        state: DeployState | Unset = UNSET,
         release: str | Unset | None = UNSET,
         error: str | Unset | None = UNSET,
         finished_at: float | Unset | None = UNSET,
-        bake_state: BakeState | BakeStateName | Unset | None = UNSET,
+        bake_state: BakeState | Unset | None = UNSET,
         bake_started_at: float | Unset | None = UNSET,
         bake_until: float | Unset | None = UNSET,
     ) -> Deploy:
@@ -502,19 +498,12 @@ class Store:
         return _deploy(row)
 
     async def deploys(self, app: str, *, limit: int = 50,
-                      kind: DeployKind | DeployKindName | None = None,
-                      state: DeployState | DeployStateName | None = None) -> list[Deploy]:
-        """The app's deploys and rollbacks, newest first."""
-        sql = "SELECT * FROM deploys WHERE app = ?"
-        args: list[Any] = [app]
-        if kind is not None:
-            sql += " AND kind = ?"
-            args.append(kind)
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(state)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+                      kind: DeployKind | None = None,
+                      state: DeployState | None = None) -> list[Deploy]:
+        """The app's deploys and rollbacks, newest first (a bare word that is none of ours:
+        ValueError)."""
+        sql, args = _newest_first("deploys", limit, app=app, state=state,
+                                  kind=None if kind is None else DeployKind(kind))
         rows = await self._run(lambda: self._conn().execute(sql, args).fetchall())
         return [_deploy(row) for row in rows]
 
@@ -715,16 +704,8 @@ class JobStore:
     async def find(self, *, app: str | None = None, state: JobState | None = None,
                    limit: int = 200) -> list[Job]:
         """Jobs, newest first, optionally of one app and one state."""
-        sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
-        if app is not None:
-            sql += " AND app = ?"
-            args.append(app)
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(state)
-        sql += " ORDER BY id DESC LIMIT ?"
-        rows = await self.store._run(
-            lambda: self.store._conn().execute(sql, [*args, limit]).fetchall())
+        sql, args = _newest_first("jobs", limit, app=app, state=state)
+        rows = await self.store._run(lambda: self.store._conn().execute(sql, args).fetchall())
         return [_job(row) for row in rows]
 
     async def update(
@@ -824,6 +805,15 @@ def _private_files(db: Path) -> None:
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         if path.exists():
             path.chmod(0o600)
+
+
+def _newest_first(table: str, limit: int, **equal: object) -> tuple[str, list[Any]]:
+    """A query for `table`'s rows whose columns equal the given values (None: any), newest
+    first, and its arguments. The column names are the caller's keywords, never input."""
+    given = {column: value for column, value in equal.items() if value is not None}
+    where = " AND ".join(f"{column} = ?" for column in given) or "1 = 1"
+    sql = f"SELECT * FROM {table} WHERE {where} ORDER BY id DESC LIMIT ?"
+    return sql, [*given.values(), limit]
 
 
 def _patch_column(patch: str | None) -> str | bytes | None:

@@ -15,7 +15,6 @@ metric labels, f-strings) exactly as the bare word did, while a typo is a type e
 from __future__ import annotations
 
 import enum
-from typing import Literal
 
 
 class DeployKind(enum.StrEnum):
@@ -155,22 +154,3 @@ class EventKind(enum.StrEnum):
         """The event a job ending in `state` records (`job.<state>`)."""
         return cls(f"job.{state}")
 
-
-# The same words as Literal types, for callers that still pass bare strings: mypy checks
-# those against these. tests/test_vocabulary.py pins each to its enum, so they cannot drift;
-# they go once every caller passes the enums.
-DeployKindName = Literal["deploy", "rollback", "observed"]
-DeployStateName = Literal["running", "succeeded", "failed", "interrupted"]
-BakeStateName = Literal["grace", "baking", "good", "bad", "skipped"]
-EventKindName = Literal[
-    "app.paused", "app.resumed", "bake.failed", "bake.healthy", "bake.resumed",
-    "branch.moved", "deploy.failed", "deploy.interrupted", "deploy.observed",
-    "deploy.recovered", "deploy.started", "deploy.succeeded", "git.fetch_failed",
-    "git.fetch_recovered", "health.changed", "job.approved", "job.expired", "job.failed",
-    "job.not_opened", "job.opened", "job.patch", "job.pending", "job.pushed", "job.rejected",
-    "job.resumed", "job.selection", "job.succeeded", "job.superseded", "notify.failing",
-    "observe.split", "quarantine.added", "rollback.failed", "rollback.recovered",
-    "rollback.resumed", "rollback.skipped", "rollback.started", "rollback.succeeded",
-    "rollout.aborted", "rollout.done", "rollout.paused", "rollout.promoted",
-    "rollout.recovered", "rollout.rolled_back", "rollout.step", "rollout.step_passed",
-]

@@ -356,7 +356,7 @@ def _selected(rescue: Any, job: Any, body: dict[str, Any], sha: str) -> dict[str
     """The selected candidate as the job shows it (on whichever page of the list)."""
     listed = [c for c in body["candidates"] if c["sha"] == sha]
     if not listed:
-        from deployd.rescue import candidates_of  # the list is paginated
+        from deployd.rescue_preview import candidates_of  # the list is paginated
 
         listed = [c for c in candidates_of(job) if c["sha"] == sha]
     return dict(listed[0])
