@@ -426,18 +426,13 @@ async def resume(request: web.Request) -> web.Response:
 
 async def promote(request: web.Request) -> web.Response:
     """Continue a rollout: past a pause, a step's bake ended early, a failed step retried."""
-    token = require(request, "deploy")
-    sup = supervisor(request)
-    reject_unknown(await read_json(request), set())
+    token, sup, _ = await app_call(request, "deploy", set())
     return web.json_response(await sup.promote(token.name))
 
 
 async def abort(request: web.Request) -> web.Response:
     """Roll a rollout's new hosts back now and quarantine its revision."""
-    token = require(request, "deploy")
-    sup = supervisor(request)
-    body = await read_json(request)
-    reject_unknown(body, {"reason"})
+    token, sup, body = await app_call(request, "deploy", {"reason"})
     return web.json_response(await sup.abort(token.name, field_str(body, "reason") or ""),
                              status=202)
 
