@@ -140,6 +140,8 @@ async def test_a_bad_canary_goes_back_alone_and_the_others_never_run_it(make_rig
     failed = [e for e in await rig.store.events("shop") if e.kind == "bake.failed"][-1]
     assert (failed.data["step"], failed.data["hosts"]) == (1, ["h1"])
     assert "at step 1/3" in failed.message
+    started = [e for e in await rig.store.events("shop") if e.kind == "rollback.started"][-1]
+    assert started.message.endswith("; at step 1/3 on h1")
 
 
 async def test_a_pause_step_waits_for_a_promote(make_rig: MakeRig) -> None:

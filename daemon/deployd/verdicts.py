@@ -187,8 +187,10 @@ class Verdicts:
                 # An operation like any other: it holds the app's slot (no REST deploy
                 # interleaves) and a shutdown lets it finish instead of cancelling it.
                 hosts = list(rollout.on_new) if rollout is not None else None
-                await self.slot.spawn(self._roll_back(record, response.target, reason, hosts),
-                                      "rollback")
+                where = f"; at {step_label(rollout)} on {', '.join(rollout.on_new)}" \
+                    if rollout is not None else ""
+                await self.slot.spawn(self._roll_back(record, response.target, reason + where,
+                                                      hosts), "rollback")
                 return
             except Conflict as exc:
                 await ctx.event(EventKind.ROLLBACK_SKIPPED, f"not rolling back by itself: {exc}",
