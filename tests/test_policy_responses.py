@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from deployd.policy import BadVerdictResponse, RecoveryPlan, recover_operation, respond_to_bad
+from deployd.policy import (
+    BadVerdictResponse,
+    BakeFacts,
+    RecoveryPlan,
+    Threshold,
+    judge_bake,
+    recover_operation,
+    respond_to_bad,
+)
 
 # -- respond_to_bad ---------------------------------------------------------------------------
 
@@ -99,3 +109,34 @@ def test_a_rollback_half_way_is_finished_on_the_other_hosts_in_config_order() ->
 def test_a_rollback_finishes_on_unreachable_hosts_too() -> None:
     plan = recover("rollback", ["web1", "web2"], reachable=["web1", "web2"])
     assert plan == RecoveryPlan("finish_rollback", ("web3",))
+
+
+# -- a rollout step: the new release's hosts beside the hosts on last good --------------------
+
+def step_facts(**changes: object) -> BakeFacts:
+    facts = BakeFacts(now=100.0, bake_started_at=0.0, grace=10.0, bake_until=200.0,
+                      unhealthy_hosts=["web1"], total_hosts=1, failing_metrics=[],
+                      no_data_metrics=[], threshold=Threshold(count=1), baseline_total=5)
+    return replace(facts, **changes)
+
+
+def test_a_failing_canary_beside_a_healthy_baseline_is_bad() -> None:
+    assert judge_bake(step_facts()).verdict == "bad"
+
+
+def test_canary_and_baseline_unhealthy_alike_is_inconclusive() -> None:
+    verdict = judge_bake(step_facts(baseline_unhealthy=["web2", "web3", "web4", "web5",
+                                                        "web6"]))
+    assert verdict.verdict == "inconclusive" and "not the release's fault" in verdict.reason
+
+
+def test_a_baseline_failing_less_than_the_canary_does_not_excuse_it() -> None:
+    facts = step_facts(unhealthy_hosts=["web1", "web2"], total_hosts=2,
+                       baseline_unhealthy=["web3"], baseline_total=4)
+    assert judge_bake(facts).verdict == "bad"
+
+
+def test_baseline_hosts_failing_probes_are_waited_for_before_a_verdict() -> None:
+    waiting = judge_bake(step_facts(baseline_failing=["web2"]))
+    assert (waiting.verdict, waiting.reason) == (
+        "wait", "the hosts on last good fail probes too: watching them")

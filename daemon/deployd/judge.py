@@ -98,7 +98,13 @@ class BakeJudge:
             threshold=rollback.unhealthy_hosts, evidence_since=health.evidence_since,
             observation=self.observation_time(),
             baseline_unhealthy=[h for h in unhealthy if h in baseline],
-            baseline_total=len(baseline))
+            baseline_total=len(baseline),
+            baseline_failing=self._failing_lately(baseline))
+
+    def _failing_lately(self, hosts: tuple[str, ...]) -> list[str]:
+        """The hosts with a failed HTTP probe within the checks' observation time."""
+        since = self.ctx.clock() - self.observation_time()
+        return [host for host in hosts if self.ctx.health.samples([host], since).failed]
 
     def groups(self, rollout: Rollout | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(hosts on the new release, hosts on last good): every host and none, unless a

@@ -98,6 +98,9 @@ class BakeFacts:
     # these are the hosts still on the last good one, judged over the same window.
     baseline_unhealthy: Sequence[str] = ()
     baseline_total: int = 0
+    # Hosts on last good with a failed probe within `observation`: not unhealthy yet, but
+    # perhaps about to be (a shared outage reaches every host at once, its verdicts do not).
+    baseline_failing: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ def judge_bake(facts: BakeFacts) -> BakeVerdict:
     called good on evidence younger than `observation`: a bake whose window ran out while
     nobody was watching (a daemon restart) waits until a failing host would have shown.
     During a rollout step, new-release hosts failing no more often than the hosts still on
-    last good is `inconclusive` (a shared dependency is down), not bad.
+    last good is `inconclusive` (a shared dependency is down), not bad; while hosts on last
+    good fail probes without being called unhealthy yet, the verdict waits for theirs.
     """
     if facts.now < facts.bake_started_at + facts.grace:
         return BakeVerdict("wait", "grace period")
@@ -127,6 +131,8 @@ def judge_bake(facts: BakeFacts) -> BakeVerdict:
                 "inconclusive", f"the hosts on the new release ({hosts}) and those on last "
                 f"good ({', '.join(sorted(facts.baseline_unhealthy))}) are unhealthy alike: "
                 "not the release's fault")
+        if facts.baseline_failing:
+            return BakeVerdict("wait", "the hosts on last good fail probes too: watching them")
         return BakeVerdict(
             "bad", f"{unhealthy} of {facts.total_hosts} hosts unhealthy ({hosts}); "
                    f"threshold {facts.threshold}")
