@@ -1,4 +1,8 @@
-"""store: the SQLite state file, on real files in tmp_path, including kill -9 of a writer."""
+"""store: the state store on both backends (a SQLite file in tmp_path, a database of the
+session's PostgreSQL cluster), including kill -9 of a writer and two daemons migrating at once.
+
+Tests taking `store` or `make_store` run once per backend; the PostgreSQL runs are `slow`.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,18 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from deployd import store as store_module
+from deployd import store_postgres
 from deployd.errors import NotFound, StoreError
 from deployd.store import MIGRATIONS, AppState, JobStore, Store
+from deployd.store_postgres import PostgresBackend
 from deployd.vocabulary import DeployState, JobState, JobStep
+from tests.support.postgres import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -49,9 +56,22 @@ def clock() -> Clock:
     return Clock()
 
 
+MakeStore = Callable[[Clock], Store]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
+    """Stores (not yet open) on one database: a SQLite file, or a fresh PostgreSQL one."""
+    if request.param == "sqlite":
+        path = tmp_path / "state" / "deployd.sqlite3"
+        return lambda clock: Store(path, clock=clock)
+    database: Database = request.getfixturevalue("pg_database")
+    return lambda clock: Store(database.backend(), clock=clock)
+
+
 @pytest.fixture
-async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[Store]:
-    opened = Store(tmp_path / "state" / "deployd.sqlite3", clock=clock)
+async def store(make_store: MakeStore, clock: Clock) -> AsyncIterator[Store]:
+    opened = make_store(clock)
     await opened.open()
     yield opened
     await opened.close()
@@ -78,10 +98,9 @@ async def test_open_creates_a_wal_file_at_the_current_schema(tmp_path: Path) -> 
     assert not store.is_open
 
 
-async def test_reopen_keeps_everything(tmp_path: Path, clock: Clock) -> None:
+async def test_reopen_keeps_everything(make_store: MakeStore, clock: Clock) -> None:
     """Events, deploys, host results, app state and quarantine survive close and reopen."""
-    path = tmp_path / "deployd.sqlite3"
-    first = Store(path, clock=clock)
+    first = make_store(clock)
     await first.open()
     event = await first.add_event("shop", "deploy.started", "deploying abc", actor="alice",
                                   revision="abc", data={"hosts": 2})
@@ -98,7 +117,7 @@ async def test_reopen_keeps_everything(tmp_path: Path, clock: Clock) -> None:
     assert await first.quarantine("shop", "bad", reason="rolled back", actor="deployd")
     await first.close()
 
-    second = Store(path, clock=clock)
+    second = make_store(clock)
     await second.open()
     try:
         assert await second.schema_version() == len(MIGRATIONS)
@@ -146,9 +165,9 @@ async def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_calls_before_open_are_store_errors(tmp_path: Path) -> None:
+async def test_calls_before_open_are_store_errors(make_store: MakeStore, clock: Clock) -> None:
     """Using a store that is not open raises StoreError."""
-    store = Store(tmp_path / "deployd.sqlite3")
+    store = make_store(clock)
     with pytest.raises(StoreError, match="not open"):
         await store.events("shop")
     with pytest.raises(StoreError, match="not open"):
@@ -185,6 +204,128 @@ async def test_failed_migration_leaves_the_previous_version(tmp_path: Path,
         assert sql(path, "SELECT name FROM sqlite_master WHERE name = 'widgets'") == [("widgets",)]
     finally:
         await store.close()
+
+
+# -- PostgreSQL: schema, migrations, connecting -----------------------------------------------
+
+def sqlite_columns(path: Path) -> dict[str, list[str]]:
+    tables = [row[0] for row in sql(path, "SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name NOT LIKE 'sqlite_%'")]
+    return {str(t): [str(c[1]) for c in sql(path, f"PRAGMA table_info({t})")] for t in tables}
+
+
+def postgres_columns(database: Database) -> dict[str, list[str]]:
+    rows = database.query("SELECT table_name, column_name FROM information_schema.columns "
+                          "WHERE table_schema = 'public' AND table_name <> 'schema_version' "
+                          "ORDER BY table_name, ordinal_position")
+    columns: dict[str, list[str]] = {}
+    for table, column in rows:
+        columns.setdefault(str(table), []).append(str(column))
+    return columns
+
+
+async def test_postgres_schema_matches_sqlite(tmp_path: Path, pg_database: Database) -> None:
+    """Both backends' migrations, run from nothing, give the same version, the same tables and
+    the same columns in the same order."""
+    assert len(store_postgres.MIGRATIONS) == len(MIGRATIONS)
+    for backend in (tmp_path / "deployd.sqlite3", pg_database.backend()):
+        store = Store(backend)
+        await store.open()
+        try:
+            assert await store.schema_version() == len(MIGRATIONS)
+        finally:
+            await store.close()
+    assert pg_database.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert postgres_columns(pg_database) == sqlite_columns(tmp_path / "deployd.sqlite3")
+
+
+async def test_postgres_newer_schema_is_refused(pg_database: Database) -> None:
+    """A database migrated by a newer deployd is refused and left as it is."""
+    pg_database.query("CREATE TABLE schema_version (version integer NOT NULL)")
+    pg_database.query(f"INSERT INTO schema_version VALUES ({len(MIGRATIONS) + 1})")
+    store = Store(pg_database.backend())
+    with pytest.raises(StoreError, match="newer than this deployd understands"):
+        await store.open()
+    assert not store.is_open
+    await store.close()
+    assert pg_database.query("SELECT version FROM schema_version") == [(len(MIGRATIONS) + 1,)]
+    assert postgres_columns(pg_database) == {}
+
+
+async def test_postgres_failed_migration_leaves_the_previous_version(
+        pg_database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL migration that fails half way is rolled back whole (its version too)."""
+    store = Store(pg_database.backend())
+    await store.open()
+    await store.add_event("shop", "note", "kept")
+    await store.close()
+
+    broken = "CREATE TABLE widgets (id integer PRIMARY KEY);\nCREATE TABLE events (x integer);"
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", (*MIGRATIONS, broken))
+    store = Store(pg_database.backend())
+    with pytest.raises(StoreError, match="already exists") as raised:
+        await store.open()
+    assert pg_database.password not in str(raised.value)
+    await store.close()
+    assert pg_database.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert "widgets" not in postgres_columns(pg_database)
+
+    monkeypatch.setattr(store_postgres, "MIGRATIONS",
+                        (*MIGRATIONS, "CREATE TABLE widgets (id integer PRIMARY KEY);"))
+    store = Store(pg_database.backend())
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS) + 1
+        assert [e.message for e in await store.events("shop")] == ["kept"]
+        assert "widgets" in postgres_columns(pg_database)
+    finally:
+        await store.close()
+
+
+async def test_daemons_starting_together_migrate_once(pg_database: Database,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five stores opening one new database at once: each migration runs once (the advisory
+    lock makes the others wait, then find it done), and all five open at the same version.
+
+    The slow extra migration keeps the first one inside its transaction long enough for the
+    others to arrive: without the lock they would all create `widgets` and all but one fail.
+    """
+    slow = "SELECT pg_sleep(0.3); CREATE TABLE widgets (id integer PRIMARY KEY);"
+    monkeypatch.setattr(store_postgres, "MIGRATIONS", (*store_postgres.MIGRATIONS, slow))
+    stores = [Store(pg_database.backend()) for _ in range(5)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+        assert [await store.schema_version() for store in stores] == [len(MIGRATIONS) + 1] * 5
+        assert pg_database.query("SELECT version FROM schema_version") == [
+            (len(MIGRATIONS) + 1,)]
+        first = await stores[0].add_event("shop", "note", "one")
+        assert await stores[4].events("shop") == [first]
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+
+
+async def test_wrong_password_is_a_store_error_naming_the_database(
+        pg_database: Database) -> None:
+    """A refused password is a StoreError that names the database and says why, and does not
+    show the password."""
+    wrong = "not-the-password-5f1c9a"
+    store = Store(PostgresBackend(pg_database.url, password=wrong, connect_timeout=5))
+    with pytest.raises(StoreError) as raised:
+        await store.open()
+    message = str(raised.value)
+    assert f"cannot open state store {pg_database.url}" in message
+    assert "password authentication failed" in message
+    assert wrong not in message and pg_database.password not in message
+    assert not store.is_open
+    await store.close()
+
+
+def test_a_password_in_the_url_is_never_shown() -> None:
+    """describe() drops a password from a database URL (the config refuses one anyway)."""
+    assert store_postgres.describe("postgresql://ann:s3cret@db:5432/deployd") == (
+        "postgresql://ann@db:5432/deployd")
+    assert store_postgres.describe("postgresql://:s3cret@db/deployd") == "postgresql://db/deployd"
+    assert store_postgres.describe("postgresql://ann@db/deployd") == "postgresql://ann@db/deployd"
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -432,7 +573,7 @@ async def test_host_results_upsert(store: Store, clock: Clock) -> None:
 
 async def test_host_result_for_unknown_deploy_is_refused(store: Store) -> None:
     """A host result must belong to a recorded deploy (foreign key), else StoreError."""
-    with pytest.raises(StoreError, match="FOREIGN KEY"):
+    with pytest.raises(StoreError, match=r"(?i)FOREIGN KEY"):
         await store.set_host_result(999, "web1", "switched")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -176,6 +177,19 @@ MIGRATIONS: tuple[str, ...] = (
 # pg_advisory_xact_lock key held while migrating ("deployd\0\1" as a number): other daemons
 # starting at the same moment wait, then find the schema already at the current version.
 MIGRATION_LOCK = 0x6465706C6F796401
+
+
+def read_password(path: Path) -> str:
+    """The password in `path` (its first line); StoreError naming the file, never its text."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise StoreError(f"cannot read the database password file {path}: {reason}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise StoreError(f"the database password file {path} is empty")
+    return password
 
 
 def describe(url: str) -> str:
