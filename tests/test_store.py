@@ -25,7 +25,7 @@ from deployd.errors import NotFound, StoreError
 from deployd.store import MIGRATIONS, AppState, JobStore, Store
 from deployd.store_postgres import PostgresBackend
 from deployd.vocabulary import DeployState, JobState, JobStep
-from tests.support.postgres import Database
+from tests.support.postgres import BACKENDS, Database
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -59,12 +59,13 @@ def clock() -> Clock:
 MakeStore = Callable[[Clock], Store]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+@pytest.fixture(params=BACKENDS)
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
     """Stores (not yet open) on one database: a SQLite file, or a fresh PostgreSQL one."""
     if request.param == "sqlite":
         path = tmp_path / "state" / "deployd.sqlite3"
         return lambda clock: Store(path, clock=clock)
+    # A backend serves one Store: each gets its own, on the same database.
     database: Database = request.getfixturevalue("pg_database")
     return lambda clock: Store(database.backend(), clock=clock)
 

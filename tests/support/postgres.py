@@ -13,7 +13,7 @@ import itertools
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +131,20 @@ class Database:
             return cursor.fetchall() if cursor.description else []
 
 
+# Parametrize a store fixture with these to run its tests on both backends; the PostgreSQL
+# runs need the cluster (root), so they are `slow`.
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)]
+
+
+def store_backend(request: pytest.FixtureRequest, sqlite_file: Path) -> Path | PostgresBackend:
+    """What to build a `Store` on for the fixture's BACKENDS parameter: the SQLite file, or a
+    fresh database of the session's cluster (a new one at each call)."""
+    if request.param == "sqlite":
+        return sqlite_file
+    make: Callable[[], Database] = request.getfixturevalue("make_pg_database")
+    return make().backend()
+
+
 _numbers = itertools.count(1)
 
 
@@ -143,11 +157,24 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def pg_database(postgres_server: PostgresServer) -> Iterator[Database]:
+def make_pg_database(postgres_server: PostgresServer) -> Iterator[Callable[[], Database]]:
+    """Fresh databases for one test, as many as it asks for; all dropped after it."""
+    made: list[Database] = []
+
+    def make() -> Database:
+        name = f"deployd_test_{next(_numbers)}"
+        with postgres_server.admin() as admin:
+            admin.execute(f"CREATE DATABASE {name} OWNER {ROLE}".encode())
+        made.append(Database(postgres_server, name))
+        return made[-1]
+
+    yield make
+    with postgres_server.admin() as admin:
+        for database in made:
+            admin.execute(f"DROP DATABASE {database.name} WITH (FORCE)".encode())
+
+
+@pytest.fixture
+def pg_database(make_pg_database: Callable[[], Database]) -> Database:
     """A database of its own for one test, dropped after it."""
-    name = f"deployd_test_{next(_numbers)}"
-    with postgres_server.admin() as admin:
-        admin.execute(f"CREATE DATABASE {name} OWNER {ROLE}".encode())
-    yield Database(postgres_server, name)
-    with postgres_server.admin() as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)".encode())
+    return make_pg_database()
