@@ -22,7 +22,8 @@ import pytest
 from deployd import store as store_module
 from deployd import store_postgres
 from deployd.errors import NotFound, StoreError
-from deployd.store import MIGRATIONS, AppState, JobStore, Store
+from deployd.outbox import OutboxStore
+from deployd.store import MIGRATIONS, AppState, Event, JobStore, Store
 from deployd.store_postgres import PostgresBackend
 from deployd.vocabulary import DeployState, JobState, JobStep
 from tests.support.postgres import BACKENDS, Database
@@ -385,6 +386,104 @@ async def test_event_data_that_is_not_json_is_stored_as_text(store: Store) -> No
     event = await store.add_event("shop", "note", "x", data={"path": Path("/srv/shop")})
     assert (await store.events("shop"))[0].data == {"path": "/srv/shop"}
     assert event.id == 1
+
+
+async def test_events_found_by_the_deploy_or_job_in_their_data(store: Store) -> None:
+    """deploy_event is the newest event of a kind whose data names the deploy (a number: the
+    string "3" is not deploy 3); job_events lists a job's events oldest first. Data holding a
+    NUL character (hook output can) does not stop the search: SQLite keeps the NUL, PostgreSQL
+    (whose JSON functions refuse one) keeps U+FFFD in its place."""
+    await store.add_event("shop", "deploy.succeeded", "old", data={"deploy": 3})
+    newest = await store.add_event("shop", "deploy.succeeded", "new",
+                                   data={"deploy": 3, "output": "a\x00b"})
+    await store.add_event("shop", "deploy.succeeded", "text id", data={"deploy": "3"})
+    await store.add_event("shop", "deploy.succeeded", "other", data={"deploy": 4})
+    await store.add_event("shop", "deploy.failed", "other kind", data={"deploy": 3})
+    await store.add_event("blog", "deploy.succeeded", "other app", data={"deploy": 3})
+    found = await store.deploy_event("shop", 3, "deploy.succeeded")
+    assert found is not None and (found.id, found.message) == (newest.id, "new")
+    assert found.data in ({"deploy": 3, "output": "a\x00b"}, {"deploy": 3, "output": "a\ufffdb"})
+    assert await store.deploy_event("shop", 5, "deploy.succeeded") is None
+
+    opened = await store.add_event("shop", "job.opened", "opened", data={"job": 3})
+    await store.add_event("shop", "job.opened", "another", data={"job": 30})
+    approved = await store.add_event("shop", "job.approved", "approved", data={"job": 3})
+    assert await store.job_events("shop", 3) == [opened, approved]
+    assert await store.job_events("blog", 3) == []
+
+
+async def test_a_nul_in_a_message_does_not_lose_the_event(store: Store) -> None:
+    """SQLite keeps a NUL in a text column; PostgreSQL text cannot hold one, so there it is
+    stored as U+FFFD. Either way the event is stored and read back."""
+    await store.add_event("shop", "note", "before\x00after")
+    (event,) = await store.events("shop")
+    assert event.message in ("before\x00after", "before\ufffdafter")
+
+
+async def test_jobs_round_trip_on_every_backend(store: Store, clock: Clock) -> None:
+    """A patch that is not UTF-8 comes back as it went in; `expect_plan` and
+    `expect_changed_by` compare NULL as a value; approvals, counts and the oldest pending."""
+    jobs = JobStore(store)
+    job = await jobs.create("shop", base="b", bad_head="h", candidates=[{"sha": "p"}],
+                            selection=["p"], requester="ann", reason="why", expires_at=T0 + 60)
+    latin1 = "--- a/x\n+++ b/x\n+caf\udce9\n"  # a Latin-1 byte, as git's diff gives it
+    patched = await jobs.update(job.id, resolved_patch=latin1, expect_plan=None,
+                                expect_changed_by=None, changed_by="bob")
+    assert patched is not None and patched.resolved_patch == latin1
+    assert await jobs.update(job.id, plan="p1", expect_changed_by=None) is None
+    moved = await jobs.update(job.id, plan="p1", expect_changed_by="bob", expect_plan=None)
+    assert moved is not None and moved.plan == "p1"
+    assert await jobs.update(job.id, state=JobState.APPROVED, expect_plan=None) is None
+
+    await jobs.add_approval(job.id, decision="approve", actor="carol", plan="p1", comment="ok")
+    (approval,) = await jobs.approvals(job.id)
+    assert (approval.decision, approval.actor, approval.plan, approval.at) == (
+        "approve", "carol", "p1", T0)
+    clock.tick(5)
+    await jobs.create("shop", base="b", bad_head="h2", candidates=[], selection=[],
+                      requester="ann", reason="again", expires_at=T0 + 60)
+    assert await jobs.counts("shop") == {JobState.PENDING: 2}
+    assert await jobs.oldest_pending("shop") == T0
+    assert await jobs.oldest_pending("blog") is None
+    assert [j.bad_head for j in await jobs.find(app="shop")] == ["h2", "h"]
+
+
+async def test_outbox_on_every_backend(store: Store, clock: Clock) -> None:
+    """A target starts after the newest event, queues the events it wants once, keeps its
+    cursor, and its deliveries go from queued to retried to sent."""
+    outbox = OutboxStore(store)
+    await store.add_event("shop", "deploy.succeeded", "before the target")
+    await outbox.start_cursor("ops")
+    await outbox.start_cursor("ops")  # again: the cursor stays where it is
+    wanted = await store.add_event("shop", "deploy.failed", "bad", data={"deploy": 1})
+    await store.add_event("shop", "note", "not wanted")
+    job = await store.add_event("shop", "job.opened", "job", data={"job": 7})
+
+    def wants(event: Event) -> bool:
+        return event.kind != "note"
+
+    assert await outbox.enqueue_events("ops", wants) == (3, 2)
+    assert await outbox.enqueue_events("ops", wants) == (0, 0)
+    assert await outbox.queued("ops") == 2
+    first, second = await outbox.oldest("ops")
+    assert (first.kind, first.payload["event"], first.job_id) == ("deploy.failed", wanted.id,
+                                                                  None)
+    assert first.payload["id"] == first.delivery
+    assert (second.kind, second.job_id) == ("job.opened", 7)
+    assert second.payload["event"] == job.id
+
+    clock.tick(10)
+    await outbox.enqueue("ops", "shop", "job.reminder", {"text": "still waiting"}, job_id=7)
+    assert await outbox.last_about_job("ops", 7) == T0 + 10
+    assert await outbox.last_about_job("ops", 8) is None
+    await outbox.retry_at(first.id, T0 + 60, "HTTP 500")
+    await outbox.finish(second.id, "sent")
+    rows = {d.id: d for d in await outbox.deliveries("ops")}
+    assert (rows[first.id].state, rows[first.id].attempts, rows[first.id].next_at,
+            rows[first.id].last_error) == ("queued", 1, T0 + 60, "HTTP 500")
+    assert (rows[second.id].state, rows[second.id].attempts) == ("sent", 1)
+    assert await outbox.queued("ops") == 2  # the retried one and the reminder
+    assert await outbox.deliveries("audit") == []
 
 
 # -- deploys ----------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ daemons on one database).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +57,17 @@ class Dialect:
     # Whether a text column can hold the bytes of a patch that is not UTF-8 (SQLite can,
     # PostgreSQL text cannot: its patch column is bytea).
     patch_as_bytes: bool
+    # Whether the engine's JSON functions read a document holding a \u0000 escape
+    # (PostgreSQL's refuse the whole document, so there a NUL is stored as U+FFFD).
+    json_nul_ok: bool
 
     def json_int_equals(self, column: str, key: str) -> str:
         return self.json_int_template.format(column=column, key=key)
+
+    def json_document(self, value: Any) -> str:
+        """`value` as the JSON text of a column the engine searches (events.data)."""
+        text = json.dumps(value, sort_keys=True, default=str)
+        return text if self.json_nul_ok else _JSON_NUL.sub(r"\1\\ufffd", text)
 
     def patch_value(self, patch: str | None) -> str | bytes | None:
         """A patch as the engine's column holds it (text with surrogate escapes is bytes)."""
@@ -71,13 +81,15 @@ class Dialect:
 
 
 SQLITE = Dialect(name="sqlite", json_int_template="json_extract({column}, '$.{key}') = ?",
-                 patch_as_bytes=False)
+                 patch_as_bytes=False, json_nul_ok=True)
 # `json`, not `jsonb`: jsonb refuses a \u0000 escape anywhere in the document. The integer is
 # compared as the JSON text of the number, as json_extract compares it as a number: a string
 # "5" matches neither.
 POSTGRES = Dialect(name="postgresql",
                    json_int_template="({column}::json -> '{key}')::text = ?::bigint::text",
-                   patch_as_bytes=True)
+                   patch_as_bytes=True, json_nul_ok=False)
+# A \u0000 escape in JSON text: one not itself escaped (after an even run of backslashes).
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 class Backend(Tx, Protocol):

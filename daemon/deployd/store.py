@@ -310,7 +310,7 @@ class Store:
                         data: dict[str, Any] | None = None) -> Event:
         """Append one event to the app's timeline."""
         at = self.clock()
-        payload = json.dumps(data or {}, sort_keys=True, default=str)
+        payload = self.backend.dialect.json_document(data or {})
 
         event_id = await self._insert(
             "INSERT INTO events (app, at, kind, actor, revision, message, data) "
