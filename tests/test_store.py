@@ -322,6 +322,23 @@ async def test_wrong_password_is_a_store_error_naming_the_database(
     await store.close()
 
 
+async def test_postgres_restart_is_survived_by_the_pool(pg_database: Database) -> None:
+    """After the database server restarts, the pool's old connections are dead: the next
+    calls get new ones instead of failing (a deploy's next write must not be lost to it)."""
+    store = Store(PostgresBackend(pg_database.url, password=pg_database.password,
+                                  pool_size=3))
+    await store.open()
+    try:
+        # Several connections in the pool, all used once.
+        await asyncio.gather(*(store.add_event("shop", "note", f"before {n}") for n in range(6)))
+        await asyncio.to_thread(pg_database.server.restart)
+        for n in range(6):
+            await store.add_event("shop", "note", f"after {n}")
+        assert len(await store.events("shop")) == 12
+    finally:
+        await store.close()
+
+
 def test_a_password_in_the_url_is_never_shown() -> None:
     """describe() drops a password from a database URL (the config refuses one anyway)."""
     assert store_postgres.describe("postgresql://ann:s3cret@db:5432/deployd") == (

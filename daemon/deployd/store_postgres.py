@@ -262,6 +262,9 @@ class PostgresBackend:
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self.url, kwargs=self._connect_kwargs(), connection_class=psycopg.AsyncConnection,
             min_size=1, max_size=self._pool_size, open=False, name="deployd-store",
+            # A connection is checked as it leaves the pool: after the server restarted, a
+            # dead one is replaced instead of failing the statement.
+            check=AsyncConnectionPool.check_connection,
             timeout=self._connect_timeout)
         try:
             await pool.open(wait=True, timeout=self._connect_timeout)

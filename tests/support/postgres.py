@@ -71,6 +71,11 @@ class PostgresServer:
     def stop(self) -> None:
         self.as_test_user("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def restart(self) -> None:
+        """Stop the server (its clients' connections die) and start it again, same port."""
+        self.stop()
+        self.start()
+
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
         """A superuser connection over the unix socket (trusted: the socket's directory is
         the test user's)."""
