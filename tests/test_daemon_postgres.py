@@ -7,6 +7,7 @@ the daemon reaches it over TCP with the password from a 0600 file, as it would i
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,11 +33,12 @@ def postgres_config(tmp_path: Path, origin: OriginRepo, database: Database,
         "database": database.url, "database_password_file": str(password_file)})
 
 
-async def test_daemon_keeps_its_state_in_postgresql(tmp_path: Path,
-                                                    pg_database: Database) -> None:
+async def test_daemon_keeps_its_state_in_postgresql(tmp_path: Path, pg_database: Database,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     """A deploy by the daemon configured with a PostgreSQL database: its deploy and events
     are in that database (read there directly), REST reads them back, and no SQLite file is
-    made in state_dir."""
+    made in state_dir. The log names the database, never the password."""
+    caplog.set_level(logging.INFO)
     origin = OriginRepo(tmp_path / "origin.git")
     head = origin.commit({"index.html": "v1\n"}, "first")
     spec = postgres_config(tmp_path, origin, pg_database, pg_database.password)
@@ -56,6 +58,8 @@ async def test_daemon_keeps_its_state_in_postgresql(tmp_path: Path,
     assert deploys == [("deploy", "succeeded", head)]
     assert not (spec.state_dir / "deployd.sqlite3").exists()
     assert (spec.state_dir / "mirrors" / f"{APP}.git").is_dir()
+    assert f"state store open: {pg_database.url}" in caplog.messages
+    assert pg_database.password not in caplog.text
 
 
 async def test_wrong_database_password_is_a_clear_startup_error(tmp_path: Path,

@@ -170,6 +170,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         raise StoreError(f"cannot open state store in {state_dir}: {exc.strerror or exc}") from exc
     daemon.store = _make_store(daemon.config.daemon)
     await daemon.store.open()
+    log.info("state store open: %s", daemon.store.backend.description)
     app[api.CONTEXT].store = daemon.store
     yield
     await daemon.store.close()
