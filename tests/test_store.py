@@ -27,6 +27,7 @@ from deployd.store import MIGRATIONS, AppState, Event, JobStore, Store
 from deployd.store_postgres import PostgresBackend
 from deployd.vocabulary import DeployState, JobState, JobStep
 from tests.support.postgres import BACKENDS, Database
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -862,6 +863,75 @@ async def test_concurrent_writers_all_land(store: Store) -> None:
     deploys = await store.deploys("shop", limit=10_000)
     assert len(deploys) == writers * (per_writer // 10)
     assert all(d.state == "succeeded" for d in deploys)
+
+
+async def test_a_reader_paging_by_id_misses_no_event(make_store: MakeStore,
+                                                     clock: Clock) -> None:
+    """Two stores on one database (two daemons) write events from many coroutines at once
+    while a reader pages through them by id, as the notifications outbox and the REST API
+    do: every event is seen, once. An event's id must not be lower than one already
+    committed (on PostgreSQL ids come from a sequence and commits from many connections)."""
+    first, second = make_store(clock), make_store(clock)
+    await first.open()
+    await second.open()
+    writers, per_writer = 16, 40
+    done = asyncio.Event()
+
+    async def write(store: Store, name: str) -> None:
+        for n in range(per_writer):
+            await store.add_event("shop", "tick", f"{name} {n}")
+
+    async def read() -> list[int]:
+        seen: list[int] = []
+        last = 0
+        while True:
+            finished = done.is_set()
+            page = await first.events("shop", since_id=last, limit=50)
+            seen.extend(event.id for event in page)
+            last = page[-1].id if page else last
+            if finished and not page:
+                return seen
+            await asyncio.sleep(0)
+
+    try:
+        reader = asyncio.create_task(read())
+        await asyncio.gather(*(write(store, f"{store_name}{i}")
+                               for store_name, store in (("a", first), ("b", second))
+                               for i in range(writers)))
+        done.set()
+        seen = await reader
+        stored = [event.id for event in await first.events("shop", limit=100_000)]
+        assert len(stored) == 2 * writers * per_writer
+        assert sorted(seen) == seen and set(seen) == set(stored), (
+            f"{len(set(stored) - set(seen))} event(s) skipped by the reader")
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_postgres_event_ids_follow_commit_order(pg_database: Database) -> None:
+    """An event whose insert is slow to commit (here a trigger sleeps in it) holds back the
+    next one: the next gets the higher id and commits after it, so a reader that saw the
+    next event and pages on from its id still finds the slow one."""
+    pg_database.query("""
+        CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$""")
+    store = Store(pg_database.backend())
+    await store.open()
+    pg_database.query("CREATE TRIGGER slow BEFORE INSERT ON events FOR EACH ROW "
+                      "WHEN (NEW.message = 'slow') EXECUTE FUNCTION slow_insert()")
+    try:
+        slow = asyncio.create_task(store.add_event("shop", "note", "slow"))
+        await wait_until(lambda: bool(pg_database.query(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'")),
+            within=10, what="the slow insert sleeping in its transaction")
+        fast = await store.add_event("shop", "note", "fast")
+        seen = await store.events("shop")
+        later = await store.events("shop", since_id=max(e.id for e in seen))
+        assert {e.message for e in [*seen, *later]} == {"slow", "fast"}
+        assert (await slow).id < fast.id
+    finally:
+        await store.close()
 
 
 async def test_store_calls_do_not_block_the_event_loop(store: Store) -> None:

@@ -60,6 +60,10 @@ class Dialect:
     # Whether the engine's JSON functions read a document holding a \u0000 escape
     # (PostgreSQL's refuse the whole document, so there a NUL is stored as U+FFFD).
     json_nul_ok: bool
+    # Run first in the transaction of an insert whose ids readers page through (events), so
+    # ids are handed out in commit order: a reader that has seen id N never later finds a
+    # lower one committed. None where writes are one at a time anyway (SQLite's one thread).
+    id_order_lock: str | None
 
     def json_int_equals(self, column: str, key: str) -> str:
         return self.json_int_template.format(column=column, key=key)
@@ -81,13 +85,16 @@ class Dialect:
 
 
 SQLITE = Dialect(name="sqlite", json_int_template="json_extract({column}, '$.{key}') = ?",
-                 patch_as_bytes=False, json_nul_ok=True)
-# `json`, not `jsonb`: jsonb refuses a \u0000 escape anywhere in the document. The integer is
-# compared as the JSON text of the number, as json_extract compares it as a number: a string
-# "5" matches neither.
+                 patch_as_bytes=False, json_nul_ok=True, id_order_lock=None)
+# pg_advisory_xact_lock key every node's event insert holds until it commits ("deployd\0\2"
+# as a number; store_postgres.MIGRATION_LOCK is "deployd\0\1").
+EVENT_ORDER_LOCK = 0x6465706C6F796402
+# `json`, not `jsonb`: parsed in place, not converted. The integer is compared as the JSON
+# text of the number, as json_extract compares it as a number: a string "5" matches neither.
 POSTGRES = Dialect(name="postgresql",
                    json_int_template="({column}::json -> '{key}')::text = ?::bigint::text",
-                   patch_as_bytes=True, json_nul_ok=False)
+                   patch_as_bytes=True, json_nul_ok=False,
+                   id_order_lock=f"SELECT pg_advisory_xact_lock({EVENT_ORDER_LOCK})")
 # A \u0000 escape in JSON text: one not itself escaped (after an even run of backslashes).
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 

@@ -315,7 +315,7 @@ class Store:
         event_id = await self._insert(
             "INSERT INTO events (app, at, kind, actor, revision, message, data) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (app, at, kind, actor, revision, message, payload))
+            (app, at, kind, actor, revision, message, payload), in_id_order=True)
         # One log line per event, after it is stored: the log never says more than the store.
         events_log.info("%s %s: %s", app, kind, message,
                         extra={"app": app, "kind": kind, "actor": actor, "revision": revision,
@@ -349,9 +349,17 @@ class Store:
             (app, job_id, limit))
         return [event_from_row(row) for row in rows]
 
-    async def _insert(self, sql: str, args: tuple[Any, ...]) -> int:
-        """Run an `INSERT ... RETURNING id`; the new row's id."""
-        row = await self.backend.fetch_one(sql, args)
+    async def _insert(self, sql: str, args: tuple[Any, ...], *, in_id_order: bool = False
+                      ) -> int:
+        """Run an `INSERT ... RETURNING id`; the new row's id. `in_id_order`: for a table read
+        by paging through ids (see `Dialect.id_order_lock`)."""
+        lock = self.backend.dialect.id_order_lock if in_id_order else None
+        if lock is None:
+            row = await self.backend.fetch_one(sql, args)
+        else:
+            async with self.backend.transaction() as tx:
+                await tx.execute(lock)
+                row = await tx.fetch_one(sql, args)
         assert row is not None
         return int(row["id"])
 
