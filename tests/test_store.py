@@ -466,6 +466,30 @@ async def test_jobs_round_trip_on_every_backend(store: Store, clock: Clock) -> N
     assert [j.bad_head for j in await jobs.find(app="shop")] == ["h2", "h"]
 
 
+async def test_racing_approvals_from_two_daemons_move_a_job_once(make_store: MakeStore,
+                                                                  clock: Clock) -> None:
+    """Twenty approvals of one pending job at once, half through each of two stores on one
+    database: exactly one moves it out of `pending`, the others get None."""
+    stores = [make_store(clock), make_store(clock)]
+    for store in stores:
+        await store.open()
+    try:
+        jobs = [JobStore(store) for store in stores]
+        job = await jobs[0].create("shop", base="b", bad_head="h", candidates=[], selection=[],
+                                   requester="ann", reason="why", expires_at=T0 + 60,
+                                   plan="p1")
+        results = await asyncio.gather(*(
+            jobs[n % 2].update(job.id, expect=(JobState.PENDING,), expect_plan="p1",
+                               state=JobState.APPROVED, error=f"approval {n}")
+            for n in range(20)))
+        winners = [result for result in results if result is not None]
+        assert len(winners) == 1
+        assert (await jobs[1].get(job.id)).error == winners[0].error
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_outbox_on_every_backend(store: Store, clock: Clock) -> None:
     """A target starts after the newest event, queues the events it wants once, keeps its
     cursor, and its deliveries go from queued to retried to sent."""
@@ -502,6 +526,29 @@ async def test_outbox_on_every_backend(store: Store, clock: Clock) -> None:
     assert (rows[second.id].state, rows[second.id].attempts) == ("sent", 1)
     assert await outbox.queued("ops") == 2  # the retried one and the reminder
     assert await outbox.deliveries("audit") == []
+
+
+async def test_outbox_scans_from_two_daemons_queue_each_event_once(make_store: MakeStore,
+                                                                    clock: Clock) -> None:
+    """Two stores on one database scanning the same target at the same time (two daemons'
+    notification loops): every event is queued once, not once per scanner."""
+    stores = [make_store(clock), make_store(clock)]
+    for store in stores:
+        await store.open()
+    try:
+        outboxes = [OutboxStore(store) for store in stores]
+        await outboxes[0].start_cursor("ops")
+        for n in range(300):
+            await stores[n % 2].add_event("shop", "deploy.failed", f"bad {n}")
+        results = await asyncio.gather(*(outbox.enqueue_events("ops", lambda _: True)
+                                         for outbox in outboxes * 3))
+        assert sum(queued for _, queued in results) == 300
+        deliveries = await outboxes[1].deliveries("ops")
+        assert sorted(d.payload["message"] for d in deliveries) == sorted(
+            f"bad {n}" for n in range(300))
+    finally:
+        for store in stores:
+            await store.close()
 
 
 # -- deploys ----------------------------------------------------------------------------------

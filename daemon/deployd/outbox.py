@@ -56,9 +56,12 @@ class OutboxStore:
         """Queue the events after the target's cursor that it wants: (scanned, queued)."""
         now = self.store.clock()
 
+        # The cursor row stays locked until the deliveries are in: a second scan of the same
+        # target (another daemon's) waits, then starts where this one ended.
+        lock = self.store.backend.dialect.for_update
         async with self.store.backend.transaction() as tx:
-            row = await tx.fetch_one("SELECT event_id FROM outbox_cursor WHERE target = ?",
-                                     (target,))
+            row = await tx.fetch_one(
+                f"SELECT event_id FROM outbox_cursor WHERE target = ?{lock}", (target,))
             cursor = int(row["event_id"]) if row else 0
             rows = await tx.fetch_all("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?",
                                       (cursor, SCAN_BATCH))

@@ -64,6 +64,9 @@ class Dialect:
     # ids are handed out in commit order: a reader that has seen id N never later finds a
     # lower one committed. None where writes are one at a time anyway (SQLite's one thread).
     id_order_lock: str | None
+    # Appended to a SELECT in a transaction to lock the rows it read until it commits (on
+    # SQLite a write transaction, BEGIN IMMEDIATE, already excludes every other writer).
+    for_update: str
 
     def json_int_equals(self, column: str, key: str) -> str:
         return self.json_int_template.format(column=column, key=key)
@@ -85,7 +88,7 @@ class Dialect:
 
 
 SQLITE = Dialect(name="sqlite", json_int_template="json_extract({column}, '$.{key}') = ?",
-                 patch_as_bytes=False, json_nul_ok=True, id_order_lock=None)
+                 patch_as_bytes=False, json_nul_ok=True, id_order_lock=None, for_update="")
 # pg_advisory_xact_lock key every node's event insert holds until it commits ("deployd\0\2"
 # as a number; store_postgres.MIGRATION_LOCK is "deployd\0\1").
 EVENT_ORDER_LOCK = 0x6465706C6F796402
@@ -94,7 +97,8 @@ EVENT_ORDER_LOCK = 0x6465706C6F796402
 POSTGRES = Dialect(name="postgresql",
                    json_int_template="({column}::json -> '{key}')::text = ?::bigint::text",
                    patch_as_bytes=True, json_nul_ok=False,
-                   id_order_lock=f"SELECT pg_advisory_xact_lock({EVENT_ORDER_LOCK})")
+                   id_order_lock=f"SELECT pg_advisory_xact_lock({EVENT_ORDER_LOCK})",
+                   for_update=" FOR UPDATE")
 # A \u0000 escape in JSON text: one not itself escaped (after an even run of backslashes).
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
