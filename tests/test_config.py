@@ -1502,6 +1502,7 @@ def test_database_defaults_to_none_and_takes_a_postgresql_url(tmp_path: Path) ->
 @pytest.mark.parametrize(("url", "fragment"), [
     ("postgresql://deployd:hunter2-secret@db/deployd", "holds a password"),
     ("postgresql://db/deployd?password=hunter2-secret", "holds a password"),
+    ("postgresql://db/deployd?sslmode=require&password=", "holds a password"),
     ("mysql://deployd@db/deployd", 'expected a "postgresql://" URL'),
     ("postgresql://db:hunter2-secret/deployd", "not a valid URL"),
     ("", "must not be empty"),

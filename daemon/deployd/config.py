@@ -599,7 +599,7 @@ def _database_url(value: Any) -> str:
         raise ValueError("not a valid URL") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError('expected a "postgresql://" URL')
-    if parts.password is not None or "password" in parse_qs(parts.query):
+    if parts.password is not None or "password" in parse_qs(parts.query, keep_blank_values=True):
         raise ValueError("holds a password: put it in database_password_file instead")
     return text
 
