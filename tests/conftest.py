@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.support.daemonlab",
     "tests.support.healthservers",
     "tests.support.hostfixtures",
+    "tests.support.postgres",
     "tests.support.rescuelab",
 ]
 
@@ -82,10 +83,11 @@ async def processes() -> AsyncIterator[Callable[[Lab], DaemonProcess]]:
         yield make
 
 
-# Fixtures that start sshd hosts or hand files to the `deployd-test` login (root only), or a
-# real Prometheus server (seconds to start).
+# Fixtures that start sshd hosts or hand files to the `deployd-test` login (root only), a
+# real Prometheus server (seconds to start) or a PostgreSQL cluster (run as that login).
 SLOW_FIXTURES = frozenset({"sshd_factory", "lab_factory", "rescue_lab", "ssh_origin",
-                           "user_dir", "prometheus"})
+                           "user_dir", "prometheus", "postgres_server", "make_pg_database",
+                           "pg_database"})
 # Modules whose tests each run the daemon (or a tool against it) for seconds.
 SLOW_MODULES = frozenset({
     "tests.test_autorollback", "tests.test_notifications", "tests.test_demo",

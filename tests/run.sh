@@ -13,6 +13,8 @@ command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v pkill >/dev/null 2>&1 || need_pkgs+=(procps)
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 command -v shellcheck >/dev/null 2>&1 || need_pkgs+=(shellcheck)
+# The store's PostgreSQL tests make their own throwaway cluster with initdb.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -21,6 +23,10 @@ fi
 # Debian's prometheus package starts a server; the tests start their own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
     systemctl stop prometheus || true
+fi
+# Likewise Debian's postgresql package starts a cluster on port 5432; the tests need none.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postgresql 2>/dev/null; then
+    systemctl stop postgresql || true
 fi
 mkdir -p /run/sshd
 

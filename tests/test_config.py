@@ -1270,7 +1270,9 @@ def _example_tables(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 # Keys that cannot be set beside their alternative, so the example shows them commented out.
-COMMENTED_ALTERNATIVES = {("_tokens", "token_file"), ("_hosts", "allow_local_as_daemon")}
+# The database keys replace the default SQLite file, which the example keeps.
+COMMENTED_ALTERNATIVES = {("_tokens", "token_file"), ("_hosts", "allow_local_as_daemon"),
+                          ("_daemon", "database"), ("_daemon", "database_password_file")}
 
 
 def test_example_config_documents_every_accepted_key() -> None:
@@ -1478,3 +1480,65 @@ def test_local_host_without_run_as_is_refused_naming_the_key(tmp_path: Path) -> 
 ])
 def test_run_as_mistakes_are_named(tmp_path: Path, text: str, expected: str) -> None:
     assert problems_of(tmp_path, text) == [expected]
+
+
+# -- [daemon] database ---------------------------------------------------------------------------
+
+PG_URL = "postgresql://deployd@db.internal:5432/deployd"
+
+
+def test_database_defaults_to_none_and_takes_a_postgresql_url(tmp_path: Path) -> None:
+    """Without `database` the store is SQLite in state_dir; with it, the URL and the password
+    file (relative to the config's directory) are kept."""
+    plain = load(write(tmp_path, BASE)).daemon
+    assert (plain.database, plain.database_password_file) == (None, None)
+    text = with_line("daemon", f'database = "{PG_URL}"')
+    text = with_line("daemon", 'database_password_file = "db.password"', text)
+    daemon = load(write(tmp_path, text)).daemon
+    assert daemon.database == PG_URL
+    assert daemon.database_password_file == tmp_path / "db.password"
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("postgresql://deployd:hunter2-secret@db/deployd", "holds a password"),
+    ("postgresql://db/deployd?password=hunter2-secret", "holds a password"),
+    ("postgresql://db/deployd?sslmode=require&password=", "holds a password"),
+    ("mysql://deployd@db/deployd", 'expected a "postgresql://" URL'),
+    ("postgresql://db:hunter2-secret/deployd", "not a valid URL"),
+    ("", "must not be empty"),
+])
+def test_database_url_problems_never_repeat_the_url(tmp_path: Path, url: str,
+                                                    fragment: str) -> None:
+    """A URL with a password in it, of another scheme or not a URL is refused, and the
+    problem does not echo it (it may hold the password)."""
+    problems = problems_of(tmp_path, with_line("daemon", f'database = "{url}"'))
+    assert_problem(problems, "daemon.database", fragment)
+    assert not any("hunter2" in problem for problem in problems)
+
+
+def test_database_password_file_needs_a_database(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, with_line("daemon", 'database_password_file = "pw"'))
+    assert_problem(problems, "daemon.database_password_file", "only with daemon.database")
+
+
+def test_database_password_file_must_be_private(tmp_path: Path) -> None:
+    """The password file is checked like an SSH key: present, readable, and 0600 (a file
+    group or others can read is a problem naming it, without its content)."""
+    text = with_line("daemon", f'database = "{PG_URL}"')
+    text = with_line("daemon", 'database_password_file = "db.password"', text)
+    loaded = load(write(tmp_path, text))
+
+    def daemon_file_problems() -> list[str]:
+        return [p for p in file_problems(loaded) if p.startswith("daemon.")]
+
+    assert daemon_file_problems() == [
+        f"daemon.database_password_file: cannot read {tmp_path / 'db.password'}: "
+        "No such file or directory"]
+    password = tmp_path / "db.password"
+    password.write_text("hunter2-secret\n")
+    password.chmod(0o640)
+    assert daemon_file_problems() == [
+        f"daemon.database_password_file: password file {password} is open to group or others "
+        "(mode 0640): chmod 600 it"]
+    password.chmod(0o600)
+    assert daemon_file_problems() == []

@@ -24,6 +24,7 @@ from deployd.rescue import Rescue, preselected, trailers
 from deployd.rescue_preview import candidates_of
 from deployd.store import JobStore, Store
 from tests.support.gitrepo import OriginRepo, commits_sharing_a_prefix
+from tests.support.postgres import BACKENDS, store_backend
 from tests.support.rescuelab import RESOLVED, backdoor_patch
 
 T0 = 1_700_000_000.0
@@ -121,13 +122,13 @@ class World:
     metrics: Metrics
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@pytest.fixture(params=BACKENDS)
+async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"config.txt": "# shop\nsetting = 1\ncurrency = EUR\n", "health.txt": "ok\n"},
                   "Shop v1")
     mirror = Mirror(tmp_path / "mirror.git", origin.url, name="shop")
-    store = Store(tmp_path / "deployd.sqlite3")
+    store = Store(store_backend(request, tmp_path / "deployd.sqlite3"))
     await store.open()
     clock = Clock()
     metrics = Metrics()

@@ -27,6 +27,7 @@ from deployd.store import Deploy, JobStore, Store
 from deployd.supervisor import AppSupervisor
 from deployd.vocabulary import RolloutState, Trigger
 from tests.support.gitrepo import OriginRepo
+from tests.support.postgres import BACKENDS, store_backend
 from tests.test_supervision_parts import MemoryFleet, settle
 
 HOSTS = ("h1", "h2", "h3", "h4")
@@ -63,8 +64,8 @@ def rollout_config(*steps: str) -> RolloutConfig:
     return RolloutConfig(steps=tuple(parse_step(s) for s in steps), step_bake=0.0)
 
 
-@pytest.fixture
-async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
+@pytest.fixture(params=BACKENDS)
+async def make_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRig]:
     stores: list[Store] = []
     async with aiohttp.ClientSession() as session:
         async def make(*steps: str) -> Rig:
@@ -76,7 +77,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
                             hosts=tuple(HostConfig(address=h) for h in HOSTS),
                             rollback=RollbackConfig(grace=0.0, bake=0.0),
                             rollout=rollout_config(*steps))
-            store = Store(root / "deployd.sqlite3")
+            store = Store(store_backend(request, root / "deployd.sqlite3"))
             await store.open()
             stores.append(store)
             mirror = Mirror(root / "mirror.git", origin.url, name="shop")

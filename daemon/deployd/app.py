@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from deployd import api, webhooks
-from deployd.config import AppConfig, Config, check_files, load
+from deployd.config import AppConfig, Config, DaemonConfig, check_files, load
 from deployd.context import AppContext
 from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.fleet import Fleet
@@ -168,11 +168,23 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             make_private_dir(private)
     except OSError as exc:
         raise StoreError(f"cannot open state store in {state_dir}: {exc.strerror or exc}") from exc
-    daemon.store = Store(state_dir / "deployd.sqlite3")
+    daemon.store = _make_store(daemon.config.daemon)
     await daemon.store.open()
+    log.info("state store open: %s", daemon.store.backend.description)
     app[api.CONTEXT].store = daemon.store
     yield
     await daemon.store.close()
+
+
+def _make_store(settings: DaemonConfig) -> Store:
+    """The SQLite file in state_dir, or the PostgreSQL database `[daemon] database` names."""
+    if settings.database is None:
+        return Store(settings.state_dir / "deployd.sqlite3")
+    from deployd.store_postgres import PostgresBackend, read_password  # only when used
+
+    password = (read_password(settings.database_password_file)
+                if settings.database_password_file is not None else None)
+    return Store(PostgresBackend(settings.database, password=password))
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from deployd.errors import ConfigError
 from deployd.policy import Threshold
@@ -97,6 +98,10 @@ class DaemonConfig:
         return f"http://{host}:{self.listen_port}"
     client_timeout: float = 15.0
     max_connections_per_client: int = 32
+    # PostgreSQL instead of the SQLite file in state_dir: a URL without a password (that is
+    # read from `database_password_file` when the store opens).
+    database: str | None = None
+    database_password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -559,10 +564,15 @@ def _headers(value: Any) -> dict[str, str]:
 def _daemon(r: _Reader, data: Any) -> DaemonConfig:
     table = r.table(data, "daemon", {"state_dir", "listen", "public_url", "log_format",
                                       "metrics_auth", "shutdown_grace", "client_timeout",
-                                      "max_connections_per_client"})
+                                      "max_connections_per_client", "database",
+                                      "database_password_file"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
+    database = r.get(table, "daemon", "database", _database_url, None)
+    password_file = r.get(table, "daemon", "database_password_file", r.path_value, None)
+    if password_file is not None and "database" not in table:
+        r.problem("daemon.database_password_file", "set only with daemon.database")
     return DaemonConfig(
         state_dir=state_dir,
         listen_host=host,
@@ -574,7 +584,24 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
         client_timeout=r.get(table, "daemon", "client_timeout", _positive_duration, 15.0),
         max_connections_per_client=r.get(table, "daemon", "max_connections_per_client",
                                          _int_range(1, 10_000), 32),
+        database=database,
+        database_password_file=password_file,
     )
+
+
+def _database_url(value: Any) -> str:
+    """A postgresql:// URL that holds no password (a message never repeats the URL)."""
+    text = _nonempty(value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError('expected a "postgresql://" URL')
+    if parts.password is not None or "password" in parse_qs(parts.query, keep_blank_values=True):
+        raise ValueError("holds a password: put it in database_password_file instead")
+    return text
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
@@ -1018,13 +1045,19 @@ def parse(data: Mapping[str, Any], path: Path) -> Config:
 
 
 def file_problems(config: Config) -> list[str]:
-    """What is wrong with the SSH key and known_hosts files the config names, each with its
-    key path: missing, not a file, unreadable, or (for a private key) open to group or others.
+    """What is wrong with the SSH key, known_hosts and database password files the config
+    names, each with its key path: missing, not a file, unreadable, or (for a private key or
+    the password) open to group or others.
 
     Not part of `load` (which reads only the config and its token files), so a config can be
     parsed on a machine without them; `deployd check-config` and `deployd run` call it after.
     """
     problems: list[str] = []
+    password_file = config.daemon.database_password_file
+    if password_file is not None:
+        problem = _file_problem(password_file, private=True, what="password file")
+        if problem is not None:
+            problems.append(f"daemon.database_password_file: {problem}")
     for name, app in config.apps.items():
         files = [(f"apps.{name}.repo_key", app.repo_key, True),
                  (f"apps.{name}.repo_known_hosts", app.repo_known_hosts, False),
@@ -1037,7 +1070,7 @@ def file_problems(config: Config) -> list[str]:
     return problems
 
 
-def _file_problem(path: Path, *, private: bool) -> str | None:
+def _file_problem(path: Path, *, private: bool, what: str = "private key") -> str | None:
     try:
         mode = path.stat().st_mode
         if not stat.S_ISREG(mode):
@@ -1047,7 +1080,7 @@ def _file_problem(path: Path, *, private: bool) -> str | None:
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
     if private and mode & 0o077:
-        return (f"private key {path} is open to group or others (mode "
+        return (f"{what} {path} is open to group or others (mode "
                 f"{stat.S_IMODE(mode):04o}): chmod 600 it")
     return None
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from deployd.rollout_plan import PlannedStep
+from deployd.storage import Row
 from deployd.store import Store
 from deployd.vocabulary import RolloutState
 
@@ -48,7 +48,7 @@ class Rollout:
 
 
 class RolloutStore:
-    """Rollout rows, on the same file and thread as the `Store`."""
+    """Rollout rows, in the same database as the `Store`."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -57,20 +57,17 @@ class RolloutStore:
                      baseline_release: str | None, baseline_revision: str | None) -> Rollout:
         now = self.store.clock()
 
-        def insert(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO rollouts (deploy_id, app, steps, step, state, on_new, "
-                "baseline_release, baseline_revision, started_at, updated_at) "
-                "VALUES (?, ?, ?, 0, 'running', '[]', ?, ?, ?, ?)",
-                (deploy_id, app, json.dumps([dataclasses.asdict(s) for s in steps]),
-                 baseline_release, baseline_revision, now, now))
-
-        await self.store._run(self.store._write(insert))
+        await self.store.backend.execute(
+            "INSERT INTO rollouts (deploy_id, app, steps, step, state, on_new, "
+            "baseline_release, baseline_revision, started_at, updated_at) "
+            "VALUES (?, ?, ?, 0, 'running', '[]', ?, ?, ?, ?)",
+            (deploy_id, app, json.dumps([dataclasses.asdict(s) for s in steps]),
+             baseline_release, baseline_revision, now, now))
         return await self.get(deploy_id)
 
     async def get(self, deploy_id: int) -> Rollout:
-        row = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT * FROM rollouts WHERE deploy_id = ?", (deploy_id,)).fetchone())
+        row = await self.store.backend.fetch_one(
+            "SELECT * FROM rollouts WHERE deploy_id = ?", (deploy_id,))
         if row is None:
             raise KeyError(deploy_id)
         return _rollout(row)
@@ -83,9 +80,8 @@ class RolloutStore:
 
     async def latest(self, app: str) -> Rollout | None:
         """The app's newest rollout, whatever its state."""
-        row = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT * FROM rollouts WHERE app = ? ORDER BY deploy_id DESC LIMIT 1",
-            (app,)).fetchone())
+        row = await self.store.backend.fetch_one(
+            "SELECT * FROM rollouts WHERE app = ? ORDER BY deploy_id DESC LIMIT 1", (app,))
         return _rollout(row) if row is not None else None
 
     async def active(self, app: str) -> Rollout | None:
@@ -111,15 +107,12 @@ class RolloutStore:
             fields["analysis"] = json.dumps(analysis, default=str)
         columns = ", ".join(f"{name} = ?" for name in fields)
 
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(f"UPDATE rollouts SET {columns} WHERE deploy_id = ?",
-                       (*fields.values(), deploy_id))
-
-        await self.store._run(self.store._write(write))
+        await self.store.backend.execute(f"UPDATE rollouts SET {columns} WHERE deploy_id = ?",
+                                         (*fields.values(), deploy_id))
         return await self.get(deploy_id)
 
 
-def _rollout(row: sqlite3.Row) -> Rollout:
+def _rollout(row: Row) -> Rollout:
     steps = tuple(PlannedStep(index=s["index"], hosts=tuple(s["hosts"]),
                               added=tuple(s["added"]), pause=bool(s["pause"]),
                               bake=float(s["bake"]), spec=str(s["spec"]))

@@ -1,27 +1,25 @@
-"""The state store: one SQLite file (WAL) holding everything deployd saw and did.
+"""The state store: everything deployd saw and did, in one database.
 
 Every deploy, rollback, per-host result, event, quarantine and pause is written here before
 it is acted on, so a crash at any point can be resumed or failed safely on restart, and the
-REST API and metrics read the same facts. sqlite3 blocks, so all work runs on one dedicated
-thread that owns the connection; coroutines await it and the event loop never touches disk.
+REST API and metrics read the same facts. The database is a SQLite file (WAL) under
+state_dir by default, or PostgreSQL (`[daemon] database`); the SQL goes through a `Backend`
+(storage.py), which keeps what differs between the two in one place.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import logging
-import os
-import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from deployd.errors import NotFound, StoreError
+from deployd.errors import NotFound
+from deployd.storage import Backend, Row, SQLiteBackend
 from deployd.timefmt import iso_time
 from deployd.vocabulary import (
     BakeState,
@@ -33,7 +31,6 @@ from deployd.vocabulary import (
     Trigger,
 )
 
-T = TypeVar("T")
 events_log = logging.getLogger("deployd.events")
 
 
@@ -275,100 +272,32 @@ class Quarantined:
 
 
 class Store:
-    """deployd's state in one SQLite file; every method runs on the store's own thread."""
+    """deployd's state, on the SQLite file at `where` or on the given backend."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+    def __init__(self, where: Path | Backend, *, clock: Callable[[], float] = time.time
+                 ) -> None:
+        # MIGRATIONS is looked up when the file is opened (tests add one to it).
+        self.backend: Backend = (SQLiteBackend(where, lambda: MIGRATIONS)
+                                 if isinstance(where, Path) else where)
         self.clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deployd-store")
-        self._db: sqlite3.Connection | None = None
         # Called with each event once it is stored (e.g. to wake the notifications outbox).
         self.listeners: list[Callable[[Event], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create or open the file, switch to WAL and bring the schema up to date."""
-        await self._run(self._open)
+        """Connect (create the file) and bring the schema up to date."""
+        await self.backend.open()
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._close)
-        self._executor.shutdown(wait=True)
+        await self.backend.close()
 
     @property
     def is_open(self) -> bool:
-        return self._db is not None
-
-    def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _private_files(self.path)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
-            self._migrate(db)
-        except (sqlite3.Error, OSError) as exc:  # OSError: state_dir cannot be made
-            raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
-        self._db = db
-
-    def _close(self) -> None:
-        assert self._db is not None
-        self._db.close()
-        self._db = None
-
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"state store has schema version {version}, newer than this deployd "
-                f"understands ({len(MIGRATIONS)}); upgrade deployd"
-            )
-        for number in range(version, len(MIGRATIONS)):
-            # executescript commits anything pending first, so the transaction lives inside
-            # the script: a crash mid-migration leaves the previous version intact.
-            script = (f"BEGIN IMMEDIATE;\n{MIGRATIONS[number]}\n"
-                      f"PRAGMA user_version = {number + 1};\nCOMMIT;")
-            try:
-                db.executescript(script)
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        return self.backend.is_open
 
     async def schema_version(self) -> int:
-        return int(await self._run(lambda: self._conn().execute("PRAGMA user_version")
-                                   .fetchone()[0]))
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreError("state store is not open")
-        return self._db
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"state store {self.path}: {exc}") from exc
-
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
-        """Wrap `fn` in one transaction on the store thread."""
-        def run() -> T:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
-        return run
+        return await self.backend.schema_version()
 
     # -- events --------------------------------------------------------------------------
 
@@ -377,17 +306,12 @@ class Store:
                         data: dict[str, Any] | None = None) -> Event:
         """Append one event to the app's timeline."""
         at = self.clock()
-        payload = json.dumps(data or {}, sort_keys=True, default=str)
+        payload = self.backend.dialect.json_document(data or {})
 
-        def insert(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "INSERT INTO events (app, at, kind, actor, revision, message, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (app, at, kind, actor, revision, message, payload),
-            )
-            return int(cursor.lastrowid or 0)
-
-        event_id = await self._run(self._write(insert))
+        event_id = await self._insert(
+            "INSERT INTO events (app, at, kind, actor, revision, message, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (app, at, kind, actor, revision, message, payload), in_id_order=True)
         # One log line per event, after it is stored: the log never says more than the store.
         events_log.info("%s %s: %s", app, kind, message,
                         extra={"app": app, "kind": kind, "actor": actor, "revision": revision,
@@ -400,32 +324,40 @@ class Store:
     async def events(self, app: str, *, since_id: int = 0, since_time: float | None = None,
                      limit: int = 500) -> list[Event]:
         """The app's events after `since_id` (and at or after `since_time`), oldest first."""
-        def query() -> list[Event]:
-            rows = self._conn().execute(
-                "SELECT * FROM events WHERE app = ? AND id > ? AND at >= ? ORDER BY id LIMIT ?",
-                (app, since_id, since_time or 0.0, limit),
-            ).fetchall()
-            return [event_from_row(row) for row in rows]
-        return await self._run(query)
+        rows = await self.backend.fetch_all(
+            "SELECT * FROM events WHERE app = ? AND id > ? AND at >= ? ORDER BY id LIMIT ?",
+            (app, since_id, since_time or 0.0, limit))
+        return [event_from_row(row) for row in rows]
 
     async def deploy_event(self, app: str, deploy_id: int, kind: str) -> Event | None:
         """The last event of `kind` about deploy (or rollback) `deploy_id`, if any."""
-        def query() -> Event | None:
-            row = self._conn().execute(
-                "SELECT * FROM events WHERE app = ? AND kind = ? "
-                "AND json_extract(data, '$.deploy') = ? ORDER BY id DESC LIMIT 1",
-                (app, kind, deploy_id)).fetchone()
-            return event_from_row(row) if row else None
-        return await self._run(query)
+        about = self.backend.dialect.json_int_equals("data", "deploy")
+        row = await self.backend.fetch_one(
+            f"SELECT * FROM events WHERE app = ? AND kind = ? AND {about} "
+            "ORDER BY id DESC LIMIT 1", (app, kind, deploy_id))
+        return event_from_row(row) if row else None
 
     async def job_events(self, app: str, job_id: int, *, limit: int = 1000) -> list[Event]:
         """The events about one rescue job, oldest first."""
-        def query() -> list[Event]:
-            rows = self._conn().execute(
-                "SELECT * FROM events WHERE app = ? AND json_extract(data, '$.job') = ? "
-                "ORDER BY id LIMIT ?", (app, job_id, limit)).fetchall()
-            return [event_from_row(row) for row in rows]
-        return await self._run(query)
+        about = self.backend.dialect.json_int_equals("data", "job")
+        rows = await self.backend.fetch_all(
+            f"SELECT * FROM events WHERE app = ? AND {about} ORDER BY id LIMIT ?",
+            (app, job_id, limit))
+        return [event_from_row(row) for row in rows]
+
+    async def _insert(self, sql: str, args: tuple[Any, ...], *, in_id_order: bool = False
+                      ) -> int:
+        """Run an `INSERT ... RETURNING id`; the new row's id. `in_id_order`: for a table read
+        by paging through ids (see `Dialect.id_order_lock`)."""
+        lock = self.backend.dialect.id_order_lock if in_id_order else None
+        if lock is None:
+            row = await self.backend.fetch_one(sql, args)
+        else:
+            async with self.backend.transaction() as tx:
+                await tx.execute(lock)
+                row = await tx.fetch_one(sql, args)
+        assert row is not None
+        return int(row["id"])
 
     # -- deploys and rollbacks -----------------------------------------------------------
 
@@ -443,17 +375,12 @@ class Store:
         kind, state, trigger = DeployKind(kind), DeployState(state), Trigger(trigger)
         now = self.clock()
 
-        def insert(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "INSERT INTO deploys (app, kind, revision, release, previous_release, "
-                "previous_revision, state, trigger, actor, started_at, forced) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app, kind, revision, release, previous_release, previous_revision, state,
-                 trigger, actor, now, forced),
-            )
-            return int(cursor.lastrowid or 0)
-
-        deploy_id = await self._run(self._write(insert))
+        deploy_id = await self._insert(
+            "INSERT INTO deploys (app, kind, revision, release, previous_release, "
+            "previous_revision, state, trigger, actor, started_at, forced) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (app, kind, revision, release, previous_release, previous_revision, state,
+             trigger, actor, now, forced))
         return await self.deploy(deploy_id)
 
     async def update_deploy(
@@ -484,15 +411,12 @@ class Store:
             return await self.deploy(deploy_id)
         columns = ", ".join(f"{name} = ?" for name in fields)
 
-        def update(db: sqlite3.Connection) -> None:
-            db.execute(f"UPDATE deploys SET {columns} WHERE id = ?", (*fields.values(), deploy_id))
-
-        await self._run(self._write(update))
+        await self.backend.execute(f"UPDATE deploys SET {columns} WHERE id = ?",
+                                   (*fields.values(), deploy_id))
         return await self.deploy(deploy_id)
 
     async def deploy(self, deploy_id: int) -> Deploy:
-        row = await self._run(lambda: self._conn().execute(
-            "SELECT * FROM deploys WHERE id = ?", (deploy_id,)).fetchone())
+        row = await self.backend.fetch_one("SELECT * FROM deploys WHERE id = ?", (deploy_id,))
         if row is None:
             raise NotFound(f"no deploy {deploy_id}")
         return _deploy(row)
@@ -504,16 +428,16 @@ class Store:
         ValueError)."""
         sql, args = _newest_first("deploys", limit, app=app, state=state,
                                   kind=None if kind is None else DeployKind(kind))
-        rows = await self._run(lambda: self._conn().execute(sql, args).fetchall())
+        rows = await self.backend.fetch_all(sql, args)
         return [_deploy(row) for row in rows]
 
     async def last_live(self, app: str) -> Deploy | None:
         """The newest deploy, rollback or observation that left a release live."""
-        rows = await self._run(lambda: self._conn().execute(
+        row = await self.backend.fetch_one(
             "SELECT * FROM deploys WHERE app = ? AND state = ? "
             "AND release IS NOT NULL ORDER BY id DESC LIMIT 1",
-            (app, DeployState.SUCCEEDED)).fetchall())
-        return _deploy(rows[0]) if rows else None
+            (app, DeployState.SUCCEEDED))
+        return _deploy(row) if row else None
 
     async def set_host_results(self, deploy_id: int, results: dict[str, tuple[str, str | None]]
                                ) -> None:
@@ -521,31 +445,26 @@ class Store:
         now = self.clock()
         rows = [(deploy_id, host, state, error, now) for host, (state, error) in results.items()]
 
-        def upsert(db: sqlite3.Connection) -> None:
-            db.executemany(
+        if rows:
+            await self.backend.executemany(
                 "INSERT INTO host_results (deploy_id, host, state, error, at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (deploy_id, host) DO UPDATE SET "
                 "state = excluded.state, error = excluded.error, at = excluded.at", rows)
-
-        if rows:
-            await self._run(self._write(upsert))
 
     async def set_host_result(self, deploy_id: int, host: str, state: str,
                               error: str | None = None) -> None:
         await self.set_host_results(deploy_id, {host: (state, error)})
 
     async def host_results(self, deploy_id: int) -> list[HostResult]:
-        rows = await self._run(lambda: self._conn().execute(
-            "SELECT * FROM host_results WHERE deploy_id = ? ORDER BY host",
-            (deploy_id,)).fetchall())
+        rows = await self.backend.fetch_all(
+            "SELECT * FROM host_results WHERE deploy_id = ? ORDER BY host", (deploy_id,))
         return [HostResult(r["deploy_id"], r["host"], r["state"], r["error"], r["at"])
                 for r in rows]
 
     # -- per-app state: last good, pause -------------------------------------------------
 
     async def app_state(self, app: str) -> AppState:
-        row = await self._run(lambda: self._conn().execute(
-            "SELECT * FROM app_state WHERE app = ?", (app,)).fetchone())
+        row = await self.backend.fetch_one("SELECT * FROM app_state WHERE app = ?", (app,))
         if row is None:
             return AppState(app=app)
         return AppState(app=app, last_good_revision=row["last_good_revision"],
@@ -572,21 +491,17 @@ class Store:
         """Create the app's row or set the given columns of it; the others stay."""
         given = {"last_good_revision": last_good_revision,
                  "last_good_release": last_good_release,
-                 "paused": paused if isinstance(paused, Unset) else int(paused),
+                 "paused": paused,
                  "paused_by": paused_by, "paused_reason": paused_reason, "paused_at": paused_at}
         fields = {name: value for name, value in given.items() if value is not UNSET}
         columns = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
 
-        def upsert(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT INTO app_state (app, {columns}) VALUES (?, {marks}) "
-                f"ON CONFLICT (app) DO UPDATE SET {updates}",
-                (app, *fields.values()),
-            )
-
-        await self._run(self._write(upsert))
+        await self.backend.execute(
+            f"INSERT INTO app_state (app, {columns}) VALUES (?, {marks}) "
+            f"ON CONFLICT (app) DO UPDATE SET {updates}",
+            (app, *fields.values()))
 
     # -- quarantine ----------------------------------------------------------------------
 
@@ -594,24 +509,20 @@ class Store:
         """Quarantine a revision; False when it already was."""
         now = self.clock()
 
-        def insert(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO quarantine (app, revision, reason, actor, at) "
-                "VALUES (?, ?, ?, ?, ?)", (app, revision, reason, actor, now))
-            return cursor.rowcount == 1
-
-        return await self._run(self._write(insert))
+        inserted = await self.backend.execute(
+            "INSERT INTO quarantine (app, revision, reason, actor, at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (app, revision, reason, actor, now))
+        return inserted == 1
 
     async def quarantined(self, app: str) -> list[Quarantined]:
-        rows = await self._run(lambda: self._conn().execute(
-            "SELECT * FROM quarantine WHERE app = ? ORDER BY at", (app,)).fetchall())
+        rows = await self.backend.fetch_all(
+            "SELECT * FROM quarantine WHERE app = ? ORDER BY at", (app,))
         return [Quarantined(r["app"], r["revision"], r["reason"], r["actor"], r["at"])
                 for r in rows]
 
     async def is_quarantined(self, app: str, revision: str) -> bool:
-        row = await self._run(lambda: self._conn().execute(
-            "SELECT 1 FROM quarantine WHERE app = ? AND revision = ?",
-            (app, revision)).fetchone())
+        row = await self.backend.fetch_one(
+            "SELECT 1 AS one FROM quarantine WHERE app = ? AND revision = ?", (app, revision))
         return row is not None
 
 
@@ -670,7 +581,7 @@ class _Any:
 _ANY = _Any()
 
 class JobStore:
-    """Rescue jobs and their approvals, on the same file and thread as the `Store`."""
+    """Rescue jobs and their approvals, in the same database as the `Store`."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -682,21 +593,17 @@ class JobStore:
         """Insert a pending job, with its preview and plan so it is never seen without."""
         now = self.store.clock()
 
-        def insert(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
-                "requester, reason, created_at, updated_at, expires_at, preview, plan) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app, JobState.PENDING, base, bad_head, json.dumps(candidates),
-                 json.dumps(selection), requester, reason, now, now, expires_at,
-                 json.dumps(preview or {}), plan))
-            return int(cursor.lastrowid or 0)
-
-        return await self.get(await self.store._run(self.store._write(insert)))
+        job_id = await self.store._insert(
+            "INSERT INTO jobs (app, state, base, bad_head, candidates, selection, "
+            "requester, reason, created_at, updated_at, expires_at, preview, plan) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (app, JobState.PENDING, base, bad_head, json.dumps(candidates),
+             json.dumps(selection), requester, reason, now, now, expires_at,
+             json.dumps(preview or {}), plan))
+        return await self.get(job_id)
 
     async def get(self, job_id: int) -> Job:
-        row = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        row = await self.store.backend.fetch_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if row is None:
             raise NotFound(f"no rescue job {job_id}")
         return _job(row)
@@ -705,7 +612,7 @@ class JobStore:
                    limit: int = 200) -> list[Job]:
         """Jobs, newest first, optionally of one app and one state."""
         sql, args = _newest_first("jobs", limit, app=app, state=state)
-        rows = await self.store._run(lambda: self.store._conn().execute(sql, args).fetchall())
+        rows = await self.store.backend.fetch_all(sql, args)
         return [_job(row) for row in rows]
 
     async def update(
@@ -737,7 +644,7 @@ class JobStore:
             "state": state,
             "selection": selection if isinstance(selection, Unset) else json.dumps(selection),
             "resolved_patch": resolved_patch if isinstance(resolved_patch, Unset)
-            else _patch_column(resolved_patch),
+            else self.store.backend.dialect.patch_value(resolved_patch),
             "preview": preview if isinstance(preview, Unset) else json.dumps(preview),
             "plan": plan, "step": step, "new_head": new_head, "backup_ref": backup_ref,
             "deploy_id": deploy_id, "error": error, "changed_by": changed_by,
@@ -751,60 +658,45 @@ class JobStore:
             sql += f" AND state IN ({', '.join('?' for _ in expect)})"
             args.extend(expect)
         if not isinstance(expect_plan, _Any):
-            sql += " AND plan IS ?"
+            sql += " AND plan IS NOT DISTINCT FROM ?"
             args.append(expect_plan)
         if not isinstance(expect_changed_by, _Any):
-            sql += " AND changed_by IS ?"
+            sql += " AND changed_by IS NOT DISTINCT FROM ?"
             args.append(expect_changed_by)
 
-        def update(db: sqlite3.Connection) -> int:
-            return db.execute(sql, args).rowcount
-
-        changed = await self.store._run(self.store._write(update))
+        changed = await self.store.backend.execute(sql, args)
         return await self.get(job_id) if changed else None
 
     async def add_approval(self, job_id: int, *, decision: str, actor: str, plan: str | None,
                            comment: str) -> None:
         now = self.store.clock()
 
-        def insert(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO approvals (job_id, decision, actor, plan, comment, at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (job_id, decision, actor, plan, comment, now))
-
-        await self.store._run(self.store._write(insert))
+        await self.store.backend.execute(
+            "INSERT INTO approvals (job_id, decision, actor, plan, comment, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (job_id, decision, actor, plan, comment, now))
 
     async def approvals(self, job_id: int) -> list[Approval]:
-        rows = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT * FROM approvals WHERE job_id = ? ORDER BY id", (job_id,)).fetchall())
+        rows = await self.store.backend.fetch_all(
+            "SELECT * FROM approvals WHERE job_id = ? ORDER BY id", (job_id,))
         return [Approval(r["id"], r["job_id"], r["decision"], r["actor"], r["plan"],
                          r["comment"], r["at"]) for r in rows]
 
     async def counts(self, app: str) -> dict[JobState, int]:
-        rows = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT state, COUNT(*) AS n FROM jobs WHERE app = ? GROUP BY state",
-            (app,)).fetchall())
+        rows = await self.store.backend.fetch_all(
+            "SELECT state, COUNT(*) AS n FROM jobs WHERE app = ? GROUP BY state", (app,))
         return {JobState(row["state"]): int(row["n"]) for row in rows}
 
     async def oldest_pending(self, app: str) -> float | None:
-        row = await self.store._run(lambda: self.store._conn().execute(
-            "SELECT MIN(created_at) FROM jobs WHERE app = ? AND state = ?",
-            (app, JobState.PENDING)).fetchone())
-        return None if row is None or row[0] is None else float(row[0])
+        row = await self.store.backend.fetch_one(
+            "SELECT MIN(created_at) AS oldest FROM jobs WHERE app = ? AND state = ?",
+            (app, JobState.PENDING))
+        return None if row is None or row["oldest"] is None else float(row["oldest"])
 
 
 def make_private_dir(path: Path) -> None:
     """Create `path` (and parents) if needed; either way it ends up 0700, whatever the umask."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
-
-
-def _private_files(db: Path) -> None:
-    """The database file exists and is 0600 before SQLite opens it: SQLite gives its WAL and
-    shared-memory files the database file's mode, and fixes theirs if they exist already."""
-    os.close(os.open(db, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        if path.exists():
-            path.chmod(0o600)
 
 
 def _newest_first(table: str, limit: int, **equal: object) -> tuple[str, list[Any]]:
@@ -816,23 +708,12 @@ def _newest_first(table: str, limit: int, **equal: object) -> tuple[str, list[An
     return sql, [*given.values(), limit]
 
 
-def _patch_column(patch: str | None) -> str | bytes | None:
-    """A patch as SQLite can hold it: text, or its bytes when it is not UTF-8 (a diff of
-    binary or Latin-1 files arrives with surrogate escapes, which SQLite text cannot hold)."""
-    if patch is None:
-        return None
-    try:
-        patch.encode()
-    except UnicodeEncodeError:
-        return patch.encode("utf-8", "surrogateescape")
-    return patch
-
-
 def _patch_text(value: str | bytes | None) -> str | None:
+    """A patch column read back (bytes: see `Dialect.patch_value`)."""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: Row) -> Job:
     return Job(
         id=row["id"], app=row["app"], state=JobState(row["state"]), base=row["base"],
         bad_head=row["bad_head"], candidates=json.loads(row["candidates"]),
@@ -847,13 +728,13 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
-def event_from_row(row: sqlite3.Row) -> Event:
+def event_from_row(row: Row) -> Event:
     """An `events` row as an Event."""
     return Event(row["id"], row["app"], row["at"], row["kind"], row["actor"], row["revision"],
                  row["message"], json.loads(row["data"]))
 
 
-def _deploy(row: sqlite3.Row) -> Deploy:
+def _deploy(row: Row) -> Deploy:
     return Deploy(
         id=row["id"], app=row["app"], kind=DeployKind(row["kind"]), revision=row["revision"],
         release=row["release"], previous_release=row["previous_release"],
