@@ -172,6 +172,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX rollouts_app ON rollouts(app, deploy_id);
     """,
+    """
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        advertise text,
+        last_seen double precision NOT NULL
+    );
+    CREATE TABLE app_owners (
+        app text PRIMARY KEY,
+        node text NOT NULL,
+        epoch bigint NOT NULL,
+        since double precision NOT NULL
+    );
+    """,
 )
 
 # pg_advisory_xact_lock key held while migrating ("deployd\0\1" as a number): other daemons
