@@ -68,6 +68,15 @@ class ApiContext:
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"started": True})
     listen: tuple[str, int] = ("127.0.0.1", 8765)
     public_url: str | None = None
+    # Several daemons: None if this node runs the app, else (owner node, its advertise URL).
+    owner_elsewhere: Callable[[str], Awaitable[tuple[str, str | None] | None]] = field(
+        default=lambda name: _runs_here(name))
+    # Several daemons: every node on record (GET /api/v1/nodes).
+    nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+
+
+async def _runs_here(name: str) -> tuple[str, str | None] | None:
+    return None
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -305,6 +314,15 @@ def server_url(request: web.Request) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+async def list_nodes(request: web.Request) -> web.Response:
+    """The daemons sharing this one's database: name, advertise URL, last seen, whether
+    live, apps owned. With SQLite, this daemon alone, owning every app."""
+    require(request, "read")
+    context = request.app[CONTEXT]
+    nodes = [] if context.nodes is None else await context.nodes()
+    return web.json_response({"nodes": nodes})
+
+
 async def list_apps(request: web.Request) -> web.Response:
     require(request, "read")
     apps = []
@@ -376,11 +394,26 @@ def parse_limit(value: str | None) -> int:
     return number
 
 
+async def check_owner(request: web.Request, app: str) -> None:
+    """409 naming the node that runs `app`, when it is not this one (an action must be
+    carried out where the app's supervision runs)."""
+    elsewhere = await request.app[CONTEXT].owner_elsewhere(app)
+    if elsewhere is None:
+        return
+    node, advertise = elsewhere
+    if not node:
+        raise ApiError(409, "not_owner", f"{app} is owned by no node right now (a node "
+                       "takes it over within the failover time); retry shortly")
+    raise ApiError(409, "not_owner", f"{app} is run by node {node}; send this call to "
+                   f"{advertise or 'that node'}")
+
+
 async def app_call(request: web.Request, role: str, fields: set[str]
                    ) -> tuple[Token, AppSupervisor, dict[str, Any]]:
     """An app operation's token (with `role`), app and JSON body of only `fields`."""
     token = require(request, role)
     sup = supervisor(request)
+    await check_owner(request, sup.name)
     body = await read_json(request)
     reject_unknown(body, fields)
     return token, sup, body
@@ -577,6 +610,7 @@ async def job_call(request: web.Request, role: str, fields: set[str]
     """A job decision's token (with `role`), job, its app and JSON body of only `fields`."""
     token = require(request, role)
     job, sup = await load_job(request)
+    await check_owner(request, sup.name)
     body = await read_json(request)
     reject_unknown(body, fields)
     return token, job, sup, body
@@ -613,6 +647,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/openapi.json", openapi_document)
+    app.router.add_get("/api/v1/nodes", list_nodes)
     app.router.add_get("/api/v1/apps", list_apps)
     app.router.add_get("/api/v1/apps/{app}", show_app)
     app.router.add_get("/api/v1/apps/{app}/events", app_events)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +34,10 @@ from deployd.notify import Notifier
 from deployd.rescue import Rescue
 from deployd.store import JobStore, Store, make_private_dir
 from deployd.supervisor import AppSupervisor
+from deployd.vocabulary import EventKind
+
+if TYPE_CHECKING:
+    from deployd.ownership import NodeOwnership
 
 log = logging.getLogger("deployd")
 
@@ -51,12 +56,37 @@ class Daemon:
     context: api.ApiContext | None = None
     notifications: Notifications | None = None
     notifications_task: asyncio.Task[None] | None = None
+    # With several daemons on one PostgreSQL database: which apps this node runs. Every
+    # app has a supervisor in `supervisors` (REST reads it); only owned apps' run (`tasks`).
+    ownership: NodeOwnership | None = None
+    ownership_task: asyncio.Task[None] | None = None
+    epochs: dict[str, int] = field(default_factory=dict)
 
     def readiness(self) -> dict[str, bool]:
         checks = {"config": True, "store": self.store is not None and self.store.is_open}
+        if self.ownership is not None:
+            checks["database"] = self.ownership.connected
         for name, sup in self.supervisors.items():
-            checks[f"mirror:{name}"] = sup.fetched
+            if name in self.tasks:
+                checks[f"mirror:{name}"] = sup.fetched
         return checks
+
+    def owns(self, name: str) -> bool:
+        """Whether this node runs the app (always, without several daemons)."""
+        return self.ownership is None or self.ownership.owns(name)
+
+    async def owner_elsewhere(self, name: str) -> tuple[str, str | None] | None:
+        """None if this node runs the app, else the node that does (name, advertise URL; the
+        name is empty while no node owns it)."""
+        if self.owns(name):
+            return None
+        assert self.store is not None
+        row = await self.store.backend.fetch_one(
+            "SELECT o.node, n.advertise FROM app_owners o LEFT JOIN nodes n ON n.name = o.node "
+            "WHERE o.app = ?", (name,))
+        if row is None or not row["node"] or row["node"] == self.config.daemon.node:
+            return ("", None)
+        return (str(row["node"]), row["advertise"])
 
     def build_supervisor(self, app: AppConfig) -> AppSupervisor:
         assert self.store is not None and self.session is not None and self.pool is not None
@@ -81,21 +111,75 @@ class Daemon:
         return sup
 
     def start_app(self, app: AppConfig) -> None:
-        """Build an app's supervisor and run it (and its health monitor)."""
-        sup = self.build_supervisor(app)
-        self.supervisors[app.name] = sup
-        tasks = [asyncio.create_task(sup.run(), name=f"supervisor-{app.name}")]
-        tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{app.name}"))
-        self.tasks[app.name] = tasks
+        """Build an app's supervisor and run it (and its health monitor) if this node owns
+        the app; one not owned only answers REST reads, from the store."""
+        self.supervisors[app.name] = self.build_supervisor(app)
+        if self.owns(app.name):
+            self._run(app.name)
 
-    async def stop_app(self, name: str, *, forget: bool = False) -> None:
-        """Stop one app: its running operation finishes within the grace period."""
-        sup = self.supervisors.pop(name)
-        await sup.stop(self.config.daemon.shutdown_grace)
+    def _run(self, name: str) -> None:
+        sup = self.supervisors[name]
+        tasks = [asyncio.create_task(sup.run(), name=f"supervisor-{name}")]
+        tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{name}"))
+        self.tasks[name] = tasks
+
+    async def acquire_app(self, name: str, epoch: int) -> None:
+        """This node now owns the app: run it. Its recovery runs first, as after a restart,
+        finishing or undoing what the previous owner left half done."""
+        self.epochs[name] = epoch
+        if name in self.supervisors and name not in self.tasks:
+            self._run(name)
+        node = self.config.daemon.node
+        assert self.store is not None
+        try:
+            await self.store.add_event(name, EventKind.APP_OWNED,
+                                       f"node {node} owns {name} (epoch {epoch})",
+                                       data={"node": node, "epoch": epoch})
+        except StoreError as exc:  # the supervisor runs anyway: the event is for humans
+            log.warning("%s: cannot record its new owner: %s", name, exc)
+
+    async def release_app(self, name: str, *, grace: float | None = None) -> None:
+        """This node no longer owns the app: stop running it (a running operation gets
+        `grace`, default the shutdown grace) and keep a fresh supervisor for REST reads."""
+        self.epochs.pop(name, None)
+        if name not in self.tasks:
+            return
+        await self._halt(name, self.config.daemon.shutdown_grace if grace is None else grace)
+        app = self.config.apps.get(name)
+        if app is not None:
+            self.supervisors[name] = self.build_supervisor(app)
+
+    async def release_all(self) -> None:
+        """The ownership connection is gone, so may be every lock: stop every app now."""
+        await asyncio.gather(*(self.release_app(name, grace=0.0) for name in list(self.tasks)))
+
+    async def _halt(self, name: str, grace: float) -> None:
+        sup = self.supervisors[name]
+        await sup.stop(grace)
         tasks = self.tasks.pop(name, [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def node_list(self) -> list[dict[str, Any]]:
+        """GET /api/v1/nodes: from the database; with SQLite, this daemon running every app."""
+        settings = self.config.daemon
+        if self.ownership is None:
+            return [{"name": settings.node, "advertise": settings.advertise_url,
+                     "last_seen": time.time(), "live": True, "apps": sorted(self.supervisors)}]
+        from deployd.ownership import node_list
+
+        assert self.store is not None
+        return await node_list(self.store.backend, settings.failover)
+
+    def idle(self, name: str) -> bool:
+        sup = self.supervisors.get(name)
+        return sup is None or sup.busy is None
+
+    async def stop_app(self, name: str, *, forget: bool = False) -> None:
+        """Stop one app: its running operation finishes within the grace period."""
+        await self._halt(name, self.config.daemon.shutdown_grace)
+        del self.supervisors[name]
         if forget:
             self.metrics.forget_app(name)
 
@@ -204,11 +288,42 @@ async def _hosts_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _apps_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
+    daemon.ownership = _make_ownership(daemon)
     for app_config in daemon.config.apps.values():
         daemon.start_app(app_config)
-    log.info("deployd started with %d app(s)", len(daemon.supervisors))
+    ownership = daemon.ownership
+    if ownership is not None:
+        await ownership.round()
+        daemon.ownership_task = asyncio.create_task(ownership.run(), name="ownership")
+    log.info("deployd started with %d app(s), running %d", len(daemon.supervisors),
+             len(daemon.tasks))
     yield
+    if daemon.ownership_task is not None:
+        daemon.ownership_task.cancel()
+        await asyncio.gather(daemon.ownership_task, return_exceptions=True)
     await asyncio.gather(*(daemon.stop_app(name) for name in list(daemon.supervisors)))
+    if ownership is not None:
+        await ownership.close()  # only now: the locks outlive every app's last host step
+
+
+def _make_ownership(daemon: Daemon) -> NodeOwnership | None:
+    """On PostgreSQL, this node's share of the apps; on SQLite, None: it runs every app."""
+    if daemon.config.daemon.database is None:
+        return None
+    from deployd.store_postgres import PostgresBackend  # only when used
+
+    assert daemon.store is not None
+    backend = daemon.store.backend
+    if not isinstance(backend, PostgresBackend):
+        return None
+    from deployd.ownership import NodeOwnership
+
+    settings = daemon.config.daemon
+    return NodeOwnership(
+        backend, node=settings.node, advertise=settings.advertise_url,
+        failover=settings.failover, metrics=daemon.metrics,
+        apps=lambda: daemon.config.apps, on_acquire=daemon.acquire_app,
+        on_release=daemon.release_app, on_lost=daemon.release_all, idle=daemon.idle)
 
 
 async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -231,6 +346,8 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         ready=daemon.readiness,
         listen=(config.daemon.listen_host, config.daemon.listen_port),
         public_url=config.daemon.public_url,
+        owner_elsewhere=daemon.owner_elsewhere,
+        nodes=daemon.node_list,
     )
     daemon.context = context
     app = api.create_app(context)

@@ -1,0 +1,189 @@
+"""Several daemons on one PostgreSQL database: each app run by one node, spread evenly, a dead
+node's apps taken over, a joining node's share handed over between operations only.
+
+Real daemons (in process, or `deployd run` subprocesses for kill -9) on a database of the
+session's throwaway PostgreSQL cluster (tests/support/postgres.py); local hosts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployd.config import parse_duration
+from tests.support.daemonfixtures import (
+    Api,
+    AppSpec,
+    DaemonProcess,
+    DaemonSpec,
+    RunningDaemon,
+    start_daemon,
+)
+from tests.support.gitrepo import OriginRepo
+from tests.support.metrics import sample, scrape
+from tests.support.postgres import Database
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+FAILOVER = "2s"
+APPS = ["alpha", "bravo", "charlie", "delta"]
+
+
+def node_spec(tmp_path: Path, node: str, origin: OriginRepo, database: Database,
+              apps: list[AppSpec]) -> DaemonSpec:
+    """One node's config: its own state_dir, the shared database and apps (hosts shared)."""
+    password_file = tmp_path / "db.password"
+    password_file.write_text(database.password + "\n")
+    password_file.chmod(0o600)
+    return DaemonSpec(state_dir=tmp_path / f"state-{node}", apps=apps, daemon_settings={
+        "database": database.url, "database_password_file": str(password_file),
+        "node": node, "failover": FAILOVER, "advertise": f"http://{node}.test:8765"})
+
+
+def local_apps(tmp_path: Path, origin: OriginRepo, names: list[str], *,
+               rollback: dict[str, Any] | None = None,
+               hooks: dict[str, dict[str, str]] | None = None) -> list[AppSpec]:
+    return [AppSpec(name=name, repo=str(origin.path), local_dirs=[tmp_path / f"host-{name}"],
+                    rollback=dict(rollback or {"grace": "0s", "bake": "200ms"}),
+                    hooks=(hooks or {}).get(name, {}))
+            for name in names]
+
+
+async def owners(api: Api) -> dict[str, list[str]]:
+    """Live node -> apps it owns, from GET /api/v1/nodes."""
+    body = await api.get("/api/v1/nodes", token="reader")
+    return {node["name"]: sorted(node["apps"]) for node in body["nodes"] if node["live"]}
+
+
+async def wait_owners(api: Api, expected: dict[str, int] | dict[str, list[str]], *,
+                      within: float) -> dict[str, list[str]]:
+    """Until the live nodes own exactly `expected` (counts per node, or the app lists)."""
+    seen: dict[str, list[str]] = {}
+
+    async def settled() -> bool:
+        nonlocal seen
+        seen = await owners(api)
+        got: dict[str, Any] = {name: (apps if isinstance(next(iter(expected.values())), list)
+                                      else len(apps)) for name, apps in seen.items()}
+        return {k: v for k, v in got.items() if v} == expected
+
+    await eventually(settled, within=within, what=f"owners {expected}",
+                     explain=lambda: _explain(seen))
+    return seen
+
+
+async def _explain(seen: dict[str, list[str]]) -> str:
+    return f"last seen: {seen}"
+
+
+async def test_two_daemons_share_four_apps_and_refuse_actions_for_the_other(
+        tmp_path: Path, pg_database: Database) -> None:
+    """Two nodes on one database own 2 apps each; each lists all 4 apps; an action on the
+    other node's app is a 409 naming that node and its URL; the metrics say who owns what."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    apps = local_apps(tmp_path, origin, APPS)
+    first = await start_daemon(node_spec(tmp_path, "node-a", origin, pg_database, apps)
+                               .write(tmp_path / "a.toml"))
+    second: RunningDaemon | None = None
+    try:
+        await wait_owners(first.api, {"node-a": 4}, within=10)
+        second = await start_daemon(node_spec(tmp_path, "node-b", origin, pg_database, apps)
+                                    .write(tmp_path / "b.toml"))
+        seen = await wait_owners(first.api, {"node-a": 2, "node-b": 2}, within=15)
+        for daemon in (first, second):
+            listed = await daemon.api.get("/api/v1/apps", token="reader")
+            assert sorted(app["name"] for app in listed["apps"]) == APPS
+        other = seen["node-b"][0]
+        status, body = await first.api.call("POST", f"/api/v1/apps/{other}/pause",
+                                            json_body={"reason": "test"})
+        assert status == 409, body
+        assert body["error"]["code"] == "not_owner"
+        assert "node node-b" in body["error"]["message"]
+        assert "http://node-b.test:8765" in body["error"]["message"]
+        mine = seen["node-a"][0]
+        status, body = await first.api.call("POST", f"/api/v1/apps/{mine}/pause",
+                                            json_body={"reason": "test"})
+        assert status == 200, body
+        samples = await scrape(first)
+        assert sample(samples, "deployd_app_owned", app=mine) == 1
+        assert sample(samples, "deployd_app_owned", app=other) == 0
+        assert sample(samples, "deployd_database_up") == 1
+        ready = await first.api.call("GET", "/readyz", token=None)
+        assert ready[0] == 200 and ready[1]["checks"]["database"] is True
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()
+
+
+async def test_kill9_of_a_node_moves_its_apps_and_recovery_runs(
+        tmp_path: Path, pg_database: Database) -> None:
+    """kill -9 of one of two `deployd run` nodes: the other owns all 4 apps within failover
+    plus a margin, and recovers each app it took (a bake cut short resumes: bake.resumed)."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    apps = local_apps(tmp_path, origin, APPS, rollback={"grace": "0s", "bake": "5m"})
+    nodes = {name: DaemonProcess(node_spec(tmp_path, name, origin, pg_database, apps)
+                                 .write(tmp_path / f"{name}.toml"), tmp_path / f"{name}.log")
+             for name in ("node-a", "node-b")}
+    try:
+        await nodes["node-a"].start()
+        for app in APPS:  # every app deployed by node-a, each in its bake
+            await nodes["node-a"].wait_for_event(app, "deploy.succeeded")
+        await nodes["node-b"].start()
+        seen = await wait_owners(nodes["node-b"].api, {"node-a": 2, "node-b": 2}, within=15)
+        doomed = seen["node-a"]
+
+        nodes["node-a"].kill9()
+        killed_at = time.monotonic()
+        survivor = nodes["node-b"]
+        margin = 2 * parse_duration(FAILOVER) + 3.0
+        await wait_owners(survivor.api, {"node-b": APPS}, within=margin)
+        took = time.monotonic() - killed_at
+        for app in doomed:
+            owned = await survivor.wait_for_event(app, "app.owned", count=2)
+            assert owned["data"]["node"] == "node-b"
+            resumed = await survivor.wait_for_event(app, "bake.resumed")
+            assert resumed["id"] > owned["id"] - 1 or resumed["at"] >= owned["at"] - 1
+        print(f"kill -9 to every app owned by the survivor: {took:.2f}s "
+              f"(failover {FAILOVER})")
+    finally:
+        for node in nodes.values():
+            await node.close()
+
+
+async def test_a_joining_node_takes_its_share_only_between_operations(
+        tmp_path: Path, pg_database: Database) -> None:
+    """node-a runs 2 apps, one of them mid-deploy (its build waits on a gate). node-b joins:
+    its share (1) is the idle app, never the busy one, whose deploy finishes on node-a."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    gate = tmp_path / "gate"
+    # "zulu" sorts last: the one a node gives back first, were busy apps not skipped.
+    apps = local_apps(tmp_path, origin, ["alpha", "zulu"], hooks={
+        "zulu": {"build": f"while [ ! -e {gate} ]; do sleep 0.05; done"}})
+    first = await start_daemon(node_spec(tmp_path, "node-a", origin, pg_database, apps)
+                               .write(tmp_path / "a.toml"))
+    second: RunningDaemon | None = None
+    try:
+        await first.wait_for_event("alpha", "deploy.succeeded")
+        await first.wait_for_event("zulu", "deploy.started")
+        second = await start_daemon(node_spec(tmp_path, "node-b", origin, pg_database, apps)
+                                    .write(tmp_path / "b.toml"))
+        await wait_owners(second.api, {"node-a": ["zulu"], "node-b": ["alpha"]}, within=15)
+        assert first.daemon.supervisors["zulu"].busy == "deploy"
+        gate.touch()
+        succeeded = await first.wait_for_event("zulu", "deploy.succeeded")
+        zulu = await first.events("zulu")
+        assert [e["data"]["node"] for e in zulu if e["kind"] == "app.owned"] == ["node-a"]
+        assert succeeded["id"] > max(e["id"] for e in zulu if e["kind"] == "app.owned")
+        assert await owners(second.api) == {"node-a": ["zulu"], "node-b": ["alpha"]}
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()
