@@ -182,6 +182,10 @@ async def test_a_joining_node_takes_its_share_only_between_operations(
                                     .write(tmp_path / "b.toml"))
         await wait_owners(second.api, {"node-a": ["zulu"], "node-b": ["alpha"]}, within=15)
         assert first.daemon.supervisors["zulu"].busy == "deploy"
+        # The host's lock, held through the build, names the owning node and its epoch.
+        epoch = pg_database.query("SELECT epoch FROM app_owners WHERE app = 'zulu'")[0][0]
+        lock = (tmp_path / "host-zulu" / ".deployd.lock").read_text()
+        assert f"owner=node-a epoch {epoch}\n" in lock
         gate.touch()
         succeeded = await first.wait_for_event("zulu", "deploy.succeeded")
         zulu = await first.events("zulu")

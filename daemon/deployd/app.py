@@ -127,9 +127,10 @@ class Daemon:
         """This node now owns the app: run it. Its recovery runs first, as after a restart,
         finishing or undoing what the previous owner left half done."""
         self.epochs[name] = epoch
-        if name in self.supervisors and name not in self.tasks:
-            self._run(name)
         node = self.config.daemon.node
+        if name in self.supervisors and name not in self.tasks:
+            self.supervisors[name].ctx.fleet.owner = f"{node} epoch {epoch}"
+            self._run(name)
         assert self.store is not None
         try:
             await self.store.add_event(name, EventKind.APP_OWNED,
