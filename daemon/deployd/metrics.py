@@ -175,7 +175,7 @@ class Metrics:
         for metric in (self.branch_pristine, self.paused, self.last_deploy_timestamp_seconds,
                        self.last_rollback_timestamp_seconds, self.rollout_step,
                        self.rollout_paused_timestamp_seconds,
-                       self.rescue_job_oldest_pending_timestamp_seconds):
+                       self.rescue_job_oldest_pending_timestamp_seconds, self.app_owned):
             drop_series(metric, app)
         for group in ("canary", "baseline"):
             drop_series(self.rollout_hosts, app, group)

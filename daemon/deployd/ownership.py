@@ -144,6 +144,10 @@ class NodeOwnership:
             if len(self.owned) >= share:
                 break
             await self._try_take(app)
+        # Every node shows every app (0 where another runs it): an app whose owner died is
+        # still a series, and max by app of 0 says nobody owns it.
+        for app in configured:
+            self.metrics.app_owned.labels(app=app).set(1 if app in self.owned else 0)
 
     async def _try_take(self, app: str) -> None:
         rows = await self._execute(
