@@ -11,9 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from deployd.config import parse_duration
+from deployd.app import create_application
+from deployd.config import load, parse_duration
+from deployd.listener import make_runner
 from tests.support.daemonfixtures import (
     Api,
     AppSpec,
@@ -24,6 +28,7 @@ from tests.support.daemonfixtures import (
 )
 from tests.support.gitrepo import OriginRepo
 from tests.support.metrics import sample, scrape
+from tests.support.net import free_port
 from tests.support.postgres import Database
 from tests.support.waiting import eventually
 
@@ -34,14 +39,31 @@ APPS = ["alpha", "bravo", "charlie", "delta"]
 
 
 def node_spec(tmp_path: Path, node: str, origin: OriginRepo, database: Database,
-              apps: list[AppSpec]) -> DaemonSpec:
-    """One node's config: its own state_dir, the shared database and apps (hosts shared)."""
+              apps: list[AppSpec], *, port: int | None = None) -> DaemonSpec:
+    """One node's config: its own state_dir, the shared database and apps (hosts shared);
+    with `port`, listening there and advertising it (else a loopback port nobody answers
+    at)."""
     password_file = tmp_path / "db.password"
     password_file.write_text(database.password + "\n")
     password_file.chmod(0o600)
+    where = ({"listen": f"127.0.0.1:{port}", "advertise": f"http://127.0.0.1:{port}"}
+             if port is not None else {"advertise": f"http://127.0.0.1:{free_port()}"})
     return DaemonSpec(state_dir=tmp_path / f"state-{node}", apps=apps, daemon_settings={
         "database": database.url, "database_password_file": str(password_file),
-        "node": node, "failover": FAILOVER, "advertise": f"http://{node}.test:8765"})
+        "node": node, "failover": FAILOVER, **where})
+
+
+async def start_node(config_path: Path, port: int) -> RunningDaemon:
+    """start_daemon, on the port the config advertises."""
+    config = load(config_path)
+    app = create_application(config)
+    runner = make_runner(app, config.daemon)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{port}"
+    session = aiohttp.ClientSession()
+    return RunningDaemon(app=app, runner=runner, base=base, api=Api(base, session),
+                         session=session)
 
 
 def local_apps(tmp_path: Path, origin: OriginRepo, names: list[str], *,
@@ -85,10 +107,10 @@ async def _explain(seen: dict[str, list[str]]) -> str:
     return f"last seen: {seen}"
 
 
-async def test_two_daemons_share_four_apps_and_refuse_actions_for_the_other(
-        tmp_path: Path, pg_database: Database) -> None:
+async def test_two_daemons_share_four_apps(tmp_path: Path, pg_database: Database) -> None:
     """Two nodes on one database own 2 apps each; each lists all 4 apps; an action on the
-    other node's app is a 409 naming that node and its URL; the metrics say who owns what."""
+    other node's app, which does not answer where it advertises, is a 502 naming that node
+    and its URL; the metrics say who owns what."""
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "first")
     apps = local_apps(tmp_path, origin, APPS)
@@ -106,10 +128,11 @@ async def test_two_daemons_share_four_apps_and_refuse_actions_for_the_other(
         other = seen["node-b"][0]
         status, body = await first.api.call("POST", f"/api/v1/apps/{other}/pause",
                                             json_body={"reason": "test"})
-        assert status == 409, body
-        assert body["error"]["code"] == "not_owner"
-        assert "node node-b" in body["error"]["message"]
-        assert "http://node-b.test:8765" in body["error"]["message"]
+        assert status == 502, body
+        assert body["error"]["code"] == "owner_unreachable"
+        advertise = second.daemon.config.daemon.advertise
+        assert f"run by node node-b, which did not answer at {advertise}: " in (
+            body["error"]["message"])
         mine = seen["node-a"][0]
         status, body = await first.api.call("POST", f"/api/v1/apps/{mine}/pause",
                                             json_body={"reason": "test"})
@@ -240,3 +263,50 @@ async def test_a_node_that_loses_the_database_stops_every_app_until_it_is_back(
         assert epochs == [2, 2]
     finally:
         await node.stop()
+
+
+async def test_an_action_sent_to_another_node_is_carried_out_by_the_owner(
+        tmp_path: Path, pg_database: Database) -> None:
+    """Two nodes listening where they advertise: pausing node-b's app through node-a is done
+    by node-b, with the caller's token (the event names its actor), and answers as node-b
+    does; a call already forwarded once is not forwarded again (409 naming the owner); a bad
+    token is refused by node-a itself."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    apps = local_apps(tmp_path, origin, ["alpha", "bravo"])
+    ports = {"node-a": free_port(), "node-b": free_port()}
+    first = await start_node(node_spec(tmp_path, "node-a", origin, pg_database, apps,
+                                       port=ports["node-a"]).write(tmp_path / "a.toml"),
+                             ports["node-a"])
+    second: RunningDaemon | None = None
+    try:
+        await wait_owners(first.api, {"node-a": 2}, within=10)
+        second = await start_node(node_spec(tmp_path, "node-b", origin, pg_database, apps,
+                                            port=ports["node-b"]).write(tmp_path / "b.toml"),
+                                  ports["node-b"])
+        seen = await wait_owners(first.api, {"node-a": 1, "node-b": 1}, within=15)
+        (other,) = seen["node-b"]
+
+        status, body = await first.api.call("POST", f"/api/v1/apps/{other}/pause",
+                                            token="deployer", json_body={"reason": "fwd"})
+        assert status == 200, body
+        assert body["name"] == other and body["paused"]["by"] == "deployer"
+        paused = await second.wait_for_event(other, "app.paused")
+        assert paused["actor"] == "deployer"
+
+        status, body = await first.api.call("POST", f"/api/v1/apps/{other}/pause",
+                                            token="reader", json_body={"reason": "fwd"})
+        assert status == 403, body
+
+        url = f"{first.base}/api/v1/apps/{other}/resume"
+        headers = {"Authorization": "Bearer deploy-secret-0123456789",
+                   "X-Deployd-Forwarded-By": "node-c"}
+        async with first.session.post(url, json={}, headers=headers) as response:
+            refused = await response.json()
+            assert response.status == 409, refused
+        assert refused["error"]["code"] == "not_owner"
+        assert f"node node-b; send this call to {second.base}" in refused["error"]["message"]
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()

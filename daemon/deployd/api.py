@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -73,6 +74,10 @@ class ApiContext:
         default=lambda name: _runs_here(name))
     # Several daemons: every node on record (GET /api/v1/nodes).
     nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+    # Several daemons: this node's name, and the session an action for an app another node
+    # runs is forwarded with (None: answer 409 instead).
+    node: str = ""
+    session: aiohttp.ClientSession | None = None
 
 
 async def _runs_here(name: str) -> tuple[str, str | None] | None:
@@ -117,6 +122,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Turn every failure into a JSON error with the right status."""
     try:
         return await handler(request)
+    except Forwarded as forwarded:
+        return forwarded.response
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.headers)
         if exc.close:
@@ -394,18 +401,62 @@ def parse_limit(value: str | None) -> int:
     return number
 
 
-async def check_owner(request: web.Request, app: str) -> None:
-    """409 naming the node that runs `app`, when it is not this one (an action must be
-    carried out where the app's supervision runs)."""
-    elsewhere = await request.app[CONTEXT].owner_elsewhere(app)
+# Marks a call one node forwarded to another: never forwarded again (a 409 instead).
+FORWARDED_BY = "X-Deployd-Forwarded-By"
+FORWARD_TIMEOUT = 30.0
+# Headers of the owner's answer passed back to the client.
+_FORWARDED_ANSWER_HEADERS = ("Content-Type", "Location", "X-Deployd-Plan", "Retry-After")
+
+
+class Forwarded(Exception):  # not an error: the owner's answer, passed back
+    """The answer of the node that runs the app, to send back as it is."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def check_owner(request: web.Request, app: str, body: bytes | None = None) -> None:
+    """Return if this node runs `app`; else carry the call out on the node that does (its
+    answer raised as Forwarded), or 409 naming it when it cannot be forwarded. `body` is the
+    request body when the handler has read it already."""
+    context = request.app[CONTEXT]
+    elsewhere = await context.owner_elsewhere(app)
     if elsewhere is None:
         return
     node, advertise = elsewhere
     if not node:
         raise ApiError(409, "not_owner", f"{app} is owned by no node right now (a node "
                        "takes it over within the failover time); retry shortly")
-    raise ApiError(409, "not_owner", f"{app} is run by node {node}; send this call to "
-                   f"{advertise or 'that node'}")
+    if context.session is None or not advertise or FORWARDED_BY in request.headers:
+        raise ApiError(409, "not_owner", f"{app} is run by node {node}; send this call to "
+                       f"{advertise or 'that node'}")
+    if body is None:
+        body = await read_body(request, MAX_JSON_BYTES, "the JSON body")
+    raise Forwarded(await forward(request, context, app, node, advertise, body))
+
+
+async def forward(request: web.Request, context: ApiContext, app: str, node: str,
+                  advertise: str, body: bytes) -> web.Response:
+    """The call, with the caller's bearer token, answered by `node` at `advertise`."""
+    assert context.session is not None
+    headers = {FORWARDED_BY: context.node or "deployd"}
+    for name in ("Authorization", "Content-Type"):
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    url = advertise.rstrip("/") + request.rel_url.path_qs
+    try:
+        async with asyncio.timeout(FORWARD_TIMEOUT), context.session.request(
+                request.method, url, data=body, headers=headers,
+                allow_redirects=False) as answer:
+            payload = await answer.read()
+            kept = {name: answer.headers[name] for name in _FORWARDED_ANSWER_HEADERS
+                    if name in answer.headers}
+            return web.Response(status=answer.status, body=payload, headers=kept)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ApiError(502, "owner_unreachable", f"{app} is run by node {node}, which did "
+                       f"not answer at {advertise}: {reason}") from None
 
 
 async def app_call(request: web.Request, role: str, fields: set[str]
@@ -597,6 +648,7 @@ async def put_job_patch(request: web.Request) -> web.Response:
     raw = await read_body(request, MAX_PATCH_BYTES, "the patch")
     check_patch_sizes(raw)  # before any of it reaches libgit2
     job, sup = await load_job(request)
+    await check_owner(request, sup.name, raw)
     assert sup.rescue is not None
     text = raw.decode("utf-8", "surrogateescape")  # a diff may hold any bytes
     if not text.strip():

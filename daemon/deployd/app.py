@@ -276,6 +276,7 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=8, ttl_dns_cache=300)
     daemon.session = aiohttp.ClientSession(connector=connector)
+    app[api.CONTEXT].session = daemon.session  # forwards actions to the node running an app
     yield
     await daemon.session.close()
 
@@ -349,6 +350,7 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         public_url=config.daemon.public_url,
         owner_elsewhere=daemon.owner_elsewhere,
         nodes=daemon.node_list,
+        node=config.daemon.node,
     )
     daemon.context = context
     app = api.create_app(context)

@@ -47,6 +47,8 @@ def _errors(*codes: int) -> dict[str, Any]:
                     "another node (code not_owner; the message names it and its URL)",
                408: "body not sent within the client timeout",
                413: "body over its size limit", 422: "missing or mistyped fields",
+               502: "forwarded to the node that runs the app, which did not answer "
+                    "(code owner_unreachable)",
                503: "not ready"}
     return {str(code): {"description": meaning[code], **_json(_ref("Error"))} for code in codes}
 
@@ -64,6 +66,8 @@ def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
     else:
         operation["x-deployd-role"] = role
         operation["description"] = f"Needs a token with the `{role}` role."
+    if role in ("deploy", "approve"):  # an action: carried out by the node running the app
+        operation["responses"].update(_errors(502))
     if body is not None:
         operation["requestBody"] = body
         operation["responses"].update(_errors(408, 413))
