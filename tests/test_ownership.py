@@ -17,7 +17,11 @@ from aiohttp import web
 
 from deployd.app import create_application
 from deployd.config import load, parse_duration
+from deployd.errors import StoreError
 from deployd.listener import make_runner
+from deployd.ownership import FencedBackend
+from deployd.store import Store
+from deployd.vocabulary import DeployKind, DeployState, EventKind, Trigger
 from tests.support.daemonfixtures import (
     Api,
     AppSpec,
@@ -310,3 +314,33 @@ async def test_an_action_sent_to_another_node_is_carried_out_by_the_owner(
         if second is not None:
             await second.stop()
         await first.stop()
+
+
+async def test_a_node_that_lost_the_app_can_no_longer_write_its_state(
+        pg_database: Database) -> None:
+    """The store as node-a's ownership (epoch 1) writes it: events, deploys, app state. Once
+    another node took the app (epoch bumped, node-b), every write fails with a StoreError
+    naming the epoch and nothing is written; reads still work."""
+    store = Store(pg_database.backend())
+    await store.open()
+    try:
+        pg_database.query("INSERT INTO app_owners (app, node, epoch, since) "
+                          "VALUES ('shop', 'node-a', 1, 0)")
+        fenced = Store(FencedBackend(store.backend, app="shop", node="node-a", epoch=1))
+        await fenced.add_event("shop", EventKind.APP_PAUSED, "before")
+        deploy = await fenced.start_deploy("shop", DeployKind.DEPLOY, "a" * 40,
+                                           trigger=Trigger.MANUAL, actor="t")
+        pg_database.query("UPDATE app_owners SET node = 'node-b', epoch = 2 WHERE app = 'shop'")
+        writes = [fenced.add_event("shop", EventKind.APP_PAUSED, "after"),
+                  fenced.set_paused("shop", True, actor="t", reason="late"),
+                  fenced.update_deploy(deploy.id, state=DeployState.FAILED)]
+        for write in writes:
+            with pytest.raises(StoreError, match=r"node node-a no longer owns it \(epoch 1 "):
+                await write
+        assert [e.message for e in await fenced.events("shop")] == ["before"]
+        assert not (await store.app_state("shop")).paused
+        assert (await store.deploy(deploy.id)).state == DeployState.RUNNING
+        epoch_two = Store(FencedBackend(store.backend, app="shop", node="node-b", epoch=2))
+        await epoch_two.add_event("shop", EventKind.APP_OWNED, "node-b owns shop")
+    finally:
+        await store.close()

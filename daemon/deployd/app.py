@@ -88,8 +88,10 @@ class Daemon:
             return ("", None)
         return (str(row["node"]), row["advertise"])
 
-    def build_supervisor(self, app: AppConfig) -> AppSupervisor:
-        assert self.store is not None and self.session is not None and self.pool is not None
+    def build_supervisor(self, app: AppConfig, store: Store | None = None) -> AppSupervisor:
+        """The app's supervisor, writing through `store` (default: the daemon's)."""
+        store = store or self.store
+        assert store is not None and self.session is not None and self.pool is not None
         if self.git_home is None:
             self.git_home = GitHome(self.config.daemon.state_dir / "git-home")
         mirror = Mirror(
@@ -104,9 +106,9 @@ class Daemon:
         sup: AppSupervisor
         health = HealthMonitor(app, self.session, self.metrics,
                                on_change=lambda change: sup.on_health_change(change))
-        rescue = Rescue(app, store=self.store, jobs=JobStore(self.store), mirror=mirror,
+        rescue = Rescue(app, store=store, jobs=JobStore(store), mirror=mirror,
                         metrics=self.metrics)
-        sup = AppSupervisor(AppContext(app, store=self.store, mirror=mirror, fleet=fleet,
+        sup = AppSupervisor(AppContext(app, store=store, mirror=mirror, fleet=fleet,
                                        metrics=self.metrics, health=health, rescue=rescue))
         return sup
 
@@ -128,10 +130,19 @@ class Daemon:
         finishing or undoing what the previous owner left half done."""
         self.epochs[name] = epoch
         node = self.config.daemon.node
-        if name in self.supervisors and name not in self.tasks:
-            self.supervisors[name].ctx.fleet.owner = f"{node} epoch {epoch}"
-            self._run(name)
+        app = self.config.apps.get(name)
         assert self.store is not None
+        if app is not None and name not in self.tasks:
+            # Every state write of this ownership checks it still holds (FencedBackend).
+            from deployd.ownership import FencedBackend
+
+            fenced = Store(FencedBackend(self.store.backend, app=name, node=node, epoch=epoch),
+                           clock=self.store.clock)
+            fenced.listeners = self.store.listeners  # the same list: notifications see events
+            sup = self.build_supervisor(app, fenced)
+            sup.ctx.fleet.owner = f"{node} epoch {epoch}"
+            self.supervisors[name] = sup
+            self._run(name)
         try:
             await self.store.add_event(name, EventKind.APP_OWNED,
                                        f"node {node} owns {name} (epoch {epoch})",

@@ -26,7 +26,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ import psycopg
 
 from deployd.errors import StoreError
 from deployd.metrics import Metrics
+from deployd.storage import Args, Backend, Row, Tx
 from deployd.store_postgres import Connection, PostgresBackend
 
 log = logging.getLogger("deployd.ownership")
@@ -218,3 +220,67 @@ async def node_list(backend: Any, failover: float) -> list[dict[str, Any]]:
         listed.append({"name": node["name"], "advertise": node["advertise"],
                        "last_seen": float(node["last_seen"]), "live": live, "apps": apps})
     return listed
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+class FencedBackend:
+    """The store's backend as one app's owner writes through it: every write (and every
+    transaction) first checks, in its own transaction, that `app_owners` still names this
+    node and epoch, holding that row (FOR SHARE) until it commits. A takeover's epoch bump
+    waits for a write in flight and fails every later one: a node that lost the app can no
+    longer change its state, even while the store's pool still reaches the database."""
+
+    def __init__(self, inner: Backend, *, app: str, node: str, epoch: int) -> None:
+        self.inner = inner
+        self.dialect = inner.dialect
+        self.description = inner.description
+        self.app, self.node, self.epoch = app, node, epoch
+
+    @property
+    def is_open(self) -> bool:
+        return self.inner.is_open
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def schema_version(self) -> int:
+        return await self.inner.schema_version()
+
+    async def _check(self, tx: Tx) -> None:
+        row = await tx.fetch_one("SELECT epoch FROM app_owners WHERE app = ? AND node = ? "
+                                 "AND epoch = ? FOR SHARE", (self.app, self.node, self.epoch))
+        if row is None:
+            raise StoreError(f"{self.app}: node {self.node} no longer owns it (epoch "
+                             f"{self.epoch} is over): its state is not written")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Tx]:
+        async with self.inner.transaction() as tx:
+            await self._check(tx)
+            yield tx
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        return self._transaction()
+
+    async def execute(self, sql: str, args: Args = ()) -> int:
+        async with self.transaction() as tx:
+            return await tx.execute(sql, args)
+
+    async def executemany(self, sql: str, rows: Sequence[Args]) -> None:
+        async with self.transaction() as tx:
+            await tx.executemany(sql, rows)
+
+    async def fetch_all(self, sql: str, args: Args = ()) -> list[Row]:
+        if not sql.lstrip().upper().startswith(_WRITES):
+            return await self.inner.fetch_all(sql, args)
+        async with self.transaction() as tx:  # INSERT ... RETURNING
+            return await tx.fetch_all(sql, args)
+
+    async def fetch_one(self, sql: str, args: Args = ()) -> Row | None:
+        rows = await self.fetch_all(sql, args)
+        return rows[0] if rows else None
