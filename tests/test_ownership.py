@@ -344,3 +344,28 @@ async def test_a_node_that_lost_the_app_can_no_longer_write_its_state(
         await epoch_two.add_event("shop", EventKind.APP_OWNED, "node-b owns shop")
     finally:
         await store.close()
+
+
+async def test_a_reload_restarts_an_owned_app_under_its_ownership(
+        tmp_path: Path, pg_database: Database) -> None:
+    """A config reload that changes an owned app restarts it still fenced by its epoch and
+    naming it in host locks; an app added is taken by the next round."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    apps = local_apps(tmp_path, origin, ["alpha"])
+    spec = node_spec(tmp_path, "node-a", origin, pg_database, apps)
+    node = await start_daemon(spec.write(tmp_path / "a.toml"))
+    try:
+        await wait_owners(node.api, {"node-a": ["alpha"]}, within=10)
+        spec.apps = local_apps(tmp_path, origin, ["alpha", "bravo"],
+                               rollback={"grace": "0s", "bake": "300ms"})
+        changes = await node.daemon.reload(load(spec.write(tmp_path / "a.toml")))
+        assert changes == ["app alpha changed", "app bravo added"]
+        await wait_owners(node.api, {"node-a": ["alpha", "bravo"]}, within=10)
+        for name in ("alpha", "bravo"):
+            sup = node.daemon.supervisors[name]
+            assert isinstance(sup.ctx.store.backend, FencedBackend)
+            assert sup.ctx.fleet.owner == f"node-a epoch {node.daemon.epochs[name]}"
+            assert name in node.daemon.tasks
+    finally:
+        await node.stop()

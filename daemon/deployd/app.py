@@ -115,9 +115,13 @@ class Daemon:
     def start_app(self, app: AppConfig) -> None:
         """Build an app's supervisor and run it (and its health monitor) if this node owns
         the app; one not owned only answers REST reads, from the store."""
-        self.supervisors[app.name] = self.build_supervisor(app)
-        if self.owns(app.name):
+        if self.ownership is None:
+            self.supervisors[app.name] = self.build_supervisor(app)
             self._run(app.name)
+        elif app.name in self.epochs:  # owned (a reload restarting it)
+            self._run_owned(app, self.epochs[app.name])
+        else:
+            self.supervisors[app.name] = self.build_supervisor(app)
 
     def _run(self, name: str) -> None:
         sup = self.supervisors[name]
@@ -132,23 +136,29 @@ class Daemon:
         node = self.config.daemon.node
         app = self.config.apps.get(name)
         assert self.store is not None
-        if app is not None and name not in self.tasks:
-            # Every state write of this ownership checks it still holds (FencedBackend).
-            from deployd.ownership import FencedBackend
-
-            fenced = Store(FencedBackend(self.store.backend, app=name, node=node, epoch=epoch),
-                           clock=self.store.clock)
-            fenced.listeners = self.store.listeners  # the same list: notifications see events
-            sup = self.build_supervisor(app, fenced)
-            sup.ctx.fleet.owner = f"{node} epoch {epoch}"
-            self.supervisors[name] = sup
-            self._run(name)
-        try:
+        try:  # first: on the timeline, the takeover comes before what its recovery does
             await self.store.add_event(name, EventKind.APP_OWNED,
                                        f"node {node} owns {name} (epoch {epoch})",
                                        data={"node": node, "epoch": epoch})
         except StoreError as exc:  # the supervisor runs anyway: the event is for humans
             log.warning("%s: cannot record its new owner: %s", name, exc)
+        if app is not None and name not in self.tasks:
+            self._run_owned(app, epoch)
+
+    def _run_owned(self, app: AppConfig, epoch: int) -> None:
+        """Run an app this node owns under `epoch`: every state write it makes checks that
+        the epoch still holds (FencedBackend), and its on-host locks name it."""
+        from deployd.ownership import FencedBackend
+
+        assert self.store is not None
+        node = self.config.daemon.node
+        fenced = Store(FencedBackend(self.store.backend, app=app.name, node=node, epoch=epoch),
+                       clock=self.store.clock)
+        fenced.listeners = self.store.listeners  # the same list: notifications see events
+        sup = self.build_supervisor(app, fenced)
+        sup.ctx.fleet.owner = f"{node} epoch {epoch}"
+        self.supervisors[app.name] = sup
+        self._run(app.name)
 
     async def release_app(self, name: str, *, grace: float | None = None) -> None:
         """This node no longer owns the app: stop running it (a running operation gets
