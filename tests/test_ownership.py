@@ -18,6 +18,7 @@ from aiohttp import web
 from deployd.app import create_application
 from deployd.config import load, parse_duration
 from deployd.errors import StoreError
+from deployd.git import Mirror
 from deployd.listener import make_runner
 from deployd.ownership import FencedBackend
 from deployd.store import Store
@@ -116,7 +117,7 @@ async def test_two_daemons_share_four_apps(tmp_path: Path, pg_database: Database
     other node's app, which does not answer where it advertises, is a 502 naming that node
     and its URL; the metrics say who owns what."""
     origin = OriginRepo(tmp_path / "origin.git")
-    origin.commit({"index.html": "v1\n"}, "first")
+    head = origin.commit({"index.html": "v1\n"}, "first")
     apps = local_apps(tmp_path, origin, APPS)
     first = await start_daemon(node_spec(tmp_path, "node-a", origin, pg_database, apps)
                                .write(tmp_path / "a.toml"))
@@ -129,6 +130,16 @@ async def test_two_daemons_share_four_apps(tmp_path: Path, pg_database: Database
         for daemon in (first, second):
             listed = await daemon.api.get("/api/v1/apps", token="reader")
             assert sorted(app["name"] for app in listed["apps"]) == APPS
+        # node-b never ran node-a's apps, yet keeps their mirrors fetched: a takeover
+        # would not start with a clone.
+        for name in seen["node-a"]:
+            mirror = second.daemon.supervisors[name].mirror
+
+            async def fetched(mirror: Mirror = mirror) -> bool:
+                return await mirror.branch_head("production") == head
+
+            await eventually(fetched, within=10, what=f"node-b's mirror of {name}")
+            assert name not in second.daemon.tasks
         other = seen["node-b"][0]
         status, body = await first.api.call("POST", f"/api/v1/apps/{other}/pause",
                                             json_body={"reason": "test"})

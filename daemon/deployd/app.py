@@ -61,6 +61,9 @@ class Daemon:
     ownership: NodeOwnership | None = None
     ownership_task: asyncio.Task[None] | None = None
     epochs: dict[str, int] = field(default_factory=dict)
+    # Apps another node runs: their mirrors kept fetched here, so a takeover starts warm.
+    standby: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    standby_fetches: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     def readiness(self) -> dict[str, bool]:
         checks = {"config": True, "store": self.store is not None and self.store.is_open}
@@ -122,6 +125,7 @@ class Daemon:
             self._run_owned(app, self.epochs[app.name])
         else:
             self.supervisors[app.name] = self.build_supervisor(app)
+            self._start_standby(app.name)
 
     def _run(self, name: str) -> None:
         sup = self.supervisors[name]
@@ -143,6 +147,7 @@ class Daemon:
         except StoreError as exc:  # the supervisor runs anyway: the event is for humans
             log.warning("%s: cannot record its new owner: %s", name, exc)
         if app is not None and name not in self.tasks:
+            await self._stop_standby(name)
             self._run_owned(app, epoch)
 
     def _run_owned(self, app: AppConfig, epoch: int) -> None:
@@ -170,6 +175,42 @@ class Daemon:
         app = self.config.apps.get(name)
         if app is not None:
             self.supervisors[name] = self.build_supervisor(app)
+            self._start_standby(name)
+
+    def _start_standby(self, name: str) -> None:
+        if name not in self.standby:
+            self.standby[name] = asyncio.create_task(self._keep_fetched(name),
+                                                     name=f"standby-{name}")
+
+    async def _keep_fetched(self, name: str) -> None:
+        """Fetch the mirror of an app another node runs, on the app's poll interval. Only
+        the mirror: no event, no metric, no host is touched for an app this node does not
+        own (its owner reports fetch failures)."""
+        while True:
+            sup = self.supervisors.get(name)
+            if sup is None:
+                return
+            fetch = asyncio.ensure_future(sup.mirror.fetch())
+            # Its failure is retrieved even when nobody awaits it any more (cancelled).
+            fetch.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self.standby_fetches[name] = fetch
+            try:
+                await asyncio.shield(fetch)
+            except Exception as exc:  # the owner reports fetch failures
+                log.debug("%s: standby fetch failed: %s", name, exc)
+            self.standby_fetches.pop(name, None)
+            await asyncio.sleep(sup.app.poll_interval)
+
+    async def _stop_standby(self, name: str) -> None:
+        """Stop keeping the mirror fetched; let a fetch in flight end first (for a while),
+        so the owner's first fetch does not meet it in the same repository."""
+        fetch = self.standby_fetches.pop(name, None)
+        task = self.standby.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if fetch is not None:
+            await asyncio.wait([fetch], timeout=self.config.daemon.failover / 3)
 
     async def release_all(self) -> None:
         """The ownership connection is gone, so may be every lock: stop every app now."""
@@ -200,6 +241,7 @@ class Daemon:
 
     async def stop_app(self, name: str, *, forget: bool = False) -> None:
         """Stop one app: its running operation finishes within the grace period."""
+        await self._stop_standby(name)
         await self._halt(name, self.config.daemon.shutdown_grace)
         del self.supervisors[name]
         if forget:
