@@ -318,3 +318,17 @@ async def test_error_bodies_of_a_plain_client_are_json(
             assert response.status == 422
             assert response.content_type == "application/json"
             assert_error(response.status, await response.json(), 422, "invalid")
+
+
+async def test_nodes_on_sqlite_is_this_daemon_running_every_app(
+        running: tuple[RunningDaemon, OriginRepo]) -> None:
+    """GET /api/v1/nodes (read role): with SQLite, one live node, this one, owning every
+    app; no token is a 401."""
+    daemon, _ = running
+    status, body = await daemon.api.call("GET", "/api/v1/nodes", token=None)
+    assert_error(status, body, 401)
+    body = await daemon.api.get("/api/v1/nodes", token="reader")
+    settings = daemon.daemon.config.daemon
+    (node,) = body["nodes"]
+    assert node["name"] == settings.node and node["advertise"] == settings.advertise_url
+    assert node["live"] is True and node["apps"] == [APP]

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import os
 import re
+import socket
 import subprocess
 import sys
 import tomllib
@@ -1272,7 +1273,8 @@ def _example_tables(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 # Keys that cannot be set beside their alternative, so the example shows them commented out.
 # The database keys replace the default SQLite file, which the example keeps.
 COMMENTED_ALTERNATIVES = {("_tokens", "token_file"), ("_hosts", "allow_local_as_daemon"),
-                          ("_daemon", "database"), ("_daemon", "database_password_file")}
+                          ("_daemon", "database"), ("_daemon", "database_password_file"),
+                          ("_daemon", "node"), ("_daemon", "advertise"), ("_daemon", "failover")}
 
 
 def test_example_config_documents_every_accepted_key() -> None:
@@ -1514,6 +1516,31 @@ def test_database_url_problems_never_repeat_the_url(tmp_path: Path, url: str,
     problems = problems_of(tmp_path, with_line("daemon", f'database = "{url}"'))
     assert_problem(problems, "daemon.database", fragment)
     assert not any("hunter2" in problem for problem in problems)
+
+
+def test_node_advertise_and_failover(tmp_path: Path) -> None:
+    """Defaults: the host name, the daemon's own base URL, 10 s; each can be set."""
+    plain = load(write(tmp_path, BASE)).daemon
+    assert plain.node == socket.gethostname()
+    assert (plain.advertise, plain.advertise_url, plain.failover) == (
+        None, plain.base_url, 10.0)
+    text = with_line("daemon", 'node = "deployd-a"')
+    text = with_line("daemon", 'advertise = "http://10.0.0.5:8765/"', text)
+    text = with_line("daemon", 'failover = "5s"', text)
+    daemon = load(write(tmp_path, text)).daemon
+    assert (daemon.node, daemon.advertise_url, daemon.failover) == (
+        "deployd-a", "http://10.0.0.5:8765", 5.0)
+
+
+@pytest.mark.parametrize(("line", "key", "fragment"), [
+    ('node = "a b"', "daemon.node", "letters, digits"),
+    ('node = ""', "daemon.node", "letters, digits"),
+    ('advertise = "10.0.0.5:8765"', "daemon.advertise", "http://"),
+    ('failover = "500ms"', "daemon.failover", "from 1s to 1h"),
+    ('failover = 10', "daemon.failover", "duration string"),
+])
+def test_node_settings_problems(tmp_path: Path, line: str, key: str, fragment: str) -> None:
+    assert_problem(problems_of(tmp_path, with_line("daemon", line)), key, fragment)
 
 
 def test_database_password_file_needs_a_database(tmp_path: Path) -> None:

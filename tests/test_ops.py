@@ -45,7 +45,7 @@ GRAFANA_BUILTINS = {
 # The REST contract (DESIGN.md, v1): method and path of every call.
 REST_CONTRACT = {
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-    ("GET", "/api/v1/apps"), ("GET", "/api/v1/apps/{app}"),
+    ("GET", "/api/v1/apps"), ("GET", "/api/v1/apps/{app}"), ("GET", "/api/v1/nodes"),
     ("GET", "/api/v1/apps/{app}/events"),
     ("POST", "/api/v1/apps/{app}/deploy"), ("POST", "/api/v1/apps/{app}/rollback"),
     ("POST", "/api/v1/apps/{app}/pause"), ("POST", "/api/v1/apps/{app}/resume"),
@@ -133,7 +133,7 @@ EXPECTED_ALERTS = {
     "DeploydDown", "DeploydRollback", "DeploydBadReleaseLive", "DeploydRescueJobWaiting",
     "DeploydBranchNotPristine", "DeploydHostUnhealthy", "DeploydGitFetchFailing",
     "DeploydSSHFailing", "DeploydPausedTooLong", "DeploydNotificationsFailing",
-    "DeploydRolloutPausedTooLong",
+    "DeploydRolloutPausedTooLong", "DeploydAppUnowned", "DeploydDatabaseDown",
 }
 
 

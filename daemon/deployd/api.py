@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -68,6 +69,19 @@ class ApiContext:
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"started": True})
     listen: tuple[str, int] = ("127.0.0.1", 8765)
     public_url: str | None = None
+    # Several daemons: None if this node runs the app, else (owner node, its advertise URL).
+    owner_elsewhere: Callable[[str], Awaitable[tuple[str, str | None] | None]] = field(
+        default=lambda name: _runs_here(name))
+    # Several daemons: every node on record (GET /api/v1/nodes).
+    nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+    # Several daemons: this node's name, and the session an action for an app another node
+    # runs is forwarded with (None: answer 409 instead).
+    node: str = ""
+    session: aiohttp.ClientSession | None = None
+
+
+async def _runs_here(name: str) -> tuple[str, str | None] | None:
+    return None
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -108,6 +122,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Turn every failure into a JSON error with the right status."""
     try:
         return await handler(request)
+    except Forwarded as forwarded:
+        return forwarded.response
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.headers)
         if exc.close:
@@ -305,6 +321,15 @@ def server_url(request: web.Request) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+async def list_nodes(request: web.Request) -> web.Response:
+    """The daemons sharing this one's database: name, advertise URL, last seen, whether
+    live, apps owned. With SQLite, this daemon alone, owning every app."""
+    require(request, "read")
+    context = request.app[CONTEXT]
+    nodes = [] if context.nodes is None else await context.nodes()
+    return web.json_response({"nodes": nodes})
+
+
 async def list_apps(request: web.Request) -> web.Response:
     require(request, "read")
     apps = []
@@ -376,11 +401,70 @@ def parse_limit(value: str | None) -> int:
     return number
 
 
+# Marks a call one node forwarded to another: never forwarded again (a 409 instead).
+FORWARDED_BY = "X-Deployd-Forwarded-By"
+FORWARD_TIMEOUT = 30.0
+# Headers of the owner's answer passed back to the client.
+_FORWARDED_ANSWER_HEADERS = ("Content-Type", "Location", "X-Deployd-Plan", "Retry-After")
+
+
+class Forwarded(Exception):  # not an error: the owner's answer, passed back
+    """The answer of the node that runs the app, to send back as it is."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def check_owner(request: web.Request, app: str, body: bytes | None = None) -> None:
+    """Return if this node runs `app`; else carry the call out on the node that does (its
+    answer raised as Forwarded), or 409 naming it when it cannot be forwarded. `body` is the
+    request body when the handler has read it already."""
+    context = request.app[CONTEXT]
+    elsewhere = await context.owner_elsewhere(app)
+    if elsewhere is None:
+        return
+    node, advertise = elsewhere
+    if not node:
+        raise ApiError(409, "not_owner", f"{app} is owned by no node right now (a node "
+                       "takes it over within the failover time); retry shortly")
+    if context.session is None or not advertise or FORWARDED_BY in request.headers:
+        raise ApiError(409, "not_owner", f"{app} is run by node {node}; send this call to "
+                       f"{advertise or 'that node'}")
+    if body is None:
+        body = await read_body(request, MAX_JSON_BYTES, "the JSON body")
+    raise Forwarded(await forward(request, context, app, node, advertise, body))
+
+
+async def forward(request: web.Request, context: ApiContext, app: str, node: str,
+                  advertise: str, body: bytes) -> web.Response:
+    """The call, with the caller's bearer token, answered by `node` at `advertise`."""
+    assert context.session is not None
+    headers = {FORWARDED_BY: context.node or "deployd"}
+    for name in ("Authorization", "Content-Type"):
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    url = advertise.rstrip("/") + request.rel_url.path_qs
+    try:
+        async with asyncio.timeout(FORWARD_TIMEOUT), context.session.request(
+                request.method, url, data=body, headers=headers,
+                allow_redirects=False) as answer:
+            payload = await answer.read()
+            kept = {name: answer.headers[name] for name in _FORWARDED_ANSWER_HEADERS
+                    if name in answer.headers}
+            return web.Response(status=answer.status, body=payload, headers=kept)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ApiError(502, "owner_unreachable", f"{app} is run by node {node}, which did "
+                       f"not answer at {advertise}: {reason}") from None
+
+
 async def app_call(request: web.Request, role: str, fields: set[str]
                    ) -> tuple[Token, AppSupervisor, dict[str, Any]]:
     """An app operation's token (with `role`), app and JSON body of only `fields`."""
     token = require(request, role)
     sup = supervisor(request)
+    await check_owner(request, sup.name)
     body = await read_json(request)
     reject_unknown(body, fields)
     return token, sup, body
@@ -564,6 +648,7 @@ async def put_job_patch(request: web.Request) -> web.Response:
     raw = await read_body(request, MAX_PATCH_BYTES, "the patch")
     check_patch_sizes(raw)  # before any of it reaches libgit2
     job, sup = await load_job(request)
+    await check_owner(request, sup.name, raw)
     assert sup.rescue is not None
     text = raw.decode("utf-8", "surrogateescape")  # a diff may hold any bytes
     if not text.strip():
@@ -577,6 +662,7 @@ async def job_call(request: web.Request, role: str, fields: set[str]
     """A job decision's token (with `role`), job, its app and JSON body of only `fields`."""
     token = require(request, role)
     job, sup = await load_job(request)
+    await check_owner(request, sup.name)
     body = await read_json(request)
     reject_unknown(body, fields)
     return token, job, sup, body
@@ -613,6 +699,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/openapi.json", openapi_document)
+    app.router.add_get("/api/v1/nodes", list_nodes)
     app.router.add_get("/api/v1/apps", list_apps)
     app.router.add_get("/api/v1/apps/{app}", show_app)
     app.router.add_get("/api/v1/apps/{app}/events", app_events)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +34,10 @@ from deployd.notify import Notifier
 from deployd.rescue import Rescue
 from deployd.store import JobStore, Store, make_private_dir
 from deployd.supervisor import AppSupervisor
+from deployd.vocabulary import EventKind
+
+if TYPE_CHECKING:
+    from deployd.ownership import NodeOwnership
 
 log = logging.getLogger("deployd")
 
@@ -51,15 +56,45 @@ class Daemon:
     context: api.ApiContext | None = None
     notifications: Notifications | None = None
     notifications_task: asyncio.Task[None] | None = None
+    # With several daemons on one PostgreSQL database: which apps this node runs. Every
+    # app has a supervisor in `supervisors` (REST reads it); only owned apps' run (`tasks`).
+    ownership: NodeOwnership | None = None
+    ownership_task: asyncio.Task[None] | None = None
+    epochs: dict[str, int] = field(default_factory=dict)
+    # Apps another node runs: their mirrors kept fetched here, so a takeover starts warm.
+    standby: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    standby_fetches: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     def readiness(self) -> dict[str, bool]:
         checks = {"config": True, "store": self.store is not None and self.store.is_open}
+        if self.ownership is not None:
+            checks["database"] = self.ownership.connected
         for name, sup in self.supervisors.items():
-            checks[f"mirror:{name}"] = sup.fetched
+            if name in self.tasks:
+                checks[f"mirror:{name}"] = sup.fetched
         return checks
 
-    def build_supervisor(self, app: AppConfig) -> AppSupervisor:
-        assert self.store is not None and self.session is not None and self.pool is not None
+    def owns(self, name: str) -> bool:
+        """Whether this node runs the app (always, without several daemons)."""
+        return self.ownership is None or self.ownership.owns(name)
+
+    async def owner_elsewhere(self, name: str) -> tuple[str, str | None] | None:
+        """None if this node runs the app, else the node that does (name, advertise URL; the
+        name is empty while no node owns it)."""
+        if self.owns(name):
+            return None
+        assert self.store is not None
+        row = await self.store.backend.fetch_one(
+            "SELECT o.node, n.advertise FROM app_owners o LEFT JOIN nodes n ON n.name = o.node "
+            "WHERE o.app = ?", (name,))
+        if row is None or not row["node"] or row["node"] == self.config.daemon.node:
+            return ("", None)
+        return (str(row["node"]), row["advertise"])
+
+    def build_supervisor(self, app: AppConfig, store: Store | None = None) -> AppSupervisor:
+        """The app's supervisor, writing through `store` (default: the daemon's)."""
+        store = store or self.store
+        assert store is not None and self.session is not None and self.pool is not None
         if self.git_home is None:
             self.git_home = GitHome(self.config.daemon.state_dir / "git-home")
         mirror = Mirror(
@@ -74,28 +109,141 @@ class Daemon:
         sup: AppSupervisor
         health = HealthMonitor(app, self.session, self.metrics,
                                on_change=lambda change: sup.on_health_change(change))
-        rescue = Rescue(app, store=self.store, jobs=JobStore(self.store), mirror=mirror,
+        rescue = Rescue(app, store=store, jobs=JobStore(store), mirror=mirror,
                         metrics=self.metrics)
-        sup = AppSupervisor(AppContext(app, store=self.store, mirror=mirror, fleet=fleet,
+        sup = AppSupervisor(AppContext(app, store=store, mirror=mirror, fleet=fleet,
                                        metrics=self.metrics, health=health, rescue=rescue))
         return sup
 
     def start_app(self, app: AppConfig) -> None:
-        """Build an app's supervisor and run it (and its health monitor)."""
-        sup = self.build_supervisor(app)
-        self.supervisors[app.name] = sup
-        tasks = [asyncio.create_task(sup.run(), name=f"supervisor-{app.name}")]
-        tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{app.name}"))
-        self.tasks[app.name] = tasks
+        """Build an app's supervisor and run it (and its health monitor) if this node owns
+        the app; one not owned only answers REST reads, from the store."""
+        if self.ownership is None:
+            self.supervisors[app.name] = self.build_supervisor(app)
+            self._run(app.name)
+        elif app.name in self.epochs:  # owned (a reload restarting it)
+            self._run_owned(app, self.epochs[app.name])
+        else:
+            self.supervisors[app.name] = self.build_supervisor(app)
+            self._start_standby(app.name)
 
-    async def stop_app(self, name: str, *, forget: bool = False) -> None:
-        """Stop one app: its running operation finishes within the grace period."""
-        sup = self.supervisors.pop(name)
-        await sup.stop(self.config.daemon.shutdown_grace)
+    def _run(self, name: str) -> None:
+        sup = self.supervisors[name]
+        tasks = [asyncio.create_task(sup.run(), name=f"supervisor-{name}")]
+        tasks.append(asyncio.create_task(sup.health.run(), name=f"health-{name}"))
+        self.tasks[name] = tasks
+
+    async def acquire_app(self, name: str, epoch: int) -> None:
+        """This node now owns the app: run it. Its recovery runs first, as after a restart,
+        finishing or undoing what the previous owner left half done."""
+        self.epochs[name] = epoch
+        node = self.config.daemon.node
+        app = self.config.apps.get(name)
+        assert self.store is not None
+        try:  # first: on the timeline, the takeover comes before what its recovery does
+            await self.store.add_event(name, EventKind.APP_OWNED,
+                                       f"node {node} owns {name} (epoch {epoch})",
+                                       data={"node": node, "epoch": epoch})
+        except StoreError as exc:  # the supervisor runs anyway: the event is for humans
+            log.warning("%s: cannot record its new owner: %s", name, exc)
+        if app is not None and name not in self.tasks:
+            await self._stop_standby(name)
+            self._run_owned(app, epoch)
+
+    def _run_owned(self, app: AppConfig, epoch: int) -> None:
+        """Run an app this node owns under `epoch`: every state write it makes checks that
+        the epoch still holds (FencedBackend), and its on-host locks name it."""
+        from deployd.ownership import FencedBackend
+
+        assert self.store is not None
+        node = self.config.daemon.node
+        fenced = Store(FencedBackend(self.store.backend, app=app.name, node=node, epoch=epoch),
+                       clock=self.store.clock)
+        fenced.listeners = self.store.listeners  # the same list: notifications see events
+        sup = self.build_supervisor(app, fenced)
+        sup.ctx.fleet.owner = f"{node} epoch {epoch}"
+        self.supervisors[app.name] = sup
+        self._run(app.name)
+
+    async def release_app(self, name: str, *, grace: float | None = None) -> None:
+        """This node no longer owns the app: stop running it (a running operation gets
+        `grace`, default the shutdown grace) and keep a fresh supervisor for REST reads."""
+        self.epochs.pop(name, None)
+        if name not in self.tasks:
+            return
+        await self._halt(name, self.config.daemon.shutdown_grace if grace is None else grace)
+        app = self.config.apps.get(name)
+        if app is not None:
+            self.supervisors[name] = self.build_supervisor(app)
+            self._start_standby(name)
+
+    def _start_standby(self, name: str) -> None:
+        if name not in self.standby:
+            self.standby[name] = asyncio.create_task(self._keep_fetched(name),
+                                                     name=f"standby-{name}")
+
+    async def _keep_fetched(self, name: str) -> None:
+        """Fetch the mirror of an app another node runs, on the app's poll interval. Only
+        the mirror: no event, no metric, no host is touched for an app this node does not
+        own (its owner reports fetch failures)."""
+        while True:
+            sup = self.supervisors.get(name)
+            if sup is None:
+                return
+            fetch = asyncio.ensure_future(sup.mirror.fetch())
+            # Its failure is retrieved even when nobody awaits it any more (cancelled).
+            fetch.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self.standby_fetches[name] = fetch
+            try:
+                await asyncio.shield(fetch)
+            except Exception as exc:  # the owner reports fetch failures
+                log.debug("%s: standby fetch failed: %s", name, exc)
+            self.standby_fetches.pop(name, None)
+            await asyncio.sleep(sup.app.poll_interval)
+
+    async def _stop_standby(self, name: str) -> None:
+        """Stop keeping the mirror fetched; let a fetch in flight end first (for a while),
+        so the owner's first fetch does not meet it in the same repository."""
+        fetch = self.standby_fetches.pop(name, None)
+        task = self.standby.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if fetch is not None:
+            await asyncio.wait([fetch], timeout=self.config.daemon.failover / 3)
+
+    async def release_all(self) -> None:
+        """The ownership connection is gone, so may be every lock: stop every app now."""
+        await asyncio.gather(*(self.release_app(name, grace=0.0) for name in list(self.tasks)))
+
+    async def _halt(self, name: str, grace: float) -> None:
+        sup = self.supervisors[name]
+        await sup.stop(grace)
         tasks = self.tasks.pop(name, [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def node_list(self) -> list[dict[str, Any]]:
+        """GET /api/v1/nodes: from the database; with SQLite, this daemon running every app."""
+        settings = self.config.daemon
+        if self.ownership is None:
+            return [{"name": settings.node, "advertise": settings.advertise_url,
+                     "last_seen": time.time(), "live": True, "apps": sorted(self.supervisors)}]
+        from deployd.ownership import node_list
+
+        assert self.store is not None
+        return await node_list(self.store.backend, settings.failover)
+
+    def idle(self, name: str) -> bool:
+        sup = self.supervisors.get(name)
+        return sup is None or sup.busy is None
+
+    async def stop_app(self, name: str, *, forget: bool = False) -> None:
+        """Stop one app: its running operation finishes within the grace period."""
+        await self._stop_standby(name)
+        await self._halt(name, self.config.daemon.shutdown_grace)
+        del self.supervisors[name]
         if forget:
             self.metrics.forget_app(name)
 
@@ -191,6 +339,7 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=8, ttl_dns_cache=300)
     daemon.session = aiohttp.ClientSession(connector=connector)
+    app[api.CONTEXT].session = daemon.session  # forwards actions to the node running an app
     yield
     await daemon.session.close()
 
@@ -204,11 +353,42 @@ async def _hosts_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _apps_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
+    daemon.ownership = _make_ownership(daemon)
     for app_config in daemon.config.apps.values():
         daemon.start_app(app_config)
-    log.info("deployd started with %d app(s)", len(daemon.supervisors))
+    ownership = daemon.ownership
+    if ownership is not None:
+        await ownership.round()
+        daemon.ownership_task = asyncio.create_task(ownership.run(), name="ownership")
+    log.info("deployd started with %d app(s), running %d", len(daemon.supervisors),
+             len(daemon.tasks))
     yield
+    if daemon.ownership_task is not None:
+        daemon.ownership_task.cancel()
+        await asyncio.gather(daemon.ownership_task, return_exceptions=True)
     await asyncio.gather(*(daemon.stop_app(name) for name in list(daemon.supervisors)))
+    if ownership is not None:
+        await ownership.close()  # only now: the locks outlive every app's last host step
+
+
+def _make_ownership(daemon: Daemon) -> NodeOwnership | None:
+    """On PostgreSQL, this node's share of the apps; on SQLite, None: it runs every app."""
+    if daemon.config.daemon.database is None:
+        return None
+    from deployd.store_postgres import PostgresBackend  # only when used
+
+    assert daemon.store is not None
+    backend = daemon.store.backend
+    if not isinstance(backend, PostgresBackend):
+        return None
+    from deployd.ownership import NodeOwnership
+
+    settings = daemon.config.daemon
+    return NodeOwnership(
+        backend, node=settings.node, advertise=settings.advertise_url,
+        failover=settings.failover, metrics=daemon.metrics,
+        apps=lambda: daemon.config.apps, on_acquire=daemon.acquire_app,
+        on_release=daemon.release_app, on_lost=daemon.release_all, idle=daemon.idle)
 
 
 async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -231,6 +411,9 @@ def create_application(config: Config, *, metrics: Metrics | None = None) -> web
         ready=daemon.readiness,
         listen=(config.daemon.listen_host, config.daemon.listen_port),
         public_url=config.daemon.public_url,
+        owner_elsewhere=daemon.owner_elsewhere,
+        nodes=daemon.node_list,
+        node=config.daemon.node,
     )
     daemon.context = context
     app = api.create_app(context)

@@ -13,6 +13,7 @@ import fnmatch
 import os
 import pwd
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -102,6 +103,16 @@ class DaemonConfig:
     # read from `database_password_file` when the store opens).
     database: str | None = None
     database_password_file: Path | None = None
+    # Several daemons on one PostgreSQL database (ownership.py): this daemon's name among
+    # them, the URL the others reach it at, and how soon a dead node's apps move.
+    node: str = field(default_factory=socket.gethostname)
+    advertise: str | None = None
+    failover: float = 10.0
+
+    @property
+    def advertise_url(self) -> str:
+        """How the other nodes reach this one: `advertise`, else `base_url`."""
+        return self.advertise or self.base_url
 
 
 @dataclass(frozen=True)
@@ -565,7 +576,8 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
     table = r.table(data, "daemon", {"state_dir", "listen", "public_url", "log_format",
                                       "metrics_auth", "shutdown_grace", "client_timeout",
                                       "max_connections_per_client", "database",
-                                      "database_password_file"})
+                                      "database_password_file", "node", "advertise",
+                                      "failover"})
     state_dir = r.get(table, "daemon", "state_dir", r.path_value, Path("."), required=True)
     host, port = r.get(table, "daemon", "listen", _listen, ("127.0.0.1", 8765))
     log_format = r.get(table, "daemon", "log_format", _choice(("text", "json")), "text")
@@ -586,7 +598,25 @@ def _daemon(r: _Reader, data: Any) -> DaemonConfig:
                                          _int_range(1, 10_000), 32),
         database=database,
         database_password_file=password_file,
+        node=r.get(table, "daemon", "node", _node_name, socket.gethostname()),
+        advertise=r.get(table, "daemon", "advertise", _base_url, None),
+        failover=r.get(table, "daemon", "failover", _failover, 10.0),
     )
+
+
+def _node_name(value: Any) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", text):
+        raise ValueError(f"expected 1-63 letters, digits, '.', '_' or '-', got {value!r}")
+    return text
+
+
+def _failover(value: Any) -> float:
+    """At least a second: the dedicated connection's timeouts are a fraction of it."""
+    seconds = _duration(value)
+    if seconds < 1.0 or seconds > 3600.0:
+        raise ValueError(f"expected a duration from 1s to 1h, got {value!r}")
+    return seconds
 
 
 def _database_url(value: Any) -> str:

@@ -133,6 +133,9 @@ class Fleet:
         self._metrics = metrics if pool.metrics is None else None
         self._clock = clock
         self._slots = asyncio.Semaphore(max(1, app.parallel))
+        # "node epoch N" while this node owns the app (several daemons), written into the
+        # on-host lock of every deploy and rollback.
+        self.owner = ""
         # Locks this fleet took but could not release (a host was unreachable): free to take.
         self._abandoned: set[str] = set()
         self._members: dict[str, Releases] = {}
@@ -179,7 +182,7 @@ class Fleet:
         timings: Timings = {name: {} for name in names}
         states = await self._check_before_deploy(names, timings)
         new = release if release is not None else self.next_release_name(states.values())
-        lock = LockInfo.new(actor, f"deploy {revision}")
+        lock = LockInfo.new(actor, f"deploy {revision}", owner=self.owner)
         log.info("%s: deploying %s as release %s on %d hosts", self.app.name, revision[:12],
                  new, len(names))
 
@@ -352,7 +355,8 @@ class Fleet:
         async def roll(name: str, member: Releases, gate: Gate | None) -> Step:
             return await member.rollback(target, from_release=states[name].current,
                                          reason=reason, actor=actor, revision=revision,
-                                         takeover=self._stale_token(states[name]), gate=gate)
+                                         takeover=self._stale_token(states[name]), gate=gate,
+                                         owner=self.owner)
 
         return await self._each_held(states, ("rollback", "restart"), roll, timings)
 

@@ -143,6 +143,21 @@ class Metrics:
             "build_info", "deployd's version.", ["version"], namespace=PREFIX, registry=r,
         )
         self.build_info.labels(version=__version__).set(1)
+        self.app_owned = Gauge(
+            "app_owned", "1 while this daemon owns the app (runs its supervision), else 0. "
+            "With several daemons on one database, exactly one should show 1 per app.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.ownership_changes_total = Counter(
+            "ownership_changes", "Times this daemon took or gave up ownership of the app.",
+            ["app"], namespace=PREFIX, registry=r,
+        )
+        self.database_up = Gauge(
+            "database_up", "1 while this daemon reaches its PostgreSQL database on its "
+            "ownership connection (always 1 with SQLite).",
+            namespace=PREFIX, registry=r,
+        )
+        self.database_up.set(1)
         self._live_revision: dict[str, str] = {}
 
     def set_live_revision(self, app: str, revision: str) -> None:
@@ -160,7 +175,7 @@ class Metrics:
         for metric in (self.branch_pristine, self.paused, self.last_deploy_timestamp_seconds,
                        self.last_rollback_timestamp_seconds, self.rollout_step,
                        self.rollout_paused_timestamp_seconds,
-                       self.rescue_job_oldest_pending_timestamp_seconds):
+                       self.rescue_job_oldest_pending_timestamp_seconds, self.app_owned):
             drop_series(metric, app)
         for group in ("canary", "baseline"):
             drop_series(self.rollout_hosts, app, group)

@@ -42,9 +42,13 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     meaning = {400: "body is not valid JSON", 401: "no or bad bearer token",
                403: "the token lacks the role, or a rule forbids this actor",
-               404: "unknown app or job", 409: "state conflict (busy, stale plan, not pending)",
+               404: "unknown app or job",
+               409: "state conflict (busy, stale plan, not pending), or the app is run by "
+                    "another node (code not_owner; the message names it and its URL)",
                408: "body not sent within the client timeout",
                413: "body over its size limit", 422: "missing or mistyped fields",
+               502: "forwarded to the node that runs the app, which did not answer "
+                    "(code owner_unreachable)",
                503: "not ready"}
     return {str(code): {"description": meaning[code], **_json(_ref("Error"))} for code in codes}
 
@@ -62,6 +66,8 @@ def _op(summary: str, role: str | None, ok: int, schema: dict[str, Any] | None,
     else:
         operation["x-deployd-role"] = role
         operation["description"] = f"Needs a token with the `{role}` role."
+    if role in ("deploy", "approve"):  # an action: carried out by the node running the app
+        operation["responses"].update(_errors(502))
     if body is not None:
         operation["requestBody"] = body
         operation["responses"].update(_errors(408, 413))
@@ -106,6 +112,17 @@ def _paths() -> dict[str, Any]:
                              "responses": {"200": {"description": "OK", "content": {
                                  "text/plain": {"schema": string}}}}}},
         "/api/v1/openapi.json": {"get": _op("This document", None, 200, _OBJECT)},
+        "/api/v1/nodes": {"get": _op(
+            "The daemons sharing this one's database and the apps each owns (with SQLite, "
+            "this daemon alone, owning every app)", "read", 200,
+            {"type": "object", "properties": {"nodes": {"type": "array", "items": {
+                "type": "object", "properties": {
+                    "name": string, "advertise": {"type": "string", "nullable": True},
+                    "last_seen": {"type": "number", "description": "Unix time"},
+                    "live": {"type": "boolean", "description":
+                             "seen within the failover time"},
+                    "apps": {"type": "array", "items": string}}}}}},
+            401, 403)},
         "/api/v1/apps": {"get": _op("Every app: head, live, last good, pristine, health, "
                                     "paused", "read", 200,
                                     {"type": "object", "properties": {

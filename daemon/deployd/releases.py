@@ -107,13 +107,18 @@ class LockInfo:
     machine: str = ""
     pid: int = 0
     instance: str = ""
+    # With several daemons on one database: the node that owned the app and the ownership's
+    # epoch ("node-b epoch 3"), so a later owner's lock can be told from an earlier one's.
+    owner: str = ""
 
     @classmethod
-    def new(cls, actor: str, reason: str, *, now: float | None = None) -> LockInfo:
+    def new(cls, actor: str, reason: str, *, now: float | None = None,
+            owner: str = "") -> LockInfo:
         """A lock for this daemon process to take."""
         return cls(token=secrets.token_hex(12), actor=_one_line(actor) or "deployd",
                    reason=_one_line(reason), since=time.time() if now is None else now,
-                   machine=_MACHINE, pid=os.getpid(), instance=_INSTANCE)
+                   machine=_MACHINE, pid=os.getpid(), instance=_INSTANCE,
+                   owner=_one_line(owner))
 
     @classmethod
     def parse(cls, fields: Mapping[str, str]) -> LockInfo:
@@ -130,7 +135,7 @@ class LockInfo:
         return cls(token=fields.get("token", ""), actor=fields.get("actor", "unknown"),
                    reason=fields.get("reason", "unknown"), since=since,
                    machine=fields.get("machine", ""), pid=pid,
-                   instance=fields.get("instance", ""))
+                   instance=fields.get("instance", ""), owner=fields.get("owner", ""))
 
     @property
     def holder(self) -> str:
@@ -143,7 +148,8 @@ class LockInfo:
         return "".join(f"{key}={value}\n" for key, value in (
             ("token", self.token), ("holder", self.holder), ("actor", self.actor),
             ("machine", self.machine), ("pid", self.pid), ("instance", self.instance),
-            ("since", int(since)), ("at", _iso(since)), ("reason", self.reason)))
+            ("since", int(since)), ("at", _iso(since)), ("reason", self.reason),
+            *((("owner", self.owner),) if self.owner else ())))
 
     def describe(self) -> str:
         """A sentence naming the holder, since when and why."""
@@ -369,13 +375,14 @@ class Releases:
 
     async def rollback(self, target: str, *, from_release: str | None = None, reason: str,
                        actor: str, revision: str | None = None,
-                       takeover: str | None = None, gate: Gate | None = None) -> Step:
+                       takeover: str | None = None, gate: Gate | None = None,
+                       owner: str = "") -> Step:
         """Take the lock, switch current to releases/<target> (which must exist, holding
         `revision` if given), mark the release rolled away from with ROLLED_BACK (kept, not
         deleted), log it, run the rollback then restart hooks (once `gate` is released),
         release the lock."""
         now = time.time()
-        lock = LockInfo.new(actor, f"rollback to {target}", now=now)
+        lock = LockInfo.new(actor, f"rollback to {target}", now=now, owner=owner)
         marker = "".join(f"{key}={_one_line(value)}\n" for key, value in (
             ("rolled_back_at", _iso(now)), ("rolled_back_epoch", str(int(now))),
             ("by", actor), ("reason", reason), ("to_release", target)))

@@ -190,6 +190,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX rollouts_app ON rollouts(app, deploy_id);
     """,
+    # Several daemons on one database (ownership.py): the nodes and which one owns each app.
+    # Only PostgreSQL fills them; SQLite has them so both schemas stay the same.
+    """
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        advertise TEXT,
+        last_seen REAL NOT NULL
+    );
+    CREATE TABLE app_owners (
+        app TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        since REAL NOT NULL
+    );
+    """,
 )
 
 

@@ -172,6 +172,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX rollouts_app ON rollouts(app, deploy_id);
     """,
+    """
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        advertise text,
+        last_seen double precision NOT NULL
+    );
+    CREATE TABLE app_owners (
+        app text PRIMARY KEY,
+        node text NOT NULL,
+        epoch bigint NOT NULL,
+        since double precision NOT NULL
+    );
+    """,
 )
 
 # pg_advisory_xact_lock key held while migrating ("deployd\0\1" as a number): other daemons
@@ -241,13 +254,15 @@ class PostgresBackend:
             kwargs["password"] = self._password
         return kwargs
 
-    async def connect(self) -> Connection:
+    async def connect(self, **options: Any) -> Connection:
         """A new connection outside the pool (autocommit, rows as dicts); the caller closes it.
 
+        `options` are more libpq connection parameters (keepalives, tcp_user_timeout...).
         StoreError naming the database (never the password) if it cannot be made.
         """
         try:
-            return await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
+            return await psycopg.AsyncConnection.connect(
+                self.url, **{**self._connect_kwargs(), **options})
         except psycopg.Error as exc:
             raise StoreError(f"cannot open state store {self.description}: {exc}") from exc
 

@@ -103,6 +103,8 @@ class JobStep(enum.StrEnum):
 class EventKind(enum.StrEnum):
     """Every kind of event on an app's timeline (`GET .../events`, `[[notify]] events`)."""
 
+    # A node of several sharing one database took the app over (data: node, epoch).
+    APP_OWNED = "app.owned"
     APP_PAUSED = "app.paused"
     APP_RESUMED = "app.resumed"
     BAKE_FAILED = "bake.failed"
