@@ -551,6 +551,94 @@ async def test_outbox_scans_from_two_daemons_queue_each_event_once(make_store: M
             await store.close()
 
 
+async def test_outbox_reminders_from_two_daemons_queue_one(make_store: MakeStore,
+                                                           clock: Clock) -> None:
+    """Two daemons' reminder rounds about one job at the same moment queue one reminder; one
+    `remind` later, one more."""
+    stores = [make_store(clock), make_store(clock)]
+    for store in stores:
+        await store.open()
+    try:
+        outboxes = [OutboxStore(store) for store in stores]
+        await outboxes[0].start_cursor("ops")
+
+        async def remind_all() -> int:
+            results = await asyncio.gather(*(
+                outbox.enqueue_reminder("ops", "shop", 7, {"text": "still waiting"},
+                                        quiet_since=clock() - 60)
+                for outbox in outboxes * 4))
+            return sum(results)
+
+        assert await remind_all() == 1
+        assert await remind_all() == 0
+        clock.tick(61)
+        assert await remind_all() == 1
+        reminders = await outboxes[1].deliveries("ops")
+        assert [(d.kind, d.job_id, d.created_at) for d in reminders] == [
+            ("job.pending", 7, T0), ("job.pending", 7, T0 + 61)]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+@pytest.mark.slow
+async def test_outbox_claims_of_two_daemons_exclude_each_other(pg_database: Database,
+                                                               clock: Clock) -> None:
+    """On PostgreSQL one daemon at a time makes an attempt at a target (another target is
+    free); an attempt cut short writes nothing, its delivery stays queued; daemons racing
+    through a queue send each delivery once, oldest first."""
+    stores = [Store(pg_database.backend(), clock=clock) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        outboxes = [OutboxStore(store) for store in stores]
+        await outboxes[0].start_cursor("ops")
+        for n in range(40):
+            await stores[n % 2].add_event("shop", "deploy.failed", f"bad {n}")
+        assert await outboxes[0].enqueue_events("ops", lambda _: True) == (40, 40)
+
+        async with outboxes[0].claim("ops", hold=5) as first:
+            assert first is not None
+            async with outboxes[1].claim("ops", hold=5) as second:
+                assert second is None
+            async with outboxes[1].claim("audit", hold=5) as other:
+                assert other is not None
+            oldest = await first.oldest("ops")
+            assert oldest is not None
+            await first.finish(oldest.id, "sent")
+        with pytest.raises(RuntimeError):
+            async with outboxes[1].claim("ops", hold=5) as claim:
+                assert claim is not None
+                cut = await claim.oldest("ops")
+                assert cut is not None
+                await claim.finish(cut.id, "sent")
+                raise RuntimeError("killed mid-send")
+        states = [d.state for d in await outboxes[0].deliveries("ops")]
+        assert states[:2] == ["sent", "queued"]
+
+        sent: list[int] = []
+
+        async def deliver(outbox: OutboxStore) -> None:
+            while True:
+                async with outbox.claim("ops", hold=5) as claim:
+                    if claim is None:
+                        await asyncio.sleep(0.001)
+                        continue
+                    delivery = await claim.oldest("ops")
+                    if delivery is None:
+                        return
+                    sent.append(delivery.id)
+                    await asyncio.sleep(0)  # the other daemons try meanwhile
+                    await claim.finish(delivery.id, "sent")
+
+        await asyncio.gather(*(deliver(outbox) for outbox in outboxes * 3))
+        assert len(sent) == 39 and sent == sorted(set(sent))
+        assert {d.state for d in await outboxes[1].deliveries("ops")} == {"sent"}
+    finally:
+        for store in stores:
+            await store.close()
+
+
 # -- deploys ----------------------------------------------------------------------------------
 
 async def test_deploy_lifecycle(store: Store, clock: Clock) -> None:

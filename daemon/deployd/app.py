@@ -29,7 +29,7 @@ from deployd.health import HealthMonitor
 from deployd.hosts import HostPool
 from deployd.listener import make_runner
 from deployd.metrics import Metrics
-from deployd.notifications import Notifications
+from deployd.notifications import STOP_GRACE, Notifications
 from deployd.notify import Notifier
 from deployd.rescue import Rescue
 from deployd.store import JobStore, Store, make_private_dir
@@ -261,11 +261,17 @@ class Daemon:
                                                       name="notifications")
 
     async def stop_notifications(self) -> None:
-        if self.notifications is not None and self.store is not None:
-            self.store.listeners.remove(self.notifications.on_event)
-        self.notifications = None
+        """Stop delivering: a send in flight finishes within a few seconds, or is cancelled
+        and left queued (sent again by another node, or at the next start)."""
+        notifications, self.notifications = self.notifications, None
         task, self.notifications_task = self.notifications_task, None
+        if notifications is not None:
+            if self.store is not None:
+                self.store.listeners.remove(notifications.on_event)
+            notifications.stop()
         if task is not None:
+            grace = min(STOP_GRACE, self.config.daemon.shutdown_grace)
+            await asyncio.wait([task], timeout=grace)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 

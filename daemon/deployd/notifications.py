@@ -9,6 +9,11 @@ Nothing is sent before it is in the store, so a crash or a restart loses nothing
 and the queued rows pick up where the daemon stopped, with the same delivery ids. Each target
 has its own task and its own timeout, so a slow or dead receiver delays only itself, never a
 deploy, a rollback or a probe. URLs and secrets appear in no log line, event or metric.
+
+Several daemons on one PostgreSQL database all run this over the one outbox: each attempt
+claims the target (outbox.py), so a delivery goes out once, from whichever daemon claimed it,
+and the others take over at once when that daemon dies or stops. `stop` lets an attempt in
+flight finish; one cancelled past the grace period is rolled back and sent again later.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import aiohttp
 
 from deployd.config import NotifyTarget
 from deployd.metrics import Metrics
-from deployd.outbox import SCAN_BATCH, Delivery, OutboxStore
+from deployd.outbox import SCAN_BATCH, Claim, Delivery, OutboxStore
 from deployd.store import Event, JobStore, Store
 from deployd.timefmt import iso_time
 from deployd.vocabulary import EventKind, JobState
@@ -41,6 +46,10 @@ FIRST_RETRY = 0.5  # seconds; doubled at each attempt up to MAX_RETRY
 MAX_RETRY = 300.0
 MIN_ATTEMPTS = 3  # tries a delivery gets before it may be given up
 _REMINDER_CHECK = 5.0
+# How long a stopping daemon lets a send in flight finish before it hands it back.
+STOP_GRACE = 5.0
+_BUSY_RETRY = 1.0  # another daemon is delivering to the target: look again this soon
+_HOLD_MARGIN = 30.0  # beyond the target's timeout: how long a claim may sit idle in the database
 
 
 class Notifications:
@@ -59,7 +68,8 @@ class Notifications:
         self.clock = clock
         self._scan = asyncio.Event()
         self._send = {name: asyncio.Event() for name in self.targets}
-        self._failing: set[str] = set()
+        self._failing: set[str] = set()  # targets whose last attempt here was given up
+        self._stopping = False
         # Look for jobs owed a reminder often enough to send each close to its time.
         self._idle_check = min([_REMINDER_CHECK, *(t.remind / 2 for t in targets
                                                    if t.remind > 0)])
@@ -70,22 +80,29 @@ class Notifications:
         self._scan.set()
 
     async def run(self) -> None:
-        """Scan and deliver until cancelled."""
+        """Scan and deliver until `stop` (then return) or cancelled."""
         for name in self.targets:
             self._init_series(name)
-            while True:
+            while not self._stopping:
                 try:
                     await self.outbox.start_cursor(name)
                     break
                 except Exception:  # the store: keep trying, never end notifications silently
                     log.exception("notifications to %s: cannot start; retrying in 5 seconds",
                                   name)
-                    await asyncio.sleep(5.0)
+                    await _wait(self._scan, 5.0)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._scan_loop(), name="notifications scan")
             for name in self.targets:
                 group.create_task(self._send_loop(self.targets[name]),
                                   name=f"notifications to {name}")
+
+    def stop(self) -> None:
+        """Start nothing new: `run` returns once each target's attempt in flight is done."""
+        self._stopping = True
+        self._scan.set()
+        for wake in self._send.values():
+            wake.set()
 
     def _init_series(self, name: str) -> None:
         for result in ("sent", "retried", "failed"):
@@ -95,7 +112,7 @@ class Notifications:
     # -- filling the outbox ----------------------------------------------------------------
 
     async def _scan_loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._scan.clear()
             try:
                 await self.scan()
@@ -135,13 +152,13 @@ class Notifications:
             if now - last < target.remind:
                 continue
             waited = _duration(now - job.created_at)
-            await self.outbox.enqueue(target.name, job.app, EventKind.JOB_PENDING, {
+            # Looked at again under the target's lock: another daemon may have just reminded.
+            sent += await self.outbox.enqueue_reminder(target.name, job.app, job.id, {
                 "event": None, "app": job.app, "kind": EventKind.JOB_PENDING, "actor": "deployd",
                 "at": iso_time(now), "revision": job.bad_head,
                 "message": f"job {job.id}: still waiting for approval after {waited}",
                 "data": {"job": job.id, "plan": job.plan, "reminder": True},
-            }, job_id=job.id)
-            sent += 1
+            }, quiet_since=now - target.remind)
         return sent
 
     async def _publish_queue(self, name: str) -> None:
@@ -152,7 +169,7 @@ class Notifications:
 
     async def _send_loop(self, target: NotifyTarget) -> None:
         wake = self._send[target.name]
-        while True:
+        while not self._stopping:
             wake.clear()
             try:
                 next_at = await self.deliver_due(target)
@@ -163,23 +180,38 @@ class Notifications:
             await _wait(wake, min(timeout, _REMINDER_CHECK))
 
     async def deliver_due(self, target: NotifyTarget) -> float | None:
-        """Send the target's deliveries in order until one must wait; return when it may go.
+        """Send the target's deliveries in order until one must wait; return when to look
+        again (None: nothing is queued).
 
         In order means the oldest blocks the rest: a receiver never hears of a rollback
         before the bad deploy that caused it.
         """
-        for delivery in await self.outbox.oldest(target.name):
-            if delivery.next_at > self.clock() or not await self._deliver(target, delivery):
+        next_at: float | None = None
+        while not self._stopping:
+            more, next_at = await self._attempt(target)
+            if not more:
                 break
         await self._publish_queue(target.name)
-        return await self._next_at(target.name)
+        return next_at
 
-    async def _next_at(self, name: str) -> float | None:
-        oldest = await self.outbox.oldest(name, limit=1)
-        return oldest[0].next_at if oldest else None
+    async def _attempt(self, target: NotifyTarget) -> tuple[bool, float | None]:
+        """One attempt at the target's oldest delivery, if it is due and no other daemon is
+        making one: (whether the next may go at once, else when to look again)."""
+        async with self.outbox.claim(target.name, hold=target.timeout + _HOLD_MARGIN) as claim:
+            if claim is None:
+                return False, self.clock() + _BUSY_RETRY
+            delivery = await claim.oldest(target.name)
+            if delivery is None:
+                return False, None
+            if delivery.next_at > self.clock():
+                return False, delivery.next_at
+            retry = await self._deliver(target, delivery, claim)
+            return retry is None, retry
 
-    async def _deliver(self, target: NotifyTarget, delivery: Delivery) -> bool:
-        """One attempt; True when the delivery is done with (sent or given up)."""
+    async def _deliver(self, target: NotifyTarget, delivery: Delivery,
+                       claim: Claim) -> float | None:
+        """One attempt; None when the delivery is done with (sent or given up), else when it
+        is to be tried again."""
         body = await self._body(target, delivery)
         try:
             error, retry_after = await self._post(target, delivery.delivery, body)
@@ -187,33 +219,38 @@ class Notifications:
             log.exception("notifications to %s: delivery attempt crashed", target.name)
             error, retry_after = f"delivery attempt crashed ({type(exc).__name__})", None
         if error is None:
-            await self.outbox.finish(delivery.id, "sent")
+            await claim.finish(delivery.id, "sent")
             self.metrics.notifications_total.labels(target=target.name, result="sent").inc()
             if target.name in self._failing:
                 self._failing.discard(target.name)
                 log.info("notifications to %s: delivering again", target.name)
-            return True
+            return None
         # Patience runs from when the delivery was queued, but a few tries are owed whatever
         # the clock says (a receiver or deployd down past give_up_after left it waiting).
         if (self.clock() - delivery.created_at >= target.give_up_after
                 and delivery.attempts + 1 >= MIN_ATTEMPTS):
-            await self._give_up(target, delivery, error)
-            return True
+            await self._give_up(target, delivery, error, claim)
+            return None
         # Retry-After is honoured as a floor; "0" must not turn retries into a busy loop.
         wait = max(retry_after or 0.0, _backoff(delivery.attempts))
-        await self.outbox.retry_at(delivery.id, self.clock() + wait, error)
+        when = self.clock() + wait
+        await claim.retry_at(delivery.id, when, error)
         self.metrics.notifications_total.labels(target=target.name, result="retried").inc()
         log.info("notifications to %s: %s; retrying in %.1fs", target.name, error, wait)
-        return False
+        return when
 
-    async def _give_up(self, target: NotifyTarget, delivery: Delivery, error: str) -> None:
-        await self.outbox.finish(delivery.id, "failed", error=error)
+    async def _give_up(self, target: NotifyTarget, delivery: Delivery, error: str,
+                       claim: Claim) -> None:
+        # Once per failing spell (the target's last finished delivery was not given up),
+        # whichever daemon gives up: the store says, not this daemon's memory.
+        new_spell = await claim.last_finished(target.name) != "failed"
+        await claim.finish(delivery.id, "failed", error=error)
         self.metrics.notifications_total.labels(target=target.name, result="failed").inc()
         log.error("notifications to %s: gave up on %s %s after %s: %s", target.name,
                   delivery.app, delivery.kind, _duration(target.give_up_after), error)
-        if target.name not in self._failing:
-            # Once per failing spell, told to the other targets (never to this one).
-            self._failing.add(target.name)
+        self._failing.add(target.name)
+        if new_spell:
+            # Told to the other targets (never to this one).
             await self.store.add_event(
                 delivery.app, EventKind.NOTIFY_FAILING,
                 f"notifications to {target.name} failing for {_duration(target.give_up_after)}"

@@ -67,6 +67,13 @@ class Dialect:
     # Appended to a SELECT in a transaction to lock the rows it read until it commits (on
     # SQLite a write transaction, BEGIN IMMEDIATE, already excludes every other writer).
     for_update: str
+    # In a transaction: try to take the lock named by two `?` arguments (an integer class and
+    # a text name) until it ends, without waiting; one row, `taken`. None where one daemon
+    # alone uses the database (SQLite), so there is nobody to exclude.
+    try_xact_lock: str | None = None
+    # In a transaction: end the session if it stays idle in it longer than the `?` argument
+    # (milliseconds, as text), so a lock held by a daemon cut off mid-way does not outlive it.
+    idle_limit: str | None = None
 
     def json_int_equals(self, column: str, key: str) -> str:
         return self.json_int_template.format(column=column, key=key)
@@ -98,7 +105,10 @@ POSTGRES = Dialect(name="postgresql",
                    json_int_template="({column}::json -> '{key}')::text = ?::bigint::text",
                    patch_as_bytes=True, json_nul_ok=False,
                    id_order_lock=f"SELECT pg_advisory_xact_lock({EVENT_ORDER_LOCK})",
-                   for_update=" FOR UPDATE")
+                   for_update=" FOR UPDATE",
+                   try_xact_lock="SELECT pg_try_advisory_xact_lock(?, hashtext(?)) AS taken",
+                   idle_limit="SELECT set_config('idle_in_transaction_session_timeout', ?, "
+                              "true) AS ms")
 # A \u0000 escape in JSON text: one not itself escaped (after an even run of backslashes).
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
