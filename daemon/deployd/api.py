@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -437,11 +437,13 @@ async def check_owner(request: web.Request, app: str, body: bytes | None = None)
 
 
 async def forward(request: web.Request, context: ApiContext, app: str, node: str,
-                  advertise: str, body: bytes) -> web.Response:
-    """The call, with the caller's bearer token, answered by `node` at `advertise`."""
+                  advertise: str, body: bytes, *,
+                  passed: Sequence[str] = ("Authorization", "Content-Type")) -> web.Response:
+    """The call, with the caller's bearer token (the `passed` headers), answered by `node`
+    at `advertise`."""
     assert context.session is not None
     headers = {FORWARDED_BY: context.node or "deployd"}
-    for name in ("Authorization", "Content-Type"):
+    for name in passed:
         if name in request.headers:
             headers[name] = request.headers[name]
     url = advertise.rstrip("/") + request.rel_url.path_qs

@@ -79,7 +79,9 @@ class Metrics:
         )
         self.webhooks_total = Counter(
             "webhooks", "Webhook requests by result (accepted, ignored, unauthorized, "
-            "too_large, bad_request).", ["app", "result"], namespace=PREFIX, registry=r,
+            "too_large, bad_request; forwarded to the node running the app, or "
+            "not_forwarded when it could not be).", ["app", "result"], namespace=PREFIX,
+            registry=r,
         )
         self.notifications_total = Counter(
             "notifications", "Notification attempts by target and result (sent, retried, "

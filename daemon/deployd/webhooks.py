@@ -9,6 +9,12 @@ probed), the size (413 without reading further), the signature (401), and only t
 A push to the watched branch answers 202 and asks the supervisor for a fetch; requests that
 arrive while one is pending or running coalesce into the next one, so a burst costs a
 fetch or two, never one per request. Polling stays as the safety net.
+
+With several daemons on one database the push may reach a node that does not run the app.
+That node checks the signature itself and forwards only a verified push to the watched
+branch, body and signature as they came, to the owner's `advertise` URL (marked
+`X-Deployd-Forwarded-By`, as forwarded REST calls are); the owner checks it again, fetches at
+once, and its answer goes back to the git server. A forwarded push is never forwarded again.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from urllib.parse import parse_qs
 
 from aiohttp import ClientPayloadError, web
 
-from deployd.api import ApiError, read_body
+from deployd.api import CONTEXT, FORWARDED_BY, ApiError, forward, read_body
 from deployd.config import WebhookConfig
+from deployd.errors import StoreError
 from deployd.metrics import Metrics
 from deployd.supervisor import AppSupervisor
 
@@ -32,6 +39,9 @@ log = logging.getLogger("deployd.webhooks")
 
 _EVENT_HEADERS = ("X-GitHub-Event", "X-Gitea-Event", "X-Gogs-Event", "X-Gitlab-Event")
 _PUSH_EVENTS = frozenset({"push", "Push Hook"})
+# What the owner needs to check and read a forwarded push as the git server sent it.
+_FORWARDED_HEADERS = ("Content-Type", "X-Hub-Signature-256", "X-Gitea-Signature",
+                      "X-Gitlab-Token", *_EVENT_HEADERS)
 
 
 class WebhookRefused(Exception):
@@ -104,24 +114,26 @@ def handler(supervisors: Mapping[str, AppSupervisor], metrics: Metrics
         if sup is None or config is None:
             return _error(404, "not_found", "no webhook here")
         try:
-            response = await _receive(request, sup, config)
+            response, result = await _receive(request, sup, config)
         except WebhookRefused as exc:
             metrics.webhooks_total.labels(app=sup.name, result=exc.result).inc()
-            if exc.result == "unauthorized":
-                log.warning("%s: webhook refused: %s", sup.name, exc.message)
+            if exc.result in ("unauthorized", "not_forwarded"):
+                log.warning("%s: webhook %s: %s", sup.name,
+                            "refused" if exc.result == "unauthorized" else "not forwarded",
+                            exc.message)
             response = _error(exc.status, exc.code, exc.message)
             if exc.close:
                 response.force_close()
             return response
-        metrics.webhooks_total.labels(
-            app=sup.name, result="accepted" if response.status == 202 else "ignored").inc()
+        metrics.webhooks_total.labels(app=sup.name, result=result).inc()
         return response
 
     return receive
 
 
 async def _receive(request: web.Request, sup: AppSupervisor,
-                   config: WebhookConfig) -> web.Response:
+                   config: WebhookConfig) -> tuple[web.Response, str]:
+    """The answer, and its result for the metrics."""
     try:
         body = await read_body(request, config.max_body, "webhook body")
     except ApiError as exc:  # 413 or 408, the connection closed: counted, then answered
@@ -134,12 +146,41 @@ async def _receive(request: web.Request, sup: AppSupervisor,
         raise WebhookRefused(401, "unauthorized", "bad or missing signature", "unauthorized")
     ref, event = pushed_ref(request.headers, body)
     if ref is None:
-        return web.json_response({"ignored": f"{event} event"})
+        return web.json_response({"ignored": f"{event} event"}), "ignored"
     watched = f"refs/heads/{sup.app.branch}"
     if ref != watched:
-        return web.json_response({"ignored": f"push to {ref}, not {watched}"})
+        return web.json_response({"ignored": f"push to {ref}, not {watched}"}), "ignored"
+    answer = await _owner_answer(request, sup.name, body)
+    if answer is not None:
+        return answer, "forwarded"
     sup.request_fetch()
-    return web.json_response({"accepted": f"fetching {sup.app.branch}"}, status=202)
+    return web.json_response({"accepted": f"fetching {sup.app.branch}"}, status=202), "accepted"
+
+
+async def _owner_answer(request: web.Request, app: str, body: bytes) -> web.Response | None:
+    """None if this node runs the app; else the answer of the node that does, to the push
+    forwarded there (WebhookRefused, `not_forwarded`, when it cannot be)."""
+    context = request.app[CONTEXT]
+    try:
+        elsewhere = await context.owner_elsewhere(app)
+    except StoreError as exc:
+        raise WebhookRefused(503, "unavailable", f"cannot tell which node runs {app}: {exc}",
+                             "not_forwarded") from None
+    if elsewhere is None:
+        return None
+    node, advertise = elsewhere
+    if not node:
+        raise WebhookRefused(409, "not_owner", f"{app} is owned by no node right now; the "
+                             "node that takes it over fetches first", "not_forwarded")
+    if context.session is None or not advertise or FORWARDED_BY in request.headers:
+        raise WebhookRefused(409, "not_owner", f"{app} is run by node {node} (at "
+                             f"{advertise or 'no advertised URL'}); it finds the push at its "
+                             "next poll", "not_forwarded")
+    try:
+        return await forward(request, context, app, node, advertise, body,
+                             passed=_FORWARDED_HEADERS)
+    except ApiError as exc:  # 502 owner_unreachable
+        raise WebhookRefused(exc.status, exc.code, exc.message, "not_forwarded") from None
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
