@@ -231,3 +231,60 @@ async def test_two_nodes_remind_of_a_pending_job_once_per_remind(
     stamps = [float(str(row[0])) for row in queued]
     assert all(b - a >= 1.0 for a, b in itertools.pairwise(stamps)), stamps
     assert len({got.delivery for got in found}) == len(found)
+
+
+async def test_a_stopping_node_finishes_its_send_or_hands_it_back(
+        tmp_path: Path, pg_database: Database, receiver: Receiver) -> None:
+    """A node stopped mid-send lets a send that answers within a few seconds finish (sent,
+    once). One that hangs is handed back: still queued, no attempt counted, and the other
+    node sends it, with the same delivery id."""
+    origin = OriginRepo(tmp_path / "origin.git")
+    origin.commit({"index.html": "v1\n"}, "first")
+    apps = local_apps(tmp_path, origin, ["alpha"])
+    notify = [hook(tmp_path, receiver, events=FLIPS, remind="0", timeout="20s")]
+    config_a = node_spec(tmp_path, "node-a", pg_database, apps,
+                         notify=notify).write(tmp_path / "a.toml")
+    nodes: list[RunningDaemon] = []
+
+    def outbox() -> list[tuple[object, ...]]:
+        return pg_database.query("SELECT state, attempts, delivery FROM outbox ORDER BY id")
+
+    try:
+        receiver.delay = 1.0
+        nodes.append(await start_daemon(config_a))
+        await wait_owners(nodes[0].api, {"node-a": ["alpha"]}, within=10)
+        status, _ = await nodes[0].api.call("POST", "/api/v1/apps/alpha/pause",
+                                            json_body={"reason": "one"})
+        assert status == 200
+        await wait_until(lambda: len(receiver.got) == 1, what="the first send in flight")
+        started = time.monotonic()
+        await nodes.pop().stop()
+        finished_in = time.monotonic() - started
+        assert outbox() == [("sent", 1, receiver.got[0].delivery)]
+        assert len(receiver.got) == 1
+
+        receiver.delay = 60.0  # hangs past the stop's grace
+        nodes.append(await start_daemon(config_a))
+        await wait_owners(nodes[0].api, {"node-a": ["alpha"]}, within=10)
+        status, _ = await nodes[0].api.call("POST", "/api/v1/apps/alpha/resume")
+        assert status == 200
+        await wait_until(lambda: len(receiver.got) == 2, what="the second send in flight")
+        nodes.append(await start_daemon(node_spec(tmp_path, "node-b", pg_database, apps,
+                                                  notify=notify).write(tmp_path / "b.toml")))
+        started = time.monotonic()
+        await nodes.pop(0).stop()
+        handed_back_in = time.monotonic() - started
+        handed = outbox()[1]
+        assert handed[:2] == ("queued", 0), handed
+        receiver.delay = 0.0
+        await wait_until(lambda: len(receiver.got) == 3, within=20, what="node-b's send")
+        await wait_until(lambda: outbox()[1][0] == "sent", what="the second delivery sent")
+    finally:
+        for node in nodes:
+            await node.stop()
+
+    assert receiver.got[1].delivery == receiver.got[2].delivery == handed[2]
+    assert [got.body["kind"] for got in receiver.got] == ["app.paused", "app.resumed",
+                                                         "app.resumed"]
+    print(f"stop with a 1s send in flight: {finished_in:.2f}s; with a hanging one: "
+          f"{handed_back_in:.2f}s (handed back)")
