@@ -132,9 +132,10 @@ async def test_two_nodes_deliver_each_notification_once_in_order(
 
         await asyncio.gather(flip(nodes[0], "alpha", 10), flip(nodes[1], "bravo", 10))
         await receiver.wait_for_events(40)
-        totals = [sent(node) for node in nodes]
+        stopped = list(nodes)
         while nodes:  # a stop lets a send in flight finish: after it, nothing more comes
             await nodes.pop().stop()
+        totals = [sent(node) for node in stopped]
     finally:
         for node in nodes:
             await node.stop()
@@ -236,8 +237,9 @@ async def test_two_nodes_remind_of_a_pending_job_once_per_remind(
 async def test_a_stopping_node_finishes_its_send_or_hands_it_back(
         tmp_path: Path, pg_database: Database, receiver: Receiver) -> None:
     """A node stopped mid-send lets a send that answers within a few seconds finish (sent,
-    once). One that hangs is handed back: still queued, no attempt counted, and the other
-    node sends it, with the same delivery id."""
+    once). One that hangs (its attempt idle in a transaction on a connection of its own) is
+    handed back: still queued, no attempt counted, and the other node sends it, with the
+    same delivery id."""
     origin = OriginRepo(tmp_path / "origin.git")
     origin.commit({"index.html": "v1\n"}, "first")
     apps = local_apps(tmp_path, origin, ["alpha"])
@@ -269,6 +271,10 @@ async def test_a_stopping_node_finishes_its_send_or_hands_it_back(
         status, _ = await nodes[0].api.call("POST", "/api/v1/apps/alpha/resume")
         assert status == 200
         await wait_until(lambda: len(receiver.got) == 2, what="the second send in flight")
+        # The attempt holds its lock on a connection of its own, not one of the pool's.
+        holding = pg_database.query("SELECT state FROM pg_stat_activity WHERE "
+                                    "application_name = 'deployd notifications'")
+        assert ("idle in transaction",) in holding, holding
         nodes.append(await start_daemon(node_spec(tmp_path, "node-b", pg_database, apps,
                                                   notify=notify).write(tmp_path / "b.toml")))
         started = time.monotonic()

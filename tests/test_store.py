@@ -588,10 +588,10 @@ async def test_outbox_claims_of_two_daemons_exclude_each_other(pg_database: Data
     free); an attempt cut short writes nothing, its delivery stays queued; daemons racing
     through a queue send each delivery once, oldest first."""
     stores = [Store(pg_database.backend(), clock=clock) for _ in range(2)]
+    outboxes = [OutboxStore(store) for store in stores]
     for store in stores:
         await store.open()
     try:
-        outboxes = [OutboxStore(store) for store in stores]
         await outboxes[0].start_cursor("ops")
         for n in range(40):
             await stores[n % 2].add_event("shop", "deploy.failed", f"bad {n}")
@@ -635,6 +635,8 @@ async def test_outbox_claims_of_two_daemons_exclude_each_other(pg_database: Data
         assert len(sent) == 39 and sent == sorted(set(sent))
         assert {d.state for d in await outboxes[1].deliveries("ops")} == {"sent"}
     finally:
+        for outbox in outboxes:
+            await outbox.close()
         for store in stores:
             await store.close()
 

@@ -91,11 +91,14 @@ class Notifications:
                     log.exception("notifications to %s: cannot start; retrying in 5 seconds",
                                   name)
                     await _wait(self._scan, 5.0)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._scan_loop(), name="notifications scan")
-            for name in self.targets:
-                group.create_task(self._send_loop(self.targets[name]),
-                                  name=f"notifications to {name}")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._scan_loop(), name="notifications scan")
+                for name in self.targets:
+                    group.create_task(self._send_loop(self.targets[name]),
+                                      name=f"notifications to {name}")
+        finally:
+            await self.outbox.close()
 
     def stop(self) -> None:
         """Start nothing new: `run` returns once each target's attempt in flight is done."""

@@ -56,6 +56,14 @@ class OutboxStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # PostgreSQL: each target's claims on a connection of their own (outside the pool).
+        self._dedicated: dict[str, Any] = {}
+
+    async def close(self) -> None:
+        """Close the claims' own connections."""
+        dedicated, self._dedicated = self._dedicated, {}
+        for conn in dedicated.values():
+            await conn.close()
 
     async def start_cursor(self, target: str) -> None:
         """A new target starts at the newest event: it is owed nothing from before it existed."""
@@ -121,11 +129,12 @@ class OutboxStore:
     def claim(self, target: str, *, hold: float) -> AbstractAsyncContextManager[Claim | None]:
         """One delivery attempt to `target`, alone: None while another daemon makes one.
 
-        On PostgreSQL a transaction holding the target's lock until the block ends: what the
-        claim writes commits then, and nothing of it if the block raises or is cancelled (the
-        delivery stays queued). Should the daemon be cut off, the server ends the session
-        after `hold` seconds idle, so the lock does not outlive it. On SQLite (one daemon, one
-        attempt per target at a time) statements on their own.
+        On PostgreSQL a transaction holding the target's lock until the block ends, on a
+        connection of the target's own: what the claim writes commits then, and nothing of it
+        if the block raises or is cancelled (the delivery stays queued). Should the daemon be
+        cut off, the server ends the session after `hold` seconds idle, so the lock does not
+        outlive it. On SQLite (one daemon, one attempt per target at a time) statements on
+        their own.
         """
         return self._claim(target, hold)
 
@@ -136,7 +145,14 @@ class OutboxStore:
         if lock is None:
             yield Claim(backend, self.store.clock)
             return
-        async with backend.transaction() as tx:
+        transaction = backend.transaction
+        dedicated = getattr(backend, "dedicated", None)  # PostgresBackend's, not a fenced one
+        if dedicated is not None:
+            conn = self._dedicated.get(target)
+            if conn is None:
+                conn = self._dedicated[target] = dedicated("deployd notifications")
+            transaction = conn.transaction
+        async with transaction() as tx:
             row = await tx.fetch_one(lock, (DELIVERY_LOCK_CLASS, target))
             if row is None or not row["taken"]:
                 yield None

@@ -14,6 +14,8 @@ holding an advisory lock, so two daemons starting at once migrate once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -353,6 +355,50 @@ class PostgresBackend:
 
     def transaction(self) -> AbstractAsyncContextManager[Tx]:
         return self._transaction()
+
+    def dedicated(self, name: str) -> DedicatedConnection:
+        """A connection of its own for transactions held open across a wait (see
+        DedicatedConnection); `name` is its application_name."""
+        return DedicatedConnection(self, name)
+
+
+class DedicatedConnection:
+    """One connection outside the pool, for a transaction held open across a wait (a
+    notification's delivery attempt holds its target's lock through the POST), so a slow
+    receiver never ties up the pool the apps write through. Made at first use, and again
+    after a transaction on it failed or was cancelled. One transaction at a time: a second
+    waits for the first to end."""
+
+    def __init__(self, backend: PostgresBackend, name: str) -> None:
+        self._backend = backend
+        self._name = name
+        self._conn: Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Tx]:
+        async with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = await self._backend.connect(application_name=self._name)
+            conn = self._conn
+            try:
+                async with conn.transaction():
+                    yield _PostgresTx(conn)
+            except psycopg.Error as exc:
+                await self.close()
+                raise StoreError(f"state store {self._backend.description}: {exc}") from exc
+            except BaseException:
+                await self.close()  # cut off mid-statement, it may not be usable any more
+                raise
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        return self._transaction()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
 
 
 class _PostgresTx:
