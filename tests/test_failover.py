@@ -84,14 +84,16 @@ async def story(node: NodeProcess, app: str = APP) -> str:
 # -- kill -9 of the owner in the middle of a rollback ------------------------------------------
 
 
+@pytest.mark.parametrize("machines", ["one machine", "a machine each"])
 async def test_kill9_of_the_owner_mid_rollback_another_node_finishes_it(
-        tmp_path: Path, pg_database: Database, lab_factory: Callable[[int], Lab],
-        cluster: list[NodeProcess]) -> None:
+        machines: str, tmp_path: Path, pg_database: Database,
+        lab_factory: Callable[[int], Lab], cluster: list[NodeProcess]) -> None:
     """node-a owns the app on 3 sshd hosts and rolls it back (asked through node-b): every
     host switched, its rollback hook held. kill -9 of node-a: node-b or node-c owns the app,
     its recovery finishes the rollback (one rollback, recorded succeeded after the takeover),
     every host's `current` is the target and its hook ran once; the next head deploys
-    everywhere, over the dead node's leftover locks."""
+    everywhere. The nodes run on one machine, or each under a host name of its own (then a
+    host lock the dead node left cannot be judged stale by its pid)."""
     lab = lab_factory(3)
     gate = lab.workdir / "gate"
     log = '"$DEPLOYD_DEPLOY_TO/shared/hooks.log"'
@@ -104,7 +106,9 @@ async def test_kill9_of_the_owner_mid_rollback_another_node_finishes_it(
     for name in ("node-a", "node-b", "node-c"):
         cluster.append(node_process(tmp_path, name, pg_database, apps, failover=FAILOVER,
                                     client_key=lab.client_key.private,
-                                    known_hosts=lab.known_hosts))
+                                    known_hosts=lab.known_hosts,
+                                    machine=None if machines == "one machine"
+                                    else f"machine-{name}"))
     first, second, third = cluster
     dirs = deploy_dirs(lab)
 
