@@ -1,6 +1,7 @@
 """Benchmark: how apps spread over nodes, and how fast a killed owner's rollback is finished.
 
     python3 tests/bench/bench_failover.py [--nodes 3] [--apps 30] [--runs 5] [--failover 5s]
+                                         [--skip-spread]
 
 Run as root (sshd hosts log in as the unprivileged test user; PostgreSQL runs as that user).
 One throwaway PostgreSQL cluster (tests/support/postgres.py); every node is a `deployd run`
@@ -18,8 +19,7 @@ subprocess with its own state_dir on a database of that cluster.
   rollback hook, kills the owner with SIGKILL and opens the gate. Measured with this
   process's monotonic clock from the kill: until `GET /api/v1/nodes` on a survivor shows the
   app owned by another node ("owned"), and until the rollback's record is `succeeded`
-  ("finished"; target: under 5 s). The killed node is
-  started again before the next run.
+  ("finished"; target: under 5 s). The killed node is started again before the next run.
 """
 
 from __future__ import annotations
