@@ -161,7 +161,7 @@ class Daemon:
                        clock=self.store.clock)
         fenced.listeners = self.store.listeners  # the same list: notifications see events
         sup = self.build_supervisor(app, fenced)
-        sup.ctx.fleet.owner = f"{node} epoch {epoch}"
+        sup.ctx.fleet.own(node, epoch)
         self.supervisors[app.name] = sup
         self._run(app.name)
 
