@@ -371,8 +371,6 @@ async def test_calls_sent_round_robin_to_every_node_answer_as_the_owner(
         answers = [await node.api.call(method, path, token="admin", json_body=body)
                    for node in cluster]
         assert answers[0][0] == expected, (method, path, answers[0])
-        if path == f"/api/v1/apps/{APP}":  # see the xfail test below for these two
-            answers = [(status, without(body, "head", "pristine")) for status, body in answers]
         assert answers[1:] == [answers[0]] * 2, (method, path, answers)
 
     r0 = origin.commit({"index.html": "r0\n"}, "r0")
@@ -402,15 +400,6 @@ async def wait_record(node: NodeProcess, record_id: int, state: str, *,
                      explain=lambda: story(node))
 
 
-def without(body: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {key: value for key, value in body.items() if key not in keys}
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "a node that does not run the app answers GET /api/v1/apps and /api/v1/apps/{app} from "
-    "its standby supervisor, whose branch watcher never runs (views.summary reads "
-    "watcher.head and watcher.pristine): head is null and pristine false there, while the "
-    "owner shows the branch head and pristine true, though the standby's mirror is fetched"))
 async def test_a_read_on_a_node_that_does_not_run_the_app_shows_the_owners_head(
         tmp_path: Path, pg_database: Database, cluster: list[NodeProcess]) -> None:
     """GET /api/v1/apps/{app} and /api/v1/apps on node-b show the app's head and whether the
