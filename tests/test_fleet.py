@@ -616,3 +616,61 @@ async def test_a_held_rollback_hook_failing_on_one_host_is_worded_as_before(
     assert sorted(restarts.read_text().split()) == sorted(fleet.hosts)
     assert all(current(root) == first.release for root in roots(app))
     assert no_locks(app)
+
+
+def local_fleet(tmp_path: Path, hosts: int = 2) -> tuple[Fleet, list[Path]]:
+    configs = tuple(HostConfig(address="local", deploy_to=str(tmp_path / f"app{i}"))
+                    for i in range(hosts))
+    app = AppConfig(name="shop", repo="/nonexistent", branch="production",
+                    deploy_to=configs[0].deploy_to, hosts=configs)
+    return Fleet(app, HostPool(), clock=Clock()), [Path(c.deploy_to) for c in configs]
+
+
+def lock_from_elsewhere(root: Path, owner: str) -> LockInfo:
+    """A fresh lock a deployd on another machine left on a host (killed mid-operation)."""
+    lock = replace(LockInfo.new("deployd", "deploy abc", owner=owner), machine="elsewhere",
+                   instance="gone")
+    (root / ".deployd.lock").write_text(lock.content())
+    return lock
+
+
+async def test_a_lock_left_by_an_earlier_ownership_of_the_app_is_taken_over_at_once(
+        tmp_path: Path) -> None:
+    """node-a (another machine) owned the app under epoch 2 and died between steps, its lock
+    still on a host and only seconds old: node-b, owner under epoch 3, deploys anyway."""
+    fleet, paths = local_fleet(tmp_path)
+    await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    lock_from_elsewhere(paths[0], "node-a epoch 2")
+    fleet.own("node-b", 3)
+    second = await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    assert [current(path) for path in paths] == [second.release] * 2
+    assert not (paths[0] / ".deployd.lock").exists()
+    await fleet.pool.close()
+
+
+@pytest.mark.parametrize("owner", ["node-c epoch 4", "node-a epoch 3", ""])
+async def test_a_lock_of_this_or_a_later_ownership_or_a_humans_is_held(
+        tmp_path: Path, owner: str) -> None:
+    """Only an earlier epoch is superseded: a lock of a later owner (this node is the one
+    fenced off), of the same epoch, or with no owner (a person, another tool) stops the
+    deploy until it is older than lock_stale_after."""
+    fleet, paths = local_fleet(tmp_path)
+    first = await fleet.deploy(sha(1), tarball(1), branch="production", actor="alice")
+    lock_from_elsewhere(paths[1], owner)
+    fleet.own("node-b", 3)
+    with pytest.raises(FleetError) as caught:
+        await fleet.deploy(sha(2), tarball(2), branch="production", actor="alice")
+    assert isinstance(caught.value.failures[fleet.hosts[1]], LockHeld)
+    assert [current(path) for path in paths] == [first.release] * 2
+    await fleet.pool.close()
+
+
+def test_a_locks_epoch_is_read_from_its_owner_line() -> None:
+    def epoch(owner: str) -> int | None:
+        return LockInfo.new("deployd", "deploy", owner=owner).epoch
+
+    assert epoch("node-b epoch 3") == 3
+    assert epoch("my epoch node epoch 12") == 12
+    assert epoch("") is None
+    assert epoch("node-b epoch x") is None
+    assert epoch("node-b epoch -1") is None

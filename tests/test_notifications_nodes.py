@@ -24,7 +24,7 @@ from tests.support.daemonfixtures import RunningDaemon, start_daemon
 from tests.support.gitrepo import OriginRepo
 from tests.support.metrics import sample, scrape
 from tests.support.net import free_port
-from tests.support.nodes import local_apps, node_process, node_spec, wait_owners
+from tests.support.nodespecs import local_apps, node_process, node_spec, wait_owners
 from tests.support.postgres import Database
 from tests.support.waiting import wait_until
 

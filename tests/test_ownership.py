@@ -141,6 +141,11 @@ async def test_two_daemons_share_four_apps(tmp_path: Path, pg_database: Database
             await eventually(fetched, within=10, what=f"node-b's mirror of {name}")
             assert name not in second.daemon.tasks
         other = seen["node-b"][0]
+        # A read of an app whose owner does not answer is served here: the database, and
+        # head and pristine from this node's mirror.
+        shown = await first.api.get(f"/api/v1/apps/{other}", token="reader")
+        assert (shown["head"], shown["pristine"], shown["deployed"]["revision"]) == (
+            head, True, head)
         status, body = await first.api.call("POST", f"/api/v1/apps/{other}/pause",
                                             json_body={"reason": "test"})
         assert status == 502, body

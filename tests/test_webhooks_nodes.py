@@ -18,7 +18,7 @@ import pytest
 from tests.support.daemonfixtures import RunningDaemon
 from tests.support.gitrepo import OriginRepo
 from tests.support.net import free_port
-from tests.support.nodes import local_apps, node_spec, start_node, wait_owners
+from tests.support.nodespecs import local_apps, node_spec, start_node, wait_owners
 from tests.support.postgres import Database
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ answered with a 500 that reveals nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -343,6 +344,10 @@ async def list_apps(request: web.Request) -> web.Response:
 async def show_app(request: web.Request) -> web.Response:
     require(request, "read")
     sup = supervisor(request)
+    # Only the owner probes the app's health and holds connections to its hosts: ask it, and
+    # answer from here (the database, this node's mirror) when it cannot be asked.
+    with contextlib.suppress(ApiError):
+        await check_owner(request, sup.name, b"", within=READ_FORWARD_TIMEOUT)
     detail = await sup.detail()
     detail["links"] = app_links(sup.name)
     return web.json_response(detail)
@@ -404,6 +409,7 @@ def parse_limit(value: str | None) -> int:
 # Marks a call one node forwarded to another: never forwarded again (a 409 instead).
 FORWARDED_BY = "X-Deployd-Forwarded-By"
 FORWARD_TIMEOUT = 30.0
+READ_FORWARD_TIMEOUT = 5.0
 # Headers of the owner's answer passed back to the client.
 _FORWARDED_ANSWER_HEADERS = ("Content-Type", "Location", "X-Deployd-Plan", "Retry-After")
 
@@ -416,7 +422,8 @@ class Forwarded(Exception):  # not an error: the owner's answer, passed back
         self.response = response
 
 
-async def check_owner(request: web.Request, app: str, body: bytes | None = None) -> None:
+async def check_owner(request: web.Request, app: str, body: bytes | None = None, *,
+                      within: float = FORWARD_TIMEOUT) -> None:
     """Return if this node runs `app`; else carry the call out on the node that does (its
     answer raised as Forwarded), or 409 naming it when it cannot be forwarded. `body` is the
     request body when the handler has read it already."""
@@ -433,14 +440,14 @@ async def check_owner(request: web.Request, app: str, body: bytes | None = None)
                        f"{advertise or 'that node'}")
     if body is None:
         body = await read_body(request, MAX_JSON_BYTES, "the JSON body")
-    raise Forwarded(await forward(request, context, app, node, advertise, body))
+    raise Forwarded(await forward(request, context, app, node, advertise, body, within))
 
 
 async def forward(request: web.Request, context: ApiContext, app: str, node: str,
-                  advertise: str, body: bytes, *,
+                  advertise: str, body: bytes, within: float = FORWARD_TIMEOUT, *,
                   passed: Sequence[str] = ("Authorization", "Content-Type")) -> web.Response:
     """The call, with the caller's bearer token (the `passed` headers), answered by `node`
-    at `advertise`."""
+    at `advertise` within `within` seconds."""
     assert context.session is not None
     headers = {FORWARDED_BY: context.node or "deployd"}
     for name in passed:
@@ -448,7 +455,7 @@ async def forward(request: web.Request, context: ApiContext, app: str, node: str
             headers[name] = request.headers[name]
     url = advertise.rstrip("/") + request.rel_url.path_qs
     try:
-        async with asyncio.timeout(FORWARD_TIMEOUT), context.session.request(
+        async with asyncio.timeout(within), context.session.request(
                 request.method, url, data=body, headers=headers,
                 allow_redirects=False) as answer:
             payload = await answer.read()

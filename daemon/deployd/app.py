@@ -161,7 +161,7 @@ class Daemon:
                        clock=self.store.clock)
         fenced.listeners = self.store.listeners  # the same list: notifications see events
         sup = self.build_supervisor(app, fenced)
-        sup.ctx.fleet.owner = f"{node} epoch {epoch}"
+        sup.ctx.fleet.own(node, epoch)
         self.supervisors[app.name] = sup
         self._run(app.name)
 
@@ -196,9 +196,15 @@ class Daemon:
             self.standby_fetches[name] = fetch
             try:
                 await asyncio.shield(fetch)
+                await sup.watcher.follow()
             except Exception as exc:  # the owner reports fetch failures
                 log.debug("%s: standby fetch failed: %s", name, exc)
             self.standby_fetches.pop(name, None)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Stopped while a store read turned the cancellation into an error (psycopg
+                # cancels the query and raises its own): stop anyway.
+                return
             await asyncio.sleep(sup.app.poll_interval)
 
     async def _stop_standby(self, name: str) -> None:
@@ -208,7 +214,7 @@ class Daemon:
         task = self.standby.pop(name, None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait([task], timeout=self.config.daemon.failover / 3)
         if fetch is not None:
             await asyncio.wait([fetch], timeout=self.config.daemon.failover / 3)
 

@@ -70,6 +70,12 @@ class DeployOutcome:
     # host -> hook ("build", "restart") -> the last lines it printed, where it printed any
     output: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
+    def own(self, node: str, epoch: int) -> None:
+        """Act as `node`'s ownership `epoch` of the app: on-host locks name it, and a lock
+        an earlier ownership left (its node died or was cut off mid-operation, on another
+        machine) is taken over at once instead of after `lock_stale_after`."""
+        self.owner, self.epoch = f"{node} epoch {epoch}", epoch
+
     @property
     def hosts(self) -> tuple[str, ...]:
         """The hosts the release went live on."""
@@ -89,6 +95,12 @@ class RollbackOutcome:
     output: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # host -> phase ("check", "rollback" (the switch), "restart" (the hooks)) -> seconds
     phases: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def own(self, node: str, epoch: int) -> None:
+        """Act as `node`'s ownership `epoch` of the app: on-host locks name it, and a lock
+        an earlier ownership left (its node died or was cut off mid-operation, on another
+        machine) is taken over at once instead of after `lock_stale_after`."""
+        self.owner, self.epoch = f"{node} epoch {epoch}", epoch
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -134,13 +146,20 @@ class Fleet:
         self._clock = clock
         self._slots = asyncio.Semaphore(max(1, app.parallel))
         # "node epoch N" while this node owns the app (several daemons), written into the
-        # on-host lock of every deploy and rollback.
+        # on-host lock of every deploy and rollback (see `own`).
         self.owner = ""
+        self.epoch = 0
         # Locks this fleet took but could not release (a host was unreachable): free to take.
         self._abandoned: set[str] = set()
         self._members: dict[str, Releases] = {}
         for label, host in zip(app.host_labels, app.hosts, strict=True):
             self._members[label] = Releases(pool.host(app, host), app)
+
+    def own(self, node: str, epoch: int) -> None:
+        """Act as `node`'s ownership `epoch` of the app: on-host locks name it, and a lock
+        an earlier ownership left (its node died or was cut off mid-operation, on another
+        machine) is taken over at once instead of after `lock_stale_after`."""
+        self.owner, self.epoch = f"{node} epoch {epoch}", epoch
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -399,9 +418,15 @@ class Fleet:
         """The token of a lock on the host that may be taken over, if the lock is stale."""
         lock = state.lock
         if lock is not None and (lock.token in self._abandoned
-                                 or lock.is_stale(self.app.lock_stale_after)):
+                                 or lock.is_stale(self.app.lock_stale_after)
+                                 or self._superseded(lock)):
             return lock.token
         return None
+
+    def _superseded(self, lock: LockInfo) -> bool:
+        """Taken under an earlier epoch of this app's ownership: that owner was fenced off
+        before this one began, so its steps on the host are over or fail their lock check."""
+        return self.epoch > 0 and lock.epoch is not None and lock.epoch < self.epoch
 
     async def _each(self, names: Iterable[str], phase: str,
                     action: Callable[[Releases], Awaitable[T]],

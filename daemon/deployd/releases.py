@@ -151,6 +151,12 @@ class LockInfo:
             ("since", int(since)), ("at", _iso(since)), ("reason", self.reason),
             *((("owner", self.owner),) if self.owner else ())))
 
+    @property
+    def epoch(self) -> int | None:
+        """The ownership epoch the lock was taken under ("node-b epoch 3": 3), if any."""
+        _, sep, number = self.owner.rpartition(" epoch ")
+        return int(number) if sep and number.isdigit() else None
+
     def describe(self) -> str:
         """A sentence naming the holder, since when and why."""
         when = f" since {_iso(self.since)}" if self.since is not None else ""

@@ -113,10 +113,19 @@ class BranchWatcher:
 
     # -- pristine ------------------------------------------------------------------------
 
+    async def follow(self) -> None:
+        """On a node that does not run the app: head and pristine from the mirror it keeps
+        fetched, for REST reads, with no event and no metric (its owner records those)."""
+        self.head = await self.ctx.mirror.branch_head(self.ctx.app.branch)
+        self.pristine = await self._pristine(self.head)
+
     async def update_pristine(self) -> None:
         """Whether the head is something deployd would deploy (see policy.is_pristine)."""
+        self.pristine = await self._pristine(self.head)
+        self.ctx.metrics.branch_pristine.labels(app=self.ctx.name).set(1 if self.pristine else 0)
+
+    async def _pristine(self, head: str | None) -> bool:
         ctx = self.ctx
-        head = self.head
         state = await ctx.store.app_state(ctx.name)
         bad = frozenset(q.revision for q in await ctx.store.quarantined(ctx.name))
         key = (head, bad)
@@ -129,7 +138,6 @@ class BranchWatcher:
                     if revision != head and await ctx.mirror.is_ancestor(revision, str(head)):
                         self._quarantined_ancestor = True
                         break
-        self.pristine = policy.is_pristine(head, head_quarantined=head in bad,
-                                           last_good=state.last_good_revision,
-                                           quarantined_ancestor=self._quarantined_ancestor)
-        ctx.metrics.branch_pristine.labels(app=ctx.name).set(1 if self.pristine else 0)
+        return policy.is_pristine(head, head_quarantined=head in bad,
+                                  last_good=state.last_good_revision,
+                                  quarantined_ancestor=self._quarantined_ancestor)

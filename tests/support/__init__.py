@@ -13,5 +13,8 @@
 - waiting: `eventually` / `wait_until` / `wait_until_blocking` (a check, a deadline) and
   `wait_event` (the daemon's timeline).
 - metrics: /metrics scraped and parsed (`scrape`, `sample`, `series`, `metric_value`).
+- postgres: a throwaway PostgreSQL cluster and databases (`pg_database`).
+- nodes: several `deployd run` nodes on one database (`NodeProcess`, `node_process`, owners);
+  nodespecs: node configs and in-process nodes (`node_spec`, `start_node`, `wait_owners`).
 - net: `free_port`, `wait_http`.  processes: `stop_process` (terminate, then kill).
 """
