@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 
-from tests.hostfixtures import make_tarball, sha  # noqa: E402
-from tests.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
+from tests.support.hostfixtures import make_tarball, sha  # noqa: E402
+from tests.support.sshd import ClientKey, SshdHost, shared_dir  # noqa: E402
 
 from deployd.config import AppConfig, Hooks, HostConfig, SSHConfig  # noqa: E402
 from deployd.fleet import Fleet  # noqa: E402
