@@ -11,15 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from deployd.app import create_application
 from deployd.config import load, parse_duration
 from deployd.errors import StoreError
 from deployd.git import Mirror
-from deployd.listener import make_runner
 from deployd.ownership import FencedBackend
 from deployd.store import Store
 from deployd.vocabulary import DeployKind, DeployState, EventKind, Trigger
@@ -34,6 +30,7 @@ from tests.support.daemonfixtures import (
 from tests.support.gitrepo import OriginRepo
 from tests.support.metrics import sample, scrape
 from tests.support.net import free_port
+from tests.support.nodespecs import start_node
 from tests.support.postgres import Database
 from tests.support.waiting import eventually
 
@@ -56,19 +53,6 @@ def node_spec(tmp_path: Path, node: str, origin: OriginRepo, database: Database,
     return DaemonSpec(state_dir=tmp_path / f"state-{node}", apps=apps, daemon_settings={
         "database": database.url, "database_password_file": str(password_file),
         "node": node, "failover": FAILOVER, **where})
-
-
-async def start_node(config_path: Path, port: int) -> RunningDaemon:
-    """start_daemon, on the port the config advertises."""
-    config = load(config_path)
-    app = create_application(config)
-    runner = make_runner(app, config.daemon)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    base = f"http://127.0.0.1:{port}"
-    session = aiohttp.ClientSession()
-    return RunningDaemon(app=app, runner=runner, base=base, api=Api(base, session),
-                         session=session)
 
 
 def local_apps(tmp_path: Path, origin: OriginRepo, names: list[str], *,

@@ -61,6 +61,19 @@ def clock() -> Clock:
 MakeStore = Callable[[Clock], Store]
 
 
+@contextlib.asynccontextmanager
+async def two_daemons(make_store: MakeStore, clock: Clock) -> AsyncIterator[list[Store]]:
+    """Two open stores on one database, as two daemons have; closed afterwards."""
+    stores = [make_store(clock), make_store(clock)]
+    for store in stores:
+        await store.open()
+    try:
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
     """Stores (not yet open) on one database: a SQLite file, or a fresh PostgreSQL one."""
@@ -470,10 +483,7 @@ async def test_racing_approvals_from_two_daemons_move_a_job_once(make_store: Mak
                                                                   clock: Clock) -> None:
     """Twenty approvals of one pending job at once, half through each of two stores on one
     database: exactly one moves it out of `pending`, the others get None."""
-    stores = [make_store(clock), make_store(clock)]
-    for store in stores:
-        await store.open()
-    try:
+    async with two_daemons(make_store, clock) as stores:
         jobs = [JobStore(store) for store in stores]
         job = await jobs[0].create("shop", base="b", bad_head="h", candidates=[], selection=[],
                                    requester="ann", reason="why", expires_at=T0 + 60,
@@ -485,9 +495,6 @@ async def test_racing_approvals_from_two_daemons_move_a_job_once(make_store: Mak
         winners = [result for result in results if result is not None]
         assert len(winners) == 1
         assert (await jobs[1].get(job.id)).error == winners[0].error
-    finally:
-        for store in stores:
-            await store.close()
 
 
 async def test_outbox_on_every_backend(store: Store, clock: Clock) -> None:
@@ -532,10 +539,7 @@ async def test_outbox_scans_from_two_daemons_queue_each_event_once(make_store: M
                                                                     clock: Clock) -> None:
     """Two stores on one database scanning the same target at the same time (two daemons'
     notification loops): every event is queued once, not once per scanner."""
-    stores = [make_store(clock), make_store(clock)]
-    for store in stores:
-        await store.open()
-    try:
+    async with two_daemons(make_store, clock) as stores:
         outboxes = [OutboxStore(store) for store in stores]
         await outboxes[0].start_cursor("ops")
         for n in range(300):
@@ -546,19 +550,13 @@ async def test_outbox_scans_from_two_daemons_queue_each_event_once(make_store: M
         deliveries = await outboxes[1].deliveries("ops")
         assert sorted(d.payload["message"] for d in deliveries) == sorted(
             f"bad {n}" for n in range(300))
-    finally:
-        for store in stores:
-            await store.close()
 
 
 async def test_outbox_reminders_from_two_daemons_queue_one(make_store: MakeStore,
                                                            clock: Clock) -> None:
     """Two daemons' reminder rounds about one job at the same moment queue one reminder; one
     `remind` later, one more."""
-    stores = [make_store(clock), make_store(clock)]
-    for store in stores:
-        await store.open()
-    try:
+    async with two_daemons(make_store, clock) as stores:
         outboxes = [OutboxStore(store) for store in stores]
         await outboxes[0].start_cursor("ops")
 
@@ -576,9 +574,6 @@ async def test_outbox_reminders_from_two_daemons_queue_one(make_store: MakeStore
         reminders = await outboxes[1].deliveries("ops")
         assert [(d.kind, d.job_id, d.created_at) for d in reminders] == [
             ("job.pending", 7, T0), ("job.pending", 7, T0 + 61)]
-    finally:
-        for store in stores:
-            await store.close()
 
 
 @pytest.mark.slow
